@@ -1,0 +1,110 @@
+"""HF checkpoint naming, the index json, and grouping tensors into files."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+from dcp_hf.errors import CheckpointFormatError
+from dcp_hf.format.dtypes import itemsize
+from dcp_hf.format.header import encode_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_FILE_NAME = "model.safetensors"
+FILE_PATTERN = "model{suffix}.safetensors"
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "5GB" (10**9, as huggingface_hub) or "512MiB"."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB or 4GiB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+def check_file_name(name: object, where: str) -> str:
+    """A file named by an index must be a plain file name inside the checkpoint folder."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+            or "\\" in name or ":" in name or "\x00" in name):
+        raise CheckpointFormatError(
+            f"{where}: file name {name!r} is not a plain file name inside the checkpoint")
+    return name
+
+
+def encode_index(total_size: int, weight_map: dict[str, str]) -> bytes:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(index, indent=2) + "\n").encode("utf-8")
+
+
+def decode_index(data: bytes, where: str) -> dict[str, str]:
+    """The weight map of an index json, validated (key -> file name)."""
+    try:
+        index = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointFormatError(f"{where}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointFormatError(f"{where}: no 'weight_map' object")
+    for key, file in weight_map.items():
+        check_file_name(file, f"{where}: key {key!r}")
+    return weight_map
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class FileLayout:
+    """One output file, fully decided before any byte is written."""
+
+    name: str
+    header: bytes  # length prefix included
+    size: int
+    offsets: dict[str, int]  # key -> absolute byte offset of its data in the file
+    specs: dict[str, TensorSpec]
+
+
+def layout_files(specs: list[TensorSpec], max_shard_size: int) -> list[FileLayout]:
+    """Group tensors into files exactly as huggingface_hub does (greedy, in order, under
+    ``max_shard_size``) and lay out each file. Inside a file, tensors are ordered by
+    descending item size so every tensor's data is aligned to its dtype."""
+    by_key = {s.key: s for s in specs}
+    split = split_state_dict_into_shards_factory(
+        by_key, get_storage_size=lambda s: s.nbytes, get_storage_id=lambda s: None,
+        filename_pattern=FILE_PATTERN, max_shard_size=max_shard_size)
+    files = []
+    for name, keys in split.filename_to_tensors.items():
+        ordered = sorted((by_key[k] for k in keys), key=lambda s: -itemsize(s.dtype))
+        entries, pos = [], 0
+        for s in ordered:
+            entries.append((s.key, s.dtype, s.shape, pos, pos + s.nbytes))
+            pos += s.nbytes
+        header = encode_header(entries)
+        offsets = {key: len(header) + begin for key, _, _, begin, _ in entries}
+        files.append(FileLayout(name, header, len(header) + pos, offsets,
+                                {s.key: s for s in ordered}))
+    return files

@@ -1,0 +1,261 @@
+"""HFStorageReader: DCP loads any Hugging Face safetensors checkpoint into any sharding.
+
+Metadata comes from the index json; a file's header is read (and validated) only when a key
+in it is first needed, once per process. Reads go straight into the destination tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, StorageMeta,
+                                                   TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, LoadItemType, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from dcp_hf.boxes import box_runs
+from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError
+from dcp_hf.format import INDEX_NAME, SINGLE_FILE_NAME, FileHeader, TensorEntry, decode_index, read_header
+from dcp_hf.format.dtypes import itemsize
+from dcp_hf.progress import log_throughput
+from dcp_hf.storage.posix import byte_view, read_runs
+
+
+@dataclass
+class HFMetadata(Metadata):
+    """DCP metadata of an HF checkpoint; ``state_dict_metadata`` reads headers on demand."""
+
+    checkpoint: str = ""
+    allow_dtype_cast: bool = False
+
+
+class _LazyTensorMetadata(Mapping):
+    """key -> TensorStorageMetadata, reading a file's header the first time one of its keys is
+    looked up. Iterating the keys reads nothing."""
+
+    def __init__(self, reader: "HFStorageReader"):
+        self._reader = reader
+
+    def __getitem__(self, key: str) -> TensorStorageMetadata:
+        e = self._reader.entry(key)
+        return TensorStorageMetadata(
+            properties=TensorProperties(dtype=e.dtype), size=torch.Size(e.shape),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * len(e.shape)),
+                                         sizes=torch.Size(e.shape))])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._reader.weight_map
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._reader.weight_map)
+
+    def __len__(self) -> int:
+        return len(self._reader.weight_map)
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Read the headers of the files holding ``keys``, concurrently."""
+        self._reader.load_headers({self._reader.weight_map[k] for k in keys
+                                   if k in self._reader.weight_map})
+
+
+class HFStorageReader(StorageReader):
+    """Read a Hugging Face safetensors checkpoint with ``torch.distributed.checkpoint.load``.
+
+    Args:
+        path: checkpoint folder (``model.safetensors.index.json`` + shards, or one
+            ``model.safetensors``, or any ``*.safetensors`` files without an index).
+        allow_dtype_cast: cast into destination tensors of another dtype; by default a dtype
+            mismatch is an error.
+        thread_count: reader threads per rank.
+        coalesce_gap: strided runs separated by at most this many bytes are read as one span.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_dtype_cast: bool = False,
+                 thread_count: int = 4, coalesce_gap: int = 4096, io_chunk_bytes: int = 32 << 20):
+        super().__init__()
+        self.path = os.fspath(path)
+        self.allow_dtype_cast = allow_dtype_cast
+        self.thread_count = thread_count
+        self.coalesce_gap = coalesce_gap
+        self.io_chunk_bytes = io_chunk_bytes
+        self.weight_map: dict[str, str] = {}
+        self.headers: dict[str, FileHeader] = {}
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+
+    # -- DCP protocol -------------------------------------------------------------------------
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = os.fspath(checkpoint_id)
+        self.weight_map, self.headers, self.bytes_read = {}, {}, 0
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        path = os.fspath(checkpoint_id)
+        return os.path.isfile(os.path.join(path, INDEX_NAME)) or os.path.isfile(
+            os.path.join(path, SINGLE_FILE_NAME))
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        if not self.weight_map:
+            self.weight_map = self._read_weight_map()
+        return HFMetadata(state_dict_metadata=_LazyTensorMetadata(self),
+                          storage_meta=StorageMeta(checkpoint_id=self.path),
+                          checkpoint=self.path, allow_dtype_cast=self.allow_dtype_cast)
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        self.is_coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        start = time.perf_counter()
+        # Check every item before reading anything, so a bad request modifies no destination.
+        work = []
+        for item in sorted(plan.items, key=lambda i: (self._file_of(i), self.entry(i.storage_index.fqn).start)):
+            if item.type == LoadItemType.BYTE_IO:
+                raise StateDictMismatchError(
+                    f"{item.dest_index.fqn!r}: an HF checkpoint holds tensors only")
+            entry = self.entry(item.storage_index.fqn)
+            dest = planner.resolve_tensor(item).detach()
+            self._check_destination(item, entry, dest)
+            work.append((item, entry, dest))
+        tasks, fds = [], {}
+        try:
+            for item, entry, dest in work:
+                file = self.weight_map[entry.name]
+                if file not in fds:
+                    fds[file] = os.open(os.path.join(self.path, file), os.O_RDONLY)
+                tasks += self._slab_tasks(item, entry, dest, fds[file], file)
+            with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
+                self.bytes_read += sum(pool.map(lambda task: task(), tasks))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        for item, _, dest in work:
+            planner.commit_tensor(item, dest)
+        needed = sum(math.prod(i.lengths) * itemsize(e.dtype) for i, e, _ in work)
+        log_throughput("loaded", needed, time.perf_counter() - start, self.path)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    # -- metadata -----------------------------------------------------------------------------
+    def _read_weight_map(self) -> dict[str, str]:
+        index = os.path.join(self.path, INDEX_NAME)
+        if os.path.isfile(index):
+            with open(index, "rb") as f:
+                return decode_index(f.read(), index)
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"{self.path}: no such checkpoint folder")
+        files = sorted(n for n in os.listdir(self.path) if n.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(
+                f"{self.path}: no {INDEX_NAME} and no .safetensors file; not an HF checkpoint")
+        self.load_headers(files)
+        weight_map: dict[str, str] = {}
+        for file in files:
+            for key in self.headers[file].tensors:
+                if key in weight_map:
+                    raise CheckpointFormatError(
+                        f"{self.path}: key {key!r} is in both {weight_map[key]} and {file}")
+                weight_map[key] = file
+        return weight_map
+
+    def load_headers(self, files: Iterable[str]) -> None:
+        missing = [f for f in set(files) if f not in self.headers]
+        if len(missing) > 1:
+            with ThreadPoolExecutor(min(len(missing), 16)) as pool:
+                list(pool.map(self._load_header, missing))
+        elif missing:
+            self._load_header(missing[0])
+
+    def _load_header(self, file: str) -> FileHeader:
+        with self._lock:
+            if file in self.headers:
+                return self.headers[file]
+        path = os.path.join(self.path, file)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CheckpointFormatError(
+                f"{path}: named by {INDEX_NAME} but missing from the checkpoint") from None
+        try:
+            size = os.fstat(fd).st_size
+            header = read_header(lambda off, n: os.pread(fd, n, off), path, size)
+        finally:
+            os.close(fd)
+        if self.weight_map:  # the index must agree with the header, both ways
+            for key in header.tensors:
+                if self.weight_map.get(key) != file:
+                    raise CheckpointFormatError(
+                        f"{path}: holds {key!r}, but {INDEX_NAME} maps it to "
+                        f"{self.weight_map.get(key)!r}")
+            for key, f in self.weight_map.items():
+                if f == file and key not in header.tensors:
+                    raise CheckpointFormatError(
+                        f"{path}: {INDEX_NAME} maps {key!r} to this file, but its header lacks it")
+        with self._lock:
+            self.headers[file] = header
+        return header
+
+    def entry(self, key: str) -> TensorEntry:
+        try:
+            file = self.weight_map[key]
+        except KeyError:
+            raise StateDictMismatchError(f"{self.path}: the checkpoint has no tensor {key!r}") from None
+        header = self.headers.get(file) or self._load_header(file)
+        return header.tensors[key]
+
+    def _file_of(self, item: ReadItem) -> str:
+        return self.weight_map.get(item.storage_index.fqn, "")
+
+    # -- data ---------------------------------------------------------------------------------
+    def _check_destination(self, item: ReadItem, entry: TensorEntry, dest: torch.Tensor) -> None:
+        where = f"{os.path.join(self.path, self.weight_map[entry.name])}: {entry.name!r}"
+        if tuple(dest.shape) != tuple(item.lengths):
+            raise StateDictMismatchError(
+                f"{where}: destination of shape {list(dest.shape)} for a read of {list(item.lengths)}")
+        if dest.dtype != entry.dtype and not self.allow_dtype_cast:
+            raise StateDictMismatchError(
+                f"{where}: checkpoint dtype {entry.dtype} but destination dtype {dest.dtype} "
+                f"(pass allow_dtype_cast=True to HFStorageReader to cast)")
+        if any(o + n > d for o, n, d in zip(item.storage_offsets, item.lengths, entry.shape)) or (
+                len(item.storage_offsets) != len(entry.shape)):
+            raise StateDictMismatchError(
+                f"{where}: read at {list(item.storage_offsets)} of {list(item.lengths)} is outside "
+                f"the stored shape {list(entry.shape)}")
+
+    def _slab_tasks(self, item: ReadItem, entry: TensorEntry, dest: torch.Tensor, fd: int, file: str):
+        sizes, offsets = tuple(item.lengths), tuple(item.storage_offsets)
+        width = itemsize(entry.dtype)
+        rows = sizes[0] if sizes else 1
+        step = max(1, self.io_chunk_bytes // max(math.prod(sizes[1:]) * width, 1))
+        direct = dest.is_contiguous() and dest.device.type == "cpu" and dest.dtype == entry.dtype
+        path = os.path.join(self.path, file)
+
+        def task(r0: int, r1: int):
+            def run() -> int:
+                box_off = (offsets[0] + r0,) + offsets[1:] if sizes else ()
+                box_size = (r1 - r0,) + sizes[1:] if sizes else ()
+                grid = box_runs(entry.shape, box_off, box_size, width)
+                out = dest[r0:r1] if sizes else dest
+                buf = out if direct else torch.empty(box_size, dtype=entry.dtype)
+                nread = read_runs(fd, entry.start, grid, byte_view(buf), path, self.coalesce_gap)
+                if not direct:
+                    out.copy_(buf)
+                return nread
+            return run
+
+        return [task(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
