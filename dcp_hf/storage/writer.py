@@ -28,8 +28,9 @@ from torch.futures import Future
 
 from dcp_hf.boxes import box_runs, check_exact_cover
 from dcp_hf.errors import CheckpointExistsError, StateDictMismatchError
-from dcp_hf.format import INDEX_NAME, TensorSpec, encode_index, layout_files, parse_size
+from dcp_hf.format import INDEX_NAME, encode_index, layout_files, parse_size
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
+from dcp_hf.planners.checks import tensor_specs
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.posix import byte_view, fsync_dir, pwrite_all, write_file_atomic, write_runs
 
@@ -127,19 +128,13 @@ class HFStorageWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        specs: dict[str, TensorSpec] = {}
+        specs = tensor_specs(plans, self.export_dtype)
         boxes: dict[str, list] = {}
         for rank, plan in enumerate(plans):
             for item in plan.items:
-                key, td = item.index.fqn, item.tensor_data
-                spec = TensorSpec(key, self.export_dtype(key, td.properties.dtype), tuple(td.size))
-                known = specs.setdefault(key, spec)
-                if known != spec:
-                    raise StateDictMismatchError(
-                        f"{key!r}: ranks disagree on the tensor: shape {list(known.shape)} "
-                        f"{known.dtype} vs shape {list(spec.shape)} {spec.dtype} on rank {rank}")
-                boxes.setdefault(key, []).append(
-                    (tuple(td.chunk.offsets), tuple(td.chunk.sizes), f"rank {rank}"))
+                chunk = item.tensor_data.chunk
+                boxes.setdefault(item.index.fqn, []).append(
+                    (tuple(chunk.offsets), tuple(chunk.sizes), f"rank {rank}"))
         for key, spec in specs.items():
             check_exact_cover(key, spec.shape, boxes[key])
         if not specs:

@@ -1,0 +1,31 @@
+"""``dcp-hf inspect``: what a checkpoint holds, from its index and headers only."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from dcp_hf.format.dtypes import itemsize, name_from_dtype
+from dcp_hf.storage.reader import HFStorageReader
+
+
+def inspect_checkpoint(path: str, verbose: bool = False) -> str:
+    reader = HFStorageReader(path)
+    reader.read_metadata()
+    reader.load_headers(set(reader.weight_map.values()))
+    lines, dtypes, total = [], Counter(), 0
+    for file in sorted(reader.headers):
+        header = reader.headers[file]
+        size = sum(t.nbytes for t in header.tensors.values())
+        lines.append(f"{file}: {len(header.tensors)} tensors, {size / 1e6:.1f} MB")
+        for t in sorted(header.tensors.values(), key=lambda t: t.start):
+            dtypes[name_from_dtype(t.dtype)] += t.nbytes
+            total += t.nbytes
+            if verbose:
+                lines.append(f"  {t.name}  {name_from_dtype(t.dtype)}  {list(t.shape)}  "
+                             f"{t.nbytes} bytes")
+    params = sum(math.prod(t.shape) for h in reader.headers.values() for t in h.tensors.values())
+    lines.append(f"total: {len(reader.weight_map)} tensors in {len(reader.headers)} files, "
+                 f"{params:,} elements, {total / 1e9:.3f} GB ("
+                 + ", ".join(f"{d} {n / 1e9:.3f} GB" for d, n in dtypes.most_common()) + ")")
+    return "\n".join(lines)

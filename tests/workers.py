@@ -1,0 +1,159 @@
+"""Functions that run on each rank (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
+from dcp_hf.storage.posix import byte_view
+
+
+def reference_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The full tensors every rank can rebuild deterministically."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model.embed_tokens.weight": torch.randn(37, 16, generator=g).to(torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g),
+        "model.layers.0.self_attn.o_proj.weight": torch.randn(16, 24, generator=g),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(16, 12, 3, generator=g).to(torch.float16),
+        "model.layers.1.input_layernorm.weight": torch.randn(16, generator=g),
+        "model.layers.10.counter": torch.arange(7, dtype=torch.int64),
+        "model.layers.2.mask": torch.rand(5, 3, generator=g) > 0.5,
+        "model.scale": torch.tensor(1.5),
+        "model.fp8": torch.randn(8, 4, generator=g).to(torch.float8_e4m3fn),
+    }
+
+
+def placements_for(name: str, ndim: int, kind: str):
+    """Placement per tensor for a layout kind."""
+    if ndim == 0:
+        return [Replicate()]
+    if kind == "shard0":
+        return [Shard(0)]
+    if kind == "shard1":
+        return [Shard(min(1, ndim - 1))]
+    if kind == "replicate":
+        return [Replicate()]
+    if kind == "mixed":  # different dims for different tensors
+        return [Shard(zlib.crc32(name.encode()) % ndim)]
+    raise ValueError(kind)
+
+
+def sharded_state(kind: str, seed: int = 0, zeros: bool = False) -> dict[str, DTensor]:
+    world = dist.get_world_size()
+    full = reference_state(seed)
+    if kind == "2d":
+        mesh = init_device_mesh("cpu", (2, world // 2))
+        out = {}
+        for k, v in full.items():
+            v = torch.zeros_like(v) if zeros else v
+            pl = [Shard(0), Shard(v.ndim - 1)] if v.ndim else [Replicate(), Replicate()]
+            out[k] = distribute_tensor(v, mesh, pl, src_data_rank=None)
+        return out
+    mesh = init_device_mesh("cpu", (world,))
+    return {k: distribute_tensor(torch.zeros_like(v) if zeros else v, mesh,
+                                 placements_for(k, v.ndim, kind), src_data_rank=None)
+            for k, v in full.items()}
+
+
+def save_sharded(rank, world, path, kind, writer_kwargs):
+    sd = sharded_state(kind)
+    dcp.save(sd, storage_writer=HFStorageWriter(path, **writer_kwargs), planner=HFSavePlanner())
+    return True
+
+
+def local_mismatches(sd: dict[str, DTensor], full: dict[str, torch.Tensor]) -> list[str]:
+    """Keys whose local shard differs (bitwise) from the same box of the full reference."""
+    bad = []
+    for k, v in sd.items():
+        for chunk in v.__create_chunk_list__():
+            expected = full[k]
+            for d, (o, n) in enumerate(zip(chunk.offsets, chunk.sizes)):
+                expected = expected.narrow(d, o, n)
+            if not bitwise_equal(v.to_local(), expected):
+                bad.append(k)
+    return bad
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return bytes(byte_view(a)) == bytes(byte_view(b))
+
+
+def load_sharded(rank, world, path, kind):
+    """Load into a zeroed sharded state of ``kind``; return the keys that differ from the reference."""
+    sd = sharded_state(kind, zeros=True)
+    dcp.load(sd, storage_reader=HFStorageReader(path), planner=HFLoadPlanner())
+    return local_mismatches(sd, reference_state())
+
+
+def sharded_tensor_two_chunks(rank: int, world: int, key: str, shape=(8, 6), zeros=False):
+    """A ShardedTensor whose dim 0 is cut in 2*world chunks, two of them on each rank."""
+    from torch.distributed._shard.sharded_tensor import Shard as STShard
+    from torch.distributed._shard.sharded_tensor import init_from_local_shards
+    from torch.distributed._shard.metadata import ShardMetadata
+    full = torch.arange(math.prod(shape), dtype=torch.float32).view(shape)
+    rows = shape[0] // (2 * world)
+    shards = []
+    for c in (rank, rank + world):
+        local = full[c * rows:(c + 1) * rows].clone()
+        shards.append(STShard(torch.zeros_like(local) if zeros else local,
+                              ShardMetadata([c * rows, 0], [rows, shape[1]], f"rank:{rank}/cpu")))
+    return init_from_local_shards(shards, *shape), full
+
+
+def save_cases(rank, world, root):
+    """Save one checkpoint per layout kind, plus a ShardedTensor with two chunks per rank and
+    an async save; then check the failures every rank must see."""
+    import os
+    from torch.distributed.checkpoint.api import CheckpointException
+    for kind in ("shard0", "shard1", "mixed", "replicate"):
+        save_sharded(rank, world, f"{root}/{kind}", kind, {"max_shard_size": 600})
+    st, _ = sharded_tensor_two_chunks(rank, world, "st", shape=(8, 6))
+    dcp.save({"st": st, "x": torch.ones(3)},
+             storage_writer=HFStorageWriter(f"{root}/sharded_tensor"), planner=HFSavePlanner())
+    fut = dcp.async_save(sharded_state("shard1"),
+                         storage_writer=HFStorageWriter(f"{root}/async", max_shard_size=600),
+                         planner=HFSavePlanner())
+    fut.result()
+    errors = {}
+    bad_cases = {
+        "non_tensor": {"w": torch.ones(2), "step": 7},
+        "inconsistent": {"w": torch.ones(2 + rank)},
+    }
+    for name, sd in bad_cases.items():
+        try:
+            dcp.save(sd, storage_writer=HFStorageWriter(f"{root}/bad_{name}"), planner=HFSavePlanner())
+            errors[name] = None
+        except CheckpointException as e:
+            errors[name] = str(e)
+        errors[name + "_files"] = os.listdir(f"{root}/bad_{name}") if os.path.exists(f"{root}/bad_{name}") else []
+    return errors
+
+
+def load_cases(rank, world, root):
+    """Load every checkpoint written by save_cases into another sharding; return mismatches."""
+    bad = {}
+    for saved in ("shard0", "shard1", "mixed", "replicate", "async"):
+        for kind in ("shard0", "shard1", "mixed"):
+            wrong = load_sharded(rank, world, f"{root}/{saved}", kind)
+            if wrong:
+                bad[f"{saved}->{kind}"] = wrong
+    # The ShardedTensor checkpoint, read into a column-sharded DTensor.
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.arange(48, dtype=torch.float32).view(8, 6)
+    target = {"st": distribute_tensor(torch.zeros(8, 6), mesh, [Shard(1)], src_data_rank=None),
+              "x": torch.zeros(3)}
+    dcp.load(target, storage_reader=HFStorageReader(f"{root}/sharded_tensor"), planner=HFLoadPlanner())
+    if local_mismatches({"st": target["st"]}, {"st": full}) or not torch.equal(target["x"], torch.ones(3)):
+        bad["sharded_tensor"] = ["st"]
+    return bad
