@@ -85,7 +85,7 @@ def box_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int,
         if sizes[d] == 1:
             continue
         stride = elem_strides[d] * itemsize
-        if counts and strides[-1] == counts[-1] * stride:  # merge with the outer dim
+        if counts and strides[-1] == sizes[d] * stride:  # a full dim continues the outer one
             counts[-1] *= sizes[d]
             strides[-1] = stride
         else:

@@ -264,6 +264,7 @@ class HFStorageWriter(StorageWriter):
         if len(files) == 1:
             if INDEX_NAME in old:  # never leave an old index that would shadow the new file
                 os.unlink(os.path.join(path, INDEX_NAME))
+                old.discard(INDEX_NAME)
             os.replace(os.path.join(path, partial_name(files[0].name, self._save_id)),
                        os.path.join(path, files[0].name))
         else:
