@@ -156,4 +156,13 @@ def load_cases(rank, world, root):
     dcp.load(target, storage_reader=HFStorageReader(f"{root}/sharded_tensor"), planner=HFLoadPlanner())
     if local_mismatches({"st": target["st"]}, {"st": full}) or not torch.equal(target["x"], torch.ones(3)):
         bad["sharded_tensor"] = ["st"]
+    # A key the checkpoint lacks fails on every rank, before anything is read.
+    from torch.distributed.checkpoint.api import CheckpointException
+    target = {"st": torch.zeros(8, 6), "absent": torch.zeros(2)} if rank == 0 else {"st": torch.zeros(8, 6)}
+    try:
+        dcp.load(target, storage_reader=HFStorageReader(f"{root}/sharded_tensor"), planner=HFLoadPlanner())
+        bad["missing_key"] = ["no error"]
+    except CheckpointException as e:
+        if "missing 1 key(s) the state dict needs: 'absent'" not in str(e) or target["st"].any():
+            bad["missing_key"] = [str(e)[-300:]]
     return bad

@@ -4,6 +4,8 @@ straight from tensor memory, positional reads straight into it, fsync, atomic re
 from __future__ import annotations
 
 import ctypes
+import errno
+import mmap
 import os
 
 import torch
@@ -36,36 +38,111 @@ def pread_into(fd: int, out: memoryview, offset: int, file: str) -> None:
         out, offset = out[n:], offset + n
 
 
+# Runs shorter than this are written through a shared mapping (one strided copy) instead of a
+# pwrite each: ~3x faster for e.g. the 2 KiB rows of a column-sharded matrix.
+SMALL_RUN = 64 << 10
+# Largest file span mapped at once.
+MAP_SPAN = 16 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+_PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+def _fallocate(fd: int, offset: int, length: int) -> bool:
+    """Reserve blocks (so stores through a mapping cannot hit ENOSPC as SIGBUS). False where
+    the file system cannot; never emulated, since emulation would race with other writers."""
+    fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(fd, 0, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def grid_span(grid: RunGrid) -> tuple[int, int]:
+    """First and one-past-last byte the grid touches (relative to the tensor start)."""
+    last = grid.start + sum((c - 1) * s for c, s in zip(grid.counts, grid.strides))
+    return grid.start, last + grid.run_len
+
+
+def _write_mapped(fd: int, base: int, grid: RunGrid, src: memoryview) -> bool:
+    lo, hi = grid_span(grid)
+    lo, hi = base + lo, base + hi
+    if not _fallocate(fd, lo, hi - lo):
+        return False
+    map_off = lo - lo % _PAGE
+    with mmap.mmap(fd, hi - map_off, offset=map_off) as m:
+        dst = torch.frombuffer(m, dtype=torch.uint8).as_strided(
+            grid.counts + (grid.run_len,), grid.strides + (1,), lo - map_off)
+        dst.copy_(torch.frombuffer(src, dtype=torch.uint8).view(dst.shape))
+        del dst  # release the exported buffer before the mapping closes
+    return True
+
+
 def write_runs(fd: int, base: int, grid: RunGrid, src: memoryview) -> None:
-    """Write ``src`` (the grid's bytes in order) to its runs at file offset ``base``."""
+    """Write ``src`` (the grid's bytes in order) to its runs at file offset ``base``. ``fd``
+    must be open for reading and writing (small runs go through a mapping)."""
+    n = grid.run_len
+    if n < SMALL_RUN and grid.num_runs > 1 and n > 0:
+        lo, hi = grid_span(grid)
+        per_payload = max(n, int(MAP_SPAN * grid.nbytes / (hi - lo)))
+        pieces = grid.split(per_payload)
+        if all(g.counts for g, _ in pieces):
+            done = 0
+            for g, off in pieces:
+                if not _write_mapped(fd, base, g, src[off:off + g.nbytes]):
+                    break
+                done += 1
+            else:
+                return
+            pieces = pieces[done:]
+        for g, off in pieces:
+            _pwrite_grid(fd, base, g, src[off:off + g.nbytes])
+        return
+    _pwrite_grid(fd, base, grid, src)
+
+
+def _pwrite_grid(fd: int, base: int, grid: RunGrid, src: memoryview) -> None:
     n = grid.run_len
     for i, start in enumerate(grid.starts()):
         pwrite_all(fd, src[i * n:(i + 1) * n], base + start)
 
 
-def read_runs(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str,
-              coalesce_gap: int) -> int:
-    """Read the grid's runs at file offset ``base`` into ``dst`` in order. Runs of the innermost
-    grid dim whose gaps are at most ``coalesce_gap`` bytes, and no longer than the runs (so at
-    most twice the needed bytes are read), are read as one span through a bounce buffer.
-    Returns the bytes read from the file."""
+def read_runs(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) -> int:
+    """Read the grid's runs at file offset ``base`` into ``dst`` (in order). Large runs are
+    read with ``preadv`` straight into ``dst``; small strided runs are copied out of a
+    read-only mapping in one strided copy (the page cache reads whole pages anyway). Returns
+    the bytes of the file touched."""
     n = grid.run_len
-    gap = grid.strides[-1] - n if grid.counts else 0
-    if grid.counts and grid.counts[-1] > 1 and gap <= min(coalesce_gap, n):
-        count, stride = grid.counts[-1], grid.strides[-1]
-        outer = RunGrid(grid.start, count * n, grid.counts[:-1], grid.strides[:-1])
-        span = (count - 1) * stride + n
-        bounce = torch.empty(span, dtype=torch.uint8)
-        bounce_view = byte_view(bounce)
-        dst_bytes = torch.frombuffer(dst, dtype=torch.uint8)
-        for i, start in enumerate(outer.starts()):
-            pread_into(fd, bounce_view, base + start, file)
-            dst_bytes[i * count * n:(i + 1) * count * n].view(count, n).copy_(
-                bounce.as_strided((count, n), (stride, 1)))
-        return outer.num_runs * span
+    if n < SMALL_RUN and grid.num_runs > 1:
+        lo, hi = grid_span(grid)
+        per_payload = max(n, int(MAP_SPAN * grid.nbytes / (hi - lo)))
+        touched = 0
+        for g, off in grid.split(per_payload):
+            touched += _read_mapped(fd, base, g, dst[off:off + g.nbytes], file)
+        return touched
     for i, start in enumerate(grid.starts()):
         pread_into(fd, dst[i * n:(i + 1) * n], base + start, file)
     return grid.nbytes
+
+
+def _read_mapped(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) -> int:
+    lo, hi = grid_span(grid)
+    lo, hi = base + lo, base + hi
+    if hi > os.fstat(fd).st_size:
+        raise CheckpointFormatError(f"{file}: unexpected end of file before byte {hi}; truncated?")
+    if not grid.counts:
+        pread_into(fd, dst, lo, file)
+        return grid.nbytes
+    map_off = lo - lo % _PAGE
+    with mmap.mmap(fd, hi - map_off, offset=map_off, access=mmap.ACCESS_READ) as m:
+        src = torch.frombuffer(m, dtype=torch.uint8).as_strided(
+            grid.counts + (grid.run_len,), grid.strides + (1,), lo - map_off)
+        torch.frombuffer(dst, dtype=torch.uint8).view(src.shape).copy_(src)
+        del src
+    pages_per_run = -(-grid.run_len // _PAGE) + 1
+    return min(hi - lo, grid.num_runs * pages_per_run * _PAGE)
 
 
 def fsync_dir(path: str) -> None:

@@ -75,16 +75,14 @@ class HFStorageReader(StorageReader):
         allow_dtype_cast: cast into destination tensors of another dtype; by default a dtype
             mismatch is an error.
         thread_count: reader threads per rank.
-        coalesce_gap: strided runs separated by at most this many bytes are read as one span.
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_dtype_cast: bool = False,
-                 thread_count: int = 4, coalesce_gap: int = 4096, io_chunk_bytes: int = 32 << 20):
+                 thread_count: int = 4, io_chunk_bytes: int = 32 << 20):
         super().__init__()
         self.path = os.fspath(path)
         self.allow_dtype_cast = allow_dtype_cast
         self.thread_count = thread_count
-        self.coalesce_gap = coalesce_gap
         self.io_chunk_bytes = io_chunk_bytes
         self.weight_map: dict[str, str] = {}
         self.headers: dict[str, FileHeader] = {}
@@ -252,7 +250,7 @@ class HFStorageReader(StorageReader):
                 grid = box_runs(entry.shape, box_off, box_size, width)
                 out = dest[r0:r1] if sizes else dest
                 buf = out if direct else torch.empty(box_size, dtype=entry.dtype)
-                nread = read_runs(fd, entry.start, grid, byte_view(buf), path, self.coalesce_gap)
+                nread = read_runs(fd, entry.start, grid, byte_view(buf), path)
                 if not direct:
                     out.copy_(buf)
                 return nread

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,37 @@ class _RankPlan:
     files: dict[int, str]  # file number -> final file name
     headers: dict[int, bytes]  # headers this rank writes
     locations: dict[MetadataIndex, tuple[int, int]]  # item -> (file number, data offset)
+
+
+class _ResolvedOnce:
+    """An item's data, resolved by the planner on first use and dropped after ``uses`` uses."""
+
+    def __init__(self, planner: SavePlanner, item, sizes: tuple[int, ...], uses: int):
+        self.planner, self.item, self.sizes, self.uses = planner, item, sizes, uses
+        self.tensor: torch.Tensor | None = None
+        self.lock = threading.Lock()
+
+    def acquire(self) -> torch.Tensor:
+        with self.lock:
+            if self.tensor is None:
+                tensor = self.planner.resolve_data(self.item)
+                key = self.item.index.fqn
+                if not isinstance(tensor, torch.Tensor):
+                    raise StateDictMismatchError(f"{key!r}: the planner returned no tensor")
+                if tensor.device.type == "meta":
+                    raise StateDictMismatchError(f"{key!r} is a meta tensor: it has no data to save")
+                if tuple(tensor.shape) != self.sizes:
+                    raise StateDictMismatchError(
+                        f"{key!r}: the planner returned shape {list(tensor.shape)} for a chunk of "
+                        f"shape {list(self.sizes)}")
+                self.tensor = tensor.detach()
+            return self.tensor
+
+    def release(self) -> None:
+        with self.lock:
+            self.uses -= 1
+            if self.uses == 0:
+                self.tensor = None
 
 
 def partial_name(name: str, save_id: str) -> str:
@@ -180,15 +212,14 @@ class HFStorageWriter(StorageWriter):
         try:
             for n, name in rp.files.items():
                 fds[n] = os.open(os.path.join(self.path, partial_name(name, rp.save_id)),
-                                 os.O_WRONLY | os.O_CREAT, 0o644)
+                                 os.O_RDWR | os.O_CREAT, 0o644)
             for n, header in rp.headers.items():
                 pwrite_all(fds[n], memoryview(header), 0)
             tasks, results, total = [], [], 0
             for item in plan.items:
                 n, offset = rp.locations[item.index]
-                tensor = planner.resolve_data(item)
-                dtype = self.export_dtype(item.index.fqn, tensor.dtype)
-                tasks += self._slab_tasks(item, tensor.detach(), dtype, fds[n], offset, rp.files[n])
+                dtype = self.export_dtype(item.index.fqn, item.tensor_data.properties.dtype)
+                tasks += self._slab_tasks(item, planner, dtype, fds[n], offset, rp.files[n])
                 nbytes = item.tensor_data.chunk.sizes.numel() * itemsize(dtype)
                 total += nbytes
                 results.append(WriteResult(index=item.index, size_in_bytes=nbytes,
@@ -210,36 +241,35 @@ class HFStorageWriter(StorageWriter):
         fut.set_result(results)
         return fut
 
-    def _slab_tasks(self, item, tensor: torch.Tensor, dtype: torch.dtype, fd: int, offset: int,
+    def _slab_tasks(self, item, planner: SavePlanner, dtype: torch.dtype, fd: int, offset: int,
                     file: str):
-        """Tasks that each write up to ``io_chunk_bytes`` of the chunk, slicing it along dim 0
-        (converting dtype / copying to CPU one slab at a time keeps memory bounded)."""
+        """Tasks that each write up to ``io_chunk_bytes`` of the item's chunk, slicing it along
+        dim 0 (a dtype conversion or copy to CPU is done one slab at a time). The chunk's data
+        is resolved by its first task and released after its last, so a planner that produces
+        data on demand holds only the items being written."""
         key, td = item.index.fqn, item.tensor_data
         shape, offsets, sizes = tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes)
-        if tuple(tensor.shape) != sizes:
-            raise StateDictMismatchError(
-                f"{key!r}: planner returned a tensor of shape {list(tensor.shape)} for a chunk of "
-                f"shape {list(sizes)}")
-        if tensor.device.type == "meta":
-            raise StateDictMismatchError(f"{key!r} is a meta tensor: it has no data to save")
         width = itemsize(dtype)
-        row_bytes = math.prod(sizes[1:]) * width
         rows = sizes[0] if sizes else 1
-        step = max(1, self.io_chunk_bytes // max(row_bytes, 1))
+        step = max(1, self.io_chunk_bytes // max(math.prod(sizes[1:]) * width, 1))
+        chunk = _ResolvedOnce(planner, item, sizes, -(-rows // step))
 
         def task(r0: int, r1: int):
             def run() -> int:
-                src = tensor[r0:r1] if sizes else tensor
-                if src.dtype != dtype or src.device.type != "cpu" or not src.is_contiguous():
-                    src = src.to("cpu", dtype).contiguous()
-                box_off = (offsets[0] + r0,) + offsets[1:] if sizes else ()
-                box_size = (r1 - r0,) + sizes[1:] if sizes else ()
-                grid = box_runs(shape, box_off, box_size, width)
+                tensor = chunk.acquire()
                 try:
+                    src = tensor[r0:r1] if sizes else tensor
+                    if src.dtype != dtype or src.device.type != "cpu" or not src.is_contiguous():
+                        src = src.to("cpu", dtype).contiguous()
+                    box_off = (offsets[0] + r0,) + offsets[1:] if sizes else ()
+                    box_size = (r1 - r0,) + sizes[1:] if sizes else ()
+                    grid = box_runs(shape, box_off, box_size, width)
                     write_runs(fd, offset, grid, byte_view(src))
                 except OSError as e:
                     raise OSError(e.errno, f"writing {key!r} to {os.path.join(self.path, file)}: "
                                            f"{e.strerror}") from e
+                finally:
+                    chunk.release()
                 return grid.nbytes
             return run
 
