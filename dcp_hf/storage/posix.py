@@ -136,7 +136,8 @@ def _read_mapped(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) 
         pread_into(fd, dst, lo, file)
         return grid.nbytes
     map_off = lo - lo % _PAGE
-    with mmap.mmap(fd, hi - map_off, offset=map_off, access=mmap.ACCESS_READ) as m:
+    # ACCESS_COPY: a private mapping, writable for torch.frombuffer, never written here.
+    with mmap.mmap(fd, hi - map_off, offset=map_off, access=mmap.ACCESS_COPY) as m:
         src = torch.frombuffer(m, dtype=torch.uint8).as_strided(
             grid.counts + (grid.run_len,), grid.strides + (1,), lo - map_off)
         torch.frombuffer(dst, dtype=torch.uint8).view(src.shape).copy_(src)
