@@ -60,6 +60,19 @@ class RunGrid:
         return pieces
 
 
+def overlap(a_off, a_size, b_off, b_size):
+    """The overlap (offsets, sizes) of two boxes, or None. Boxes with a zero-size dim overlap
+    where the other box has that same empty extent (so empty tensors still map)."""
+    lo, size = [], []
+    for ao, an, bo, bn in zip(a_off, a_size, b_off, b_size):
+        a, b = max(ao, bo), min(ao + an, bo + bn)
+        if b < a or (b == a and (an or bn)):
+            return None
+        lo.append(a)
+        size.append(b - a)
+    return tuple(lo), tuple(size)
+
+
 def box_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
              itemsize: int) -> RunGrid:
     """The runs of box (offsets, sizes) in a C-order tensor of ``shape``."""

@@ -1,4 +1,4 @@
-"""HFLoadPlanner: DCP's default load planning, with up-front checks that name file and key."""
+"""HFLoadPlanner: DCP load planning in HF key space, through a layout, with up-front checks."""
 
 from __future__ import annotations
 
@@ -6,58 +6,120 @@ from collections.abc import Iterable
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 
+from dcp_hf.boxes import overlap
 from dcp_hf.errors import StateDictMismatchError
+from dcp_hf.layouts import IDENTITY, Layout, Piece, mem_view
 
 
 class HFLoadPlanner(DefaultLoadPlanner):
-    """The recommended load planner for :class:`HFStorageReader`.
+    """The recommended load planner for :class:`HFStorageReader` (it works with any DCP reader).
 
-    Before any byte is read it checks, on every rank, that each key of the state dict is in
-    the checkpoint (``allow_missing`` lists keys that may be absent and are then left as they
-    are), with the same shape and dtype (unless the reader allows dtype casts).
+    Each local chunk of each in-memory tensor (plain tensor, DTensor, ShardedTensor,
+    :class:`~dcp_hf.TensorBox`) becomes read items in HF key space through the ``layout``; each
+    is resolved to a view of the destination, so the bytes land in place. Before any byte is
+    read it checks, on every rank, that every HF tensor the state dict needs is in the
+    checkpoint with the expected shape and dtype (unless the reader allows dtype casts).
+    ``allow_missing`` lists in-memory keys that may be absent; they are left as they are.
     """
 
-    def __init__(self, *, allow_missing: Iterable[str] = (), allow_partial_load: bool = False):
+    def __init__(self, layout: Layout | None = None, *, allow_missing: Iterable[str] = (),
+                 allow_partial_load: bool = False):
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True,
                          allow_partial_load=True)
+        self.layout = layout or IDENTITY
         self.allow_missing = set(allow_missing)
         self.strict = not allow_partial_load
+        self._pieces: dict[str, list[Piece]] = {}
+        self._views: dict[ReadItem, tuple] = {}
 
     def set_up_planner(self, state_dict, metadata: Metadata | None = None,
                        is_coordinator: bool = False) -> None:
         super().set_up_planner(state_dict, metadata, is_coordinator)
+        self._pieces = {}
+        for key, value in self.state_dict.items():
+            if key not in self.allow_missing and hasattr(value, "size") and callable(value.size):
+                self._pieces[key] = self.layout.pieces(key, tuple(value.size()))
         prefetch = getattr(metadata.state_dict_metadata, "prefetch", None)
         if prefetch is not None:
-            prefetch(self.state_dict.keys())
+            prefetch({p.hf_key for pieces in self._pieces.values() for p in pieces})
 
     def create_local_plan(self) -> LoadPlan:
         md = self.metadata
         where = getattr(md, "checkpoint", "") or "checkpoint"
         cast_ok = getattr(md, "allow_dtype_cast", True)
-        missing = [k for k in self.state_dict
-                   if k not in md.state_dict_metadata and k not in self.allow_missing]
+        stored = md.state_dict_metadata
+        missing = []
+        for key, value in self.state_dict.items():
+            if key in self.allow_missing:
+                continue
+            if key not in self._pieces:
+                raise StateDictMismatchError(
+                    f"{where}: {key!r} is a {type(value).__name__}, not a tensor; an HF checkpoint "
+                    f"holds tensors only (list it in allow_missing to leave it as it is)")
+            for piece in self._pieces[key]:
+                if piece.hf_key not in stored:
+                    missing.append(piece.hf_key if piece.hf_key == key else f"{piece.hf_key} (for {key})")
+                    continue
+                md_t = stored[piece.hf_key]
+                if not isinstance(md_t, TensorStorageMetadata):
+                    raise StateDictMismatchError(f"{where}: {piece.hf_key!r} is not a tensor in the checkpoint")
+                if tuple(md_t.size) != piece.hf_shape:
+                    part = "" if piece.hf_key == key else f" (from {key!r} of shape {list(value.size())})"
+                    raise StateDictMismatchError(
+                        f"{where}: {piece.hf_key!r} has shape {list(md_t.size)} in the checkpoint but "
+                        f"{list(piece.hf_shape)} in the state dict{part}")
+                if md_t.properties.dtype != value.dtype and not cast_ok:
+                    part = "" if piece.hf_key == key else f" (as part of {key!r})"
+                    raise StateDictMismatchError(
+                        f"{where}: {piece.hf_key!r} is {md_t.properties.dtype} in the checkpoint but "
+                        f"{value.dtype} in the state dict{part} (pass allow_dtype_cast=True to the reader)")
         if missing and self.strict:
             raise StateDictMismatchError(
                 f"{where}: missing {len(missing)} key(s) the state dict needs: "
                 f"{', '.join(repr(k) for k in missing[:10])}{' ...' if len(missing) > 10 else ''}")
-        for key, value in self.state_dict.items():
-            if key not in md.state_dict_metadata:
+
+        items = []
+        self._views = {}
+        for key, pieces in self._pieces.items():
+            value = self.state_dict[key]
+            if hasattr(value, "device_mesh") and value.device_mesh.get_coordinate() is None:
+                continue  # a DTensor on a submesh this rank is not part of
+            for chunk in _create_chunk_list(value):
+                c_off, c_size = tuple(chunk.offsets), tuple(chunk.sizes)
+                for piece in pieces:
+                    if piece.hf_key in stored:
+                        items += self._read_items(key, c_off, c_size, piece, stored[piece.hf_key])
+        return LoadPlan(items)
+
+    def _read_items(self, key, c_off, c_size, piece: Piece, md_t: TensorStorageMetadata) -> list[ReadItem]:
+        hit = piece.intersect(c_off, c_size)
+        if hit is None:
+            return []
+        lo, size, hf_off, hf_size = hit
+        items = []
+        for sc in md_t.chunks:  # HF tensors are one chunk; native DCP tensors may be several
+            ov = overlap(hf_off, hf_size, tuple(sc.offsets), tuple(sc.sizes))
+            if ov is None:
                 continue
-            stored = md.state_dict_metadata[key]
-            if not isinstance(stored, TensorStorageMetadata):
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise StateDictMismatchError(
-                    f"{where}: {key!r} is a tensor in the checkpoint but {type(value).__name__} in the state dict")
-            if tuple(value.shape) != tuple(stored.size):
-                raise StateDictMismatchError(
-                    f"{where}: {key!r} has shape {list(stored.size)} in the checkpoint but "
-                    f"{list(value.shape)} in the state dict")
-            if value.dtype != stored.properties.dtype and not cast_ok:
-                raise StateDictMismatchError(
-                    f"{where}: {key!r} is {stored.properties.dtype} in the checkpoint but "
-                    f"{value.dtype} in the state dict (pass allow_dtype_cast=True to the reader)")
-        return super().create_local_plan()
+            o_lo, o_size = ov
+            mem_lo, mem_size = list(lo), list(size)
+            for i, m in enumerate(piece.mem_dims):
+                mem_lo[m] += o_lo[i] - hf_off[i]
+                mem_size[m] = o_size[i]
+            local_lo = tuple(a - b for a, b in zip(mem_lo, c_off))
+            item = ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(key, c_off),
+                            dest_offsets=torch.Size(local_lo),
+                            storage_index=MetadataIndex(piece.hf_key, sc.offsets),
+                            storage_offsets=torch.Size(a - b for a, b in zip(o_lo, sc.offsets)),
+                            lengths=torch.Size(o_size))
+            self._views[item] = (piece.mem_dims, local_lo, tuple(mem_size))
+            items.append(item)
+        return items
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        mem_dims, lo, size = self._views[read_item]
+        return mem_view(self.lookup_tensor(read_item.dest_index), lo, size, mem_dims)

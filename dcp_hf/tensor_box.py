@@ -1,0 +1,55 @@
+"""TensorBox: a rank's chunk of a larger tensor, as a state-dict value DCP understands."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
+                                                   TensorProperties)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+
+class TensorBox:
+    """``local`` holds the box at ``offsets`` of a tensor of ``global_shape`` (as Megatron's
+    sharded tensors and any hand-made sharding do). DCP's planners and ours save and load it
+    like a DTensor shard: through the checkpointable protocol DTensor implements."""
+
+    def __init__(self, local: torch.Tensor, offsets, global_shape):
+        self.local = local
+        self.offsets = torch.Size(offsets)
+        self.global_shape = torch.Size(global_shape)
+        if len(self.offsets) != local.dim() or len(self.global_shape) != local.dim() or any(
+                o < 0 or o + n > g for o, n, g in zip(self.offsets, local.shape, self.global_shape)):
+            raise ValueError(f"box at {list(self.offsets)} of shape {list(local.shape)} does not "
+                             f"fit in a tensor of shape {list(self.global_shape)}")
+
+    def size(self) -> torch.Size:
+        return self.global_shape
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.global_shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    def __repr__(self) -> str:
+        return (f"TensorBox(offsets={list(self.offsets)}, local={list(self.local.shape)}, "
+                f"global={list(self.global_shape)}, dtype={self.dtype})")
+
+    # -- the protocol DCP uses for DTensor ----------------------------------------------------
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.shape)]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        if index.offset is not None and index.offset != self.offsets:
+            raise ValueError(f"{index.fqn!r}: no chunk at {list(index.offset)} in this TensorBox")
+        return self.local
+
+    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+        return [WriteItem(
+            index=MetadataIndex(fqn, self.offsets), type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.shape),
+                properties=TensorProperties.create_from_tensor(self.local),
+                size=self.global_shape))]
