@@ -20,6 +20,61 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _init_distributed() -> None:
+    """Join the process group when started by torchrun (WORLD_SIZE set), so the work is spread."""
+    import os
+
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
+def _report(what: str, info: dict) -> None:
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        details = ", ".join(f"{k}: {v}" for k, v in info.items() if v not in ([], None))
+        print(f"dcp-hf {what}: done ({details})")
+
+
+def _style(args) -> str | None:
+    return None if args.layout == "auto" else args.layout
+
+
+def _cmd_experts(args) -> int:
+    from dcp_hf.convert import experts
+    _init_distributed()
+    try:
+        info = experts(args.direction, args.src, args.dst, _style(args),
+                       max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                       progress=not args.quiet)
+    except ValueError as e:
+        raise SystemExit(f"dcp-hf experts: {e}") from None
+    _report(f"experts {args.direction}", info)
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from dcp_hf.convert import dcp_to_hf, hf_to_dcp
+    from dcp_hf.layouts import detect_layout
+    _init_distributed()
+    prefixes = [tuple(p.split("=", 1)) for p in args.prefix or []]
+    if any(len(p) != 2 for p in prefixes):
+        raise SystemExit("dcp-hf convert: --prefix takes MEM=HF, e.g. 'model.='")
+    if args.to == "dcp":
+        info = hf_to_dcp(args.src, args.dst, style=_style(args), prefixes=prefixes,
+                         progress=not args.quiet)
+    else:
+        layout = None
+        if args.layout != "auto":
+            from dcp_hf.convert import with_prefixes
+            layout = with_prefixes(detect_layout(args.config_from or "", args.layout), prefixes)
+        info = dcp_to_hf(args.src, args.dst, layout, config_from=args.config_from, prefixes=prefixes,
+                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                         progress=not args.quiet)
+    _report(f"convert --to {args.to}", info)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcp-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +92,36 @@ def main(argv: list[str] | None = None) -> int:
     insp.add_argument("path")
     insp.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     insp.set_defaults(func=_cmd_inspect)
+
+    layouts = ["auto", "transformers", "mindspeed", "flat"]
+    exp = sub.add_parser("experts", help="merge per-expert HF tensors into one tensor per layer, or "
+                                          "split them back (streaming; under torchrun, spread over ranks)")
+    exp.add_argument("direction", choices=["merge", "split"])
+    exp.add_argument("src", help="HF checkpoint folder")
+    exp.add_argument("dst", help="output folder (config and tokenizer files are copied)")
+    exp.add_argument("--layout", choices=layouts, default="auto",
+                     help="merged form; auto: from config.json (default: %(default)s)")
+    exp.add_argument("--max-shard-size", default="5GB")
+    exp.add_argument("--overwrite", action="store_true", help="replace a checkpoint in DST")
+    exp.add_argument("--quiet", action="store_true", help="no progress bar")
+    exp.set_defaults(func=_cmd_experts)
+
+    conv = sub.add_parser("convert", help="HF checkpoint <-> native DCP checkpoint (FileSystemWriter "
+                                           "format), through a layout and key prefixes")
+    conv.add_argument("--to", choices=["dcp", "hf"], required=True)
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--layout", choices=layouts, default="auto",
+                      help="merged-experts form of the DCP side; auto: from config.json")
+    conv.add_argument("--prefix", action="append", metavar="MEM=HF",
+                      help="DCP keys start with MEM where HF keys start with HF, e.g. 'model.=' "
+                           "(repeatable)")
+    conv.add_argument("--config-from", help="--to hf: HF folder whose config.json (layout) and "
+                                             "tokenizer files go with the output")
+    conv.add_argument("--max-shard-size", default="5GB")
+    conv.add_argument("--overwrite", action="store_true")
+    conv.add_argument("--quiet", action="store_true")
+    conv.set_defaults(func=_cmd_convert)
 
     args = parser.parse_args(argv)
     return args.func(args)

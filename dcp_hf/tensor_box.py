@@ -53,3 +53,12 @@ class TensorBox:
                 chunk=ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.shape),
                 properties=TensorProperties.create_from_tensor(self.local),
                 size=self.global_shape))]
+
+
+def find_chunk(state_dict: dict, index: MetadataIndex) -> torch.Tensor:
+    """The local tensor of chunk ``index`` (DCP's own lookup, plus TensorBox values)."""
+    from torch.distributed.checkpoint.utils import find_state_dict_object
+    value = state_dict.get(index.fqn)
+    if isinstance(value, TensorBox):
+        return value.__get_tensor_shard__(index)
+    return find_state_dict_object(state_dict, index)

@@ -132,3 +132,22 @@ class MergedExperts:
                 for name in names:
                     del specs[self._hf_key(prefix, e, name)]
         return out
+
+
+def infer_style(specs, gate_up: str = "gate_up_proj", down: str = "down_proj") -> str | None:
+    """The style of merged experts from the shapes of a layer's gate_up and down tensors (the
+    styles cannot be confused: see the module doc), or None without merged tensors."""
+    shapes = {s.key: s.shape for s in specs.values()}
+    for key, gu in shapes.items():
+        if not key.endswith("." + gate_up):
+            continue
+        dn = shapes.get(key[: -len(gate_up)] + down)
+        if dn is None or len(gu) != len(dn):
+            continue
+        if len(gu) == 2:
+            return "flat"
+        if len(gu) == 3 and gu[1] == 2 * dn[2] and gu[2] == dn[1]:
+            return "transformers"
+        if len(gu) == 3 and gu[2] == 2 * dn[1] and gu[1] == dn[2]:
+            return "mindspeed"
+    return None

@@ -44,7 +44,8 @@ def layout_for_config(config: dict, style: str | None = None) -> Layout:
                                      hf_up="w3.weight", hf_down="w2.weight"),),
                       (Rename(".mlp.", ".block_sparse_moe."),), name="mixtral")
     if model_type in TRANSFORMERS_MOE:
-        experts = config.get("num_experts") or config.get("n_routed_experts")
+        experts = (config.get("num_experts") or config.get("num_local_experts")
+                   or config.get("n_routed_experts"))
         return Layout((MergedExperts(style or "transformers", experts),), name=model_type)
     if style is not None:  # an unknown family with an explicit style: the common names
         return Layout((MergedExperts(style),), name=f"{style} experts")

@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 from dcp_hf.boxes import overlap
 from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.layouts import IDENTITY, Layout, Piece, mem_view
+from dcp_hf.tensor_box import TensorBox, find_chunk
 
 
 class HFLoadPlanner(DefaultLoadPlanner):
@@ -38,7 +39,15 @@ class HFLoadPlanner(DefaultLoadPlanner):
 
     def set_up_planner(self, state_dict, metadata: Metadata | None = None,
                        is_coordinator: bool = False) -> None:
-        super().set_up_planner(state_dict, metadata, is_coordinator)
+        # DCP's set-up replaces values it does not know with None: keep TensorBox values out.
+        boxes = {k: v for k, v in state_dict.items() if isinstance(v, TensorBox)}
+        for k in boxes:
+            del state_dict[k]
+        try:
+            super().set_up_planner(state_dict, metadata, is_coordinator)
+        finally:
+            state_dict.update(boxes)
+        self.state_dict.update(boxes)
         self._pieces = {}
         for key, value in self.state_dict.items():
             if key not in self.allow_missing and hasattr(value, "size") and callable(value.size):
@@ -123,3 +132,6 @@ class HFLoadPlanner(DefaultLoadPlanner):
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         mem_dims, lo, size = self._views[read_item]
         return mem_view(self.lookup_tensor(read_item.dest_index), lo, size, mem_dims)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return find_chunk(self.state_dict, index)

@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.layouts import IDENTITY, Layout, mem_view
 from dcp_hf.planners.checks import tensor_specs
+from dcp_hf.tensor_box import find_chunk
 
 
 class HFSavePlanner(DefaultSavePlanner):
@@ -89,3 +90,6 @@ class HFSavePlanner(DefaultSavePlanner):
         for d, (o, n) in enumerate(zip(lo, size)):
             local = local.narrow(d, o, n)
         return local
+
+    def lookup_object(self, index: MetadataIndex):
+        return find_chunk(self.state_dict, index)
