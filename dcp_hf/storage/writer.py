@@ -103,12 +103,13 @@ class HFStorageWriter(StorageWriter):
         overwrite: replace a checkpoint already in ``path``; its files that the new index does
             not name are removed after the new one is committed.
         progress: show a progress bar with bytes and GB/s on the coordinator.
-        thread_count: writer threads per rank.
+        thread_count: writer threads per rank (writes to one file share its inode lock, so a
+            few threads suffice; more help only with many files or slow dtype conversions).
     """
 
     def __init__(self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                  dtype: DtypePolicy = None, overwrite: bool = False, progress: bool = False,
-                 thread_count: int = 4, io_chunk_bytes: int = 32 << 20):
+                 thread_count: int = 2, io_chunk_bytes: int = 64 << 20):
         super().__init__()
         self.path = os.fspath(path)
         self.max_shard_size = parse_size(max_shard_size)

@@ -1,0 +1,217 @@
+"""Layouts: merged experts in every style, model placements, and the expert commands."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dcp_hf import (HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter, Layout,
+                    MergedExperts, StateDictMismatchError, detect_layout)
+from dcp_hf.convert import experts
+from dcp_hf.errors import CheckpointFormatError
+from dcp_hf.format import TensorSpec
+from dcp_hf.layouts import mem_view
+from tests.moe_models import logits, reference_merge, tiny_moe
+
+transformers = pytest.importorskip("transformers")
+STYLES = ["transformers", "mindspeed", "flat"]
+
+
+def _experts(E=3, F=4, H=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.randn(F, H, generator=g) for _ in range(E)],
+             [torch.randn(F, H, generator=g) for _ in range(E)],
+             [torch.randn(H, F, generator=g) for _ in range(E)])
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_pieces_match_the_reference_math(style):
+    gate, up, down = _experts()
+    gate_up, down_m = reference_merge(gate, up, down, style)
+    layout = Layout((MergedExperts(style, num_experts=3),))
+    hf = {f"l.experts.{e}.{n}.weight": t for e in range(3)
+          for n, t in (("gate_proj", gate[e]), ("up_proj", up[e]), ("down_proj", down[e]))}
+    for key, merged in (("l.experts.gate_up_proj", gate_up), ("l.experts.down_proj", down_m)):
+        pieces = layout.pieces(key, tuple(merged.shape))
+        assert len(pieces) == (6 if "gate_up" in key else 3)
+        for p in pieces:
+            extents = [p.mem_extent(m) for m in range(merged.dim())]
+            assert torch.equal(mem_view(merged, p.mem_offsets, extents, p.mem_dims), hf[p.hf_key])
+    specs = {k: TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in hf.items()}
+    specs["l.norm.weight"] = TensorSpec("l.norm.weight", torch.float32, (6,))
+    made, outside = layout.memory_specs(specs)
+    assert outside == [] and made["l.norm.weight"].shape == (6,)
+    assert made["l.experts.gate_up_proj"].shape == tuple(gate_up.shape)
+    assert made["l.experts.down_proj"].shape == tuple(down_m.shape)
+
+
+def test_missing_expert_and_uncovered_keys_are_errors():
+    gate, up, down = _experts()
+    specs = {f"l.experts.{e}.{n}.weight": TensorSpec(f"l.experts.{e}.{n}.weight", torch.float32, t.shape)
+             for e in (0, 2) for n, t in (("gate_proj", gate[e]), ("up_proj", up[e]), ("down_proj", down[e]))}
+    with pytest.raises(CheckpointFormatError, match="'l.experts.1.gate_proj.weight' is missing"):
+        Layout((MergedExperts(),)).memory_specs(specs)
+    with pytest.raises(StateDictMismatchError, match="'x.weight': no rule of layout"):
+        Layout((MergedExperts(),), strict=True, name="moe").pieces("x.weight", (2, 2))
+    with pytest.raises(StateDictMismatchError, match="need a 3-D tensor"):
+        Layout((MergedExperts(),)).pieces("l.experts.gate_up_proj", (4, 4))
+
+
+def _load(state, path, layout, **kw):
+    dcp.load(state, storage_reader=HFStorageReader(path), planner=HFLoadPlanner(layout, **kw), no_dist=True)
+
+
+def _save(state, path, layout, **kw):
+    dcp.save(state, storage_writer=HFStorageWriter(path, **kw), planner=HFSavePlanner(layout), no_dist=True)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_transformers_families_through_fused_experts(tmp_path, model_type):
+    source = tiny_moe(model_type, seed=0)
+    source.save_pretrained(tmp_path / "hf")  # per-expert keys on disk
+    layout = detect_layout(str(tmp_path / "hf"))
+    assert layout.rules, layout
+
+    # Per-expert HF -> fused in-memory tensors: what transformers itself builds.
+    built = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    model = tiny_moe(model_type, seed=1)
+    state = model.state_dict()
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    _load(state, tmp_path / "hf", layout)
+    assert state.keys() == built.keys()
+    for k in built:
+        assert torch.equal(state[k], built[k]), k
+
+    # Fused in-memory -> per-expert HF, loaded by transformers: identical logits.
+    _save(model.state_dict(), tmp_path / "ours", layout)
+    for name in ("config.json", "generation_config.json"):
+        if (tmp_path / "hf" / name).exists():
+            (tmp_path / "ours" / name).write_bytes((tmp_path / "hf" / name).read_bytes())
+    assert load_file(tmp_path / "ours" / "model.safetensors").keys() == load_file(
+        tmp_path / "hf" / "model.safetensors").keys()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert torch.equal(logits(reloaded), logits(source))
+
+    # split(merge(x)) == x, for every style.
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    for style in STYLES:
+        experts("merge", str(tmp_path / "hf"), str(tmp_path / f"m-{style}"), style)
+        experts("split", str(tmp_path / f"m-{style}"), str(tmp_path / f"s-{style}"))
+        again = load_file(tmp_path / f"s-{style}" / "model.safetensors")
+        assert again.keys() == original.keys()
+        assert all(torch.equal(again[k], original[k]) for k in original), style
+
+
+def test_qwen3_omni_thinker_prefix_on_disk(tmp_path):
+    thinker = tiny_moe("qwen3_omni_moe_thinker")
+    thinker.save_pretrained(tmp_path / "thinker")
+    # The full Qwen3-Omni checkpoint keeps the thinker under "thinker." next to the talker.
+    tensors = {f"thinker.{k}": v for k, v in load_file(tmp_path / "thinker" / "model.safetensors").items()}
+    tensors["talker.codec_head.weight"] = torch.randn(4, 4)
+    (tmp_path / "omni").mkdir()
+    save_file(tensors, tmp_path / "omni" / "model.safetensors")
+    text = json.loads((tmp_path / "thinker" / "config.json").read_text())["text_config"]
+    (tmp_path / "omni" / "config.json").write_text(json.dumps(
+        {"model_type": "qwen3_omni_moe", "thinker_config": {"text_config": text}}))
+
+    layout = detect_layout(str(tmp_path / "omni"))
+    reader = HFStorageReader(tmp_path / "omni")
+    from dcp_hf.convert import hf_specs
+    specs, outside = layout.memory_specs(hf_specs(reader))
+    assert outside == ["talker.codec_head.weight"]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in specs and not any(k.startswith("thinker.") for k in specs)
+    state = {k: torch.zeros(s.shape, dtype=s.dtype) for k, s in specs.items()}
+    _load(state, tmp_path / "omni", layout)
+    e = [tensors[f"thinker.model.layers.0.mlp.experts.{i}.{n}_proj.weight"] for n in ("gate", "up", "down")
+         for i in range(4)]
+    ref_gu, ref_down = reference_merge(e[0:4], e[4:8], e[8:12], "flat")
+    assert torch.equal(state["model.layers.0.mlp.experts.gate_up_proj"], ref_gu)
+    assert torch.equal(state["model.layers.0.mlp.experts.down_proj"], ref_down)
+
+    _save(state, tmp_path / "back", layout)
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    thinker_keys = {k for k in tensors if k.startswith("thinker.")}
+    assert back.keys() == thinker_keys and all(torch.equal(back[k], tensors[k]) for k in thinker_keys)
+
+    # The same in-memory state, saved without the prefix in transformers' per-expert form,
+    # loads into transformers' thinker with identical logits.
+    _save(state, tmp_path / "plain", Layout((MergedExperts("flat", num_experts=4),)))
+    (tmp_path / "plain" / "config.json").write_bytes((tmp_path / "thinker" / "config.json").read_bytes())
+    reloaded = type(thinker).from_pretrained(tmp_path / "plain").eval()
+    assert torch.equal(logits(reloaded), logits(thinker))
+
+
+def _vlm_checkpoint(path, model_type, layer_prefix, num_experts, dense_layers, config):
+    """A GLM-4.5V- or InternVL-shaped per-expert checkpoint (no transformers class needed)."""
+    g = torch.Generator().manual_seed(3)
+    F, H = 4, 8
+    tensors = {}
+    for layer in range(3):
+        p = layer_prefix.format(layer=layer)
+        if layer < dense_layers:
+            for n, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
+                tensors[f"{p}.mlp.{n}.weight"] = torch.randn(shape, generator=g).bfloat16()
+            continue
+        for e in range(num_experts):
+            for n, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
+                tensors[f"{p}.mlp.experts.{e}.{n}.weight"] = torch.randn(shape, generator=g).bfloat16()
+        tensors[f"{p}.mlp.gate.weight"] = torch.randn(num_experts, H, generator=g)
+    tensors["vision.patch_embed.weight"] = torch.randn(3, 3, generator=g)
+    os.makedirs(path)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model_type": model_type, **config}, f)
+    return tensors
+
+
+@pytest.mark.parametrize("kind", ["glm4v_moe", "internvl_chat"])
+def test_vlm_placements_merge_flat_from_config(tmp_path, kind):
+    if kind == "glm4v_moe":
+        prefix, config = "model.language_model.layers.{layer}", {"text_config": {"n_routed_experts": 4, "first_k_dense_replace": 1}}
+        dense = 1
+    else:
+        prefix, config = "language_model.model.layers.{layer}", {"llm_config": {"num_experts": 4}}
+        dense = 0
+    tensors = _vlm_checkpoint(str(tmp_path / "src"), kind, prefix, 4, dense, config)
+    experts("merge", str(tmp_path / "src"), str(tmp_path / "merged"))
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    p = prefix.format(layer=2)
+    e = [tensors[f"{p}.mlp.experts.{i}.{n}_proj.weight"] for n in ("gate", "up", "down") for i in range(4)]
+    ref_gu, ref_down = reference_merge(e[0:4], e[4:8], e[8:12], "flat")
+    assert torch.equal(merged[f"{p}.mlp.experts.gate_up_proj"], ref_gu)
+    assert torch.equal(merged[f"{p}.mlp.experts.down_proj"], ref_down)
+    if dense:  # layers below first_k_dense_replace are untouched
+        q = prefix.format(layer=0)
+        assert torch.equal(merged[f"{q}.mlp.gate_proj.weight"], tensors[f"{q}.mlp.gate_proj.weight"])
+    assert (tmp_path / "merged" / "config.json").exists()
+    experts("split", str(tmp_path / "merged"), str(tmp_path / "split"))
+    again = load_file(tmp_path / "split" / "model.safetensors")
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+def test_loading_a_rule_whose_key_is_missing_names_it(tmp_path):
+    source = tiny_moe("qwen3_moe")
+    source.save_pretrained(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.2.up_proj.weight"]
+    save_file(tensors, tmp_path / "hf" / "model.safetensors")
+    state = tiny_moe("qwen3_moe", seed=1).state_dict()
+    with pytest.raises(CheckpointException, match=r"'model.layers.1.mlp.experts.2.up_proj.weight \(for "
+                                                  r"model.layers.1.mlp.experts.gate_up_proj\)'"):
+        _load(state, tmp_path / "hf", detect_layout(str(tmp_path / "hf")))
+
+
+def test_fused_experts_sharded_over_four_ranks(tmp_path):
+    from dcp_hf.testing import run_ranks
+    from tests.workers import fused_experts_round_trip
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "hf")
+    assert run_ranks(fused_experts_round_trip, 4, str(tmp_path / "hf"), str(tmp_path)) == [{}] * 4
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    for kind in ("experts", "2d"):
+        saved = load_file(tmp_path / kind / "model.safetensors")
+        assert saved.keys() == original.keys()
+        assert all(torch.equal(saved[k], original[k]) for k in original), kind
