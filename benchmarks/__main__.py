@@ -13,7 +13,7 @@ import argparse
 import os
 import tempfile
 
-from benchmarks import core
+from benchmarks import core, layouts
 from benchmarks.measure import machine, write_results
 
 
@@ -35,9 +35,10 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suite", nargs="?", default="core", choices=["core"])
+    parser.add_argument("suite", nargs="?", default="all", choices=["all", "core", "layouts"])
     parser.add_argument("--size-gb", type=float, default=2.0, help="state size (default 2 GB)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--expert-layers", type=int, default=4, help="layers of the experts case")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each load")
     parser.add_argument("--dir", default=None, help="scratch folder on the disk to measure")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -45,7 +46,11 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="dcp-hf-bench-", dir=args.dir)
     print(f"dcp-hf benchmark '{args.suite}': {args.size_gb} GB bf16 state, {args.repeat} repeats, "
           f"scratch {root}")
-    results = core.run(root, args.size_gb, args.repeat, args.cold)
+    results = []
+    if args.suite in ("all", "core"):
+        results += core.run(os.path.join(root, "core"), args.size_gb, args.repeat, args.cold)
+    if args.suite in ("all", "layouts"):
+        results += layouts.run(os.path.join(root, "layouts"), args.repeat, layers=args.expert_layers)
     text = table(results)
     print(text)
     path = write_results({"machine": machine(), "suite": args.suite, "size_gb": args.size_gb,
