@@ -12,15 +12,23 @@ from typing import Any, Callable
 
 
 class RankFailure(RuntimeError):
-    """One or more ranks raised; the message holds each failing rank's traceback."""
+    """One or more ranks raised or died; the message holds each failing rank's traceback.
+    ``results`` maps each rank that finished to (ok, value or traceback); ``lost`` lists the
+    ranks that did not finish (killed, crashed or timed out)."""
+
+    def __init__(self, message: str, results: dict[int, tuple[bool, Any]], lost: list[int]):
+        super().__init__(message)
+        self.results, self.lost = results, lost
 
 
-def _entry(fn, rank, world_size, init_file, args, queue):
+def _entry(fn, rank, world_size, init_file, args, queue, pg_timeout):
+    from datetime import timedelta
+
     import torch.distributed as dist
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world_size)
+                                world_size=world_size, timeout=timedelta(seconds=pg_timeout))
         result = fn(rank, world_size, *args)
         queue.put((rank, True, result))
     except BaseException:
@@ -30,16 +38,18 @@ def _entry(fn, rank, world_size, init_file, args, queue):
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300,
+              pg_timeout: float = 300) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes with a gloo
-    process group initialized; return each rank's result (picklable), or raise RankFailure
-    with every failing rank's traceback. Processes still running after ``timeout`` seconds
-    are killed and reported."""
+    process group initialized (collectives time out after ``pg_timeout`` seconds); return each
+    rank's result (picklable), or raise RankFailure with every failing rank's traceback.
+    Processes still running after ``timeout`` seconds are killed and reported."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="dcp-hf-pg-") as tmp:
         init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, args, queue), daemon=True)
+        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, args, queue, pg_timeout),
+                             daemon=True)
                  for r in range(world_size)]
         for p in procs:
             p.start()
@@ -66,5 +76,5 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         failures.append(f"ranks {lost} did not finish within {timeout:.0f} s (exit codes "
                         f"{[procs[r].exitcode for r in lost]})")
     if failures:
-        raise RankFailure("\n".join(failures))
+        raise RankFailure("\n".join(failures), results, lost)
     return [results[r][1] for r in range(world_size)]

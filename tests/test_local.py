@@ -192,7 +192,7 @@ def test_files_outside_the_index_are_never_read(tmp_path):
     save(sd, tmp_path, max_shard_size=600)
     save_file({"model.scale": torch.tensor(99.0)}, tmp_path / "stale.safetensors")
     out = {"model.scale": torch.zeros(())}
-    load(out, tmp_path)
+    load(out, tmp_path, planner=HFLoadPlanner(allow_unexpected=True))
     assert out["model.scale"] == sd["model.scale"]
 
 
@@ -209,6 +209,28 @@ def test_progress_bar_is_opt_in(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     save({"w": torch.randn(8, 8)}, tmp_path / "loud", progress=True)
     assert "dcp-hf save" in capsys.readouterr().err
+
+
+def test_unexpected_checkpoint_keys_are_an_error_unless_allowed(tmp_path):
+    save(reference_state(), tmp_path)
+    out = {"model.scale": torch.zeros(())}
+    with pytest.raises(CheckpointException, match=r"8 tensor\(s\) of the checkpoint are loaded by no rank: "
+                                                  r"'model.embed_tokens.weight', 'model.fp8'"):
+        load(out, tmp_path)
+    assert out["model.scale"] == 0
+    with pytest.raises(CheckpointException, match="loaded by no rank: 'model.fp8'"):
+        load(out, tmp_path, planner=HFLoadPlanner(allow_unexpected=["model.layers.*", "model.embed*"]))
+    load(out, tmp_path, planner=HFLoadPlanner(allow_unexpected=["model.layers.*", "model.embed*", "model.fp8"]))
+    assert out["model.scale"] == reference_state()["model.scale"]
+
+
+def test_non_tensor_values_are_an_error_unless_allowed_missing(tmp_path):
+    save({"w": torch.ones(2)}, tmp_path)
+    out = {"w": torch.zeros(2), "step": 5}
+    with pytest.raises(CheckpointException, match="'step' is a int, not a tensor"):
+        load(out, tmp_path)
+    load(out, tmp_path, planner=HFLoadPlanner(allow_missing=["step"]))
+    assert out["step"] == 5 and torch.equal(out["w"], torch.ones(2))
 
 
 def test_dcp_default_planners_work_too(tmp_path):

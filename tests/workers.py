@@ -207,3 +207,47 @@ def fused_experts_round_trip(rank, world, src, out_root):
             bad[kind] = wrong
         dcp.save(state, storage_writer=HFStorageWriter(f"{out_root}/{kind}"), planner=HFSavePlanner(layout))
     return bad
+
+
+class FaultyPlanner(HFSavePlanner):
+    """Injects a fault on one rank when the writer asks for one key's data."""
+
+    def __init__(self, rank: int, how: str, key: str):
+        super().__init__()
+        self.fault_rank, self.how, self.key = rank, how, key
+
+    def resolve_data(self, write_item):
+        if dist.get_rank() == self.fault_rank and write_item.index.fqn == self.key:
+            if self.how == "raise":
+                raise RuntimeError(f"injected failure while writing {self.key!r}")
+            if self.how == "kill":
+                import os
+                import signal
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "hang":
+                import time
+                time.sleep(3600)
+        return super().resolve_data(write_item)
+
+
+def big_state(nbytes: int) -> dict[str, DTensor]:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    rows = nbytes // (64 * 4)
+    full = torch.arange(rows * 64, dtype=torch.float32).view(rows, 64)
+    return {"big": distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None),
+            "small": torch.ones(4)}
+
+
+def save_with_fault(rank, world, path, how, state_bytes, overwrite):
+    """Save with a fault injected on rank 1 (``how``: raise, kill, hang, none); report what this
+    rank saw: ("ok", seconds) or ("error", message, seconds)."""
+    import time
+    state = big_state(state_bytes) if state_bytes else sharded_state("shard0")
+    key = "big" if state_bytes else "model.embed_tokens.weight"
+    t0 = time.monotonic()
+    try:
+        dcp.save(state, storage_writer=HFStorageWriter(path, overwrite=overwrite),
+                 planner=FaultyPlanner(1, how, key))
+        return ("ok", time.monotonic() - t0)
+    except BaseException as e:  # CheckpointException derives from BaseException
+        return ("error", f"{type(e).__name__}: {e}"[-3000:], time.monotonic() - t0)

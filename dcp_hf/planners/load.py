@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable
 
 import torch
@@ -16,6 +17,17 @@ from dcp_hf.layouts import IDENTITY, Layout, Piece, mem_view
 from dcp_hf.tensor_box import TensorBox, find_chunk
 
 
+class _KeyFilter:
+    """Keys matching any of some glob patterns; ``True`` matches every key."""
+
+    def __init__(self, patterns: Iterable[str] | bool):
+        self.everything = patterns is True
+        self.patterns = [] if isinstance(patterns, bool) else list(patterns)
+
+    def __call__(self, key: str) -> bool:
+        return self.everything or any(fnmatch.fnmatchcase(key, p) for p in self.patterns)
+
+
 class HFLoadPlanner(DefaultLoadPlanner):
     """The recommended load planner for :class:`HFStorageReader` (it works with any DCP reader).
 
@@ -23,17 +35,26 @@ class HFLoadPlanner(DefaultLoadPlanner):
     :class:`~dcp_hf.TensorBox`) becomes read items in HF key space through the ``layout``; each
     is resolved to a view of the destination, so the bytes land in place. Before any byte is
     read it checks, on every rank, that every HF tensor the state dict needs is in the
-    checkpoint with the expected shape and dtype (unless the reader allows dtype casts).
-    ``allow_missing`` lists in-memory keys that may be absent; they are left as they are.
+    checkpoint with the expected shape and dtype (unless the reader allows dtype casts), and
+    on the coordinator, for all ranks together, that every tensor of the checkpoint is loaded
+    by some rank.
+
+    Args:
+        layout: how in-memory keys map to HF tensors (identity by default).
+        allow_missing: in-memory keys (glob patterns) that may be absent from the checkpoint;
+            they are left as they are. ``True``: any.
+        allow_unexpected: HF keys (glob patterns) the checkpoint may hold that no rank loads.
+            ``True``: any (a partial load).
     """
 
-    def __init__(self, layout: Layout | None = None, *, allow_missing: Iterable[str] = (),
-                 allow_partial_load: bool = False):
+    def __init__(self, layout: Layout | None = None, *,
+                 allow_missing: Iterable[str] | bool = (),
+                 allow_unexpected: Iterable[str] | bool = ()):
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True,
                          allow_partial_load=True)
         self.layout = layout or IDENTITY
-        self.allow_missing = set(allow_missing)
-        self.strict = not allow_partial_load
+        self.allow_missing = _KeyFilter(allow_missing)
+        self.allow_unexpected = _KeyFilter(allow_unexpected)
         self._pieces: dict[str, list[Piece]] = {}
         self._views: dict[ReadItem, tuple] = {}
 
@@ -50,7 +71,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         self.state_dict.update(boxes)
         self._pieces = {}
         for key, value in self.state_dict.items():
-            if key not in self.allow_missing and hasattr(value, "size") and callable(value.size):
+            if hasattr(value, "size") and callable(value.size):
                 self._pieces[key] = self.layout.pieces(key, tuple(value.size()))
         prefetch = getattr(metadata.state_dict_metadata, "prefetch", None)
         if prefetch is not None:
@@ -63,14 +84,16 @@ class HFLoadPlanner(DefaultLoadPlanner):
         stored = md.state_dict_metadata
         missing = []
         for key, value in self.state_dict.items():
-            if key in self.allow_missing:
-                continue
             if key not in self._pieces:
+                if self.allow_missing(key):
+                    continue
                 raise StateDictMismatchError(
                     f"{where}: {key!r} is a {type(value).__name__}, not a tensor; an HF checkpoint "
                     f"holds tensors only (list it in allow_missing to leave it as it is)")
             for piece in self._pieces[key]:
                 if piece.hf_key not in stored:
+                    if self.allow_missing(key):
+                        continue
                     missing.append(piece.hf_key if piece.hf_key == key else f"{piece.hf_key} (for {key})")
                     continue
                 md_t = stored[piece.hf_key]
@@ -86,7 +109,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
                     raise StateDictMismatchError(
                         f"{where}: {piece.hf_key!r} is {md_t.properties.dtype} in the checkpoint but "
                         f"{value.dtype} in the state dict{part} (pass allow_dtype_cast=True to the reader)")
-        if missing and self.strict:
+        if missing:
             raise StateDictMismatchError(
                 f"{where}: missing {len(missing)} key(s) the state dict needs: "
                 f"{', '.join(repr(k) for k in missing[:10])}{' ...' if len(missing) > 10 else ''}")
@@ -103,6 +126,19 @@ class HFLoadPlanner(DefaultLoadPlanner):
                     if piece.hf_key in stored:
                         items += self._read_items(key, c_off, c_size, piece, stored[piece.hf_key])
         return LoadPlan(items)
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        if not self.allow_unexpected.everything:
+            loaded = {item.storage_index.fqn for plan in global_plan for item in plan.items}
+            unexpected = [k for k in sorted(self.metadata.state_dict_metadata)
+                          if k not in loaded and not self.allow_unexpected(k)]
+            if unexpected:
+                where = getattr(self.metadata, "checkpoint", "") or "checkpoint"
+                raise StateDictMismatchError(
+                    f"{where}: {len(unexpected)} tensor(s) of the checkpoint are loaded by no rank: "
+                    f"{', '.join(repr(k) for k in unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}"
+                    f" (pass allow_unexpected=[...patterns] or True to HFLoadPlanner for a partial load)")
+        return super().create_global_plan(global_plan)
 
     def _read_items(self, key, c_off, c_size, piece: Piece, md_t: TensorStorageMetadata) -> list[ReadItem]:
         hit = piece.intersect(c_off, c_size)
