@@ -142,6 +142,9 @@ def save_cases(rank, world, root):
 
 def load_cases(rank, world, root):
     """Load every checkpoint written by save_cases into another sharding; return mismatches."""
+    import os
+
+    from torch.distributed.checkpoint.api import CheckpointException
     bad = {}
     for saved in ("shard0", "shard1", "mixed", "replicate", "async"):
         for kind in ("shard0", "shard1", "mixed"):
@@ -156,8 +159,24 @@ def load_cases(rank, world, root):
     dcp.load(target, storage_reader=HFStorageReader(f"{root}/sharded_tensor"), planner=HFLoadPlanner())
     if local_mismatches({"st": target["st"]}, {"st": full}) or not torch.equal(target["x"], torch.ones(3)):
         bad["sharded_tensor"] = ["st"]
+    # A corrupted header fails every rank, naming the file, before any destination changes.
+    import shutil
+    if rank == 0:
+        shutil.copytree(f"{root}/shard0", f"{root}/corrupt")
+        victim = sorted(f for f in os.listdir(f"{root}/corrupt") if f.endswith(".safetensors"))[0]
+        with open(f"{root}/corrupt/{victim}", "r+b") as f:
+            f.seek(8)
+            f.write(b"[")
+    dist.barrier()
+    state = sharded_state("shard0", zeros=True)
+    try:
+        dcp.load(state, storage_reader=HFStorageReader(f"{root}/corrupt"), planner=HFLoadPlanner())
+        bad["corrupt"] = ["no error"]
+    except CheckpointException as e:
+        if "model-00001-of-" not in str(e) or "header is not valid JSON" not in str(e) or any(
+                v.to_local().float().abs().sum() != 0 for v in state.values() if v.to_local().numel()):
+            bad["corrupt"] = [str(e)[-300:]]
     # A key the checkpoint lacks fails on every rank, before anything is read.
-    from torch.distributed.checkpoint.api import CheckpointException
     target = {"st": torch.zeros(8, 6), "absent": torch.zeros(2)} if rank == 0 else {"st": torch.zeros(8, 6)}
     try:
         dcp.load(target, storage_reader=HFStorageReader(f"{root}/sharded_tensor"), planner=HFLoadPlanner())
