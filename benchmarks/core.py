@@ -136,8 +136,8 @@ def worker(rank: int, world: int, mode: str, shape: LlamaShape, layout: str, ops
     os.makedirs(root, exist_ok=True)
     state = build_state(shape, layout, empty=mode == "load")
     samples: dict[str, list[dict]] = {op: [] for op in ops}
-    for _ in range(repeat):
-        for op in ops:
+    for r in range(repeat):
+        for op in ops[r % len(ops):] + ops[:r % len(ops)]:  # rotate: no op always runs first
             out = os.path.join(root, op)
             if rank == 0 and mode == "save":
                 shutil.rmtree(out, ignore_errors=True)

@@ -48,4 +48,4 @@ def name_from_dtype(dtype: torch.dtype, *, key: str = "") -> str:
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
