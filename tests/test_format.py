@@ -15,6 +15,7 @@ from dcp_hf.boxes import RunGrid, box_runs, check_exact_cover
 from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError
 from dcp_hf.format import TensorSpec, decode_index, encode_header, layout_files, parse_size, read_header
 from dcp_hf.format.header import MAX_HEADER_SIZE
+from tests.strategies import shape_and_box
 
 
 def _file(header: dict | bytes, data: bytes = b"", raw_len: int | None = None) -> bytes:
@@ -138,15 +139,8 @@ def _runs_brute_force(shape, offsets, sizes, itemsize):
     return [tuple(r) for r in runs]
 
 
-@st.composite
-def boxes(draw):
-    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=0, max_size=4)))
-    offsets, sizes = [], []
-    for d in shape:
-        o = draw(st.integers(0, d - 1))
-        offsets.append(o)
-        sizes.append(draw(st.integers(1, d - o)))
-    return shape, tuple(offsets), tuple(sizes), draw(st.sampled_from([1, 2, 4]))
+def boxes():
+    return st.tuples(shape_and_box(), st.sampled_from([1, 2, 4])).map(lambda t: (*t[0], t[1]))
 
 
 def _flatten(grid: RunGrid):

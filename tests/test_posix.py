@@ -9,18 +9,13 @@ from hypothesis import strategies as st
 
 from dcp_hf.boxes import box_runs
 from dcp_hf.storage import posix
+from tests.strategies import shape_and_box
 
 
-@st.composite
-def tensor_and_box(draw):
-    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=3)))
-    offsets, sizes = [], []
-    for d in shape:
-        o = draw(st.integers(0, d - 1))
-        offsets.append(o)
-        sizes.append(draw(st.integers(1, d - o)))
-    dtype = draw(st.sampled_from([torch.uint8, torch.bfloat16, torch.float32, torch.int64]))
-    return shape, tuple(offsets), tuple(sizes), dtype
+def tensor_and_box():
+    dtypes = st.sampled_from([torch.uint8, torch.bfloat16, torch.float32, torch.int64])
+    return st.tuples(shape_and_box(min_dims=1, max_dims=3, max_size=9), dtypes).map(
+        lambda t: (*t[0], t[1]))
 
 
 def _box(t, offsets, sizes):
