@@ -119,7 +119,6 @@ class HFStorageWriter(StorageWriter):
         self.thread_count = thread_count
         self.io_chunk_bytes = io_chunk_bytes
         self.is_coordinator = False
-        self.rank = 0
         self._files = []
         self._save_id = ""
         self._start = 0.0
@@ -138,7 +137,6 @@ class HFStorageWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
         self.is_coordinator = is_coordinator
-        self.rank = kwargs.get("rank", 0) or 0
         self._start = time.perf_counter()
 
     def export_dtype(self, key: str, dtype: torch.dtype) -> torch.dtype:
