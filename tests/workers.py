@@ -270,3 +270,11 @@ def save_with_fault(rank, world, path, how, state_bytes, overwrite):
         return ("ok", time.monotonic() - t0)
     except BaseException as e:  # CheckpointException derives from BaseException
         return ("error", f"{type(e).__name__}: {e}"[-3000:], time.monotonic() - t0)
+
+
+def load_from_url(rank, world, url, kind, storage_options):
+    """Load a remote checkpoint into a zeroed sharded state; return mismatching keys."""
+    state = sharded_state(kind, zeros=True)
+    dcp.load(state, storage_reader=HFStorageReader(url, storage_options=storage_options),
+             planner=HFLoadPlanner())
+    return local_mismatches(state, reference_state())

@@ -26,7 +26,8 @@ from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError
 from dcp_hf.format import INDEX_NAME, SINGLE_FILE_NAME, FileHeader, TensorEntry, decode_index, read_header
 from dcp_hf.format.dtypes import itemsize
 from dcp_hf.progress import log_throughput
-from dcp_hf.storage.posix import byte_view, read_runs
+from dcp_hf.storage.posix import byte_view
+from dcp_hf.storage.stores import open_store
 
 
 @dataclass
@@ -78,12 +79,16 @@ class HFStorageReader(StorageReader):
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_dtype_cast: bool = False,
-                 thread_count: int = 4, io_chunk_bytes: int = 32 << 20):
+                 storage_options: dict | None = None, thread_count: int | None = None,
+                 io_chunk_bytes: int | None = None):
         super().__init__()
         self.path = os.fspath(path)
+        self.storage_options = storage_options
+        self.store = open_store(self.path, storage_options)
         self.allow_dtype_cast = allow_dtype_cast
-        self.thread_count = thread_count
-        self.io_chunk_bytes = io_chunk_bytes
+        # Remote stores want many smaller requests in flight; local reads are copies.
+        self.thread_count = thread_count or (16 if self.store.remote else 4)
+        self.io_chunk_bytes = io_chunk_bytes or ((8 << 20) if self.store.remote else (32 << 20))
         self.weight_map: dict[str, str] = {}
         self.headers: dict[str, FileHeader] = {}
         self.bytes_read = 0
@@ -93,13 +98,13 @@ class HFStorageReader(StorageReader):
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
+            self.store = open_store(self.path, self.storage_options)
         self.weight_map, self.headers, self.bytes_read = {}, {}, 0
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        path = os.fspath(checkpoint_id)
-        return os.path.isfile(os.path.join(path, INDEX_NAME)) or os.path.isfile(
-            os.path.join(path, SINGLE_FILE_NAME))
+        store = open_store(checkpoint_id)
+        return store.exists(INDEX_NAME) or store.exists(SINGLE_FILE_NAME)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if not self.weight_map:
@@ -129,18 +134,18 @@ class HFStorageReader(StorageReader):
             dest = planner.resolve_tensor(item).detach()
             self._check_destination(item, entry, dest)
             work.append((item, entry, dest))
-        tasks, fds = [], {}
+        tasks, handles = [], {}
         try:
             for item, entry, dest in work:
                 file = self.weight_map[entry.name]
-                if file not in fds:
-                    fds[file] = os.open(os.path.join(self.path, file), os.O_RDONLY)
-                tasks += self._slab_tasks(item, entry, dest, fds[file], file)
+                if file not in handles:
+                    handles[file] = self.store.open(file)
+                tasks += self._slab_tasks(item, entry, dest, handles[file], file)
             with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
                 self.bytes_read += sum(pool.map(lambda task: task(), tasks))
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            for handle in handles.values():
+                self.store.close(handle)
         for item, _, dest in work:
             planner.commit_tensor(item, dest)
         needed = sum(math.prod(i.lengths) * itemsize(e.dtype) for i, e, _ in work)
@@ -151,13 +156,11 @@ class HFStorageReader(StorageReader):
 
     # -- metadata -----------------------------------------------------------------------------
     def _read_weight_map(self) -> dict[str, str]:
-        index = os.path.join(self.path, INDEX_NAME)
-        if os.path.isfile(index):
-            with open(index, "rb") as f:
-                return decode_index(f.read(), index)
-        if not os.path.isdir(self.path):
+        if self.store.exists(INDEX_NAME):
+            return decode_index(self.store.read(INDEX_NAME), self.store.where(INDEX_NAME))
+        if not self.store.is_folder():
             raise FileNotFoundError(f"{self.path}: no such checkpoint folder")
-        files = sorted(n for n in os.listdir(self.path) if n.endswith(".safetensors"))
+        files = [n for n in self.store.list() if n.endswith(".safetensors") and not n.startswith(".")]
         if not files:
             raise FileNotFoundError(
                 f"{self.path}: no {INDEX_NAME} and no .safetensors file; not an HF checkpoint")
@@ -183,17 +186,17 @@ class HFStorageReader(StorageReader):
         with self._lock:
             if file in self.headers:
                 return self.headers[file]
-        path = os.path.join(self.path, file)
+        path = self.store.where(file)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+            handle = self.store.open(file)
+        except CheckpointFormatError:
             raise CheckpointFormatError(
                 f"{path}: named by {INDEX_NAME} but missing from the checkpoint") from None
         try:
-            size = os.fstat(fd).st_size
-            header = read_header(lambda off, n: os.pread(fd, n, off), path, size)
+            header = read_header(lambda off, n: self.store.read_range(handle, off, n), path,
+                                 self.store.size(handle))
         finally:
-            os.close(fd)
+            self.store.close(handle)
         if self.weight_map:  # the index must agree with the header, both ways
             for key in header.tensors:
                 if self.weight_map.get(key) != file:
@@ -221,7 +224,7 @@ class HFStorageReader(StorageReader):
 
     # -- data ---------------------------------------------------------------------------------
     def _check_destination(self, item: ReadItem, entry: TensorEntry, dest: torch.Tensor) -> None:
-        where = f"{os.path.join(self.path, self.weight_map[entry.name])}: {entry.name!r}"
+        where = f"{self.store.where(self.weight_map[entry.name])}: {entry.name!r}"
         if tuple(dest.shape) != tuple(item.lengths):
             raise StateDictMismatchError(
                 f"{where}: destination of shape {list(dest.shape)} for a read of {list(item.lengths)}")
@@ -235,13 +238,12 @@ class HFStorageReader(StorageReader):
                 f"{where}: read at {list(item.storage_offsets)} of {list(item.lengths)} is outside "
                 f"the stored shape {list(entry.shape)}")
 
-    def _slab_tasks(self, item: ReadItem, entry: TensorEntry, dest: torch.Tensor, fd: int, file: str):
+    def _slab_tasks(self, item: ReadItem, entry: TensorEntry, dest: torch.Tensor, handle, file: str):
         sizes, offsets = tuple(item.lengths), tuple(item.storage_offsets)
         width = itemsize(entry.dtype)
         rows = sizes[0] if sizes else 1
         step = max(1, self.io_chunk_bytes // max(math.prod(sizes[1:]) * width, 1))
         direct = dest.is_contiguous() and dest.device.type == "cpu" and dest.dtype == entry.dtype
-        path = os.path.join(self.path, file)
 
         def task(r0: int, r1: int):
             def run() -> int:
@@ -250,7 +252,7 @@ class HFStorageReader(StorageReader):
                 grid = box_runs(entry.shape, box_off, box_size, width)
                 out = dest[r0:r1] if sizes else dest
                 buf = out if direct else torch.empty(box_size, dtype=entry.dtype)
-                nread = read_runs(fd, entry.start, grid, byte_view(buf), path)
+                nread = self.store.read_grid(handle, file, entry.start, grid, byte_view(buf))
                 if not direct:
                     out.copy_(buf)
                 return nread
