@@ -62,3 +62,102 @@ def test_missing_object_named_by_the_index_is_an_error(s3, uploaded):
         dcp.load({"model.scale": torch.zeros(())}, storage_reader=HFStorageReader(
             f"s3://{bucket}/broken", storage_options=s3.storage_options),
             planner=HFLoadPlanner(allow_unexpected=True), no_dist=True)
+
+
+# -- writing -------------------------------------------------------------------------------
+def _objects(s3, bucket, prefix):
+    listing = s3.client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")
+    return sorted(o["Key"].removeprefix(prefix + "/") for o in listing.get("Contents", []))
+
+
+def _download(s3, bucket, prefix):
+    from safetensors.torch import load
+    tensors = {}
+    for name in _objects(s3, bucket, prefix):
+        if name.endswith(".safetensors"):
+            tensors.update(load(s3.client.get_object(Bucket=bucket, Key=f"{prefix}/{name}")["Body"].read()))
+    return tensors
+
+
+def _open_uploads(s3, bucket):
+    return s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """Credentials and endpoint through the standard AWS environment (spawned ranks inherit it)."""
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    return s3
+
+
+def test_save_to_s3_in_one_process(s3):
+    bucket = s3.bucket("dcp-hf-one")
+    sd = reference_state()
+    dcp.save(sd, storage_writer=HFStorageWriter(f"s3://{bucket}/ckpt", storage_options=s3.storage_options),
+             planner=HFSavePlanner(), no_dist=True)
+    assert _objects(s3, bucket, "ckpt") == ["model.safetensors"]
+    got = _download(s3, bucket, "ckpt")
+    assert all(bitwise_equal(got[k], sd[k]) for k in sd)
+    with pytest.raises(CheckpointException, match="already holds a checkpoint"):
+        dcp.save(sd, storage_writer=HFStorageWriter(f"s3://{bucket}/ckpt", storage_options=s3.storage_options),
+                 planner=HFSavePlanner(), no_dist=True)
+
+
+@pytest.mark.parametrize("kind,world", [("shard0", 3), ("shard1", 3), ("replicate", 2), ("mixed", 2)])
+def test_save_to_s3_from_every_rank(s3_env, kind, world):
+    from tests.workers import save_to_url
+    s3 = s3_env
+    bucket = s3.bucket(f"dcp-hf-{kind}")
+    run_ranks(save_to_url, world, f"s3://{bucket}/ckpt", kind, {"max_shard_size": 600}, None)
+    names = _objects(s3, bucket, "ckpt")
+    n = len(names) - 1
+    assert names == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] + [
+        "model.safetensors.index.json"]
+    sd, got = reference_state(), _download(s3, bucket, "ckpt")
+    assert got.keys() == sd.keys() and all(bitwise_equal(got[k], sd[k]) for k in sd)
+    assert _open_uploads(s3, bucket) == []
+    # and it reads back, resharded, through our reader
+    assert run_ranks(load_from_url, 2, f"s3://{bucket}/ckpt", "shard1", None) == [[], []]
+
+
+@pytest.mark.parametrize("kind", ["shard0", "shard1"])
+def test_multipart_parts_over_several_rounds(s3_env, kind):
+    """A 12 MB tensor in 5 MiB parts, with a round budget that forces several exchanges."""
+    from tests.workers import save_big_to_url
+    s3 = s3_env
+    bucket = s3.bucket(f"dcp-hf-parts-{kind}")
+    run_ranks(save_big_to_url, 3, f"s3://{bucket}/big", kind, 12_000_000,
+              {"part_size": "5MiB", "round_bytes": "6MiB"})
+    got = _download(s3, bucket, "big")["big"]
+    assert torch.equal(got, torch.arange(got.numel(), dtype=torch.float32).view(-1, 64))
+    assert _open_uploads(s3, bucket) == []
+
+
+def test_failed_save_to_s3_leaves_no_object_and_no_upload(s3_env):
+    from tests.workers import save_with_fault
+    s3 = s3_env
+    bucket = s3.bucket("dcp-hf-fail")
+    results = run_ranks(save_with_fault, 3, f"s3://{bucket}/ckpt", "raise", 0, False)
+    for status, message, _ in results:
+        assert status == "error", message
+    assert any("injected failure while writing 'model.embed_tokens.weight'" in m for _, m, _ in results)
+    assert _objects(s3, bucket, "ckpt") == [] and _open_uploads(s3, bucket) == []
+
+
+def test_fused_experts_to_s3_through_a_layout(s3_env, tmp_path):
+    from tests.moe_models import tiny_moe
+    from tests.workers import fused_experts_round_trip
+    s3 = s3_env
+    bucket = s3.bucket("dcp-hf-experts")
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "hf")
+    assert run_ranks(fused_experts_round_trip, 4, str(tmp_path / "hf"), f"s3://{bucket}") == [{}] * 4
+    original = load_file_dict(tmp_path / "hf" / "model.safetensors")
+    for kind in ("experts", "2d"):
+        got = _download(s3, bucket, kind)
+        assert got.keys() == original.keys() and all(torch.equal(got[k], original[k]) for k in original)
+
+
+def load_file_dict(path):
+    from safetensors.torch import load_file
+    return load_file(path)

@@ -278,3 +278,19 @@ def load_from_url(rank, world, url, kind, storage_options):
     dcp.load(state, storage_reader=HFStorageReader(url, storage_options=storage_options),
              planner=HFLoadPlanner())
     return local_mismatches(state, reference_state())
+
+
+def save_to_url(rank, world, url, kind, writer_kwargs, storage_options):
+    dcp.save(sharded_state(kind), storage_writer=HFStorageWriter(
+        url, storage_options=storage_options, **writer_kwargs), planner=HFSavePlanner())
+    return True
+
+
+def save_big_to_url(rank, world, url, kind, nbytes, writer_kwargs):
+    state = big_state(nbytes)
+    if kind == "shard1":
+        mesh = init_device_mesh("cpu", (world,))
+        full = torch.arange(state["big"].numel(), dtype=torch.float32).view(state["big"].shape)
+        state["big"] = distribute_tensor(full, mesh, [Shard(1)], src_data_rank=None)
+    dcp.save(state, storage_writer=HFStorageWriter(url, **writer_kwargs), planner=HFSavePlanner())
+    return True

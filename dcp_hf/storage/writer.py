@@ -3,8 +3,9 @@ bytes straight into their final place.
 
 The coordinator decides the whole checkpoint in ``prepare_global_plan``: which tensor goes in
 which file (huggingface_hub's grouping under ``max_shard_size``), every header and every byte
-offset. Each rank then ``pwrite``s its chunks' byte runs into the files (hidden ``.partial``
-names), fsyncs them, and the coordinator commits in ``finish``: renames, then the index json.
+offset. On a file system each rank then ``pwrite``s its chunks' byte runs into the files
+(hidden ``.partial`` names), fsyncs them, and the coordinator commits in ``finish``: renames,
+then the index json. On S3 each file is a multipart upload (see :mod:`.multipart`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -33,7 +35,9 @@ from dcp_hf.format import INDEX_NAME, encode_index, layout_files, parse_size
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
 from dcp_hf.planners.checks import tensor_specs
 from dcp_hf.progress import Progress, log_throughput
-from dcp_hf.storage.posix import byte_view, fsync_dir, pwrite_all, write_file_atomic, write_runs
+from dcp_hf.storage.multipart import Part, S3Target, assemble, clip_runs, exchange, part_of, plan_parts, upload_round
+from dcp_hf.storage.posix import byte_view, fsync_dir, grid_span, pwrite_all, write_file_atomic, write_runs
+from dcp_hf.storage.stores import open_store
 
 logger = logging.getLogger("dcp_hf")
 
@@ -55,6 +59,11 @@ class _RankPlan:
     files: dict[int, str]  # file number -> final file name
     headers: dict[int, bytes]  # headers this rank writes
     locations: dict[MetadataIndex, tuple[int, int]]  # item -> (file number, data offset)
+    uploads: dict[int, str] | None = None  # object stores: file number -> multipart upload id
+    parts: list[Part] | None = None  # object stores: every part of every file, with its owner
+
+
+_PARTS = "__dcp_hf_parts__"  # the WriteResult that carries a rank's uploaded parts
 
 
 class _ResolvedOnce:
@@ -104,14 +113,30 @@ class HFStorageWriter(StorageWriter):
             not name are removed after the new one is committed.
         progress: show a progress bar with bytes and GB/s on the coordinator.
         thread_count: writer threads per rank (writes to one file share its inode lock, so a
-            few threads suffice; more help only with many files or slow dtype conversions).
+            few threads suffice; more help only with many files or slow dtype conversions);
+            on S3, concurrent part uploads per rank.
+        storage_options: for ``s3://`` paths, s3fs options (endpoint, credentials); without
+            them the standard AWS chain is used (``AWS_ENDPOINT_URL``, environment, profile).
+        process_group: on S3, the group whose ranks exchange the bytes of shared parts: the
+            group given to ``dcp.save`` (default: the default group).
+        part_size: on S3, multipart part size (at least 5 MiB).
+        round_bytes: on S3, the most bytes of parts a rank assembles at once.
     """
 
     def __init__(self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                  dtype: DtypePolicy = None, overwrite: bool = False, progress: bool = False,
-                 thread_count: int = 2, io_chunk_bytes: int = 64 << 20):
+                 thread_count: int | None = None, io_chunk_bytes: int = 64 << 20,
+                 storage_options: dict | None = None, process_group=None,
+                 part_size: int | str = "32MiB", round_bytes: int | str = "256MiB"):
         super().__init__()
         self.path = os.fspath(path)
+        self.storage_options = storage_options
+        self.store = open_store(self.path, storage_options)
+        self.target = S3Target(self.store) if self.store.remote else None
+        self.process_group = process_group
+        self.part_size = parse_size(part_size)
+        self.round_bytes = parse_size(round_bytes)
+        thread_count = thread_count or (8 if self.store.remote else 2)
         self.max_shard_size = parse_size(max_shard_size)
         self.dtype = dtype
         self.overwrite = overwrite
@@ -122,15 +147,20 @@ class HFStorageWriter(StorageWriter):
         self._files = []
         self._save_id = ""
         self._start = 0.0
+        self._uploads: dict[int, str] = {}
+        self._old: set[str] = set()
 
     # -- DCP protocol -------------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
+            self.store = open_store(self.path, self.storage_options)
+            self.target = S3Target(self.store) if self.store.remote else None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return "://" not in os.fspath(checkpoint_id)
+        path = os.fspath(checkpoint_id)
+        return "://" not in path or path.startswith(("s3://", "file://"))
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.path)
@@ -171,10 +201,13 @@ class HFStorageWriter(StorageWriter):
         if not specs:
             raise StateDictMismatchError("the state dict holds no tensors: nothing to save")
 
-        self._check_destination()
+        self._old = self._check_destination()
         files = layout_files([specs[k] for k in sorted(specs, key=natural_key)], self.max_shard_size)
         file_of = {key: n for n, f in enumerate(files) for key in f.offsets}
         save_id = uuid.uuid4().hex[:12]
+        self._files, self._save_id = files, save_id
+        if self.target is not None:
+            return self._plan_uploads(plans, files, file_of, save_id)
 
         # The header of each file is written by the rank that writes most of its bytes.
         rank_bytes: dict[tuple[int, int], int] = {}
@@ -201,11 +234,51 @@ class HFStorageWriter(StorageWriter):
                 files={n: files[n].name for n in mine},
                 headers={n: files[n].header for n in mine if header_owner[n] == rank},
                 locations=locations)))
-        self._files, self._save_id = files, save_id
         return new_plans
+
+    def _plan_uploads(self, plans, files, file_of, save_id) -> list[SavePlan]:
+        """Object stores: one multipart upload per file; parts owned by the rank holding most
+        of their bytes."""
+        spans, locations = [], []
+        for plan in plans:
+            mine, where = [], {}
+            for item in plan.items:
+                n = file_of[item.index.fqn]
+                offset = files[n].offsets[item.index.fqn]
+                where[item.index] = (n, offset)
+                td = item.tensor_data
+                lo, hi = grid_span(box_runs(tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes),
+                                            itemsize(files[n].specs[item.index.fqn].dtype)))
+                mine.append((n, offset + lo, offset + hi))
+            spans.append(mine)
+            locations.append(where)
+        parts = plan_parts([f.size for f in files], spans, self.part_size, self.round_bytes)
+        self._uploads = {}
+        try:
+            for n, f in enumerate(files):
+                self._uploads[n] = self.target.create(f.name)
+        except BaseException:
+            self._abort_uploads()
+            raise
+        names = {n: f.name for n, f in enumerate(files)}
+        first = {p.file: p.owner for p in parts if p.lo == 0}
+        return [dataclasses.replace(plan, storage_data=_RankPlan(
+            save_id=save_id, files=names, locations=locations[rank], uploads=dict(self._uploads),
+            headers={n: files[n].header for n, owner in first.items() if owner == rank},
+            parts=parts)) for rank, plan in enumerate(plans)]
+
+    def _abort_uploads(self) -> None:
+        for n, upload_id in list(self._uploads.items()):
+            try:
+                self.target.abort(self._files[n].name, upload_id)
+            except Exception:  # best effort: report the original failure
+                logger.warning("could not abort the upload of %s", self._files[n].name, exc_info=True)
+            del self._uploads[n]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rp: _RankPlan = plan.storage_data
+        if rp.parts is not None:
+            return self._write_parts(plan, planner)
         os.makedirs(self.path, exist_ok=True)
         fds: dict[int, int] = {}
         try:
@@ -274,6 +347,92 @@ class HFStorageWriter(StorageWriter):
 
         return [task(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
+    def _write_parts(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """Object stores: in rounds, send each part's bytes to its owner, which assembles and
+        uploads it; then agree on the outcome (the coordinator aborts every upload on failure)."""
+        rp: _RankPlan = plan.storage_data
+        group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
+        world = dist.get_world_size(group) if group is not None else 1
+        me = dist.get_rank(group) if group is not None else 0
+        by_file: dict[int, list[Part]] = {}
+        for part in rp.parts:
+            by_file.setdefault(part.file, []).append(part)
+        rounds = max(p.round for p in rp.parts) + 1
+        jobs, results = [], []
+        for item in plan.items:
+            n, offset = rp.locations[item.index]
+            td = item.tensor_data
+            dtype = self.export_dtype(item.index.fqn, td.properties.dtype)
+            grid = box_runs(tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes), itemsize(dtype))
+            lo, hi = grid_span(grid)
+            touched = [p for p in by_file[n] if p.lo < offset + hi and offset + lo < p.hi]
+            jobs.append((item, n, offset, dtype, grid, touched, {p.round for p in touched}))
+            results.append(WriteResult(index=item.index, size_in_bytes=grid.nbytes,
+                                       storage_data=(rp.files[n], offset)))
+        progress = Progress(self.progress and self.is_coordinator,
+                            sum(p.hi - p.lo for p in rp.parts if p.owner == me), "dcp-hf upload")
+        failure, etags, cache = None, [], {}
+        try:
+            for r in range(rounds):
+                outgoing: dict[int, list] = {}
+                pieces: dict[Part, list] = {}
+                if failure is None:
+                    try:
+                        for item, n, offset, dtype, grid, touched, item_rounds in jobs:
+                            if r not in item_rounds:
+                                continue
+                            src = cache.get(item.index)
+                            if src is None:
+                                src = cache[item.index] = self._contiguous(planner, item, dtype)
+                            for part in (p for p in touched if p.round == r):
+                                for c in clip_runs(n, offset, grid, src, part.lo, part.hi):
+                                    if part.owner == me:
+                                        pieces.setdefault(part, []).append(c)
+                                    else:
+                                        outgoing.setdefault(part.owner, []).append(c)
+                            if max(item_rounds) == r:
+                                cache.pop(item.index, None)
+                    except Exception as e:  # keep taking part in the exchange: others wait on it
+                        failure, outgoing = e, {}
+                received = exchange(outgoing, group, world) if group is not None else []
+                for c in received:
+                    pieces.setdefault(part_of(by_file, c.file, c.offset), []).append(c)
+                if failure is None:
+                    try:
+                        owned = [(p, assemble(p, rp.headers.get(p.file, b""), pieces.get(p, [])))
+                                 for p in rp.parts if p.round == r and p.owner == me]
+                        del pieces, received
+                        etags += upload_round(self.target, rp.files, rp.uploads, owned, self.thread_count)
+                        progress.update(sum(p.hi - p.lo for p, _ in owned))
+                    except Exception as e:
+                        failure = e
+            progress.close()
+            failed = torch.tensor([0 if failure is None else 1])
+            if group is not None:
+                dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+            if int(failed):
+                raise failure or RuntimeError("another rank failed while uploading (see its error); "
+                                              "every upload of this save was aborted")
+        except BaseException:
+            if self.is_coordinator:
+                self._abort_uploads()
+            raise
+        results.append(WriteResult(index=MetadataIndex(f"{_PARTS}{me}"), size_in_bytes=0, storage_data=etags))
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    @staticmethod
+    def _contiguous(planner: SavePlanner, item, dtype: torch.dtype) -> torch.Tensor:
+        tensor = planner.resolve_data(item).detach()
+        if tuple(tensor.shape) != tuple(item.tensor_data.chunk.sizes):
+            raise StateDictMismatchError(
+                f"{item.index.fqn!r}: the planner returned shape {list(tensor.shape)} for a chunk of "
+                f"shape {list(item.tensor_data.chunk.sizes)}")
+        if tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            tensor = tensor.to("cpu", dtype).contiguous()
+        return tensor
+
     def _discard(self, fds: dict[int, int], rp: _RankPlan) -> None:
         for n in fds:
             try:
@@ -282,6 +441,8 @@ class HFStorageWriter(StorageWriter):
                 pass
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        if self.target is not None:
+            return self._complete_uploads(results)
         files, path = self._files, self.path
         for f in files:
             tmp = os.path.join(path, partial_name(f.name, self._save_id))
@@ -289,7 +450,7 @@ class HFStorageWriter(StorageWriter):
             if size != f.size:
                 raise OSError(f"{os.path.join(path, f.name)}: expected {f.size} bytes after all "
                               f"ranks wrote, found {size}; not committing the checkpoint")
-        old = self._existing_files()
+        old = set(self._old)
         if len(files) == 1:
             if INDEX_NAME in old:  # never leave an old index that would shadow the new file
                 os.unlink(os.path.join(path, INDEX_NAME))
@@ -311,23 +472,51 @@ class HFStorageWriter(StorageWriter):
         nbytes = sum(r.size_in_bytes for rank_results in results for r in rank_results)
         log_throughput("saved", nbytes, time.perf_counter() - self._start, path)
 
-    # -- helpers ------------------------------------------------------------------------------
-    def _existing_files(self) -> set[str]:
-        """HF checkpoint files already in the destination (what a previous save committed)."""
+    def _complete_uploads(self, results: list[list[WriteResult]]) -> None:
+        """Object stores: complete every upload (each object appears whole, atomically), then
+        write the index last; stale objects of a replaced checkpoint go after it."""
+        etags: dict[int, list[tuple[int, str]]] = {}
+        for rank_results in results:
+            for r in rank_results:
+                if r.index.fqn.startswith(_PARTS):
+                    for n, number, etag in r.storage_data:
+                        etags.setdefault(n, []).append((number, etag))
         try:
-            names = os.listdir(self.path)
-        except FileNotFoundError:
-            return set()
-        return {n for n in names if n == INDEX_NAME or _SHARD_FILE.match(n)}
+            for n, f in enumerate(self._files):
+                self.target.complete(f.name, self._uploads[n], etags.get(n, []))
+                del self._uploads[n]
+        except BaseException:
+            self._abort_uploads()
+            raise
+        old = set(self._old)
+        if len(self._files) == 1 and INDEX_NAME in old:
+            self.target.delete(INDEX_NAME)
+            old.discard(INDEX_NAME)
+        if len(self._files) > 1:
+            weight_map = {key: f.name for f in self._files for key in f.offsets}
+            total = sum(f.size - len(f.header) for f in self._files)
+            self.target.put(INDEX_NAME, encode_index(total, weight_map))
+        new_names = {f.name for f in self._files} | ({INDEX_NAME} if len(self._files) > 1 else set())
+        for stale in old - new_names:
+            self.target.delete(stale)
+        nbytes = sum(r.size_in_bytes for rank_results in results for r in rank_results)
+        log_throughput("saved", nbytes, time.perf_counter() - self._start, self.path)
 
-    def _check_destination(self) -> None:
-        """Refuse to replace a checkpoint unless asked to; drop leftovers of failed saves."""
-        existing = self._existing_files()
+    # -- helpers ------------------------------------------------------------------------------
+    def _check_destination(self) -> set[str]:
+        """The HF checkpoint files already in the destination; refuse to replace them unless
+        asked to. Leftovers of failed local saves are dropped."""
+        try:
+            names = self.store.list() if self.store.is_folder() else []
+        except FileNotFoundError:
+            names = []
+        existing = {n for n in names if n == INDEX_NAME or _SHARD_FILE.match(n)}
         if existing and not self.overwrite:
             raise CheckpointExistsError(
                 f"{self.path} already holds a checkpoint ({', '.join(sorted(existing)[:3])}...); "
                 f"pass overwrite=True to HFStorageWriter to replace it")
-        if os.path.isdir(self.path):
-            for name in os.listdir(self.path):
+        if self.target is None:
+            for name in names:
                 if _PARTIAL.match(name):
                     os.unlink(os.path.join(self.path, name))
+        return existing
