@@ -87,9 +87,17 @@ def machine() -> dict:
 
 
 def write_results(results: dict, out_dir: str) -> str:
+    """Write ``benchmarks/results/<date>-<host>.json``; cases already there from another suite
+    run the same day are kept (a case run again replaces its old entry)."""
     os.makedirs(out_dir, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     path = os.path.join(out_dir, f"{stamp}-{socket.gethostname()}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        fresh = {r["case"] for r in results["results"]}
+        results = {**results, "results": [r for r in old.get("results", []) if r["case"] not in fresh]
+                   + results["results"]}
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     return path

@@ -192,6 +192,6 @@ def upload_round(target: S3Target, names: dict[int, str], uploads: dict[int, str
     def one(job):
         part, data = job
         return part.file, part.number, target.upload_part(names[part.file], uploads[part.file],
-                                                          part.number, bytes(data))
+                                                          part.number, data)
     with ThreadPoolExecutor(max(1, min(threads, len(owned)))) as pool:
         return list(pool.map(one, owned))

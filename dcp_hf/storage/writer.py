@@ -127,7 +127,7 @@ class HFStorageWriter(StorageWriter):
                  dtype: DtypePolicy = None, overwrite: bool = False, progress: bool = False,
                  thread_count: int | None = None, io_chunk_bytes: int = 64 << 20,
                  storage_options: dict | None = None, process_group=None,
-                 part_size: int | str = "32MiB", round_bytes: int | str = "256MiB"):
+                 part_size: int | str = "16MiB", round_bytes: int | str = "128MiB"):
         super().__init__()
         self.path = os.fspath(path)
         self.storage_options = storage_options
