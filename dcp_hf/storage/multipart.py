@@ -64,12 +64,13 @@ def plan_parts(sizes: list[int], spans: list[list[tuple[int, int, int]]], part_s
 
 
 class S3Target:
-    """The multipart calls, through the s3fs filesystem of an FsspecStore."""
+    """The multipart calls, through the S3Store's thread-safe botocore client (which retries
+    throttling and dropped connections), so parts upload in parallel from several threads."""
 
     def __init__(self, store):
-        if getattr(store.fs, "call_s3", None) is None:
-            raise ValueError(f"{store}: writing needs an S3 URL (s3://); this fsspec file system "
-                             f"has no multipart upload")
+        if not hasattr(store, "client"):
+            raise ValueError(f"{store}: writing to an object store needs an S3 URL (s3://); "
+                             f"this fsspec file system has no multipart upload")
         self.store = store
         self.bucket, _, self.prefix = store.root.partition("/")
 
@@ -77,8 +78,11 @@ class S3Target:
         return f"{self.prefix.rstrip('/')}/{name}" if self.prefix else name
 
     def call(self, method: str, name: str, **kwargs):
-        return self.store._retry(self.store.where(name), self.store.fs.call_s3, method,
-                                 Bucket=self.bucket, Key=self.key(name), **kwargs)
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            return getattr(self.store.client(), method)(Bucket=self.bucket, Key=self.key(name), **kwargs)
+        except (ClientError, BotoCoreError) as e:
+            raise OSError(f"{self.store.where(name)}: {method}: {e}") from e
 
     def create(self, name: str) -> str:
         return self.call("create_multipart_upload", name)["UploadId"]
@@ -101,8 +105,7 @@ class S3Target:
 
     def open_uploads(self) -> list[tuple[str, str]]:
         """(key, upload id) of the uploads still open under the prefix."""
-        out = self.store.fs.call_s3("list_multipart_uploads", Bucket=self.bucket,
-                                    Prefix=self.key(""))
+        out = self.store.client().list_multipart_uploads(Bucket=self.bucket, Prefix=self.key(""))
         return [(u["Key"], u["UploadId"]) for u in out.get("Uploads", [])]
 
 
