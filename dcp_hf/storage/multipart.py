@@ -103,11 +103,6 @@ class S3Target:
     def delete(self, name: str) -> None:
         self.call("delete_object", name)
 
-    def open_uploads(self) -> list[tuple[str, str]]:
-        """(key, upload id) of the uploads still open under the prefix."""
-        out = self.store.client().list_multipart_uploads(Bucket=self.bucket, Prefix=self.key(""))
-        return [(u["Key"], u["UploadId"]) for u in out.get("Uploads", [])]
-
 
 @dataclass
 class Contribution:
