@@ -37,11 +37,14 @@ class SeaweedS3:
         ports = {name: _free_port() for name in PORTS}
         self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
         self.log = open(f"{self.dir}.log", "w")
-        self.proc = subprocess.Popen(
-            [weed_binary() or "weed", "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             "-master.telemetry=false"] + [f"-{k}={v}" for k, v in ports.items()],
-            stdout=self.log, stderr=subprocess.STDOUT)
+        self.args = [weed_binary() or "weed", "mini", f"-dir={self.dir}", "-ip=127.0.0.1",
+                     "-ip.bind=127.0.0.1", "-master.telemetry=false"] + [f"-{k}={v}" for k, v in ports.items()]
         self.client = self._boto3()
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start the server on the same ports and data folder; wait until it answers."""
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
         while True:
             try:

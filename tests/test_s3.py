@@ -161,3 +161,26 @@ def test_fused_experts_to_s3_through_a_layout(s3_env, tmp_path):
 def load_file_dict(path):
     from safetensors.torch import load_file
     return load_file(path)
+
+
+def test_s3_server_stopped_mid_upload(monkeypatch):
+    """Every rank fails within a bounded time, nothing is committed, and the uploads the save
+    could not abort (the server was gone) are aborted by the next save into the same path."""
+    from tests.s3_server import SeaweedS3
+    from tests.workers import save_to_url, save_while_server_dies
+    server = SeaweedS3()
+    try:
+        for k, v in server.env.items():
+            monkeypatch.setenv(k, v)
+        bucket = server.bucket("dcp-hf-dies")
+        results = run_ranks(save_while_server_dies, 2, f"s3://{bucket}/ckpt", server.proc.pid, timeout=240)
+        assert all(status == "error" for status, _, _ in results), results
+        assert all(seconds < 180 for _, _, seconds in results), results
+        server.start()  # same data, same ports
+        assert _objects(server, bucket, "ckpt") == []
+        run_ranks(save_to_url, 2, f"s3://{bucket}/ckpt", "shard0", {"max_shard_size": 600}, None)
+        assert _open_uploads(server, bucket) == []
+        got, sd = _download(server, bucket, "ckpt"), reference_state()
+        assert all(bitwise_equal(got[k], sd[k]) for k in sd)
+    finally:
+        server.stop()

@@ -294,3 +294,32 @@ def save_big_to_url(rank, world, url, kind, nbytes, writer_kwargs):
         state["big"] = distribute_tensor(full, mesh, [Shard(1)], src_data_rank=None)
     dcp.save(state, storage_writer=HFStorageWriter(url, **writer_kwargs), planner=HFSavePlanner())
     return True
+
+
+class ServerKillingPlanner(HFSavePlanner):
+    """Stops the S3 server (SIGKILL to its process) when rank 1 resolves its first item."""
+
+    def __init__(self, server_pid: int):
+        super().__init__()
+        self.server_pid = server_pid
+
+    def resolve_data(self, write_item):
+        if dist.get_rank() == 1:
+            import os
+            import signal
+            try:
+                os.kill(self.server_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return super().resolve_data(write_item)
+
+
+def save_while_server_dies(rank, world, url, server_pid):
+    import time
+    t0 = time.monotonic()
+    try:
+        dcp.save(sharded_state("shard0"), storage_writer=HFStorageWriter(url),
+                 planner=ServerKillingPlanner(server_pid))
+        return ("ok", "", time.monotonic() - t0)
+    except BaseException as e:
+        return ("error", f"{type(e).__name__}: {e}"[-2000:], time.monotonic() - t0)

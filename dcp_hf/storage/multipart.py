@@ -103,6 +103,20 @@ class S3Target:
     def delete(self, name: str) -> None:
         self.call("delete_object", name)
 
+    def abort_leftovers(self) -> list[str]:
+        """Abort the uploads still open under this checkpoint's prefix: leftovers of a save
+        whose own aborts could not reach the store (e.g. it was down). Saving into the same
+        path concurrently is not supported anyway."""
+        client, prefix = self.store.client(), self.key("")
+        listing = client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix)
+        aborted = []
+        for upload in listing.get("Uploads", []):
+            if "/" not in upload["Key"][len(prefix):]:  # only this folder's objects
+                client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                              UploadId=upload["UploadId"])
+                aborted.append(upload["Key"])
+        return aborted
+
 
 @dataclass
 class Contribution:

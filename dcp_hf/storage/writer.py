@@ -519,4 +519,6 @@ class HFStorageWriter(StorageWriter):
             for name in names:
                 if _PARTIAL.match(name):
                     os.unlink(os.path.join(self.path, name))
+        else:
+            self.target.abort_leftovers()
         return existing
