@@ -74,15 +74,11 @@ class _Done(Exception):
 
 
 def run_atheris(minutes: float) -> None:
-    import atheris  # noqa: F401 - optional
-    deadline = time.monotonic() + minutes * 60
-
-    def one(data: bytes) -> None:
-        check_one(data)
-        if time.monotonic() > deadline:
-            raise SystemExit(0)
-
-    atheris.Setup(sys.argv[:1] + ["-rss_limit_mb=512"], one)
+    """Coverage-guided: libFuzzer stops after ``minutes`` and exits the process."""
+    import atheris
+    atheris.instrument_all()
+    atheris.Setup(sys.argv[:1] + [f"-max_total_time={max(1, int(minutes * 60))}",
+                                  f"-rss_limit_mb={LIMIT_MIB * 2}"], check_one)
     atheris.Fuzz()
 
 
