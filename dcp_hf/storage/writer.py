@@ -66,28 +66,32 @@ class _RankPlan:
 _PARTS = "__dcp_hf_parts__"  # the WriteResult that carries a rank's uploaded parts
 
 
+def resolve_chunk(planner: SavePlanner, item) -> torch.Tensor:
+    """The item's data from the planner, checked: a real tensor of the chunk's shape."""
+    tensor, key = planner.resolve_data(item), item.index.fqn
+    if not isinstance(tensor, torch.Tensor):
+        raise StateDictMismatchError(f"{key!r}: the planner returned no tensor")
+    if tensor.device.type == "meta":
+        raise StateDictMismatchError(f"{key!r} is a meta tensor: it has no data to save")
+    sizes = tuple(item.tensor_data.chunk.sizes)
+    if tuple(tensor.shape) != sizes:
+        raise StateDictMismatchError(
+            f"{key!r}: the planner returned shape {list(tensor.shape)} for a chunk of shape {list(sizes)}")
+    return tensor.detach()
+
+
 class _ResolvedOnce:
     """An item's data, resolved by the planner on first use and dropped after ``uses`` uses."""
 
-    def __init__(self, planner: SavePlanner, item, sizes: tuple[int, ...], uses: int):
-        self.planner, self.item, self.sizes, self.uses = planner, item, sizes, uses
+    def __init__(self, planner: SavePlanner, item, uses: int):
+        self.planner, self.item, self.uses = planner, item, uses
         self.tensor: torch.Tensor | None = None
         self.lock = threading.Lock()
 
     def acquire(self) -> torch.Tensor:
         with self.lock:
             if self.tensor is None:
-                tensor = self.planner.resolve_data(self.item)
-                key = self.item.index.fqn
-                if not isinstance(tensor, torch.Tensor):
-                    raise StateDictMismatchError(f"{key!r}: the planner returned no tensor")
-                if tensor.device.type == "meta":
-                    raise StateDictMismatchError(f"{key!r} is a meta tensor: it has no data to save")
-                if tuple(tensor.shape) != self.sizes:
-                    raise StateDictMismatchError(
-                        f"{key!r}: the planner returned shape {list(tensor.shape)} for a chunk of "
-                        f"shape {list(self.sizes)}")
-                self.tensor = tensor.detach()
+                self.tensor = resolve_chunk(self.planner, self.item)
             return self.tensor
 
     def release(self) -> None:
@@ -324,7 +328,7 @@ class HFStorageWriter(StorageWriter):
         width = itemsize(dtype)
         rows = sizes[0] if sizes else 1
         step = max(1, self.io_chunk_bytes // max(math.prod(sizes[1:]) * width, 1))
-        chunk = _ResolvedOnce(planner, item, sizes, -(-rows // step))
+        chunk = _ResolvedOnce(planner, item, -(-rows // step))
 
         def task(r0: int, r1: int):
             def run() -> int:
@@ -424,11 +428,7 @@ class HFStorageWriter(StorageWriter):
 
     @staticmethod
     def _contiguous(planner: SavePlanner, item, dtype: torch.dtype) -> torch.Tensor:
-        tensor = planner.resolve_data(item).detach()
-        if tuple(tensor.shape) != tuple(item.tensor_data.chunk.sizes):
-            raise StateDictMismatchError(
-                f"{item.index.fqn!r}: the planner returned shape {list(tensor.shape)} for a chunk of "
-                f"shape {list(item.tensor_data.chunk.sizes)}")
+        tensor = resolve_chunk(planner, item)
         if tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
             tensor = tensor.to("cpu", dtype).contiguous()
         return tensor
