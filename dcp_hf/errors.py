@@ -15,3 +15,32 @@ class StateDictMismatchError(DcpHfError, ValueError):
 
 class CheckpointExistsError(DcpHfError, FileExistsError):
     """The destination already holds a checkpoint and overwrite was not asked for."""
+
+
+class PeerRankError(DcpHfError, RuntimeError):
+    """Another rank failed; the message holds its reason."""
+
+
+def on_every_rank(fn, process_group=None):
+    """``fn()`` on this rank; if it raises on any rank of the group, every rank raises (the
+    failing ranks their own error, the others a PeerRankError with the first reason), so no
+    rank goes on into a collective the failed ones will never join."""
+    import torch.distributed as dist
+
+    try:
+        result, error, mine = fn(), None, None
+    except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
+        result, error, mine = None, f"{type(e).__name__}: {e}", e
+    if not dist.is_initialized():
+        if mine is not None:
+            raise mine
+        return result
+    errors = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(errors, error, group=process_group)
+    if mine is not None:
+        raise mine
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        rank, reason = failed[0]
+        raise PeerRankError(f"rank {rank} of {len(errors)} failed ({len(failed)} in all): {reason}")
+    return result

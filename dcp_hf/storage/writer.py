@@ -125,14 +125,21 @@ class HFStorageWriter(StorageWriter):
             group given to ``dcp.save`` (default: the default group).
         part_size: on S3, multipart part size (at least 5 MiB).
         round_bytes: on S3, the most bytes of parts a rank assembles at once.
+        side_files: small files (e.g. ``{"config.json": b"..."}``) the coordinator writes
+            beside the weights, before the index commits the checkpoint.
     """
 
     def __init__(self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                  dtype: DtypePolicy = None, overwrite: bool = False, progress: bool = False,
                  thread_count: int | None = None, io_chunk_bytes: int = 64 << 20,
                  storage_options: dict | None = None, process_group=None,
-                 part_size: int | str = "16MiB", round_bytes: int | str = "128MiB"):
+                 part_size: int | str = "16MiB", round_bytes: int | str = "128MiB",
+                 side_files: dict[str, bytes] | None = None):
         super().__init__()
+        self.side_files = dict(side_files or {})
+        for name in self.side_files:
+            if name == INDEX_NAME or name.endswith(".safetensors") or "/" in name or name.startswith("."):
+                raise ValueError(f"side file {name!r}: not a weights file, the index or a hidden name")
         self.path = os.fspath(path)
         self.storage_options = storage_options
         self.store = open_store(self.path, storage_options)
@@ -450,6 +457,8 @@ class HFStorageWriter(StorageWriter):
             if size != f.size:
                 raise OSError(f"{os.path.join(path, f.name)}: expected {f.size} bytes after all "
                               f"ranks wrote, found {size}; not committing the checkpoint")
+        for name, data in self.side_files.items():
+            write_file_atomic(os.path.join(path, name), data)
         old = set(self._old)
         if len(files) == 1:
             if INDEX_NAME in old:  # never leave an old index that would shadow the new file
@@ -488,6 +497,8 @@ class HFStorageWriter(StorageWriter):
         except BaseException:
             self._abort_uploads()
             raise
+        for name, data in self.side_files.items():
+            self.target.put(name, data)
         old = set(self._old)
         if len(self._files) == 1 and INDEX_NAME in old:
             self.target.delete(INDEX_NAME)

@@ -1,0 +1,154 @@
+"""Rank functions for the Megatron tests (spawned processes import them from here), and the
+test oracle: a naive gather of full tensors from every rank's plain parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+HF_NAMES = {  # the oracle's own name table (Megatron parameter name -> HF name), GQA models
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "output_layer.weight": "lm_head.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+}
+LAYER_NAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "mlp.router.weight": "mlp.gate.weight",
+}
+
+
+def run_layouts(rank, world, hf_dir, out_root, layouts, experts="sequential", pad_vocab_to=None,
+                dtype=None):
+    """At each layout i: a random model saved to rand{i} (with its parameters dumped for the
+    oracle), the HF checkpoint loaded and saved again to rt{i}, and the previous layout's random
+    export loaded and saved again to cross{i}."""
+    import torch.distributed as dist
+
+    from dcp_hf import megatron as dmeg
+    from dcp_hf.megatron.build import build_gpt, init_parallel
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf = json.load(f)
+    for i, p in enumerate(layouts):
+        init_parallel(p)
+        chunks = build_gpt(hf, p, experts=experts, seed=100 + i, pad_vocab_to=pad_vocab_to)
+        dmeg.save_hf(chunks, f"{out_root}/rand{i}", vocab_size=hf["vocab_size"], dtype=dtype,
+                     max_shard_size="20KB")
+        dump_params(chunks, f"{out_root}/dump{i}", rank)
+        dmeg.load_hf(chunks, hf_dir)
+        dmeg.save_hf(chunks, f"{out_root}/rt{i}", vocab_size=hf["vocab_size"])
+        if i:
+            dmeg.load_hf(chunks, f"{out_root}/rand{i - 1}")
+            dmeg.save_hf(chunks, f"{out_root}/cross{i}", vocab_size=hf["vocab_size"], dtype=dtype)
+        dist.barrier()
+    return True
+
+
+def dump_params(chunks, folder, rank):
+    """This rank's plain parameters under global names (layer and expert numbers made global),
+    with what the naive gather needs to know: TP dim and rank, replica or not."""
+    from megatron.core import parallel_state as ps
+
+    os.makedirs(folder, exist_ok=True)
+    ep, etp = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+    tp, dp = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
+    edp = ps.get_expert_data_parallel_rank()
+    out = {}
+    for chunk in chunks:
+        numbers = [layer.layer_number - 1 for layer in chunk.decoder.layers]
+        for name, param in chunk.named_parameters():
+            m = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
+            if m:
+                name = f"decoder.layers.{numbers[int(m.group(1))]}.{m.group(2)}"
+            e = re.match(r"(.+\.mlp\.experts\.)local_experts\.(\d+)\.(.+)", name)
+            is_expert = e is not None
+            if e:
+                n_local = _local_experts(chunk)
+                name = f"{e.group(1)}{ep * n_local + int(e.group(2))}.{e.group(3)}"
+            dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+            out[name] = dict(data=param.detach().clone(), dim=dim,
+                             tp=etp if is_expert else tp,
+                             replica=(edp if is_expert else dp) != 0)
+    torch.save(out, f"{folder}/rank{rank}.pt")
+
+
+def _local_experts(chunk) -> int:
+    for layer in chunk.decoder.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            return len(experts.local_experts)
+    return 0
+
+
+def naive_gather(folder) -> dict[str, tuple[list[torch.Tensor], int | None]]:
+    """Every parameter's shards in TP order (main replicas only), from every rank's dump."""
+    shards: dict[str, dict[int, torch.Tensor]] = {}
+    dims = {}
+    for file in sorted(os.listdir(folder)):
+        for name, p in torch.load(os.path.join(folder, file)).items():
+            if p["replica"]:
+                continue
+            tp = p["tp"] if p["dim"] is not None else 0
+            shards.setdefault(name, {})[tp] = p["data"]
+            dims[name] = p["dim"]
+    return {n: ([s[k] for k in sorted(s)], dims[n]) for n, s in shards.items()}
+
+
+def oracle_hf(folder, heads, groups, head_dim, vocab_size, tied=False) -> dict[str, torch.Tensor]:
+    """The HF state dict of the dumped model, converted the textbook way from full tensors."""
+    out = {}
+    for name, (parts, dim) in naive_gather(folder).items():
+        full = torch.cat(parts, dim) if dim is not None else parts[0]
+        if name in HF_NAMES:
+            if name == "output_layer.weight" and tied:
+                continue
+            out[HF_NAMES[name]] = full[:vocab_size] if "embed" in name or "output" in name else full
+            continue
+        m = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
+        base, rest = f"model.layers.{m.group(1)}.", m.group(2)
+        if rest in LAYER_NAMES:
+            out[base + LAYER_NAMES[rest]] = full
+        elif rest.startswith("self_attention.linear_qkv."):  # weight or bias
+            per, kind = heads // groups, rest.rsplit(".", 1)[1]
+            qkv = full.view(groups, per + 2, head_dim, *full.shape[1:])
+            out[f"{base}self_attn.q_proj.{kind}"] = qkv[:, :per].reshape(-1, *full.shape[1:])
+            out[f"{base}self_attn.k_proj.{kind}"] = qkv[:, per].reshape(-1, *full.shape[1:])
+            out[f"{base}self_attn.v_proj.{kind}"] = qkv[:, per + 1].reshape(-1, *full.shape[1:])
+        elif rest.endswith("linear_fc1.weight"):  # each TP rank holds [gate_r; up_r]
+            mlp = rest[: -len("linear_fc1.weight")]
+            out[base + mlp + "gate_proj.weight"] = torch.cat([p.chunk(2)[0] for p in parts])
+            out[base + mlp + "up_proj.weight"] = torch.cat([p.chunk(2)[1] for p in parts])
+        elif rest.endswith("linear_fc2.weight"):
+            out[base + rest[: -len("linear_fc2.weight")] + "down_proj.weight"] = full
+        else:
+            raise KeyError(f"the oracle has no name for {name}")
+    return out
+
+
+def save_at(rank, world, hf_dir, out, layout, experts):
+    from dcp_hf import megatron as dmeg
+    from dcp_hf.megatron.build import build_gpt, init_parallel
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf = json.load(f)
+    init_parallel(layout)
+    dmeg.save_hf(build_gpt(hf, layout, experts=experts), out)
+
+
+def load_into(rank, world, model_from, hf_dir, layout):
+    """Build the model of ``model_from``'s config and load ``hf_dir`` into it."""
+    from dcp_hf import megatron as dmeg
+    from dcp_hf.megatron.build import build_gpt, init_parallel
+
+    with open(os.path.join(model_from, "config.json")) as f:
+        hf = json.load(f)
+    init_parallel(layout)
+    dmeg.load_hf(build_gpt(hf, layout), hf_dir)
