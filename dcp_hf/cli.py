@@ -75,6 +75,22 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import torch
+
+    from dcp_hf.megatron.export import export_torch_dist
+    _init_distributed()
+    dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    try:
+        info = export_torch_dist(args.src, args.dst, args.config, exclude=args.exclude or (),
+                                 dtype=dtype, max_shard_size=args.max_shard_size,
+                                 overwrite=args.overwrite, progress=not args.quiet)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"dcp-hf export: {e}") from None
+    _report("export --from megatron", info)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcp-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--overwrite", action="store_true")
     conv.add_argument("--quiet", action="store_true")
     conv.set_defaults(func=_cmd_convert)
+
+    export = sub.add_parser("export", help="a Megatron torch_dist checkpoint -> HF checkpoint, without "
+                                           "building the model (streaming; under torchrun, spread over ranks)")
+    export.add_argument("--from", dest="source", choices=["megatron"], required=True)
+    export.add_argument("src", help="Megatron torch_dist checkpoint folder (e.g. .../iter_0001000)")
+    export.add_argument("dst", help="output folder or s3:// URL")
+    export.add_argument("--config", required=True,
+                        help="the model's HF config.json, or an HF folder (its tokenizer files are copied)")
+    export.add_argument("--exclude", action="append", metavar="GLOB",
+                        help="Megatron keys to leave out (e.g. 'mtp.*'; repeatable)")
+    export.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",
+                        help="floating tensors' dtype in the output (DeepSeek's expert bias stays fp32)")
+    export.add_argument("--max-shard-size", default="5GB")
+    export.add_argument("--overwrite", action="store_true")
+    export.add_argument("--quiet", action="store_true")
+    export.set_defaults(func=_cmd_export)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -65,13 +65,24 @@ def dcp_specs(reader: StorageReader) -> tuple[dict[str, TensorSpec], list[str]]:
     return specs, skipped
 
 
-def _my_share(specs: dict[str, TensorSpec]) -> dict[str, torch.Tensor]:
-    """This rank's tensors, as meta tensors: whole tensors dealt out by size, largest first."""
+def _my_share(specs: dict[str, TensorSpec]) -> dict:
+    """This rank's share of the tensors, as meta tensors (shapes and dtypes only): a tensor
+    larger than a rank's fair share is split by rows over all ranks (a TensorBox each), the
+    rest are dealt out whole by size, largest first, to the least loaded rank."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
+    fair = sum(s.nbytes for s in specs.values()) / world
     load = [0] * world
     mine = {}
     for spec in sorted(specs.values(), key=lambda s: (-s.nbytes, s.key)):
+        if world > 1 and spec.nbytes > fair / 2 and spec.shape and spec.shape[0] >= world:
+            rows = spec.shape[0]
+            lo, hi = rows * rank // world, rows * (rank + 1) // world
+            for r in range(world):
+                load[r] += spec.nbytes * ((rows * (r + 1) // world) - (rows * r // world)) // rows
+            local = torch.empty((hi - lo, *spec.shape[1:]), dtype=spec.dtype, device="meta")
+            mine[spec.key] = TensorBox(local, (lo,) + (0,) * (len(spec.shape) - 1), spec.shape)
+            continue
         r = min(range(world), key=lambda i: (load[i], i))
         load[r] += spec.nbytes
         if r == rank:

@@ -39,17 +39,18 @@ def _entry(fn, rank, world_size, init_file, args, queue, pg_timeout):
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300,
-              pg_timeout: float = 300) -> list[Any]:
+              pg_timeout: float = 300, daemon: bool = True) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes with a gloo
     process group initialized (collectives time out after ``pg_timeout`` seconds); return each
     rank's result (picklable), or raise RankFailure with every failing rank's traceback.
-    Processes still running after ``timeout`` seconds are killed and reported."""
+    Processes still running after ``timeout`` seconds are killed and reported. ``daemon=False``
+    lets ``fn`` start processes of its own (megatron-core's checkpoint writer does)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="dcp-hf-pg-") as tmp:
         init_file = os.path.join(tmp, "init")
         procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, args, queue, pg_timeout),
-                             daemon=True)
+                             daemon=daemon)
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -53,11 +53,16 @@ def run_layouts(rank, world, hf_dir, out_root, layouts, experts="sequential", pa
 
 
 def dump_params(chunks, folder, rank):
+    os.makedirs(folder, exist_ok=True)
+    params = {name: {**p, "data": p["data"].clone()} for name, p in plain_params(chunks).items()}
+    torch.save(params, f"{folder}/rank{rank}.pt")
+
+
+def plain_params(chunks) -> dict[str, dict]:
     """This rank's plain parameters under global names (layer and expert numbers made global),
     with what the naive gather needs to know: TP dim and rank, replica or not."""
     from megatron.core import parallel_state as ps
 
-    os.makedirs(folder, exist_ok=True)
     ep, etp = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     tp, dp = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
     edp = ps.get_expert_data_parallel_rank()
@@ -74,10 +79,9 @@ def dump_params(chunks, folder, rank):
                 n_local = _local_experts(chunk)
                 name = f"{e.group(1)}{ep * n_local + int(e.group(2))}.{e.group(3)}"
             dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-            out[name] = dict(data=param.detach().clone(), dim=dim,
-                             tp=etp if is_expert else tp,
+            out[name] = dict(data=param.detach(), dim=dim, tp=etp if is_expert else tp,
                              replica=(edp if is_expert else dp) != 0)
-    torch.save(out, f"{folder}/rank{rank}.pt")
+    return out
 
 
 def _local_experts(chunk) -> int:
@@ -106,31 +110,35 @@ def oracle_hf(folder, heads, groups, head_dim, vocab_size, tied=False) -> dict[s
     """The HF state dict of the dumped model, converted the textbook way from full tensors."""
     out = {}
     for name, (parts, dim) in naive_gather(folder).items():
-        full = torch.cat(parts, dim) if dim is not None else parts[0]
-        if name in HF_NAMES:
-            if name == "output_layer.weight" and tied:
-                continue
-            out[HF_NAMES[name]] = full[:vocab_size] if "embed" in name or "output" in name else full
-            continue
-        m = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
-        base, rest = f"model.layers.{m.group(1)}.", m.group(2)
-        if rest in LAYER_NAMES:
-            out[base + LAYER_NAMES[rest]] = full
-        elif rest.startswith("self_attention.linear_qkv."):  # weight or bias
-            per, kind = heads // groups, rest.rsplit(".", 1)[1]
-            qkv = full.view(groups, per + 2, head_dim, *full.shape[1:])
-            out[f"{base}self_attn.q_proj.{kind}"] = qkv[:, :per].reshape(-1, *full.shape[1:])
-            out[f"{base}self_attn.k_proj.{kind}"] = qkv[:, per].reshape(-1, *full.shape[1:])
-            out[f"{base}self_attn.v_proj.{kind}"] = qkv[:, per + 1].reshape(-1, *full.shape[1:])
-        elif rest.endswith("linear_fc1.weight"):  # each TP rank holds [gate_r; up_r]
-            mlp = rest[: -len("linear_fc1.weight")]
-            out[base + mlp + "gate_proj.weight"] = torch.cat([p.chunk(2)[0] for p in parts])
-            out[base + mlp + "up_proj.weight"] = torch.cat([p.chunk(2)[1] for p in parts])
-        elif rest.endswith("linear_fc2.weight"):
-            out[base + rest[: -len("linear_fc2.weight")] + "down_proj.weight"] = full
-        else:
-            raise KeyError(f"the oracle has no name for {name}")
+        out.update(naive_hf(name, parts, dim, heads, groups, head_dim, vocab_size, tied))
     return out
+
+
+def naive_hf(name, parts, dim, heads, groups, head_dim, vocab_size, tied=False) -> dict[str, torch.Tensor]:
+    """The HF tensors of one Megatron parameter, from its TP shards in rank order (``dim``: the
+    TP dim, None when replicated)."""
+    full = torch.cat(parts, dim) if dim is not None else parts[0]
+    if name in HF_NAMES:
+        if name == "output_layer.weight" and tied:
+            return {}
+        return {HF_NAMES[name]: full[:vocab_size] if "embed" in name or "output" in name else full}
+    m = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
+    base, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if rest in LAYER_NAMES:
+        return {base + LAYER_NAMES[rest]: full}
+    if rest.startswith("self_attention.linear_qkv."):  # weight or bias
+        per, kind = heads // groups, rest.rsplit(".", 1)[1]
+        qkv = full.view(groups, per + 2, head_dim, *full.shape[1:])
+        return {f"{base}self_attn.q_proj.{kind}": qkv[:, :per].reshape(-1, *full.shape[1:]),
+                f"{base}self_attn.k_proj.{kind}": qkv[:, per].reshape(-1, *full.shape[1:]),
+                f"{base}self_attn.v_proj.{kind}": qkv[:, per + 1].reshape(-1, *full.shape[1:])}
+    if rest.endswith("linear_fc1.weight"):  # each TP rank holds [gate_r; up_r]
+        mlp = rest[: -len("linear_fc1.weight")]
+        return {base + mlp + "gate_proj.weight": torch.cat([p.chunk(2)[0] for p in parts]),
+                base + mlp + "up_proj.weight": torch.cat([p.chunk(2)[1] for p in parts])}
+    if rest.endswith("linear_fc2.weight"):
+        return {base + rest[: -len("linear_fc2.weight")] + "down_proj.weight": full}
+    raise KeyError(f"the oracle has no name for {name}")
 
 
 def save_at(rank, world, hf_dir, out, layout, experts):
@@ -152,3 +160,30 @@ def load_into(rank, world, model_from, hf_dir, layout):
         hf = json.load(f)
     init_parallel(layout)
     dmeg.load_hf(build_gpt(hf, layout), hf_dir)
+
+
+def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential"):
+    """A Megatron ``torch_dist`` checkpoint (megatron.core.dist_checkpointing, its default
+    sharded form: layers stacked) of the HF model, saved at ``layout``."""
+    from megatron.core import dist_checkpointing
+
+    from dcp_hf import megatron as dmeg
+    from dcp_hf.megatron.build import build_gpt, cpu_device, init_parallel
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf = json.load(f)
+    init_parallel(layout)
+    chunks = build_gpt(hf, layout, experts=experts, pad_vocab_to=72)
+    dmeg.load_hf(chunks, hf_dir)
+    state = {"model": chunks[0].sharded_state_dict()}
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+    import torch.distributed as dist
+    dist.barrier()
+    with cpu_device():
+        dist_checkpointing.save(state, out)
+
+
+def export_offline(rank, world, src, dst, config):
+    from dcp_hf.megatron.export import export_torch_dist
+    return export_torch_dist(src, dst, config)

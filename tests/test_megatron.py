@@ -5,6 +5,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -32,9 +34,9 @@ def tiny(family: str, **extra):
     elif family == "llama":
         cfg = tf.LlamaConfig(num_hidden_layers=2, **extra)
     elif family == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(num_hidden_layers=4, head_dim=8, moe_intermediate_size=16,
-                               num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
-                               mlp_only_layers=[0], **extra)
+        cfg = tf.Qwen3MoeConfig(**{"num_hidden_layers": 4, "head_dim": 8, "moe_intermediate_size": 16,
+                                   "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,
+                                   "mlp_only_layers": [0], **extra})
     elif family == "deepseek_v3":
         cfg = tf.DeepseekV3Config(num_hidden_layers=3, moe_intermediate_size=16, n_routed_experts=4,
                                   n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, qk_rope_head_dim=8,
@@ -159,3 +161,33 @@ def test_wrong_model_for_checkpoint_fails_on_every_rank(tmp_path):
         run_ranks(mw.load_into, 2, str(other), str(src), Parallel(tp=2), timeout=300, pg_timeout=120)
     for rank, (ok, tb) in info.value.results.items():
         assert not ok and str(src) in tb and "has shape [48, 32] in the checkpoint but [64, 32]" in tb, tb[-600:]
+
+
+@pytest.mark.parametrize("family, extra, stacked", [
+    ("qwen3_moe", {"mlp_only_layers": []}, "decoder.layers.mlp.experts.experts.linear_fc1.weight"),
+    ("deepseek_v3", {"q_lora_rank": 8}, None),  # a dense first layer: one key per layer
+])
+def test_export_torch_dist_offline(tmp_path, family, extra, stacked):
+    """A torch_dist checkpoint written by megatron-core (vocab padded; layers and experts
+    stacked on leading axes where all layers are alike) -> HF, without building the model: in
+    this process and under 2 ranks."""
+    src = tmp_path / "src"
+    model = tiny(family, **extra)
+    model.save_pretrained(src)
+    layout = Parallel(tp=2, pp=2, ep=2, etp=1) if family == "qwen3_moe" else Parallel(tp=2, ep=2)
+    run_ranks(mw.save_torch_dist, 4, str(src), str(tmp_path / "mcore"), layout, timeout=600,
+              daemon=False)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(str(tmp_path / "mcore")).read_metadata().state_dict_metadata
+    assert stacked is None or len(stored[stacked].size) == 4  # [L, E, 2F, H]
+    done = subprocess.run([sys.executable, "-m", "dcp_hf", "export", "--from", "megatron", "--quiet",
+                           str(tmp_path / "mcore"), str(tmp_path / "hf1"), "--config", str(src)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "skipped: " in done.stdout  # the _extra_state objects
+    assert_same(read_hf(tmp_path / "hf1"), read_hf(src), "export in one process")
+    run_ranks(mw.export_offline, 2, str(tmp_path / "mcore"), str(tmp_path / "hf2"), str(src))
+    assert_same(read_hf(tmp_path / "hf2"), read_hf(src), "export on 2 ranks")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
+    assert torch.equal(logits(loaded), logits(model))

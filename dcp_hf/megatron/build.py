@@ -51,19 +51,21 @@ def init_parallel(p: Parallel) -> None:
 @contextlib.contextmanager
 def cpu_device():
     """Where torch has no CUDA, megatron-core still asks for it while building a model with
-    ``use_cpu_initialization``: the MoE router allocates on ``torch.cuda.current_device()`` and
-    tied embeddings move to ``.cuda()`` to be all-reduced between the first and last stage.
-    Point both at the CPU while building (gloo reduces CPU tensors)."""
+    ``use_cpu_initialization``: the MoE router allocates on ``torch.cuda.current_device()``, tied
+    embeddings move to ``.cuda()`` to be all-reduced between the first and last stage, and its
+    checkpoint writer calls ``torch.cuda.synchronize()``. Point these at the CPU (gloo reduces
+    CPU tensors; there is nothing to synchronize)."""
     if torch.cuda.is_available():
         yield
         return
-    saved = torch.cuda.current_device, torch.Tensor.cuda
+    saved = torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.synchronize
     torch.cuda.current_device = lambda: "cpu"
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.cuda.synchronize = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        torch.cuda.current_device, torch.Tensor.cuda = saved
+        torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.synchronize = saved
 
 
 def build_gpt(hf: dict, p: Parallel, *, experts: str = "sequential", seed: int = 0,

@@ -139,7 +139,7 @@ def megatron_config(hf: dict, **overrides):
         sparse = [i not in set(hf.get("mlp_only_layers") or []) and (i + 1) % hf.get("decoder_sparse_step", 1) == 0
                   for i in range(layers)]
         kw.update(num_moe_experts=hf.get("num_experts") or hf["num_local_experts"], moe_ffn_hidden_size=hf["moe_intermediate_size"],
-                  moe_router_topk=hf["num_experts_per_tok"], moe_layer_freq=[int(s) for s in sparse],
+                  moe_router_topk=hf["num_experts_per_tok"], moe_layer_freq=_moe_layer_freq(sparse),
                   moe_router_pre_softmax=not hf.get("norm_topk_prob", False), moe_aux_loss_coeff=0.0)
     if family == "deepseek_v3":
         dense = hf.get("first_k_dense_replace", 0)
@@ -148,7 +148,7 @@ def megatron_config(hf: dict, **overrides):
                   v_head_dim=hf["v_head_dim"], rope_type="rope", qk_layernorm=True, rotary_base=gpt["rotary_base"],
                   num_moe_experts=hf["n_routed_experts"], moe_ffn_hidden_size=hf["moe_intermediate_size"],
                   moe_router_topk=hf["num_experts_per_tok"],
-                  moe_layer_freq=[0] * dense + [1] * (layers - dense),
+                  moe_layer_freq=_moe_layer_freq([False] * dense + [True] * (layers - dense)),
                   moe_shared_expert_intermediate_size=(hf.get("n_shared_experts") or 0) * hf["moe_intermediate_size"] or None,
                   moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                   moe_router_topk_scaling_factor=hf.get("routed_scaling_factor"),
@@ -157,3 +157,9 @@ def megatron_config(hf: dict, **overrides):
     kw.update(overrides)
     cls = MLATransformerConfig if family == "deepseek_v3" else TransformerConfig
     return cls(**kw), gpt
+
+
+def _moe_layer_freq(sparse: list[bool]):
+    """Megatron's moe_layer_freq: 1 when every layer is MoE (what training configs say, and
+    what makes torch_dist stack the layers), else the per-layer pattern."""
+    return 1 if all(sparse) else [int(s) for s in sparse]

@@ -1,0 +1,60 @@
+"""Offline export of a Megatron ``torch_dist`` checkpoint (what ``megatron.core.dist_checkpointing``
+writes: DCP files keyed by sharded keys) to an HF checkpoint, without building the model.
+
+Each process writes a share of the HF tensors; each box is read from the Megatron files when
+the writer needs it (see :mod:`dcp_hf.convert`), so a process holds a few tensors at a time.
+Run it in one process or under ``torchrun`` (more processes, more throughput).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+
+import torch.distributed.checkpoint as dcp
+
+from dcp_hf.convert import copy_side_files, dcp_specs, is_main, stream
+from dcp_hf.layouts import IDENTITY
+from dcp_hf.megatron import export_dtype, layout_of
+from dcp_hf.megatron.hf_config import megatron_config
+from dcp_hf.storage import HFStorageWriter
+
+NOT_MODEL = ("optimizer.*", "rng_state*", "*._extra_state*")  # training state, not weights
+
+
+def export_torch_dist(src: str, dst: str, config: str | dict, *, exclude=(), dtype=None,
+                      max_shard_size="5GB", overwrite=False, progress=False) -> dict:
+    """Export the model tensors of the ``torch_dist`` checkpoint ``src`` to an HF checkpoint in
+    ``dst`` (folder or ``s3://``). ``config``: the model's HF config (dict, config.json, or an HF
+    folder whose tokenizer and other side files are copied too); it gives the attention shape
+    and the true vocab size. Optimizer and RNG state are skipped; any other key that the
+    Megatron layout does not cover is an error unless it matches an ``exclude`` pattern."""
+    folder = None
+    if not isinstance(config, dict):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            folder, path = path, os.path.join(path, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+    layout = layout_of(megatron_config(config)[0], config["vocab_size"], config.get("model_type"))
+    rule = layout.rules[0]
+    reader = dcp.FileSystemReader(src)
+    specs, skipped = dcp_specs(reader)
+    model, unknown = {}, []
+    for key, spec in specs.items():
+        if any(fnmatch.fnmatchcase(key, p) for p in (*NOT_MODEL, *exclude)):
+            skipped.append(key)
+        elif rule.locate(key) is None:
+            unknown.append(key)
+        else:
+            model[key] = spec
+    if unknown:
+        raise ValueError(f"{src}: {len(unknown)} tensor(s) the Megatron layout does not cover: "
+                         f"{sorted(unknown)[:10]} (pass exclude patterns to leave them out)")
+    side = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, dtype=export_dtype(dtype),
+                             overwrite=overwrite, progress=progress, side_files=side)
+    stream(model, reader, IDENTITY, writer, layout)
+    copied = copy_side_files(folder, dst) if folder and is_main() and "://" not in dst else []
+    return {"tensors_in": len(model), "skipped": len(skipped), "copied": copied}
