@@ -13,7 +13,7 @@ import argparse
 import os
 import tempfile
 
-from benchmarks import core, layouts, s3
+from benchmarks import core, layouts, megatron, s3
 from benchmarks.measure import machine, write_results
 
 
@@ -35,7 +35,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suite", nargs="?", default="all", choices=["all", "core", "layouts", "s3"])
+    parser.add_argument("suite", nargs="?", default="all", choices=["all", "core", "layouts", "megatron", "s3"])
     parser.add_argument("--size-gb", type=float, default=2.0, help="state size (default 2 GB)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--expert-layers", type=int, default=4, help="layers of the experts case")
@@ -51,6 +51,8 @@ def main() -> None:
         results += core.run(os.path.join(root, "core"), args.size_gb, args.repeat, args.cold)
     if args.suite in ("all", "layouts"):
         results += layouts.run(os.path.join(root, "layouts"), args.repeat, layers=args.expert_layers)
+    if args.suite in ("all", "megatron"):
+        results += megatron.run(os.path.join(root, "megatron"), args.repeat, size_gb=min(args.size_gb, 1.5))
     if args.suite in ("all", "s3"):
         results += s3.run(os.path.join(root, "s3"), args.repeat, size_gb=min(args.size_gb, 1.0))
     print(table(results))

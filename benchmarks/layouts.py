@@ -103,12 +103,12 @@ def run(root: str, repeat: int, layers: int = 4, experts: int = 64, hidden: int 
                                 f"{nbytes / layers / 1e6:.0f} MB)", "mode": direction, "world": 1,
                         "state_bytes": nbytes,
                         "ops": {op: summarize(s, nbytes) for op, s in samples.items()}})
-    _check_same(os.path.join(root, "out-ours"), os.path.join(root, "out-mindspeed_style_offline"))
+    check_same_tensors(os.path.join(root, "out-ours"), os.path.join(root, "out-mindspeed_style_offline"))
     shutil.rmtree(root, ignore_errors=True)
     return results
 
 
-def _check_same(a: str, b: str) -> None:
+def check_same_tensors(a: str, b: str) -> None:
     """Both conversions must produce the same tensors (the benchmark compares equal work)."""
     from safetensors.torch import load_file
     def tensors(path):
