@@ -101,8 +101,10 @@ def check_runs(tmp_path, family, layouts, *, experts="sequential", pad_vocab_to=
 
 
 def test_dense_qwen3_layouts(tmp_path):
+    # TP4 with 2 query groups: a TP rank holds half a group's [q q | k | v] rows.
     check_runs(tmp_path, "qwen3", [
         Parallel(tp=2, pp=2), Parallel(pp=2, vpp=2), Parallel(pp=4), Parallel(tp=2, pp=2, first=1, last=3),
+        Parallel(tp=4),
     ], pad_vocab_to=72)
 
 
