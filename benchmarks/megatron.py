@@ -64,7 +64,7 @@ def gather_export(chunks, out: str, hf: dict) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from dcp_hf.storage.writer import natural_key
+    from dcp_hf.format import natural_key
     from tests.megatron_workers import naive_hf, plain_params
 
     rank = dist.get_rank()
@@ -155,7 +155,7 @@ def scatter_import(chunks, src: str, hf: dict) -> None:
     import torch.distributed as dist
     from safetensors import safe_open
 
-    from dcp_hf.storage.writer import natural_key
+    from dcp_hf.format import natural_key
     from tests.megatron_workers import plain_params
 
     rank = dist.get_rank()

@@ -7,10 +7,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 
 from benchmarks.core import build_state, scaled_shape
 

@@ -21,6 +21,12 @@ class PeerRankError(DcpHfError, RuntimeError):
     """Another rank failed; the message holds its reason."""
 
 
+def not_a_tensor(key: str) -> StateDictMismatchError:
+    return StateDictMismatchError(
+        f"{key!r} is not a tensor: an HF safetensors checkpoint holds tensors only (remove it "
+        f"from the state dict or save it elsewhere)")
+
+
 def on_every_rank(fn, process_group=None):
     """``fn()`` on this rank; if it raises on any rank of the group, every rank raises (the
     failing ranks their own error, the others a PeerRankError with the first reason), so no

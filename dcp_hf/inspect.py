@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from dcp_hf.format.dtypes import itemsize, name_from_dtype
+from dcp_hf.format.dtypes import name_from_dtype
 from dcp_hf.storage.reader import HFStorageReader
 
 

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 
-from dcp_hf import (CheckpointExistsError, CheckpointFormatError, HFLoadPlanner, HFSavePlanner,
-                    HFStorageReader, HFStorageWriter, StateDictMismatchError)
+from dcp_hf import (HFLoadPlanner, HFSavePlanner,
+                    HFStorageReader, HFStorageWriter)
 from dcp_hf.format import INDEX_NAME
 from dcp_hf.models import pattern_tensor
 from tests.workers import bitwise_equal, reference_state

@@ -63,6 +63,17 @@ def decode_index(data: bytes, where: str) -> dict[str, str]:
     return weight_map
 
 
+_DIGITS = re.compile(r"([0-9]+)")
+
+
+def natural_key(key: str) -> tuple:
+    """Sort key that orders ``layers.2`` before ``layers.10``: text and numbers alternate, so
+    equal positions always compare alike; the key itself breaks ties (``2`` vs ``02``)."""
+    parts = _DIGITS.split(key)
+    parts[1::2] = map(int, parts[1::2])
+    return tuple(parts), key
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     key: str

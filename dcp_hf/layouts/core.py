@@ -44,8 +44,10 @@ class Piece:
     def intersect(self, offsets: tuple[int, ...], sizes: tuple[int, ...]):
         """Overlap with the in-memory box (offsets, sizes): ``(mem_lo, mem_sizes, hf_offsets,
         hf_sizes)``, or None where they do not overlap."""
-        hit = overlap(self.mem_offsets, [self.mem_extent(m) for m in range(len(offsets))],
-                      offsets, sizes)
+        extents = [1] * len(offsets)
+        for m, n in zip(self.mem_dims, self.sizes):
+            extents[m] = n
+        hit = overlap(self.mem_offsets, extents, offsets, sizes)
         if hit is None:
             return None
         lo, size = hit

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
+from torch.distributed.checkpoint._sharded_tensor_utils import _flatten_sharded_tensors
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                   StorageMeta, TensorProperties, TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import _create_write_items
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 
-from dcp_hf.errors import StateDictMismatchError
+from dcp_hf.errors import StateDictMismatchError, not_a_tensor
 from dcp_hf.layouts import IDENTITY, Layout, mem_view
 from dcp_hf.planners.checks import tensor_specs
-from dcp_hf.tensor_box import find_chunk
+from dcp_hf.planners.summary import LocalSummary, MergedPlan, RankAssignment, summarize
+from dcp_hf.tensor_box import TensorBox, find_chunk
+
+# In ``StorageMeta.modules``: the storage writer takes compact plans (:mod:`.summary`).
+COMPACT_PLANS = "dcp_hf.compact_plans"
+
+
+def takes_compact_plans(storage_meta: StorageMeta | None) -> bool:
+    return storage_meta is not None and COMPACT_PLANS in (storage_meta.modules or [])
 
 
 class HFSavePlanner(DefaultSavePlanner):
@@ -21,9 +35,12 @@ class HFSavePlanner(DefaultSavePlanner):
     Each local chunk of an in-memory tensor becomes write items in HF key space through the
     ``layout`` (identity by default: keys as they are), each resolved to a view of the local
     chunk, so no full tensor is built. Replicated tensors are written by one replica only.
-    Before DCP's replica deduplication, it checks that all ranks agree on each HF tensor's
-    shape and dtype and that each HF box comes from one in-memory tensor: deduplication would
-    otherwise silently keep one of two different tensors saved under one key.
+    It checks that all ranks agree on each HF tensor's shape and dtype, that the chunks cover
+    each tensor exactly once and that each HF box comes from one in-memory tensor.
+
+    With :class:`HFStorageWriter` the plans that travel are compact (:mod:`.summary`): a few
+    blocks per rank instead of one item per chunk, so planning stays fast and small at
+    thousands of ranks. With another storage writer it makes DCP's usual item plans.
     """
 
     def __init__(self, layout: Layout | None = None, *, flatten_state_dict: bool = True,
@@ -31,39 +48,98 @@ class HFSavePlanner(DefaultSavePlanner):
         super().__init__(flatten_state_dict=flatten_state_dict, flatten_sharded_tensors=True,
                          dedup_save_to_lowest_rank=dedup_save_to_lowest_rank)
         self.layout = layout or IDENTITY
+        self.compact = False
         # HF write index -> (in-memory index, piece's mem dims, box offsets in the local chunk, box sizes)
         self._sources: dict[MetadataIndex, tuple] = {}
+        self._entries: dict[tuple, tuple] = {}  # (HF key, HF offsets) -> its piece (compact plans)
+        self._block_keys: list[list[str]] = []
 
-    def create_local_plan(self) -> SavePlan:
-        plan = super().create_local_plan()
-        items, origin = [], {}
-        self._sources = {}
-        for item in plan.items:
-            if item.type == WriteItemType.BYTE_IO:
-                items.append(item)
-                continue
-            td = item.tensor_data
-            offsets, sizes = tuple(td.chunk.offsets), tuple(td.chunk.sizes)
-            for piece in self.layout.pieces(item.index.fqn, tuple(td.size)):
+    def set_up_planner(self, state_dict, storage_meta: StorageMeta | None = None,
+                       is_coordinator: bool = False) -> None:
+        if self.flatten_state_dict and all(not isinstance(v, (Mapping, list, tuple)) for v in state_dict.values()):
+            # Already flat (the common case): DCP's flattening would copy it to the same thing.
+            self.state_dict, self.mappings = dict(state_dict), {k: (k,) for k in state_dict}
+            if self.flatten_sharded_tensors and any(isinstance(v, ShardedTensor) for v in state_dict.values()):
+                self.state_dict = _flatten_sharded_tensors(self.state_dict)
+            self.is_coordinator = is_coordinator
+        else:
+            super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        self.compact = takes_compact_plans(storage_meta)
+
+    def _chunks(self):
+        """(fqn, global shape, dtype, chunk offsets, chunk sizes) of every local chunk, and the
+        write items of values that are not tensors."""
+        chunks, others = [], []
+        for fqn, value in self.state_dict.items():
+            if isinstance(value, TensorBox):
+                chunks.append((fqn, tuple(value.global_shape), value.dtype, tuple(value.offsets),
+                               tuple(value.local.shape)))
+            elif type(value) is torch.Tensor or type(value) is torch.nn.Parameter:
+                chunks.append((fqn, tuple(value.shape), value.dtype, (0,) * value.dim(), tuple(value.shape)))
+            elif isinstance(value, DTensor) and value.device_mesh.get_coordinate() is None:
+                continue  # not on this rank's mesh (as DCP's own planner)
+            else:
+                for item in _create_write_items(fqn, value):
+                    if item.type == WriteItemType.BYTE_IO:
+                        others.append(item)
+                        continue
+                    td = item.tensor_data
+                    chunks.append((fqn, tuple(td.size), td.properties.dtype, tuple(td.chunk.offsets),
+                                   tuple(td.chunk.sizes)))
+        return chunks, others
+
+    def _pieces(self):
+        """Every local chunk's pieces in HF key space: (HF key, HF shape, dtype, HF offsets, HF
+        sizes, source fqn, source chunk offsets, mem dims, box offsets in the chunk, box sizes)."""
+        chunks, others = self._chunks()
+        entries, seen = [], {}
+        if self.layout == IDENTITY:  # each chunk is its own piece
+            return [(fqn, shape, dtype, offsets, sizes, fqn, offsets, tuple(range(len(shape))),
+                     (0,) * len(shape), sizes) for fqn, shape, dtype, offsets, sizes in chunks], others
+        for fqn, shape, dtype, offsets, sizes in chunks:
+            for piece in self.layout.pieces(fqn, shape):
                 hit = piece.intersect(offsets, sizes)
                 if hit is None:
                     continue
                 lo, size, hf_off, hf_size = hit
-                index = MetadataIndex(piece.hf_key, hf_off)
-                if index in self._sources:
+                if (piece.hf_key, hf_off) in seen:
                     raise StateDictMismatchError(
                         f"HF tensor {piece.hf_key!r} at {list(hf_off)} would be saved from both "
-                        f"{self._sources[index][0].fqn!r} and {item.index.fqn!r}")
+                        f"{seen[piece.hf_key, hf_off]!r} and {fqn!r}")
+                seen[piece.hf_key, hf_off] = fqn
                 local_lo = tuple(a - b for a, b in zip(lo, offsets))
-                self._sources[index] = (item.index, piece.mem_dims, local_lo, size)
-                origin[piece.hf_key, hf_off] = item.index.fqn
-                items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-                    chunk=ChunkStorageMetadata(torch.Size(hf_off), torch.Size(hf_size)),
-                    properties=td.properties, size=torch.Size(piece.hf_shape))))
-        self.plan = dataclasses.replace(plan, items=items, planner_data=(plan.planner_data, origin))
+                entries.append((piece.hf_key, piece.hf_shape, dtype, hf_off, hf_size, fqn, offsets,
+                                piece.mem_dims, local_lo, size))
+        return entries, others
+
+    def _item(self, entry) -> WriteItem:
+        """The write item of a piece (and where resolve_data finds its data)."""
+        hf_key, hf_shape, dtype, hf_off, hf_size, fqn, offsets, mem_dims, local_lo, size = entry
+        index = MetadataIndex(hf_key, hf_off)
+        self._sources[index] = (MetadataIndex(fqn, offsets), mem_dims, local_lo, size)
+        return WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(torch.Size(hf_off), torch.Size(hf_size)),
+            properties=TensorProperties(dtype=dtype), size=torch.Size(hf_shape)))
+
+    def create_local_plan(self) -> SavePlan:
+        entries, others = self._pieces()
+        self._sources = {}
+        if self.compact:
+            if others:
+                raise not_a_tensor(others[0].index.fqn)
+            self._entries = {(e[0], e[3]): e for e in entries}
+            summary, self._block_keys = summarize(e[:6] for e in entries)
+            self.plan = SavePlan([], planner_data=summary)
+            return self.plan
+        items = [self._item(e) for e in entries]
+        origin = {(e[0], torch.Size(e[3])): e[5] for e in entries}
+        self.plan = SavePlan(items + others, planner_data=(
+            self.mappings if self.flatten_state_dict else None, origin))
         return self.plan
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        if self.compact:
+            return self._compact_global_plan(all_plans)
         tensor_specs(all_plans)
         seen: dict[tuple, tuple[str, int]] = {}
         for rank, plan in enumerate(all_plans):
@@ -75,6 +151,28 @@ class HFSavePlanner(DefaultSavePlanner):
                         f"{first[1]} and from {fqn!r} on rank {rank}: two different tensors map to one key")
         all_plans = [dataclasses.replace(p, planner_data=p.planner_data[0]) for p in all_plans]
         return super().create_global_plan(all_plans)
+
+    def _compact_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        summaries = [p.planner_data for p in all_plans]
+        if not all(isinstance(s, LocalSummary) for s in summaries):
+            raise StateDictMismatchError("every rank must save with an HFSavePlanner")
+        merged = MergedPlan(summaries, lowest_rank=self.dedup_save_to_lowest_rank)
+        # The checkpoint holds each HF tensor whole, in one file: one chunk each.
+        metadata = Metadata({key: TensorStorageMetadata(
+            TensorProperties(dtype=dtype), torch.Size(shape), [ChunkStorageMetadata(
+                torch.Size([0] * len(shape)), torch.Size(shape))]) for key, (shape, dtype) in merged.table.items()})
+        plans = [dataclasses.replace(p, planner_data=merged.assignment(rank)) for rank, p in enumerate(all_plans)]
+        self.global_plan, self.metadata = plans, metadata
+        return plans, metadata
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        if not self.compact:
+            return super().finish_plan(new_plan)
+        assignment: RankAssignment = new_plan.planner_data
+        items = [self._item(self._entries[key, block.offsets])
+                 for b, (block, keys) in enumerate(zip(self.plan.planner_data.blocks, self._block_keys))
+                 for key in assignment.keeps(b, keys)]
+        return dataclasses.replace(new_plan, items=items)
 
     def resolve_data(self, write_item: WriteItem):
         if write_item.type == WriteItemType.BYTE_IO:

@@ -11,7 +11,7 @@ from typing import Any
 
 from dcp_hf.boxes import RunGrid
 from dcp_hf.errors import CheckpointFormatError
-from dcp_hf.storage.posix import grid_span, read_runs
+from dcp_hf.storage.posix import read_runs
 
 
 def is_url(path: str | os.PathLike) -> bool:

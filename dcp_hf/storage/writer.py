@@ -29,11 +29,12 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from dcp_hf.boxes import box_runs, check_exact_cover
-from dcp_hf.errors import CheckpointExistsError, StateDictMismatchError
-from dcp_hf.format import INDEX_NAME, encode_index, layout_files, parse_size
+from dcp_hf.boxes import box_runs
+from dcp_hf.errors import CheckpointExistsError, StateDictMismatchError, not_a_tensor
+from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, layout_files, parse_size
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
-from dcp_hf.planners.checks import tensor_specs
+from dcp_hf.planners.save import COMPACT_PLANS
+from dcp_hf.planners.summary import LocalSummary, MergedPlan, RankAssignment, decode_table, encode_table, summarize
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.multipart import Part, S3Target, assemble, clip_runs, exchange, part_of, plan_parts, upload_round
 from dcp_hf.storage.posix import byte_view, fsync_dir, grid_span, pwrite_all, write_file_atomic, write_runs
@@ -46,24 +47,20 @@ _PARTIAL = re.compile(r"^\.(.+)\.([0-9a-f]{12})\.partial$")
 _SHARD_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
-def natural_key(key: str):
-    """Sort key that orders ``layers.2`` before ``layers.10``."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", key)]
-
-
 @dataclass
 class _RankPlan:
-    """What one rank needs to write its part (travels in ``SavePlan.storage_data``)."""
+    """What one rank needs to write its part (travels in ``SavePlan.storage_data``). Every
+    rank lays out the files itself from the table, exactly as the coordinator did, so the
+    message stays small however many tensors and ranks there are."""
 
     save_id: str
-    files: dict[int, str]  # file number -> final file name
-    headers: dict[int, bytes]  # headers this rank writes
-    locations: dict[MetadataIndex, tuple[int, int]]  # item -> (file number, data offset)
+    table: dict  # every tensor of the checkpoint (export dtypes), see summary.encode_table
+    headers: set[int]  # files whose header this rank writes
     uploads: dict[int, str] | None = None  # object stores: file number -> multipart upload id
     parts: list[Part] | None = None  # object stores: every part of every file, with its owner
 
 
-_PARTS = "__dcp_hf_parts__"  # the WriteResult that carries a rank's uploaded parts
+_RESULT = "__dcp_hf_rank__"  # each rank's one WriteResult: its bytes (and uploaded parts)
 
 
 def resolve_chunk(planner: SavePlanner, item) -> torch.Tensor:
@@ -155,7 +152,8 @@ class HFStorageWriter(StorageWriter):
         self.thread_count = thread_count
         self.io_chunk_bytes = io_chunk_bytes
         self.is_coordinator = False
-        self._files = []
+        self._files: list[FileLayout] = []
+        self._where: dict[str, tuple[int, int]] = {}  # key -> (file number, data offset)
         self._save_id = ""
         self._start = 0.0
         self._uploads: dict[int, str] = {}
@@ -174,7 +172,7 @@ class HFStorageWriter(StorageWriter):
         return "://" not in path or path.startswith(("s3://", "file://"))
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=self.path)
+        return StorageMeta(checkpoint_id=self.path, modules=[COMPACT_PLANS])
 
     def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
         self.is_coordinator = is_coordinator
@@ -190,79 +188,69 @@ class HFStorageWriter(StorageWriter):
         return dtype
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        for item in plan.items:
+        for item in plan.items:  # item plans of other planners; compact plans are checked globally
             key = item.index.fqn
             if item.type == WriteItemType.BYTE_IO:
-                raise StateDictMismatchError(
-                    f"{key!r} is not a tensor: an HF safetensors checkpoint holds tensors only "
-                    f"(remove it from the state dict or save it elsewhere)")
+                raise not_a_tensor(key)
             name_from_dtype(self.export_dtype(key, item.tensor_data.properties.dtype), key=key)
         return plan
 
+    @staticmethod
+    def _merged(plans: list[SavePlan]) -> MergedPlan:
+        """The merge of every rank's chunks: HFSavePlanner's, or made here from item plans."""
+        data = plans[0].planner_data
+        if isinstance(data, RankAssignment) and data.merged is not None:
+            return data.merged
+        if isinstance(data, LocalSummary):
+            raise StateDictMismatchError("compact save plans reached the writer unmerged")
+        return MergedPlan([summarize(
+            (i.index.fqn, tuple(i.tensor_data.size), i.tensor_data.properties.dtype,
+             tuple(i.tensor_data.chunk.offsets), tuple(i.tensor_data.chunk.sizes), i.index.fqn)
+            for i in p.items)[0] for p in plans])
+
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        specs = tensor_specs(plans, self.export_dtype)
-        boxes: dict[str, list] = {}
-        for rank, plan in enumerate(plans):
-            for item in plan.items:
-                chunk = item.tensor_data.chunk
-                boxes.setdefault(item.index.fqn, []).append(
-                    (tuple(chunk.offsets), tuple(chunk.sizes), f"rank {rank}"))
-        for key, spec in specs.items():
-            check_exact_cover(key, spec.shape, boxes[key])
+        merged = self._merged(plans)
+        specs = []
+        for key, (shape, dtype) in merged.table.items():
+            export = self.export_dtype(key, dtype)
+            name_from_dtype(export, key=key)
+            specs.append(TensorSpec(key, export, shape))
         if not specs:
             raise StateDictMismatchError("the state dict holds no tensors: nothing to save")
 
         self._old = self._check_destination()
-        files = layout_files([specs[k] for k in sorted(specs, key=natural_key)], self.max_shard_size)
-        file_of = {key: n for n, f in enumerate(files) for key in f.offsets}
+        table = encode_table(specs)
         save_id = uuid.uuid4().hex[:12]
-        self._files, self._save_id = files, save_id
+        files = self._lay_out(table, save_id)
         if self.target is not None:
-            return self._plan_uploads(plans, files, file_of, save_id)
+            return self._plan_uploads(plans, merged, files, table, save_id)
+        # Each file's header is written by the rank that writes the file's first data bytes.
+        header_owner = {n: merged.writer_of(key, (0,) * len(f.specs[key].shape))
+                        for n, f in enumerate(files) for key in list(f.offsets)[:1]}
+        return [dataclasses.replace(plan, storage_data=_RankPlan(
+            save_id=save_id, table=table, headers={n for n, r in header_owner.items() if r == rank}))
+            for rank, plan in enumerate(plans)]
 
-        # The header of each file is written by the rank that writes most of its bytes.
-        rank_bytes: dict[tuple[int, int], int] = {}
-        for rank, plan in enumerate(plans):
-            for item in plan.items:
-                n = file_of[item.index.fqn]
-                spec = files[n].specs[item.index.fqn]
-                rank_bytes[rank, n] = rank_bytes.get((rank, n), 0) + (
-                    item.tensor_data.chunk.sizes.numel() * itemsize(spec.dtype))
-        header_owner = {}
-        for (rank, n), nbytes in rank_bytes.items():
-            if n not in header_owner or nbytes > rank_bytes[header_owner[n], n]:
-                header_owner[n] = rank
+    def _lay_out(self, table: dict, save_id: str) -> list[FileLayout]:
+        """The files of the checkpoint (what goes where), the same on every rank."""
+        if self._save_id != save_id:
+            self._files = layout_files(decode_table(table), self.max_shard_size)
+            self._where = {key: (n, offset) for n, f in enumerate(self._files) for key, offset in f.offsets.items()}
+            self._save_id = save_id
+        return self._files
 
-        new_plans = []
-        for rank, plan in enumerate(plans):
-            locations = {}
-            for item in plan.items:
-                n = file_of[item.index.fqn]
-                locations[item.index] = (n, files[n].offsets[item.index.fqn])
-            mine = {n for n, _ in locations.values()} | {n for n, r in header_owner.items() if r == rank}
-            new_plans.append(dataclasses.replace(plan, storage_data=_RankPlan(
-                save_id=save_id,
-                files={n: files[n].name for n in mine},
-                headers={n: files[n].header for n in mine if header_owner[n] == rank},
-                locations=locations)))
-        return new_plans
-
-    def _plan_uploads(self, plans, files, file_of, save_id) -> list[SavePlan]:
+    def _plan_uploads(self, plans, merged: MergedPlan, files, table, save_id) -> list[SavePlan]:
         """Object stores: one multipart upload per file; parts owned by the rank holding most
         of their bytes."""
-        spans, locations = [], []
-        for plan in plans:
-            mine, where = [], {}
-            for item in plan.items:
-                n = file_of[item.index.fqn]
-                offset = files[n].offsets[item.index.fqn]
-                where[item.index] = (n, offset)
-                td = item.tensor_data
-                lo, hi = grid_span(box_runs(tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes),
-                                            itemsize(files[n].specs[item.index.fqn].dtype)))
+        spans = []
+        for rank in range(len(plans)):
+            mine = []
+            for key, offsets, sizes in merged.written_by(rank):
+                n, offset = self._where[key]
+                spec = files[n].specs[key]
+                lo, hi = grid_span(box_runs(spec.shape, offsets, sizes, itemsize(spec.dtype)))
                 mine.append((n, offset + lo, offset + hi))
             spans.append(mine)
-            locations.append(where)
         parts = plan_parts([f.size for f in files], spans, self.part_size, self.round_bytes)
         self._uploads = {}
         try:
@@ -271,12 +259,11 @@ class HFStorageWriter(StorageWriter):
         except BaseException:
             self._abort_uploads()
             raise
-        names = {n: f.name for n, f in enumerate(files)}
         first = {p.file: p.owner for p in parts if p.lo == 0}
         return [dataclasses.replace(plan, storage_data=_RankPlan(
-            save_id=save_id, files=names, locations=locations[rank], uploads=dict(self._uploads),
-            headers={n: files[n].header for n, owner in first.items() if owner == rank},
-            parts=parts)) for rank, plan in enumerate(plans)]
+            save_id=save_id, table=table, uploads=dict(self._uploads),
+            headers={n for n, owner in first.items() if owner == rank}, parts=parts))
+            for rank, plan in enumerate(plans)]
 
     def _abort_uploads(self) -> None:
         for n, upload_id in list(self._uploads.items()):
@@ -286,27 +273,31 @@ class HFStorageWriter(StorageWriter):
                 logger.warning("could not abort the upload of %s", self._files[n].name, exc_info=True)
             del self._uploads[n]
 
+    def _result(self, nbytes: int, uploaded=None) -> Future[list[WriteResult]]:
+        """A rank's one write result (one per item would grow with ranks x tensors)."""
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result([WriteResult(index=MetadataIndex(_RESULT), size_in_bytes=nbytes, storage_data=uploaded)])
+        return fut
+
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rp: _RankPlan = plan.storage_data
+        files = self._lay_out(rp.table, rp.save_id)
         if rp.parts is not None:
             return self._write_parts(plan, planner)
         os.makedirs(self.path, exist_ok=True)
         fds: dict[int, int] = {}
         try:
-            for n, name in rp.files.items():
-                fds[n] = os.open(os.path.join(self.path, partial_name(name, rp.save_id)),
+            for n in sorted({self._where[item.index.fqn][0] for item in plan.items} | rp.headers):
+                fds[n] = os.open(os.path.join(self.path, partial_name(files[n].name, rp.save_id)),
                                  os.O_RDWR | os.O_CREAT, 0o644)
-            for n, header in rp.headers.items():
-                pwrite_all(fds[n], memoryview(header), 0)
-            tasks, results, total = [], [], 0
+            for n in rp.headers:
+                pwrite_all(fds[n], memoryview(files[n].header), 0)
+            tasks, total = [], 0
             for item in plan.items:
-                n, offset = rp.locations[item.index]
-                dtype = self.export_dtype(item.index.fqn, item.tensor_data.properties.dtype)
-                tasks += self._slab_tasks(item, planner, dtype, fds[n], offset, rp.files[n])
-                nbytes = item.tensor_data.chunk.sizes.numel() * itemsize(dtype)
-                total += nbytes
-                results.append(WriteResult(index=item.index, size_in_bytes=nbytes,
-                                           storage_data=(rp.files[n], offset)))
+                n, offset = self._where[item.index.fqn]
+                dtype = files[n].specs[item.index.fqn].dtype
+                tasks += self._slab_tasks(item, planner, dtype, fds[n], offset, files[n].name)
+                total += item.tensor_data.chunk.sizes.numel() * itemsize(dtype)
             progress = Progress(self.progress and self.is_coordinator, total, "dcp-hf save")
             with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-write") as pool:
                 for done in pool.map(lambda task: task(), tasks):
@@ -315,14 +306,12 @@ class HFStorageWriter(StorageWriter):
             for n, fd in fds.items():
                 os.fsync(fd)
         except BaseException:
-            self._discard(fds, rp)
+            self._discard(fds, rp.save_id)
             raise
         finally:
             for fd in fds.values():
                 os.close(fd)
-        fut: Future[list[WriteResult]] = Future()
-        fut.set_result(results)
-        return fut
+        return self._result(total)
 
     def _slab_tasks(self, item, planner: SavePlanner, dtype: torch.dtype, fd: int, offset: int,
                     file: str):
@@ -369,17 +358,17 @@ class HFStorageWriter(StorageWriter):
         for part in rp.parts:
             by_file.setdefault(part.file, []).append(part)
         rounds = max(p.round for p in rp.parts) + 1
-        jobs, results = [], []
+        jobs, total = [], 0
+        names = {n: f.name for n, f in enumerate(self._files)}
         for item in plan.items:
-            n, offset = rp.locations[item.index]
+            n, offset = self._where[item.index.fqn]
             td = item.tensor_data
-            dtype = self.export_dtype(item.index.fqn, td.properties.dtype)
+            dtype = self._files[n].specs[item.index.fqn].dtype
             grid = box_runs(tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes), itemsize(dtype))
             lo, hi = grid_span(grid)
             touched = [p for p in by_file[n] if p.lo < offset + hi and offset + lo < p.hi]
             jobs.append((item, n, offset, dtype, grid, touched, {p.round for p in touched}))
-            results.append(WriteResult(index=item.index, size_in_bytes=grid.nbytes,
-                                       storage_data=(rp.files[n], offset)))
+            total += grid.nbytes
         progress = Progress(self.progress and self.is_coordinator,
                             sum(p.hi - p.lo for p in rp.parts if p.owner == me), "dcp-hf upload")
         failure, etags, cache = None, [], {}
@@ -410,10 +399,11 @@ class HFStorageWriter(StorageWriter):
                     pieces.setdefault(part_of(by_file, c.file, c.offset), []).append(c)
                 if failure is None:
                     try:
-                        owned = [(p, assemble(p, rp.headers.get(p.file, b""), pieces.get(p, [])))
+                        owned = [(p, assemble(p, self._files[p.file].header if p.file in rp.headers else b"",
+                                              pieces.get(p, [])))
                                  for p in rp.parts if p.round == r and p.owner == me]
                         del pieces, received
-                        etags += upload_round(self.target, rp.files, rp.uploads, owned, self.thread_count)
+                        etags += upload_round(self.target, names, rp.uploads, owned, self.thread_count)
                         progress.update(sum(p.hi - p.lo for p, _ in owned))
                     except Exception as e:
                         failure = e
@@ -428,10 +418,7 @@ class HFStorageWriter(StorageWriter):
             if self.is_coordinator:
                 self._abort_uploads()
             raise
-        results.append(WriteResult(index=MetadataIndex(f"{_PARTS}{me}"), size_in_bytes=0, storage_data=etags))
-        fut: Future[list[WriteResult]] = Future()
-        fut.set_result(results)
-        return fut
+        return self._result(total, etags)
 
     @staticmethod
     def _contiguous(planner: SavePlanner, item, dtype: torch.dtype) -> torch.Tensor:
@@ -440,10 +427,10 @@ class HFStorageWriter(StorageWriter):
             tensor = tensor.to("cpu", dtype).contiguous()
         return tensor
 
-    def _discard(self, fds: dict[int, int], rp: _RankPlan) -> None:
+    def _discard(self, fds: dict[int, int], save_id: str) -> None:
         for n in fds:
             try:
-                os.unlink(os.path.join(self.path, partial_name(rp.files[n], rp.save_id)))
+                os.unlink(os.path.join(self.path, partial_name(self._files[n].name, save_id)))
             except OSError:
                 pass
 
@@ -487,7 +474,7 @@ class HFStorageWriter(StorageWriter):
         etags: dict[int, list[tuple[int, str]]] = {}
         for rank_results in results:
             for r in rank_results:
-                if r.index.fqn.startswith(_PARTS):
+                if r.index.fqn == _RESULT and r.storage_data:
                     for n, number, etag in r.storage_data:
                         etags.setdefault(n, []).append((number, etag))
         try:
