@@ -184,3 +184,44 @@ def test_s3_server_stopped_mid_upload(monkeypatch):
         assert all(bitwise_equal(got[k], sd[k]) for k in sd)
     finally:
         server.stop()
+
+
+def _through_proxy(s3, monkeypatch, rule):
+    from tests.throttle_proxy import ThrottlingProxy
+    proxy = ThrottlingProxy(s3.endpoint, rule)
+    for k, v in {**s3.env, "AWS_ENDPOINT_URL": proxy.url}.items():
+        monkeypatch.setenv(k, v)  # spawned ranks inherit the environment
+    return proxy
+
+
+def test_throttled_server_save_and_load_succeed(s3, monkeypatch):
+    """Every 4th GET and PUT answered 503 SlowDown (a busy bucket): the multipart save, the
+    index and headers, and the resharded ranged reads retry with backoff; bit-exact results."""
+    from tests.throttle_proxy import every
+    from tests.workers import save_to_url
+    bucket = s3.bucket("dcp-hf-throttled")
+    proxy = _through_proxy(s3, monkeypatch, every(4))
+    try:
+        run_ranks(save_to_url, 2, f"s3://{bucket}/ckpt", "shard1", {"max_shard_size": 600}, None)
+        assert run_ranks(load_from_url, 2, f"s3://{bucket}/ckpt", "shard0", None) == [[], []]
+        assert proxy.throttled >= 5, proxy.throttled
+    finally:
+        proxy.stop()
+    assert _open_uploads(s3, bucket) == []
+    got, sd = _download(s3, bucket, "ckpt"), reference_state()
+    assert got.keys() == sd.keys() and all(bitwise_equal(got[k], sd[k]) for k in sd)
+
+
+def test_throttling_that_never_ends_fails_every_rank_cleanly(s3, monkeypatch):
+    """Every part upload refused: every rank fails with the reason, and the save leaves no
+    object and no open multipart upload."""
+    from tests.workers import save_with_fault
+    bucket = s3.bucket("dcp-hf-always-throttled")
+    proxy = _through_proxy(s3, monkeypatch, lambda method, path, query: method == "PUT" and "partNumber" in query)
+    try:
+        results = run_ranks(save_with_fault, 2, f"s3://{bucket}/ckpt", "none", 0, False, timeout=240)
+    finally:
+        proxy.stop()
+    assert all(status == "error" for status, *_ in results), results
+    assert any("SlowDown" in message for _, message, _ in results), results
+    assert _objects(s3, bucket, "ckpt") == [] and _open_uploads(s3, bucket) == []

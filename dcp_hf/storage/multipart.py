@@ -11,6 +11,7 @@ every upload when any rank fails, so a failed save leaves no object and no open 
 from __future__ import annotations
 
 import bisect
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,8 +36,9 @@ class Part:
 
 
 def plan_parts(sizes: list[int], spans: list[list[tuple[int, int, int]]], part_size: int,
-               round_bytes: int) -> list[Part]:
-    """Parts of every file, each owned by the rank whose chunks overlap it most.
+               round_bytes: int, whole_files: bool = False) -> list[Part]:
+    """Parts of every file, each owned by the rank whose chunks overlap it most (with
+    ``whole_files``: every part of a file by the rank that holds most of the file).
 
     ``sizes``: file sizes; ``spans[rank]``: (file, lo, hi) byte spans of that rank's chunks.
     Rounds group consecutive parts so that no rank owns more than ``round_bytes`` in one."""
@@ -49,12 +51,17 @@ def plan_parts(sizes: list[int], spans: list[list[tuple[int, int, int]]], part_s
                 bytes_in = min(hi, (k + 1) * w) - max(lo, k * w)
                 cell = overlap.setdefault((f, k), {})
                 cell[rank] = cell.get(rank, 0) + max(bytes_in, 0)
+    if whole_files:
+        for (f, _), votes in list(overlap.items()):
+            total = overlap.setdefault((f, -1), {})
+            for rank, n in votes.items():
+                total[rank] = total.get(rank, 0) + n
     parts, round_no, load = [], 0, {}
     for f, size in enumerate(sizes):
         w = widths[f]
         for k in range(max(1, -(-size // w))):
             lo, hi = k * w, min(size, (k + 1) * w)
-            votes = overlap.get((f, k), {0: 0})
+            votes = overlap.get((f, -1 if whole_files else k), {0: 0})
             owner = max(sorted(votes), key=lambda r: votes[r])
             if load.get(owner, 0) + (hi - lo) > round_bytes and load:
                 round_no, load = round_no + 1, {}
@@ -63,14 +70,21 @@ def plan_parts(sizes: list[int], spans: list[list[tuple[int, int, int]]], part_s
     return parts
 
 
+def make_target(store):
+    """How a save writes to ``store``: S3 multipart uploads, files written in order through
+    fsspec (other URLs), or None for a local folder (positional writes)."""
+    if not store.remote:
+        return None
+    return S3Target(store) if hasattr(store, "client") else FsspecTarget(store)
+
+
 class S3Target:
     """The multipart calls, through the S3Store's thread-safe botocore client (which retries
     throttling and dropped connections), so parts upload in parallel from several threads."""
 
+    sequential = False  # parts of a file may come from any rank, in any order
+
     def __init__(self, store):
-        if not hasattr(store, "client"):
-            raise ValueError(f"{store}: writing to an object store needs an S3 URL (s3://); "
-                             f"this fsspec file system has no multipart upload")
         self.store = store
         self.bucket, _, self.prefix = store.root.partition("/")
 
@@ -90,7 +104,7 @@ class S3Target:
     def upload_part(self, name: str, upload_id: str, number: int, data) -> str:
         return self.call("upload_part", name, UploadId=upload_id, PartNumber=number, Body=data)["ETag"]
 
-    def complete(self, name: str, upload_id: str, etags: list[tuple[int, str]]) -> None:
+    def complete(self, name: str, upload_id: str, etags: list[tuple[int, str]], size: int | None = None) -> None:
         self.call("complete_multipart_upload", name, UploadId=upload_id, MultipartUpload={
             "Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(etags)]})
 
@@ -116,6 +130,80 @@ class S3Target:
                                               UploadId=upload["UploadId"])
                 aborted.append(upload["Key"])
         return aborted
+
+
+    def close_local(self) -> None:
+        pass
+
+    def discard_local(self) -> None:
+        pass
+
+
+class FsspecTarget:
+    """Any other fsspec URL (gs://, memory://, dir::..., ...): there is no multipart upload, so
+    each file is written in order through one open file by one rank, its owner (the rank that
+    holds most of it; the others send it their bytes as for S3). A file appears when its owner
+    closes it; the index is still written last, and a failed save removes every file."""
+
+    sequential = True  # all parts of a file from one rank, written in order
+
+    def __init__(self, store):
+        self.store = store
+        self.open: dict[str, object] = {}  # files this rank is writing
+
+    def _fs_call(self, name: str, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every back end raises its own types
+            raise OSError(f"{self.store.where(name)}: {what}: {e}") from e
+
+    def create(self, name: str) -> str:
+        # The owner opens the file with its first part; the folder must exist for file
+        # systems that have folders (object stores have none, so this is a no-op there).
+        self._fs_call(name, "create the folder", self.store.fs.makedirs, self.store.root, True)
+        return ""
+
+    def upload_part(self, name: str, upload_id: str, number: int, data) -> str:
+        f = self.open.get(name)
+        if f is None:
+            f = self.open[name] = self._fs_call(name, "open", self.store.fs.open, self.store._path(name), "wb")
+        self._fs_call(name, "write", f.write, data)
+        return ""
+
+    def close_local(self) -> None:
+        """Close (commit) the files this rank wrote."""
+        while self.open:
+            name, f = self.open.popitem()
+            self._fs_call(name, "close", f.close)
+
+    def discard_local(self) -> None:
+        """Drop the files this rank was writing without committing them."""
+        while self.open:
+            _, f = self.open.popitem()
+            try:
+                f.discard() if hasattr(f, "discard") else None
+            except Exception:  # noqa: BLE001 - best effort after a failure
+                pass
+
+    def complete(self, name: str, upload_id: str, etags, size: int | None = None) -> None:
+        got = self._fs_call(name, "size", self.store.fs.size, self.store._path(name))
+        if size is not None and got != size:
+            raise OSError(f"{self.store.where(name)}: {got} bytes written, {size} expected")
+
+    def abort(self, name: str, upload_id: str) -> None:
+        if self.store.fs.exists(self.store._path(name)):
+            self.delete(name)
+
+    def put(self, name: str, data: bytes) -> None:
+        self._fs_call(name, "write", self.store.fs.pipe_file, self.store._path(name), data)
+
+    def delete(self, name: str) -> None:
+        self._fs_call(name, "delete", self.store.fs.rm_file, self.store._path(name))
+
+    def abort_leftovers(self) -> list[str]:
+        return []
 
 
 @dataclass
@@ -177,7 +265,8 @@ def exchange(outgoing: dict[int, list[Contribution]], group, world: int) -> list
 
 
 def assemble(part: Part, header: bytes, pieces: list[Contribution]) -> bytearray:
-    """The part's bytes from the header and the pieces; every byte must be covered once."""
+    """The part's bytes from the header and the pieces; every byte must be covered once (the
+    copy is needed: botocore sends bytes, not views)."""
     buf = bytearray(part.hi - part.lo)
     view = memoryview(buf)
     filled = 0
@@ -199,11 +288,46 @@ def part_of(parts_by_file: dict[int, list[Part]], file: int, offset: int) -> Par
     return parts[bisect.bisect_right([p.lo for p in parts], offset) - 1]
 
 
-def upload_round(target: S3Target, names: dict[int, str], uploads: dict[int, str],
-                 owned: list[tuple[Part, bytearray]], threads: int) -> list[tuple[int, int, str]]:
-    def one(job):
-        part, data = job
-        return part.file, part.number, target.upload_part(names[part.file], uploads[part.file],
-                                                          part.number, data)
-    with ThreadPoolExecutor(max(1, min(threads, len(owned)))) as pool:
-        return list(pool.map(one, owned))
+class Uploader:
+    """Uploads parts from a pool of threads while the caller assembles the next ones, across
+    rounds; at most ``max_bytes`` of parts are in flight (``submit`` waits for room). The first
+    failed upload is raised by the next ``submit`` or by ``etags``."""
+
+    def __init__(self, target, names: dict[int, str], uploads: dict[int, str], threads: int,
+                 max_bytes: int):
+        self.target, self.names, self.uploads, self.max_bytes = target, names, uploads, max_bytes
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="dcp-hf-upload")
+        self.room = threading.Condition()
+        self.in_flight = 0
+        self.error: BaseException | None = None
+        self.futures = []
+
+    def submit(self, part: Part, data) -> None:
+        n = len(data)
+        with self.room:
+            while self.error is None and self.in_flight and self.in_flight + n > self.max_bytes:
+                self.room.wait()
+            if self.error is not None:
+                raise self.error
+            self.in_flight += n
+        self.futures.append(self.pool.submit(self._upload, part, data, n))
+
+    def _upload(self, part: Part, data, n: int) -> tuple[int, int, str]:
+        try:
+            etag = self.target.upload_part(self.names[part.file], self.uploads[part.file], part.number, data)
+            return part.file, part.number, etag
+        except BaseException as e:
+            with self.room:
+                self.error = self.error or e
+            raise
+        finally:
+            with self.room:
+                self.in_flight -= n
+                self.room.notify_all()
+
+    def etags(self) -> list[tuple[int, int, str]]:
+        """Wait for every upload; (file, part number, etag) of each."""
+        return [f.result() for f in self.futures]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

@@ -36,7 +36,7 @@ from dcp_hf.format.dtypes import itemsize, name_from_dtype
 from dcp_hf.planners.save import COMPACT_PLANS
 from dcp_hf.planners.summary import LocalSummary, MergedPlan, RankAssignment, decode_table, encode_table, summarize
 from dcp_hf.progress import Progress, log_throughput
-from dcp_hf.storage.multipart import Part, S3Target, assemble, clip_runs, exchange, part_of, plan_parts, upload_round
+from dcp_hf.storage.multipart import Part, Uploader, assemble, clip_runs, exchange, make_target, part_of, plan_parts
 from dcp_hf.storage.posix import byte_view, fsync_dir, grid_span, pwrite_all, write_file_atomic, write_runs
 from dcp_hf.storage.stores import open_store
 
@@ -140,7 +140,7 @@ class HFStorageWriter(StorageWriter):
         self.path = os.fspath(path)
         self.storage_options = storage_options
         self.store = open_store(self.path, storage_options)
-        self.target = S3Target(self.store) if self.store.remote else None
+        self.target = make_target(self.store)
         self.process_group = process_group
         self.part_size = parse_size(part_size)
         self.round_bytes = parse_size(round_bytes)
@@ -164,7 +164,7 @@ class HFStorageWriter(StorageWriter):
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
             self.store = open_store(self.path, self.storage_options)
-            self.target = S3Target(self.store) if self.store.remote else None
+            self.target = make_target(self.store)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
@@ -251,7 +251,8 @@ class HFStorageWriter(StorageWriter):
                 lo, hi = grid_span(box_runs(spec.shape, offsets, sizes, itemsize(spec.dtype)))
                 mine.append((n, offset + lo, offset + hi))
             spans.append(mine)
-        parts = plan_parts([f.size for f in files], spans, self.part_size, self.round_bytes)
+        parts = plan_parts([f.size for f in files], spans, self.part_size, self.round_bytes,
+                           whole_files=self.target.sequential)
         self._uploads = {}
         try:
             for n, f in enumerate(files):
@@ -371,7 +372,9 @@ class HFStorageWriter(StorageWriter):
             total += grid.nbytes
         progress = Progress(self.progress and self.is_coordinator,
                             sum(p.hi - p.lo for p in rp.parts if p.owner == me), "dcp-hf upload")
-        failure, etags, cache = None, [], {}
+        failure, cache = None, {}
+        uploader = Uploader(self.target, names, rp.uploads, 1 if self.target.sequential else self.thread_count,
+                            self.round_bytes)
         try:
             for r in range(rounds):
                 outgoing: dict[int, list] = {}
@@ -399,14 +402,20 @@ class HFStorageWriter(StorageWriter):
                     pieces.setdefault(part_of(by_file, c.file, c.offset), []).append(c)
                 if failure is None:
                     try:
-                        owned = [(p, assemble(p, self._files[p.file].header if p.file in rp.headers else b"",
-                                              pieces.get(p, [])))
-                                 for p in rp.parts if p.round == r and p.owner == me]
+                        for p in rp.parts:  # uploads go on while the next round is gathered
+                            if p.round == r and p.owner == me:
+                                header = self._files[p.file].header if p.file in rp.headers else b""
+                                uploader.submit(p, assemble(p, header, pieces.get(p, [])))
+                                progress.update(p.hi - p.lo)
                         del pieces, received
-                        etags += upload_round(self.target, names, rp.uploads, owned, self.thread_count)
-                        progress.update(sum(p.hi - p.lo for p, _ in owned))
                     except Exception as e:
                         failure = e
+            if failure is None:
+                try:
+                    etags = uploader.etags()
+                    self.target.close_local()
+                except Exception as e:
+                    failure = e
             progress.close()
             failed = torch.tensor([0 if failure is None else 1])
             if group is not None:
@@ -415,9 +424,13 @@ class HFStorageWriter(StorageWriter):
                 raise failure or RuntimeError("another rank failed while uploading (see its error); "
                                               "every upload of this save was aborted")
         except BaseException:
+            uploader.close()
+            self.target.discard_local()
             if self.is_coordinator:
                 self._abort_uploads()
             raise
+        finally:
+            uploader.close()
         return self._result(total, etags)
 
     @staticmethod
@@ -479,7 +492,7 @@ class HFStorageWriter(StorageWriter):
                         etags.setdefault(n, []).append((number, etag))
         try:
             for n, f in enumerate(self._files):
-                self.target.complete(f.name, self._uploads[n], etags.get(n, []))
+                self.target.complete(f.name, self._uploads[n], etags.get(n, []), f.size)
                 del self._uploads[n]
         except BaseException:
             self._abort_uploads()
