@@ -182,6 +182,10 @@ class FsspecStore:
         dst[:] = blob
 
 
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
 class S3Store(FsspecStore):
     """S3 through s3fs, except the bulk ranged GETs: those go through a thread-safe botocore
     client from the reader's threads, so many responses are read in parallel (s3fs serves every
@@ -191,26 +195,28 @@ class S3Store(FsspecStore):
         super().__init__(url, storage_options)
         self.storage_options = storage_options
         self._client = None
-        self._lock = threading.Lock()
 
     def client(self):
-        with self._lock:  # one client (building one is costly); botocore clients are thread-safe
-            return self._client or self._make_client()
-
-    def _make_client(self):
+        """The process's botocore client for this endpoint and these credentials: building one
+        costs ~0.1 s, and botocore clients are thread-safe, so stores share it."""
         if self._client is None:
-            import botocore.config
-            import botocore.session
             opts = self.storage_options
             client_kwargs = dict(opts.get("client_kwargs") or {})
             endpoint = (client_kwargs.pop("endpoint_url", None) or opts.get("endpoint_url")
                         or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
-            config = botocore.config.Config(max_pool_connections=64,
-                                            retries={"max_attempts": self.attempts, "mode": "adaptive"})
-            self._client = botocore.session.get_session().create_client(
-                "s3", endpoint_url=endpoint, aws_access_key_id=opts.get("key"),
-                aws_secret_access_key=opts.get("secret"), aws_session_token=opts.get("token"),
-                config=config, **{k: v for k, v in client_kwargs.items() if k == "region_name"})
+            ident = (endpoint, opts.get("key"), opts.get("secret"), opts.get("token"),
+                     client_kwargs.get("region_name"))
+            with _CLIENTS_LOCK:
+                if ident not in _CLIENTS:
+                    import botocore.config
+                    import botocore.session
+                    config = botocore.config.Config(max_pool_connections=64,
+                                                    retries={"max_attempts": self.attempts, "mode": "adaptive"})
+                    _CLIENTS[ident] = botocore.session.get_session().create_client(
+                        "s3", endpoint_url=endpoint, aws_access_key_id=ident[1], aws_secret_access_key=ident[2],
+                        aws_session_token=ident[3], config=config,
+                        **({"region_name": ident[4]} if ident[4] else {}))
+                self._client = _CLIENTS[ident]
         return self._client
 
     def _fetch(self, handle, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
@@ -230,17 +236,23 @@ class S3Store(FsspecStore):
         return [get(a, b) for a, b in ranges]
 
     def _fetch_into(self, handle, name: str, a: int, b: int, dst: memoryview) -> None:
-        """One ranged GET read straight into ``dst`` (no intermediate bytes object)."""
+        """One ranged GET read straight into ``dst``: from the socket through http.client's
+        ``readinto`` (urllib3's own ``readinto`` reads into a new bytes object and copies)."""
         from botocore.exceptions import BotoCoreError, ClientError
         bucket, _, key = handle[0].partition("/")
         try:
-            raw = self.client().get_object(Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}")["Body"]
+            body = self.client().get_object(Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}")["Body"]
+            response = body._raw_stream  # urllib3's response; S3 objects carry no content encoding
+            fp = getattr(response, "_fp", None) or response
             got = 0
-            while got < len(dst):
-                n = raw._raw_stream.readinto(dst[got:])
-                if not n:
-                    break
-                got += n
+            try:
+                while got < len(dst):
+                    n = fp.readinto(dst[got:])
+                    if not n:
+                        break
+                    got += n
+            finally:
+                response.release_conn()
         except ClientError as e:
             raise OSError(f"{self.where(name)}: bytes {a}-{b}: {e}") from e
         except BotoCoreError as e:
