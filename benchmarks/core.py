@@ -17,6 +17,8 @@ from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape
 SAVE_BASELINES_1 = ["safetensors_save_file", "torch_hf_writer"]
 SAVE_BASELINES_N = ["torch_hf_writer_consolidated", "dcp_filesystem_writer"]
 LOAD_BASELINES = ["safe_open_copy", "torch_hf_reader"]
+SHARDINGS = [(2, "shard0", "Shard(0)"), (2, "shard1", "Shard(1)"), (4, "shard0", "Shard(0)"),
+             (4, "shard1", "Shard(1)"), (4, "mesh2d", "2x2 mesh (Shard(0), Shard(1))")]
 
 
 def scaled_shape(size_gb: float) -> LlamaShape:
@@ -40,21 +42,27 @@ def _fill(t: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def build_state(shape: LlamaShape, layout: str, empty: bool = False) -> dict[str, torch.Tensor]:
-    """Plain tensors (``full``) or DTensors sharded on dim 0 / dim 1 over all ranks; each rank
-    allocates only its own chunk. ``empty``: zeroed destinations for loads."""
+    """Plain tensors (``full``), DTensors sharded on dim 0 / dim 1 over all ranks, or on a 2 x N/2
+    mesh (``mesh2d``: rows over one mesh dim, columns over the other); each rank allocates only
+    its own chunk. ``empty``: zeroed destinations for loads."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     out: dict[str, torch.Tensor] = {}
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),)) if layout != "full" else None
+    world = dist.get_world_size() if layout != "full" else 1
+    mesh = None if layout == "full" else init_device_mesh(
+        "cpu", (2, world // 2) if layout == "mesh2d" else (world,))
     for i, (key, full) in enumerate(shape.tensors().items()):
         if mesh is None:
             t = torch.empty(full, dtype=torch.bfloat16)
             out[key] = t.zero_() if empty else _fill(t, i)
             continue
-        placements = [Shard(min(1 if layout == "shard1" else 0, len(full) - 1))]
+        if layout == "mesh2d":  # rows over the first mesh dim, columns over the second
+            placements = [Shard(0), Shard(min(1, len(full) - 1))]
+        else:
+            placements = [Shard(min(1 if layout == "shard1" else 0, len(full) - 1))]
         sizes, offsets = compute_local_shape_and_global_offset(full, mesh, placements)
         local = torch.empty(sizes, dtype=torch.bfloat16)
         # Load destinations are zero-filled: page faults on first touch are not I/O.
@@ -190,11 +198,9 @@ def _write_reference(rank, world, shape, path):
 
 def run(root: str, size_gb: float, repeat: int, cold: bool) -> list[dict]:
     shape = scaled_shape(size_gb)
-    cases = [
-        ("save, 1 process", "save", 1, "full", ["ours"] + SAVE_BASELINES_1),
-        ("save, 2 ranks Shard(0)", "save", 2, "shard0", ["ours"] + SAVE_BASELINES_N),
-        ("save, 2 ranks Shard(1)", "save", 2, "shard1", ["ours"] + SAVE_BASELINES_N),
-    ]
+    cases = [("save, 1 process", "save", 1, "full", ["ours"] + SAVE_BASELINES_1)]
+    cases += [(f"save, {world} ranks {name}", "save", world, layout, ["ours"] + SAVE_BASELINES_N)
+              for world, layout, name in SHARDINGS]
     results = []
     for name, mode, world, layout, ops in cases:
         print(f"  running: {name} ...", flush=True)
@@ -202,9 +208,8 @@ def run(root: str, size_gb: float, repeat: int, cold: bool) -> list[dict]:
                                 repeat))
         shutil.rmtree(os.path.join(root, "save"), ignore_errors=True)
     write_reference_checkpoint(shape, root)
-    for name, world, layout in [("load full, 1 process", 1, "full"),
-                                ("load resharded, 2 ranks Shard(0)", 2, "shard0"),
-                                ("load resharded, 2 ranks Shard(1)", 2, "shard1")]:
+    for name, world, layout in [("load full, 1 process", 1, "full")] + [
+            (f"load resharded, {world} ranks {name}", world, layout) for world, layout, name in SHARDINGS]:
         print(f"  running: {name} ...", flush=True)
         results.append(run_case(name, "load", world, shape, layout, ["ours"] + LOAD_BASELINES, root,
                                 repeat, cold))

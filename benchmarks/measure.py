@@ -88,7 +88,8 @@ def machine() -> dict:
 
 def write_results(results: dict, out_dir: str) -> str:
     """Write ``benchmarks/results/<date>-<host>.json``; cases already there from another suite
-    run the same day are kept (a case run again replaces its old entry)."""
+    run the same day are kept (a case run again replaces its old entry, a planning row its
+    layout and rank count)."""
     os.makedirs(out_dir, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     path = os.path.join(out_dir, f"{stamp}-{socket.gethostname()}.json")
@@ -96,8 +97,12 @@ def write_results(results: dict, out_dir: str) -> str:
         with open(path) as f:
             old = json.load(f)
         fresh = {r["case"] for r in results["results"]}
-        results = {**results, "results": [r for r in old.get("results", []) if r["case"] not in fresh]
-                   + results["results"]}
+        planned = {(r["layout"], r["ranks"]) for r in results["planning"]}
+        results = {**results,
+                   "results": [r for r in old.get("results", []) if r["case"] not in fresh] + results["results"],
+                   "planning": sorted([r for r in old.get("planning", []) if (r["layout"], r["ranks"]) not in planned]
+                                      + results["planning"], key=lambda r: (r["layout"], r["ranks"])),
+                   "planning_read": results["planning_read"] or old.get("planning_read")}
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     return path

@@ -188,21 +188,46 @@ def simulate(kind: str, world: int, root: str, max_shard_size: str) -> dict:
             "scattered_bytes": sum(scattered), "largest_global_plan_bytes": max(scattered)}
 
 
+def read_headers(root: str, max_shard_size: str) -> dict:
+    """Time what a load starts with on such a checkpoint: the index json, then every file's
+    header (one process; each rank of a load reads the index and the headers it needs). The
+    checkpoint is written with real headers and no tensor data (sparse files)."""
+    from dcp_hf import HFStorageReader
+    from dcp_hf.format import INDEX_NAME, TensorSpec, encode_index, layout_files, natural_key, parse_size
+
+    specs = sorted((TensorSpec(k, dtype, shape) for k, (shape, dtype) in dsv3_hf_specs().items()),
+                   key=lambda s: natural_key(s.key))
+    files = layout_files(specs, parse_size(max_shard_size))
+    path = os.path.join(root, "dsv3-headers")
+    os.makedirs(path, exist_ok=True)
+    for f in files:
+        with open(os.path.join(path, f.name), "wb") as out:
+            out.write(f.header)
+            out.truncate(f.size)
+    weight_map = {key: f.name for f in files for key in f.offsets}
+    with open(os.path.join(path, INDEX_NAME), "wb") as out:
+        out.write(encode_index(sum(f.size - len(f.header) for f in files), weight_map))
+    reader = HFStorageReader(path)
+    t0 = time.perf_counter()
+    reader.read_metadata()
+    t1 = time.perf_counter()
+    reader.load_headers(set(reader.weight_map.values()))
+    t2 = time.perf_counter()
+    return {"files": len(files), "tensors": len(weight_map), "index_s": t1 - t0, "headers_s": t2 - t1,
+            "header_bytes": sum(len(f.header) for f in files),
+            "checkpoint_bytes": sum(f.size for f in files)}
+
+
 def run(root: str, ranks=(64, 128, 256, 512, 1024), kinds=("fsdp", "megatron"),
-        max_shard_size: str = "4.3GB") -> list[dict]:
+        max_shard_size: str = "4.3GB") -> tuple[list[dict], dict]:
     os.makedirs(root, exist_ok=True)
     rows = []
-    for kind in kinds:
-        for world in ranks:
-            print(f"  simulating: {kind} on {world} ranks ...", flush=True)
-            rows.append(simulate(kind, world, root, max_shard_size))
-            print("   ", rows[-1], flush=True)
-    shutil.rmtree(root, ignore_errors=True)
-    return rows
-
-
-if __name__ == "__main__":
-    import sys
-    kinds = sys.argv[1].split(",") if len(sys.argv) > 1 else ("fsdp", "megatron")
-    ranks = tuple(int(x) for x in sys.argv[2].split(",")) if len(sys.argv) > 2 else (64,)
-    run("/tmp/plan-sim", ranks, kinds)
+    try:
+        for kind in kinds:
+            for world in ranks:
+                print(f"  simulating: {kind} on {world} ranks ...", flush=True)
+                rows.append(simulate(kind, world, root, max_shard_size))
+        print("  reading the index and headers of a DeepSeek-V3-shaped checkpoint ...", flush=True)
+        return rows, read_headers(root, max_shard_size)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
