@@ -43,7 +43,7 @@ class StreamingSavePlanner(HFSavePlanner):
         box = TensorBox(out, [c + o for c, o in zip(chunk_lo, lo)], tuple(value.size()))
         planner = HFLoadPlanner(self.source_layout)
         planner.set_up_planner({source.fqn: box}, self.source_metadata, True)
-        plan = planner.create_local_plan()
+        plan = planner.finish_plan(planner.create_local_plan())
         self.source.read_data(plan, planner).wait()
         return out
 

@@ -131,3 +131,33 @@ def test_replicas_from_different_tensors_fail(tmp_path):
     layout = Layout(renames=(Rename("a.", "x."), Rename("b.", "x.")))
     with pytest.raises(StateDictMismatchError, match="from different in-memory tensors"):
         simulate_save_plans(states, str(tmp_path / "out"), layout)
+
+
+def test_load_plans_stay_small_and_unloaded_keys_are_found(tmp_path):
+    """With HFStorageReader a rank sends the coordinator only the code of the keys it loads (its
+    read items stay with it); the check that every tensor is loaded by some rank still holds."""
+    from safetensors.torch import save_file
+
+    from dcp_hf import HFLoadPlanner, HFStorageReader
+    world = 32
+    shapes = {f"model.layers.{i}.mlp.experts.{e}.w": (64, 8) for i in range(4) for e in range(32)}
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(tmp_path / "model.safetensors"))
+    metadata = HFStorageReader(str(tmp_path)).read_metadata()
+
+    def plans(keys):
+        out = []
+        for rank in range(world):
+            planner = HFLoadPlanner()
+            state = {k: box(shapes[k], (2 * rank, 0), (2, 8), torch.float32) for k in keys}
+            planner.set_up_planner(state, metadata, rank == 0)
+            out.append((planner, planner.create_local_plan()))
+        return out
+
+    ranks = plans(shapes)
+    assert max(len(pickle.dumps(p)) for _, p in ranks) < 600
+    central = ranks[0][0].create_global_plan([p for _, p in ranks])
+    items = ranks[5][0].finish_plan(central[5]).items
+    assert len(items) == len(shapes) and {tuple(i.storage_offsets) for i in items} == {(10, 0)}
+    partial = plans([k for k in shapes if ".experts.31." not in k])
+    with pytest.raises(StateDictMismatchError, match="4 tensor.s. of the checkpoint are loaded by no rank"):
+        partial[0][0].create_global_plan([p for _, p in partial])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Iterable
 
@@ -14,6 +15,7 @@ from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 from dcp_hf.boxes import overlap
 from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.layouts import IDENTITY, Layout, Piece, mem_view
+from dcp_hf.planners.keysets import decode_keys, encode_keys
 from dcp_hf.tensor_box import TensorBox, find_chunk
 
 
@@ -57,6 +59,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         self.allow_unexpected = _KeyFilter(allow_unexpected)
         self._pieces: dict[str, list[Piece]] = {}
         self._views: dict[ReadItem, tuple] = {}
+        self._local_items: list[ReadItem] | None = None
 
     def set_up_planner(self, state_dict, metadata: Metadata | None = None,
                        is_coordinator: bool = False) -> None:
@@ -115,7 +118,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
                 f"{', '.join(repr(k) for k in missing[:10])}{' ...' if len(missing) > 10 else ''}")
 
         items = []
-        self._views = {}
+        self._views, self._local_items = {}, None
         for key, pieces in self._pieces.items():
             value = self.state_dict[key]
             if hasattr(value, "device_mesh") and value.device_mesh.get_coordinate() is None:
@@ -125,11 +128,18 @@ class HFLoadPlanner(DefaultLoadPlanner):
                 for piece in pieces:
                     if piece.hf_key in stored:
                         items += self._read_items(key, c_off, c_size, piece, stored[piece.hf_key])
+        if getattr(md, "compact_plans", False):
+            # With HFStorageReader the read items stay here (finish_plan): the coordinator only
+            # needs which keys each rank loads, as a compact code, however many ranks there are.
+            self._local_items = items
+            return LoadPlan([], planner_data=encode_keys({i.storage_index.fqn for i in items}))
         return LoadPlan(items)
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
         if not self.allow_unexpected.everything:
             loaded = {item.storage_index.fqn for plan in global_plan for item in plan.items}
+            for code in {plan.planner_data for plan in global_plan if plan.planner_data is not None}:
+                loaded.update(decode_keys(code))
             unexpected = [k for k in sorted(self.metadata.state_dict_metadata)
                           if k not in loaded and not self.allow_unexpected(k)]
             if unexpected:
@@ -140,7 +150,24 @@ class HFLoadPlanner(DefaultLoadPlanner):
                     f" (pass allow_unexpected=[...patterns] or True to HFLoadPlanner for a partial load)")
         return super().create_global_plan(global_plan)
 
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        if self._local_items is not None:
+            return dataclasses.replace(central_plan, items=self._local_items)
+        return super().finish_plan(central_plan)
+
     def _read_items(self, key, c_off, c_size, piece: Piece, md_t: TensorStorageMetadata) -> list[ReadItem]:
+        if self.layout == IDENTITY and len(md_t.chunks) == 1 and md_t.chunks[0].sizes == md_t.size:
+            # The common case (an HF tensor is one chunk; the piece is the whole tensor): the
+            # chunk is read from where it lies.
+            if 0 in c_size and 0 not in md_t.size:  # an empty chunk of a non-empty tensor
+                return []
+            dims = tuple(range(len(c_off)))
+            item = ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(key, c_off),
+                            dest_offsets=torch.Size([0] * len(c_off)),
+                            storage_index=MetadataIndex(key, md_t.chunks[0].offsets),
+                            storage_offsets=torch.Size(c_off), lengths=torch.Size(c_size))
+            self._views[item] = (dims, (0,) * len(c_off), c_size)
+            return [item]
         hit = piece.intersect(c_off, c_size)
         if hit is None:
             return []

@@ -36,6 +36,7 @@ class HFMetadata(Metadata):
 
     checkpoint: str = ""
     allow_dtype_cast: bool = False
+    compact_plans: bool = True  # the reader takes load plans whose items stay on their rank
 
 
 class _LazyTensorMetadata(Mapping):
