@@ -99,8 +99,8 @@ def run(root: str, repeat: int, layers: int = 4, experts: int = 64, hidden: int 
             for op in samples:
                 samples[op] += run_ranks(_worker, 1, op, direction, source, os.path.join(root, f"out-{op}"),
                                          layers, experts, timeout=3600)
-        results.append({"case": f"experts {direction} ({nbytes / 1e9:.2f} GB, one layer "
-                                f"{nbytes / layers / 1e6:.0f} MB)", "mode": direction, "world": 1,
+        results.append({"case": f"experts {direction}, {layers} layers x {experts} experts "
+                                f"(one layer {nbytes / layers / 1e6:.0f} MB)", "mode": direction, "world": 1,
                         "state_bytes": nbytes,
                         "ops": {op: summarize(s, nbytes) for op, s in samples.items()}})
     check_same_tensors(os.path.join(root, "out-ours"), os.path.join(root, "out-mindspeed_style_offline"))

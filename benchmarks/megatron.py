@@ -258,7 +258,7 @@ def run(root: str, repeat: int, size_gb: float = 1.5) -> list[dict]:
     for mode in ("export", "import"):
         merged = {op: [merge_ranks([r[f"{mode} {op}"][i] for r in per_rank]) for i in range(repeat)]
                   for op in ops}
-        results.append({"case": f"Megatron {mode}, 4 ranks {LAYOUT} ({nbytes / 1e9:.2f} GB)", "mode": mode,
+        results.append({"case": f"Megatron {mode}, Qwen3-MoE shapes, 4 ranks {LAYOUT}", "mode": mode,
                         "world": 4, "layout": str(LAYOUT), "state_bytes": nbytes,
                         "ops": {op: summarize(s, nbytes) for op, s in merged.items()}})
     shutil.rmtree(root, ignore_errors=True)

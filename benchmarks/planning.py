@@ -218,6 +218,32 @@ def read_headers(root: str, max_shard_size: str) -> dict:
             "checkpoint_bytes": sum(f.size for f in files)}
 
 
+def load_plans(checkpoint: str, world: int = 1024) -> dict:
+    """Loading the DeepSeek-V3 checkpoint into FSDP2 Shard(0) on ``world`` ranks: the first and
+    last ranks' local load plans (time once the headers are read, and the bytes each sends: the
+    compact plan vs DCP's item plan of the same rank). A rank's plan does not depend on the
+    others', so a sample tells."""
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    from dcp_hf import HFLoadPlanner, HFStorageReader
+    reader = HFStorageReader(checkpoint)
+    metadata = reader.read_metadata()
+    reader.load_headers(set(reader.weight_map.values()))
+    specs = dsv3_hf_specs()
+    sample = (0, world - 1)
+    seconds, compact, items = [], [], []
+    for rank in sample:
+        planner = HFLoadPlanner()
+        t0 = time.perf_counter()
+        planner.set_up_planner(fsdp_state(specs, rank, world), metadata, rank == 0)
+        plan = planner.create_local_plan()
+        seconds.append(time.perf_counter() - t0)
+        compact.append(len(pickle.dumps(plan)))
+        items.append(len(pickle.dumps(LoadPlan(planner._local_items))))
+    return {"ranks": world, "sampled": list(sample), "local_plan_s_max": max(seconds),
+            "compact_plan_bytes_max": max(compact), "item_plan_bytes_max": max(items)}
+
+
 def run(root: str, ranks=(64, 128, 256, 512, 1024), kinds=("fsdp", "megatron"),
         max_shard_size: str = "4.3GB") -> tuple[list[dict], dict]:
     os.makedirs(root, exist_ok=True)
@@ -228,6 +254,9 @@ def run(root: str, ranks=(64, 128, 256, 512, 1024), kinds=("fsdp", "megatron"),
                 print(f"  simulating: {kind} on {world} ranks ...", flush=True)
                 rows.append(simulate(kind, world, root, max_shard_size))
         print("  reading the index and headers of a DeepSeek-V3-shaped checkpoint ...", flush=True)
-        return rows, read_headers(root, max_shard_size)
+        read = read_headers(root, max_shard_size)
+        print("  load plans of sampled ranks ...", flush=True)
+        read["load_plans"] = load_plans(os.path.join(root, "dsv3-headers"), max(ranks))
+        return rows, read
     finally:
         shutil.rmtree(root, ignore_errors=True)
