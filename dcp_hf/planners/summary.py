@@ -1,7 +1,7 @@
 """Save plans that stay small at scale: each rank's chunks as a few blocks, merged once.
 
 A rank's write items are grouped into *blocks*: the keys (a :mod:`keysets` code) that share
-global shape, dtype and chunk box. A rank of an FSDP2 job holding row r of each of 91k
+global shape, dtype and chunk box. A rank of an FSDP2 job holding a row slice of each of 90k
 DeepSeek-V3 tensors sends ~20 blocks of a few hundred bytes each instead of 91k write items; a
 Megatron rank sends one block per distinct shard shape. The coordinator merges the blocks of
 all ranks in time proportional to the number of distinct key sets and blocks, not to ranks x
@@ -50,10 +50,11 @@ class LocalSummary:
     blocks: list[Block]
 
 
-def summarize(entries: Iterable[tuple[str, tuple, torch.dtype, tuple, tuple, str]]) -> tuple[LocalSummary, list[list[str]]]:
-    """Group (key, shape, dtype, offsets, sizes, source) entries into blocks. Also returns each
-    block's keys (sorted). Chunks with no
-    elements are left out unless the whole tensor is empty (it must still be saved)."""
+def summarize(entries: Iterable[tuple[str, tuple, torch.dtype, tuple, tuple, str]]
+              ) -> tuple[LocalSummary, list[list[str]]]:
+    """Group (key, shape, dtype, offsets, sizes, source) entries into blocks; also return each
+    block's keys (sorted). Chunks with no elements are left out unless the whole tensor is
+    empty (it must still be saved)."""
     groups: dict[tuple, list[tuple[str, str]]] = {}
     for key, shape, dtype, offsets, sizes, source in entries:
         if 0 in sizes and 0 not in shape:
