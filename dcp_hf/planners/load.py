@@ -55,6 +55,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True,
                          allow_partial_load=True)
         self.layout = layout or IDENTITY
+        self._identity = self.layout == IDENTITY  # read items need no box arithmetic
         self.allow_missing = _KeyFilter(allow_missing)
         self.allow_unexpected = _KeyFilter(allow_unexpected)
         self._pieces: dict[str, list[Piece]] = {}
@@ -156,7 +157,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         return super().finish_plan(central_plan)
 
     def _read_items(self, key, c_off, c_size, piece: Piece, md_t: TensorStorageMetadata) -> list[ReadItem]:
-        if self.layout == IDENTITY and len(md_t.chunks) == 1 and md_t.chunks[0].sizes == md_t.size:
+        if self._identity and len(md_t.chunks) == 1 and md_t.chunks[0].sizes == md_t.size:
             # The common case (an HF tensor is one chunk; the piece is the whole tensor): the
             # chunk is read from where it lies.
             if 0 in c_size and 0 not in md_t.size:  # an empty chunk of a non-empty tensor

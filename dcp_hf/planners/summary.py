@@ -203,7 +203,7 @@ class MergedPlan:
             self.groups.append(_Group(keys, writers))
             for key in keys:
                 self.group_of[key] = gid
-        self._only = self._rank_rules(holders)
+        self._only = self._rank_rules()
 
     def _check_sources(self, key: str, box: Box, hs: list[_Holder]) -> None:
         """Replicas of a box must save it from the same in-memory tensors (comparable where
@@ -216,7 +216,7 @@ class MergedPlan:
                     f"HF tensor {key!r} at {list(box[0])} is saved by rank {other.rank} and rank "
                     f"{h.rank} from different in-memory tensors: two different tensors map to one key")
 
-    def _rank_rules(self, holders: dict[int, list[_Holder]]) -> dict[int, dict[int, object]]:
+    def _rank_rules(self) -> dict[int, dict[int, object]]:
         """Per rank, per block that does not write all its keys: DROP or the keys it keeps."""
         written: dict[tuple[int, int], list[tuple[_Group, slice]]] = {}
         for g in self.groups:
@@ -257,7 +257,6 @@ class MergedPlan:
             keys = self.key_lists[self.block_set[rank, b]]
             for key in RankAssignment(rules).keeps(b, keys):
                 yield key, block.offsets, block.sizes
-
 
 
 def encode_table(specs: Iterable[TensorSpec]) -> dict[tuple, KeyCode]:
