@@ -17,6 +17,19 @@ class CheckpointExistsError(DcpHfError, FileExistsError):
     """The destination already holds a checkpoint and overwrite was not asked for."""
 
 
+class CheckpointNotFoundError(DcpHfError, FileNotFoundError):
+    """No checkpoint at the given path."""
+
+
+class MixedCheckpointError(CheckpointFormatError):
+    """Files of two different saves in one checkpoint: it was overwritten while being read, or
+    a save into it was interrupted on a store without atomic folder commit."""
+
+
+class CheckpointBusyError(DcpHfError, RuntimeError):
+    """Another save into the same folder holds its lock."""
+
+
 class PeerRankError(DcpHfError, RuntimeError):
     """Another rank failed; the message holds its reason."""
 

@@ -48,7 +48,7 @@ def test_every_dtype_round_trips_and_reads_with_safetensors(tmp_path):
     with open(tmp_path / "model.safetensors", "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    assert n % 8 == 0 and header["__metadata__"] == {"format": "pt"}
+    assert n % 8 == 0 and header["__metadata__"]["format"] == "pt" and len(header["__metadata__"]["dcp_hf_save_id"]) == 12
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         for k in f.keys():
             if "uint16" in k or "uint32" in k or "uint64" in k or "complex" in k:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from dcp_hf.errors import CheckpointFormatError
+from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError
 from dcp_hf.format.dtypes import dtype_from_name, itemsize, name_from_dtype
 
 # The limit the safetensors reference implementation enforces.
@@ -54,6 +54,10 @@ def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...], int, in
     with begin/end relative to the data region. Padded with spaces so data starts 8-aligned."""
     header: dict[str, object] = {METADATA_KEY: dict(metadata or {"format": "pt"})}
     for name, dtype, shape, begin, end in entries:
+        if name == METADATA_KEY:
+            raise StateDictMismatchError(
+                f"tensor {name!r}: the name is reserved by safetensors for the file's metadata; "
+                f"rename the tensor")
         header[name] = {"dtype": name_from_dtype(dtype, key=name), "shape": list(shape),
                         "data_offsets": [begin, end]}
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -14,6 +14,10 @@ from dcp_hf.format.dtypes import itemsize
 from dcp_hf.format.header import encode_header
 
 INDEX_NAME = "model.safetensors.index.json"
+# The id of the save that wrote a file: in every file's ``__metadata__`` and in the index's
+# ``metadata``, so a reader can refuse files of two different saves (a racing overwrite or an
+# interrupted commit on an object store) instead of loading a mix.
+SAVE_ID_KEY = "dcp_hf_save_id"
 SINGLE_FILE_NAME = "model.safetensors"
 FILE_PATTERN = "model{suffix}.safetensors"
 
@@ -44,13 +48,22 @@ def check_file_name(name: object, where: str) -> str:
     return name
 
 
-def encode_index(total_size: int, weight_map: dict[str, str]) -> bytes:
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+def encode_index(total_size: int, weight_map: dict[str, str], save_id: str | None = None) -> bytes:
+    metadata: dict[str, object] = {"total_size": total_size}
+    if save_id is not None:
+        metadata[SAVE_ID_KEY] = save_id
+    index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
     return (json.dumps(index, indent=2) + "\n").encode("utf-8")
 
 
 def decode_index(data: bytes, where: str) -> dict[str, str]:
     """The weight map of an index json, validated (key -> file name)."""
+    return decode_index_and_id(data, where)[0]
+
+
+def decode_index_and_id(data: bytes, where: str) -> tuple[dict[str, str], str | None]:
+    """The weight map of an index json, validated (key -> file name), and the id of the save
+    that wrote it (None for checkpoints written by other tools)."""
     try:
         index = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -60,7 +73,11 @@ def decode_index(data: bytes, where: str) -> dict[str, str]:
         raise CheckpointFormatError(f"{where}: no 'weight_map' object")
     for key, file in weight_map.items():
         check_file_name(file, f"{where}: key {key!r}")
-    return weight_map
+    metadata = index.get("metadata")
+    save_id = metadata.get(SAVE_ID_KEY) if isinstance(metadata, dict) else None
+    if save_id is not None and not isinstance(save_id, str):
+        raise CheckpointFormatError(f"{where}: metadata {SAVE_ID_KEY!r} must be a string")
+    return weight_map, save_id
 
 
 _DIGITS = re.compile(r"([0-9]+)")
@@ -99,10 +116,11 @@ class FileLayout:
     specs: dict[str, TensorSpec]
 
 
-def layout_files(specs: list[TensorSpec], max_shard_size: int) -> list[FileLayout]:
+def layout_files(specs: list[TensorSpec], max_shard_size: int, save_id: str | None = None) -> list[FileLayout]:
     """Group tensors into files exactly as huggingface_hub does (greedy, in order, under
     ``max_shard_size``) and lay out each file. Inside a file, tensors are ordered by
-    descending item size so every tensor's data is aligned to its dtype."""
+    descending item size so every tensor's data is aligned to its dtype. ``save_id`` goes in
+    every header's ``__metadata__``."""
     by_key = {s.key: s for s in specs}
     split = split_state_dict_into_shards_factory(
         by_key, get_storage_size=lambda s: s.nbytes, get_storage_id=lambda s: None,
@@ -114,7 +132,7 @@ def layout_files(specs: list[TensorSpec], max_shard_size: int) -> list[FileLayou
         for s in ordered:
             entries.append((s.key, s.dtype, s.shape, pos, pos + s.nbytes))
             pos += s.nbytes
-        header = encode_header(entries)
+        header = encode_header(entries, None if save_id is None else {"format": "pt", SAVE_ID_KEY: save_id})
         offsets = {key: len(header) + begin for key, _, _, begin, _ in entries}
         files.append(FileLayout(name, header, len(header) + pos, offsets,
                                 {s.key: s for s in ordered}))

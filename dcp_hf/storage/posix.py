@@ -12,6 +12,7 @@ import torch
 
 from dcp_hf.boxes import RunGrid
 from dcp_hf.errors import CheckpointFormatError
+from dcp_hf.storage.commit import fsync_dir, write_new_file  # noqa: F401 - fsync_dir re-exported
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -110,55 +111,38 @@ def _pwrite_grid(fd: int, base: int, grid: RunGrid, src: memoryview) -> None:
 
 
 def read_runs(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) -> int:
-    """Read the grid's runs at file offset ``base`` into ``dst`` (in order). Large runs are
-    read with ``preadv`` straight into ``dst``; small strided runs are copied out of a
-    read-only mapping in one strided copy (the page cache reads whole pages anyway). Returns
-    the bytes of the file touched."""
+    """Read the grid's runs at file offset ``base`` into ``dst`` (in order), with positional
+    reads only (a mapping would turn a file truncated under the reader into SIGBUS). Large
+    runs are read straight into ``dst``; small runs close together are read as one span and
+    copied out with one strided copy. Returns the bytes of the file read."""
     n = grid.run_len
     if n < SMALL_RUN and grid.num_runs > 1:
         lo, hi = grid_span(grid)
         per_payload = max(n, int(MAP_SPAN * grid.nbytes / (hi - lo)))
         touched = 0
         for g, off in grid.split(per_payload):
-            touched += _read_mapped(fd, base, g, dst[off:off + g.nbytes], file)
+            touched += _read_span(fd, base, g, dst[off:off + g.nbytes], file)
         return touched
     for i, start in enumerate(grid.starts()):
         pread_into(fd, dst[i * n:(i + 1) * n], base + start, file)
     return grid.nbytes
 
 
-def _read_mapped(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) -> int:
+def _read_span(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) -> int:
     lo, hi = grid_span(grid)
-    lo, hi = base + lo, base + hi
-    if hi > os.fstat(fd).st_size:
-        raise CheckpointFormatError(f"{file}: unexpected end of file before byte {hi}; truncated?")
-    if not grid.counts:
-        pread_into(fd, dst, lo, file)
+    if not grid.counts or hi - lo > 4 * grid.nbytes + SMALL_RUN:  # sparse: run by run
+        n = grid.run_len
+        for i, start in enumerate(grid.starts()):
+            pread_into(fd, dst[i * n:(i + 1) * n], base + start, file)
         return grid.nbytes
-    map_off = lo - lo % _PAGE
-    # ACCESS_COPY: a private mapping, writable for torch.frombuffer, never written here.
-    with mmap.mmap(fd, hi - map_off, offset=map_off, access=mmap.ACCESS_COPY) as m:
-        src = torch.frombuffer(m, dtype=torch.uint8).as_strided(
-            grid.counts + (grid.run_len,), grid.strides + (1,), lo - map_off)
-        torch.frombuffer(dst, dtype=torch.uint8).view(src.shape).copy_(src)
-        del src
-    pages_per_run = -(-grid.run_len // _PAGE) + 1
-    return min(hi - lo, grid.num_runs * pages_per_run * _PAGE)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    span = torch.empty(hi - lo, dtype=torch.uint8)
+    pread_into(fd, byte_view(span), base + lo, file)
+    src = span.as_strided(grid.counts + (grid.run_len,), grid.strides + (1,), 0)
+    torch.frombuffer(dst, dtype=torch.uint8).view(src.shape).copy_(src)
+    return hi - lo
 
 
 def write_file_atomic(path: str, data: bytes) -> None:
-    """Write a small file under a temporary name, fsync it, then rename it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a small file under an unpredictable temporary name (created ``O_EXCL|O_NOFOLLOW``),
+    fsync it, then rename it into place."""
+    write_new_file(os.path.dirname(path) or ".", os.path.basename(path), data)

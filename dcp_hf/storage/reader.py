@@ -2,10 +2,15 @@
 
 Metadata comes from the index json; a file's header is read (and validated) only when a key
 in it is first needed, once per process. Reads go straight into the destination tensors.
+
+A load never mixes two saves: each file is opened once (header and data from the same
+descriptor, or on S3 the same ETag), every file must carry the save id the index records, and
+all ranks check they read the coordinator's save.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -22,8 +27,10 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcp_hf.boxes import box_runs
-from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError
-from dcp_hf.format import INDEX_NAME, SINGLE_FILE_NAME, FileHeader, TensorEntry, decode_index, read_header
+from dcp_hf.errors import (CheckpointFormatError, CheckpointNotFoundError, DcpHfError, MixedCheckpointError,
+                           StateDictMismatchError)
+from dcp_hf.format import (INDEX_NAME, SAVE_ID_KEY, SINGLE_FILE_NAME, FileHeader, TensorEntry,
+                           decode_index_and_id, read_header)
 from dcp_hf.format.dtypes import itemsize
 from dcp_hf.progress import log_throughput
 from dcp_hf.storage.posix import byte_view
@@ -37,6 +44,13 @@ class HFMetadata(Metadata):
     checkpoint: str = ""
     allow_dtype_cast: bool = False
     compact_plans: bool = True  # the reader takes load plans whose items stay on their rank
+
+
+@dataclass(frozen=True)
+class _SaveCheck:
+    """The coordinator's save id, sent to every rank with its load plan."""
+
+    save_id: str | None
 
 
 class _LazyTensorMetadata(Mapping):
@@ -68,6 +82,22 @@ class _LazyTensorMetadata(Mapping):
                                    if k in self._reader.weight_map})
 
 
+class _FailedMetadata(Mapping):
+    """The metadata of a checkpoint that could not be read: any use raises the reason."""
+
+    def __init__(self, error: Exception):
+        self._error = error
+
+    def __getitem__(self, key):
+        raise self._error
+
+    def __iter__(self):
+        raise self._error
+
+    def __len__(self):
+        raise self._error
+
+
 class HFStorageReader(StorageReader):
     """Read a Hugging Face safetensors checkpoint with ``torch.distributed.checkpoint.load``.
 
@@ -95,15 +125,31 @@ class HFStorageReader(StorageReader):
         self.io_chunk_bytes = io_chunk_bytes or ((8 << 20) if self.store.remote else (32 << 20))
         self.weight_map: dict[str, str] = {}
         self.headers: dict[str, FileHeader] = {}
+        self.save_id: str | None = None  # of the index (or the files, without one)
         self.bytes_read = 0
         self._lock = threading.Lock()
+        self._handles: dict[str, object] = {}  # file -> open handle, from its header read on
 
     # -- DCP protocol -------------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
             self.store = open_store(self.path, self.storage_options)
-        self.weight_map, self.headers, self.bytes_read = {}, {}, 0
+        self.close()
+        self.weight_map, self.headers, self.bytes_read, self.save_id = {}, {}, 0, None
+
+    def close(self) -> None:
+        """Close the files held open since their headers were read (``read_data`` does)."""
+        with self._lock:
+            handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            self.store.close(handle)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
@@ -111,23 +157,56 @@ class HFStorageReader(StorageReader):
         return store.exists(INDEX_NAME) or store.exists(SINGLE_FILE_NAME)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
+        if kwargs.get("rank") is not None and self._metadata_error is not None:
+            raise self._metadata_error  # DCP's second try: the first error, not its wrapper
         if not self.weight_map:
-            self.weight_map = self._read_weight_map()
+            try:
+                self.weight_map = self._read_weight_map()
+            except DcpHfError as e:
+                # DCP would hide this behind "AssertionError: metadata is None": raise it from
+                # set_up_storage_reader instead, where DCP reports it as it is, on every rank.
+                self._metadata_error = e
+                return HFMetadata(state_dict_metadata=_FailedMetadata(e), checkpoint=self.path)
         return HFMetadata(state_dict_metadata=_LazyTensorMetadata(self),
                           storage_meta=StorageMeta(checkpoint_id=self.path),
                           checkpoint=self.path, allow_dtype_cast=self.allow_dtype_cast)
 
+    _metadata_error: DcpHfError | None = None
+
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
         self.is_coordinator = is_coordinator
+        if self._metadata_error is not None:
+            error, self._metadata_error = self._metadata_error, None
+            raise error
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        check = _SaveCheck(self.save_id)
+        return [dataclasses.replace(p, storage_data=check) for p in plans]
+
+    def _check_same_save(self, plan: LoadPlan) -> None:
+        check = plan.storage_data
+        if isinstance(check, _SaveCheck) and check.save_id != self.save_id:
+            raise MixedCheckpointError(
+                f"{self.store.where(INDEX_NAME)}: this rank read save {self.save_id}, the "
+                f"coordinator save {check.save_id}: the checkpoint was overwritten during the "
+                f"load; load again")
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         start = time.perf_counter()
+        try:
+            self._check_same_save(plan)
+            needed = self._read_plan(plan, planner)
+        finally:
+            self.close()
+        log_throughput("loaded", needed, time.perf_counter() - start, self.path)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_plan(self, plan: LoadPlan, planner: LoadPlanner) -> int:
         # Check every item before reading anything, so a bad request modifies no destination.
         work = []
         for item in sorted(plan.items, key=lambda i: (self._file_of(i), self.entry(i.storage_index.fqn).start)):
@@ -138,37 +217,35 @@ class HFStorageReader(StorageReader):
             dest = planner.resolve_tensor(item).detach()
             self._check_destination(item, entry, dest)
             work.append((item, entry, dest))
-        tasks, handles = [], {}
-        try:
-            for item, entry, dest in work:
-                file = self.weight_map[entry.name]
-                if file not in handles:
-                    handles[file] = self.store.open(file)
-                tasks += self._slab_tasks(item, entry, dest, handles[file], file)
-            with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
-                self.bytes_read += sum(pool.map(lambda task: task(), tasks))
-        finally:
-            for handle in handles.values():
-                self.store.close(handle)
+        tasks = []
+        for item, entry, dest in work:
+            file = self.weight_map[entry.name]
+            tasks += self._slab_tasks(item, entry, dest, self._handle(file), file)
+        with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
+            self.bytes_read += sum(pool.map(lambda task: task(), tasks))
         for item, _, dest in work:
             planner.commit_tensor(item, dest)
-        needed = sum(math.prod(i.lengths) * itemsize(e.dtype) for i, e, _ in work)
-        log_throughput("loaded", needed, time.perf_counter() - start, self.path)
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
+        return sum(math.prod(i.lengths) * itemsize(e.dtype) for i, e, _ in work)
 
     # -- metadata -----------------------------------------------------------------------------
     def _read_weight_map(self) -> dict[str, str]:
         if self.store.exists(INDEX_NAME):
-            return decode_index(self.store.read(INDEX_NAME), self.store.where(INDEX_NAME))
+            weight_map, self.save_id = decode_index_and_id(self.store.read(INDEX_NAME),
+                                                           self.store.where(INDEX_NAME))
+            return weight_map
         if not self.store.is_folder():
-            raise FileNotFoundError(f"{self.path}: no such checkpoint folder")
+            raise CheckpointNotFoundError(f"{self.path}: no such checkpoint folder{self.store.missing_hint()}")
         files = [n for n in self.store.list() if n.endswith(".safetensors") and not n.startswith(".")]
         if not files:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"{self.path}: no {INDEX_NAME} and no .safetensors file; not an HF checkpoint")
         self.load_headers(files)
+        ids = {f: (self.headers[f].metadata or {}).get(SAVE_ID_KEY) for f in sorted(files)}
+        if len(set(ids.values())) > 1:
+            raise MixedCheckpointError(
+                f"{self.path}: files of different saves: " + ", ".join(f"{f} (save {i})" for f, i in ids.items())
+                + "; the checkpoint was overwritten while being read, or a save into it was interrupted")
+        self.save_id = next(iter(ids.values()))
         weight_map: dict[str, str] = {}
         for file in files:
             for key in self.headers[file].tensors:
@@ -190,30 +267,74 @@ class HFStorageReader(StorageReader):
         with self._lock:
             if file in self.headers:
                 return self.headers[file]
+        header, handle = self._open(file)
+        with self._lock:
+            if file in self.headers:  # read concurrently by another thread: keep one
+                self.store.close(handle)
+            else:
+                self.headers[file], self._handles[file] = header, handle
+            return self.headers[file]
+
+    def _open(self, file: str) -> tuple[FileHeader, object]:
+        """Open a file and read its header, checked against the index; the data is read later
+        through the same handle (so it cannot come from another file put at the name)."""
         path = self.store.where(file)
         try:
             handle = self.store.open(file)
-        except CheckpointFormatError:
+        except CheckpointFormatError as e:
+            if "missing from the checkpoint" not in str(e):
+                raise
             raise CheckpointFormatError(
                 f"{path}: named by {INDEX_NAME} but missing from the checkpoint") from None
         try:
             header = read_header(lambda off, n: self.store.read_range(handle, off, n), path,
                                  self.store.size(handle))
-        finally:
+            if self.weight_map:
+                self._check_save_id(header, path)
+                self._check_index_agrees(header, file, path)
+        except BaseException:
             self.store.close(handle)
-        if self.weight_map:  # the index must agree with the header, both ways
-            for key in header.tensors:
-                if self.weight_map.get(key) != file:
-                    raise CheckpointFormatError(
-                        f"{path}: holds {key!r}, but {INDEX_NAME} maps it to "
-                        f"{self.weight_map.get(key)!r}")
-            for key, f in self.weight_map.items():
-                if f == file and key not in header.tensors:
-                    raise CheckpointFormatError(
-                        f"{path}: {INDEX_NAME} maps {key!r} to this file, but its header lacks it")
+            raise
+        return header, handle
+
+    def _handle(self, file: str):
+        """The open handle of a file whose header was read (reopened, and the header checked
+        unchanged, after an earlier ``read_data`` closed it)."""
         with self._lock:
-            self.headers[file] = header
-        return header
+            handle = self._handles.get(file)
+        if handle is not None:
+            return handle
+        header, handle = self._open(file)
+        with self._lock:
+            if header != self.headers[file]:
+                self.store.close(handle)
+                raise MixedCheckpointError(f"{self.store.where(file)}: changed since its header was "
+                                           f"read (the checkpoint was overwritten); load again")
+            if file in self._handles:
+                self.store.close(handle)
+            else:
+                self._handles[file] = handle
+            return self._handles[file]
+
+    def _check_index_agrees(self, header: FileHeader, file: str, path: str) -> None:
+        """The index must agree with the header, both ways."""
+        for key in header.tensors:
+            if self.weight_map.get(key) != file:
+                raise CheckpointFormatError(
+                    f"{path}: holds {key!r}, but {INDEX_NAME} maps it to "
+                    f"{self.weight_map.get(key)!r}")
+        for key, f in self.weight_map.items():
+            if f == file and key not in header.tensors:
+                raise CheckpointFormatError(
+                    f"{path}: {INDEX_NAME} maps {key!r} to this file, but its header lacks it")
+
+    def _check_save_id(self, header: FileHeader, path: str) -> None:
+        got = (header.metadata or {}).get(SAVE_ID_KEY)
+        if got != self.save_id:
+            raise MixedCheckpointError(
+                f"{path}: written by save {got}, but {INDEX_NAME} is of save {self.save_id}: the "
+                f"checkpoint was overwritten while being read, or a save into it was interrupted "
+                f"(files of two saves); load again, or save the checkpoint again")
 
     def entry(self, key: str) -> TensorEntry:
         try:

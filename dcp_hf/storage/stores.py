@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import threading
 import time
 from typing import Any
@@ -45,20 +46,49 @@ class LocalStore:
         return os.path.isdir(self.root)
 
     def exists(self, name: str) -> bool:
-        return os.path.isfile(self.where(name))
+        return os.path.lexists(self.where(name))  # what is there is checked when opened
+
+    def missing_hint(self) -> str:
+        from dcp_hf.storage.commit import moved_aside
+        old = moved_aside(self.root)
+        return (f" (an interrupted save left the previous checkpoint at {old}; the next save "
+                f"into {self.root} puts it back)") if old else ""
 
     def list(self) -> list[str]:
         return sorted(os.listdir(self.root))
 
     def read(self, name: str) -> bytes:
-        with open(self.where(name), "rb") as f:
-            return f.read()
+        fd = self.open(name)
+        try:
+            size, chunks, at = os.fstat(fd).st_size, [], 0
+            while True:
+                chunk = os.pread(fd, max(size - at, 1 << 16), at)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+                at += len(chunk)
+        finally:
+            os.close(fd)
 
     def open(self, name: str) -> int:
+        """Open a file for reading; a FIFO, device or folder at the name is refused (opening
+        never blocks) and a symlink is followed (the HF hub cache links its files)."""
+        path = self.where(name)
         try:
-            return os.open(self.where(name), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            raise CheckpointFormatError(f"{self.where(name)}: missing from the checkpoint") from None
+            raise CheckpointFormatError(f"{path}: missing from the checkpoint") from None
+        except OSError as e:
+            raise CheckpointFormatError(f"{path}: cannot be opened: {e.strerror}") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            kind = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+                    stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}.get(
+                        stat.S_IFMT(mode), "not a regular file")
+            raise CheckpointFormatError(f"{path}: is {kind}, not a regular file; not reading it")
+        os.set_blocking(fd, True)
+        return fd
 
     def close(self, handle: int) -> None:
         os.close(handle)
@@ -101,6 +131,9 @@ class FsspecStore:
 
     def where(self, name: str) -> str:
         return f"{self.url}/{name}"
+
+    def missing_hint(self) -> str:
+        return ""
 
     def _path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"

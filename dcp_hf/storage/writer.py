@@ -4,8 +4,10 @@ bytes straight into their final place.
 The coordinator decides the whole checkpoint in ``prepare_global_plan``: which tensor goes in
 which file (huggingface_hub's grouping under ``max_shard_size``), every header and every byte
 offset. On a file system each rank then ``pwrite``s its chunks' byte runs into the files
-(hidden ``.partial`` names), fsyncs them, and the coordinator commits in ``finish``: renames,
-then the index json. On S3 each file is a multipart upload (see :mod:`.multipart`).
+(hidden ``.partial`` names, in a hidden staging folder beside the destination), fsyncs them,
+and the coordinator commits in ``finish``: renames, the index json, then one atomic exchange of
+the whole folder (see :mod:`.commit`). On S3 each file is a multipart upload (see
+:mod:`.multipart`). Every file and the index carry the save's id, so readers refuse a mix.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from torch.futures import Future
 from dcp_hf.boxes import box_runs
 from dcp_hf.errors import CheckpointExistsError, StateDictMismatchError, not_a_tensor
 from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, layout_files, parse_size
+from dcp_hf.storage import commit
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
 from dcp_hf.planners.save import COMPACT_PLANS
 from dcp_hf.planners.summary import LocalSummary, MergedPlan, RankAssignment, decode_table, encode_table, summarize
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.multipart import Part, Uploader, assemble, clip_runs, exchange, make_target, part_of, plan_parts
-from dcp_hf.storage.posix import byte_view, fsync_dir, grid_span, pwrite_all, write_file_atomic, write_runs
+from dcp_hf.storage.posix import byte_view, fsync_dir, grid_span, pwrite_all, write_runs
 from dcp_hf.storage.stores import open_store
 
 logger = logging.getLogger("dcp_hf")
@@ -58,6 +61,8 @@ class _RankPlan:
     headers: set[int]  # files whose header this rank writes
     uploads: dict[int, str] | None = None  # object stores: file number -> multipart upload id
     parts: list[Part] | None = None  # object stores: every part of every file, with its owner
+    work: str = ""  # file systems: the folder the files are built in
+    created: dict[int, commit.FileId] | None = None  # file systems: each file, as created
 
 
 _RESULT = "__dcp_hf_rank__"  # each rank's one WriteResult: its bytes (and uploaded parts)
@@ -158,6 +163,8 @@ class HFStorageWriter(StorageWriter):
         self._start = 0.0
         self._uploads: dict[int, str] = {}
         self._old: set[str] = set()
+        self._dest: commit.Destination | None = None
+        self._lock: str | None = None
 
     # -- DCP protocol -------------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -218,23 +225,45 @@ class HFStorageWriter(StorageWriter):
         if not specs:
             raise StateDictMismatchError("the state dict holds no tensors: nothing to save")
 
-        self._old = self._check_destination()
         table = encode_table(specs)
         save_id = uuid.uuid4().hex[:12]
-        files = self._lay_out(table, save_id)
+        files = self._lay_out(table, save_id)  # checks every name before anything is touched
         if self.target is not None:
+            self._old = self._check_destination()
             return self._plan_uploads(plans, merged, files, table, save_id)
+        self._lock = commit.acquire_lock(self.path, save_id)
+        try:
+            commit.clean_leftovers(self.path)
+            self._old = self._check_destination()
+            self._dest = commit.prepare(self.path, save_id)
+            created = self._create_files(files, save_id)
+        except BaseException:
+            commit.release_lock(self._lock, save_id)
+            raise
         # Each file's header is written by the rank that writes the file's first data bytes.
         header_owner = {n: merged.writer_of(key, (0,) * len(f.specs[key].shape))
                         for n, f in enumerate(files) for key in list(f.offsets)[:1]}
         return [dataclasses.replace(plan, storage_data=_RankPlan(
-            save_id=save_id, table=table, headers={n for n, r in header_owner.items() if r == rank}))
+            save_id=save_id, table=table, headers={n for n, r in header_owner.items() if r == rank},
+            work=self._dest.work, created=created))
             for rank, plan in enumerate(plans)]
+
+    def _create_files(self, files: list[FileLayout], save_id: str) -> dict[int, commit.FileId]:
+        """The coordinator creates every file (``O_EXCL|O_NOFOLLOW``); ranks open them checked."""
+        created = {}
+        for n, f in enumerate(files):
+            path = os.path.join(self._dest.work, partial_name(f.name, save_id))
+            try:
+                fd, created[n] = commit.create_file(path)
+            except OSError as e:
+                raise OSError(e.errno, f"creating {path}: {e.strerror}") from e
+            os.close(fd)
+        return created
 
     def _lay_out(self, table: dict, save_id: str) -> list[FileLayout]:
         """The files of the checkpoint (what goes where), the same on every rank."""
         if self._save_id != save_id:
-            self._files = layout_files(decode_table(table), self.max_shard_size)
+            self._files = layout_files(decode_table(table), self.max_shard_size, save_id)
             self._where = {key: (n, offset) for n, f in enumerate(self._files) for key, offset in f.offsets.items()}
             self._save_id = save_id
         return self._files
@@ -285,12 +314,11 @@ class HFStorageWriter(StorageWriter):
         files = self._lay_out(rp.table, rp.save_id)
         if rp.parts is not None:
             return self._write_parts(plan, planner)
-        os.makedirs(self.path, exist_ok=True)
         fds: dict[int, int] = {}
         try:
             for n in sorted({self._where[item.index.fqn][0] for item in plan.items} | rp.headers):
-                fds[n] = os.open(os.path.join(self.path, partial_name(files[n].name, rp.save_id)),
-                                 os.O_RDWR | os.O_CREAT, 0o644)
+                fds[n] = commit.open_created(os.path.join(rp.work, partial_name(files[n].name, rp.save_id)),
+                                             rp.created[n])
             for n in rp.headers:
                 pwrite_all(fds[n], memoryview(files[n].header), 0)
             tasks, total = [], 0
@@ -307,7 +335,9 @@ class HFStorageWriter(StorageWriter):
             for n, fd in fds.items():
                 os.fsync(fd)
         except BaseException:
-            self._discard(fds, rp.save_id)
+            self._discard(fds, rp)
+            if self.is_coordinator:
+                commit.release_lock(self._lock, rp.save_id)
             raise
         finally:
             for fd in fds.values():
@@ -440,46 +470,59 @@ class HFStorageWriter(StorageWriter):
             tensor = tensor.to("cpu", dtype).contiguous()
         return tensor
 
-    def _discard(self, fds: dict[int, int], save_id: str) -> None:
+    def _discard(self, fds: dict[int, int], rp: _RankPlan) -> None:
         for n in fds:
             try:
-                os.unlink(os.path.join(self.path, partial_name(self._files[n].name, save_id)))
+                os.unlink(os.path.join(rp.work, partial_name(self._files[n].name, rp.save_id)))
             except OSError:
                 pass
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         if self.target is not None:
             return self._complete_uploads(results)
-        files, path = self._files, self.path
+        try:
+            self._commit_local()
+        finally:
+            commit.release_lock(self._lock, self._save_id)
+        nbytes = sum(r.size_in_bytes for rank_results in results for r in rank_results)
+        log_throughput("saved", nbytes, time.perf_counter() - self._start, self.path)
+
+    def _commit_local(self) -> None:
+        """Name the files, write the index, then make the folder the new checkpoint: with one
+        exchange of the staging folder, or (no staging possible) file by file in place."""
+        files, dest, save_id = self._files, self._dest, self._save_id
+        work = dest.work
         for f in files:
-            tmp = os.path.join(path, partial_name(f.name, self._save_id))
-            size = os.stat(tmp).st_size if os.path.exists(tmp) else None
+            try:
+                size = os.lstat(os.path.join(work, partial_name(f.name, save_id))).st_size
+            except FileNotFoundError:
+                size = None
             if size != f.size:
-                raise OSError(f"{os.path.join(path, f.name)}: expected {f.size} bytes after all "
+                raise OSError(f"{os.path.join(dest.path, f.name)}: expected {f.size} bytes after all "
                               f"ranks wrote, found {size}; not committing the checkpoint")
         for name, data in self.side_files.items():
-            write_file_atomic(os.path.join(path, name), data)
-        old = set(self._old)
-        if len(files) == 1:
-            if INDEX_NAME in old:  # never leave an old index that would shadow the new file
-                os.unlink(os.path.join(path, INDEX_NAME))
-                old.discard(INDEX_NAME)
-            os.replace(os.path.join(path, partial_name(files[0].name, self._save_id)),
-                       os.path.join(path, files[0].name))
-        else:
-            for f in files:
-                os.replace(os.path.join(path, partial_name(f.name, self._save_id)),
-                           os.path.join(path, f.name))
-            fsync_dir(path)
+            commit.write_new_file(work, name, data)
+        old = set(self._old) if not dest.staged else set()
+        if len(files) == 1 and INDEX_NAME in old:  # never leave an old index that would shadow the new file
+            commit.step(f"remove {INDEX_NAME}")
+            os.unlink(os.path.join(work, INDEX_NAME))
+            old.discard(INDEX_NAME)
+        for f in files:
+            commit.step(f"rename {f.name}")
+            os.rename(os.path.join(work, partial_name(f.name, save_id)), os.path.join(work, f.name))
+        fsync_dir(work)
+        if len(files) > 1:
             weight_map = {key: f.name for f in files for key in f.offsets}
             total = sum(f.size - len(f.header) for f in files)
-            write_file_atomic(os.path.join(path, INDEX_NAME), encode_index(total, weight_map))
+            commit.write_new_file(work, INDEX_NAME, encode_index(total, weight_map, save_id))
+        if dest.staged:
+            commit.commit(dest, save_id)
+            return
         new_names = {f.name for f in files} | ({INDEX_NAME} if len(files) > 1 else set())
         for stale in old - new_names:
-            os.unlink(os.path.join(path, stale))
-        fsync_dir(path)
-        nbytes = sum(r.size_in_bytes for rank_results in results for r in rank_results)
-        log_throughput("saved", nbytes, time.perf_counter() - self._start, path)
+            commit.step(f"remove {stale}")
+            os.unlink(os.path.join(work, stale))
+        fsync_dir(work)
 
     def _complete_uploads(self, results: list[list[WriteResult]]) -> None:
         """Object stores: complete every upload (each object appears whole, atomically), then
@@ -492,23 +535,28 @@ class HFStorageWriter(StorageWriter):
                         etags.setdefault(n, []).append((number, etag))
         try:
             for n, f in enumerate(self._files):
+                commit.step(f"complete {f.name}")
                 self.target.complete(f.name, self._uploads[n], etags.get(n, []), f.size)
                 del self._uploads[n]
         except BaseException:
             self._abort_uploads()
             raise
         for name, data in self.side_files.items():
+            commit.step(f"put {name}")
             self.target.put(name, data)
         old = set(self._old)
         if len(self._files) == 1 and INDEX_NAME in old:
+            commit.step(f"delete {INDEX_NAME}")
             self.target.delete(INDEX_NAME)
             old.discard(INDEX_NAME)
         if len(self._files) > 1:
             weight_map = {key: f.name for f in self._files for key in f.offsets}
             total = sum(f.size - len(f.header) for f in self._files)
-            self.target.put(INDEX_NAME, encode_index(total, weight_map))
+            commit.step(f"put {INDEX_NAME}")
+            self.target.put(INDEX_NAME, encode_index(total, weight_map, self._save_id))
         new_names = {f.name for f in self._files} | ({INDEX_NAME} if len(self._files) > 1 else set())
         for stale in old - new_names:
+            commit.step(f"delete {stale}")
             self.target.delete(stale)
         nbytes = sum(r.size_in_bytes for rank_results in results for r in rank_results)
         log_throughput("saved", nbytes, time.perf_counter() - self._start, self.path)

@@ -1,0 +1,424 @@
+"""Whole-folder atomic commit of a checkpoint on a POSIX file system, and the writer's lock.
+
+The new checkpoint is built in a hidden sibling folder, ``.NAME.dcp-hf-new-SAVEID`` (created
+by ``mkdir``, so it is ours; files in it are created with ``O_EXCL|O_NOFOLLOW``). The user's
+other files in the folder (config, tokenizer, ...) are hard-linked into it, then one
+``renameat2(RENAME_EXCHANGE)`` swaps it with the folder: at every instant the folder's path
+names either the whole old folder or the whole new one, for any reader (dcp-hf, transformers,
+safetensors), whether it switches between one file and shards or not. The old folder, now at
+the hidden name, is removed afterwards.
+
+Where the exchange is not supported (not Linux, or a file system such as NFS that refuses
+it), the fallback is two renames (folder -> ``.NAME.dcp-hf-old-SAVEID``, new -> folder): the
+folder is briefly absent (a reader fails with a clear error, never a mix), and a save killed
+in that window leaves the old checkpoint under the hidden name, which the next save into the
+folder puts back first. Where no sibling can be made (a read-only parent, a mount point) the
+files are committed inside the folder one by one; the save ids in every file then make a
+reader refuse a mix (the guarantee of object stores).
+
+Every mutating step calls :func:`step`, where a test can kill the process (``DCP_HF_KILL_AT``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import sys
+import time
+from dataclasses import dataclass
+
+from dcp_hf.errors import CheckpointBusyError, DcpHfError
+
+logger = logging.getLogger("dcp_hf")
+
+MARKER = ".dcp-hf-staging"  # in a staging folder until it is exchanged into place
+LOCK_INSIDE = ".dcp-hf-lock"  # the lock, where the parent folder is not writable
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.dcp-hf-(?P<kind>new|old)-(?P<id>[0-9a-f]{12})$")
+_OWN_HIDDEN = re.compile(r"^\..+\.([0-9a-f]{12}\.partial|[0-9a-f]{16}\.tmp)$")
+_CHECKPOINT_FILE = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json)$")
+
+# -- test hook ---------------------------------------------------------------------------------
+_steps = 0
+
+
+def step(what: str) -> None:
+    """Called before each mutating step of a commit. ``DCP_HF_KILL_AT=N`` SIGKILLs the process
+    just before its N-th step; ``DCP_HF_STEP_LOG=FILE`` appends each step's name to FILE."""
+    global _steps
+    at, log = os.environ.get("DCP_HF_KILL_AT"), os.environ.get("DCP_HF_STEP_LOG")
+    if at is None and log is None:
+        return
+    _steps += 1
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{_steps} {what}\n")
+    if at is not None and _steps == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def reset_steps() -> None:
+    global _steps
+    _steps = 0
+
+
+# -- files created only by us ------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileId:
+    """A file's identity, recorded by the rank that created it and checked by every rank that
+    opens it by name (so a link swapped in at the name is never written through)."""
+
+    dev: int
+    ino: int
+
+
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def create_file(path: str) -> tuple[int, FileId]:
+    """Create a new file at ``path`` (never an existing one, never through a link)."""
+    fd = os.open(path, _CREATE, 0o644)
+    st = os.fstat(fd)
+    return fd, FileId(st.st_dev, st.st_ino)
+
+
+def open_created(path: str, ident: FileId) -> int:
+    """Open for writing the file another rank created, checking it is that very file."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (ident.dev, ident.ino) or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise DcpHfError(f"{path}: not the file this save created (replaced during the save); "
+                         f"not writing through it")
+    return fd
+
+
+def write_new_file(folder: str, name: str, data: bytes) -> None:
+    """Write a small file: created under an unpredictable hidden name, fsynced, renamed to
+    ``name``. Errors name the file."""
+    path = os.path.join(folder, name)
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd, _ = create_file(tmp)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        step(f"rename {name}")
+        os.rename(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OSError(e.errno, f"writing {path}: {e.strerror}") from e
+
+
+# -- the destination ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Destination:
+    """Where a local save builds its files (``work``) and the folder it commits to (``path``)."""
+
+    path: str  # the checkpoint folder, symlinks resolved
+    work: str  # the staging folder, or ``path`` itself when committing in place
+
+    @property
+    def staged(self) -> bool:
+        return self.work != self.path
+
+
+def _split(path: str) -> tuple[str, str]:
+    real = os.path.realpath(path)
+    return os.path.dirname(real), os.path.basename(real)
+
+
+def sibling(path: str, kind: str, save_id: str) -> str:
+    parent, name = _split(path)
+    return os.path.join(parent, f".{name}.dcp-hf-{kind}-{save_id}")
+
+
+def prepare(path: str, save_id: str) -> Destination:
+    """Make the folder the save builds in: a staging sibling where possible, else ``path``."""
+    real = os.path.realpath(path)
+    parent = os.path.dirname(real)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.isdir(real) and os.path.ismount(real):
+        logger.warning("%s is a mount point: committing its files one by one", real)
+    else:
+        work = sibling(real, "new", save_id)
+        try:
+            os.mkdir(work, 0o700)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise OSError(e.errno, f"creating {work}: {e.strerror}") from e
+            logger.warning("cannot create %s (%s): committing the files of %s one by one",
+                           work, e.strerror, real)
+        else:
+            os.close(create_file(os.path.join(work, MARKER))[0])
+            return Destination(real, work)
+    os.makedirs(real, exist_ok=True)
+    return Destination(real, real)
+
+
+def _entries_to_carry(path: str, work: str) -> list[str]:
+    """The folder's entries that are not part of a checkpoint: they go to the new folder."""
+    taken = set(os.listdir(work))
+    return [n for n in os.listdir(path)
+            if n not in taken and not _CHECKPOINT_FILE.match(n) and not _OWN_HIDDEN.match(n)
+            and n not in (MARKER, LOCK_INSIDE)]
+
+
+def _renameat2(src: str, dst: str, flags: int) -> None:
+    if sys.platform != "linux" or os.environ.get("DCP_HF_NO_EXCHANGE"):
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    at_fdcwd = -100
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        rc = fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags)
+    else:  # glibc < 2.28: the raw system call
+        number = {"x86_64": 316, "aarch64": 276}.get(os.uname().machine)
+        if number is None:
+            raise OSError(errno.ENOSYS, "renameat2 is not available")
+        libc.syscall.restype = ctypes.c_long
+        rc = libc.syscall(ctypes.c_long(number), ctypes.c_int(at_fdcwd), ctypes.c_char_p(os.fsencode(src)),
+                          ctypes.c_int(at_fdcwd), ctypes.c_char_p(os.fsencode(dst)), ctypes.c_uint(flags))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+RENAME_EXCHANGE = 2
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(dest: Destination, save_id: str) -> None:
+    """Make the staging folder (its files complete and fsynced) the checkpoint folder."""
+    path, work = dest.path, dest.work
+    parent = os.path.dirname(path)
+    mode = 0o777 & ~_umask()
+    if os.path.isdir(path):
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        others = []
+        for name in _entries_to_carry(path, work):
+            st = os.lstat(os.path.join(path, name))
+            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                step(f"link {name}")  # the same inode in both folders: nothing is copied
+                os.link(os.path.join(path, name), os.path.join(work, name), follow_symlinks=False)
+            else:
+                others.append(name)  # folders and the like move after the exchange
+        os.chmod(work, mode)
+        fsync_dir(work)
+        try:
+            step("exchange")
+            _renameat2(work, path, RENAME_EXCHANGE)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise OSError(e.errno, f"exchanging {work} with {path}: {e.strerror}") from e
+            old = sibling(path, "old", save_id)
+            step("rename old")
+            os.rename(path, old)
+            step("rename new")
+            os.rename(work, path)
+        else:
+            old = work
+        fsync_dir(parent)
+        step("remove marker")
+        os.unlink(os.path.join(path, MARKER))
+        for name in others:
+            step(f"move {name}")
+            os.rename(os.path.join(old, name), os.path.join(path, name))
+        remove_old(old, path)
+    else:
+        os.chmod(work, mode)
+        fsync_dir(work)
+        step("rename new")
+        os.rename(work, path)
+        fsync_dir(parent)
+        step("remove marker")
+        os.unlink(os.path.join(path, MARKER))
+    fsync_dir(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_old(old: str, path: str) -> None:
+    """Remove a replaced folder: its checkpoint files, and the files also in ``path`` (the
+    same inode, linked there). Anything else is moved back to ``path`` if the name is free
+    there, else kept (with a warning), never deleted."""
+    kept = []
+    for name in sorted(os.listdir(old)):
+        src, dst = os.path.join(old, name), os.path.join(path, name)
+        st = os.lstat(src)
+        try:
+            other = os.lstat(dst)
+        except FileNotFoundError:
+            other = None
+        if _CHECKPOINT_FILE.match(name) or _OWN_HIDDEN.match(name) or name == MARKER or (
+                other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)):
+            if stat.S_ISDIR(st.st_mode):
+                kept.append(name)
+                continue
+            step(f"remove old {name}")
+            os.unlink(src)
+        elif other is None:
+            step(f"move back {name}")
+            os.rename(src, dst)
+        else:
+            kept.append(name)
+    if kept:
+        logger.warning("%s: kept %s (not in %s under the same name); remove it by hand", old,
+                       ", ".join(kept), path)
+        return
+    step("remove old folder")
+    os.rmdir(old)
+
+
+def clean_leftovers(path: str) -> None:
+    """Before a save: finish what interrupted saves into ``path`` left. An old folder moved
+    aside by the two-rename fallback goes back into place if the folder is missing; staging
+    folders (still marked) are deleted; replaced folders are removed as after a commit."""
+    parent, name = _split(path)
+    real = os.path.join(parent, name)
+    try:
+        entries = os.listdir(parent)
+    except FileNotFoundError:
+        return
+    leftovers = [(m.group("kind"), os.path.join(parent, e)) for e in sorted(entries)
+                 if (m := _SIBLING.match(e)) and m.group("name") == name]
+    if not os.path.lexists(real):
+        for kind, folder in leftovers:
+            if kind == "old":
+                logger.warning("%s: an interrupted save left the previous checkpoint at %s; "
+                               "putting it back", real, folder)
+                os.rename(folder, real)
+                break
+    for kind, folder in leftovers:
+        if not os.path.isdir(folder) or os.path.islink(folder):
+            continue
+        if os.path.lexists(os.path.join(folder, MARKER)):
+            shutil.rmtree(folder)
+        elif os.path.isdir(real):
+            remove_old(folder, real)
+    if os.path.isdir(real) and os.path.lexists(os.path.join(real, MARKER)):
+        os.unlink(os.path.join(real, MARKER))  # a commit killed right after its exchange
+
+
+def moved_aside(path: str) -> str | None:
+    """For a missing checkpoint folder: where an interrupted save left the old one, if it did."""
+    parent, name = _split(path)
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return None
+    for e in sorted(entries):
+        m = _SIBLING.match(e)
+        if m and m.group("name") == name and m.group("kind") == "old":
+            return os.path.join(parent, e)
+    return None
+
+
+# -- the writer's lock -------------------------------------------------------------------------
+def lock_path(path: str) -> str:
+    parent, name = _split(path)
+    return os.path.join(parent, f".{name}.dcp-hf-lock")
+
+
+def acquire_lock(path: str, save_id: str) -> str:
+    """Take the folder's save lock (an ``O_EXCL`` file beside it) or fail at once naming its
+    owner. A lock left by a dead process on this host, or by this process (a failed earlier
+    save), is taken over."""
+    lock = lock_path(path)
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "save_id": save_id, "since": time.time()}
+    for _ in range(3):
+        try:
+            fd, _ = create_file(lock)
+        except PermissionError:
+            if lock != lock_path(path):
+                raise
+            lock = os.path.join(os.path.realpath(path), LOCK_INSIDE)  # read-only parent
+            os.makedirs(os.path.dirname(lock), exist_ok=True)
+            continue
+        except FileExistsError:
+            owner = _read_lock(lock)
+            if owner is not None and not _stale(owner):
+                raise CheckpointBusyError(
+                    f"{os.path.realpath(path)}: another save into this folder is running (pid "
+                    f"{owner.get('pid')} on {owner.get('host')}, since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('since', 0)))}; "
+                    f"lock {lock}). If it is not, remove the lock file") from None
+            try:
+                os.unlink(lock)
+            except FileNotFoundError:
+                pass
+            continue
+        try:
+            os.write(fd, json.dumps(me).encode())
+        finally:
+            os.close(fd)
+        return lock
+    raise CheckpointBusyError(f"{lock}: could not take the save lock")
+
+
+def _read_lock(lock: str) -> dict | None:
+    try:
+        fd = os.open(lock, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        return json.loads(os.read(fd, 4096) or b"{}")
+    except ValueError:
+        return {}  # being written: not stale
+    finally:
+        os.close(fd)
+
+
+def _stale(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    if owner["pid"] == os.getpid():
+        return True
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def release_lock(lock: str | None, save_id: str) -> None:
+    if lock is None:
+        return
+    owner = _read_lock(lock)
+    if owner and owner.get("save_id") == save_id:
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
