@@ -216,6 +216,8 @@ def commit(dest: Destination, save_id: str) -> None:
     path, work = dest.path, dest.work
     parent = os.path.dirname(path)
     mode = 0o777 & ~_umask()
+    # The marker lists what this save wrote: old files of those names are replaced ones.
+    write_new_file(work, MARKER, json.dumps(sorted(set(os.listdir(work)) - {MARKER})).encode())
     if os.path.isdir(path):
         mode = stat.S_IMODE(os.stat(path).st_mode)
         others = []
@@ -242,12 +244,12 @@ def commit(dest: Destination, save_id: str) -> None:
         else:
             old = work
         fsync_dir(parent)
-        step("remove marker")
-        os.unlink(os.path.join(path, MARKER))
         for name in others:
             step(f"move {name}")
             os.rename(os.path.join(old, name), os.path.join(path, name))
-        remove_old(old, path)
+        remove_old(old, path, _written(path))
+        step("remove marker")
+        os.unlink(os.path.join(path, MARKER))
     else:
         os.chmod(work, mode)
         fsync_dir(work)
@@ -265,10 +267,26 @@ def _umask() -> int:
     return mask
 
 
-def remove_old(old: str, path: str) -> None:
-    """Remove a replaced folder: its checkpoint files, and the files also in ``path`` (the
-    same inode, linked there). Anything else is moved back to ``path`` if the name is free
-    there, else kept (with a warning), never deleted."""
+def _written(path: str) -> set[str]:
+    """The names the last commit into ``path`` wrote, from its marker (while it is there)."""
+    try:
+        fd = os.open(os.path.join(path, MARKER), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
+    except OSError:
+        return set()
+    try:
+        names = json.loads(os.read(fd, 1 << 20) or b"[]")
+    except ValueError:
+        return set()
+    finally:
+        os.close(fd)
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
+def remove_old(old: str, path: str, replaced: set[str]) -> None:
+    """Remove a replaced folder: its checkpoint files, the files the new save wrote again
+    (``replaced``), and the files also in ``path`` (the same inode, linked there). Anything
+    else is moved back to ``path`` if the name is free there, else kept (with a warning),
+    never deleted."""
     kept = []
     for name in sorted(os.listdir(old)):
         src, dst = os.path.join(old, name), os.path.join(path, name)
@@ -277,7 +295,7 @@ def remove_old(old: str, path: str) -> None:
             other = os.lstat(dst)
         except FileNotFoundError:
             other = None
-        if _CHECKPOINT_FILE.match(name) or _OWN_HIDDEN.match(name) or name == MARKER or (
+        if _CHECKPOINT_FILE.match(name) or _OWN_HIDDEN.match(name) or name in replaced or name == MARKER or (
                 other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)):
             if stat.S_ISDIR(st.st_mode):
                 kept.append(name)
@@ -316,15 +334,16 @@ def clean_leftovers(path: str) -> None:
                                "putting it back", real, folder)
                 os.rename(folder, real)
                 break
+    replaced = _written(real)  # a commit killed between its exchange and its clean-up
     for kind, folder in leftovers:
         if not os.path.isdir(folder) or os.path.islink(folder):
             continue
         if os.path.lexists(os.path.join(folder, MARKER)):
             shutil.rmtree(folder)
         elif os.path.isdir(real):
-            remove_old(folder, real)
+            remove_old(folder, real, replaced)
     if os.path.isdir(real) and os.path.lexists(os.path.join(real, MARKER)):
-        os.unlink(os.path.join(real, MARKER))  # a commit killed right after its exchange
+        os.unlink(os.path.join(real, MARKER))
 
 
 def moved_aside(path: str) -> str | None:

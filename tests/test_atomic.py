@@ -1,0 +1,188 @@
+"""A checkpoint is whole or absent: a save killed at every mutating step of its commit leaves a
+folder that loads as exactly the old or exactly the new checkpoint, with dcp-hf's reader and
+with transformers' from_pretrained (which tries model.safetensors first, so switching between
+one file and shards is covered). Each save runs in its own forked process with a timeout, and
+kills itself at step N of the commit (``DCP_HF_KILL_AT``)."""
+
+import json
+import multiprocessing
+import os
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter  # noqa: E402
+from dcp_hf.errors import DcpHfError  # noqa: E402
+from dcp_hf.storage import commit  # noqa: E402
+
+CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+SINGLE, SHARDED = 10**9, 24_000  # max_shard_size: one file, or several
+
+
+def weights(seed: int) -> dict[str, torch.Tensor]:
+    """The oracle: independent random tensors of the model's shapes."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {k: v.shape for k, v in LlamaForCausalLM(CONFIG).state_dict().items()}
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+A, B = weights(1), weights(2)
+
+
+def save(path, state, max_shard_size, overwrite=True):
+    side = {"config.json": CONFIG.to_json_string().encode()}
+    dcp.save(state, storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size, overwrite=overwrite,
+                                                   side_files=side),
+             planner=HFSavePlanner(), no_dist=True)
+
+
+def _child(path, max_shard_size, env):
+    os.environ.update(env)
+    commit.reset_steps()
+    save(path, B, max_shard_size)
+    os._exit(0)
+
+
+def save_b_in_child(path, max_shard_size, env) -> int:
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(path, max_shard_size, env))
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("the save hung")
+    return proc.exitcode
+
+
+def which(state: dict[str, torch.Tensor]) -> str:
+    for name, ref in (("A", A), ("B", B)):
+        if state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref):
+            return name
+    return "mix"
+
+
+def load_dcp_hf(path) -> str:
+    state = {k: torch.zeros_like(v) for k, v in A.items()}
+    dcp.load(state, storage_reader=HFStorageReader(path), planner=HFLoadPlanner(), no_dist=True)
+    return which(state)
+
+
+def load_transformers(path) -> str:
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return which(model.state_dict())
+
+
+def visible(path):
+    return sorted(f for f in os.listdir(path) if not f.startswith("."))
+
+
+def count_steps(tmp_path, a_size, b_size) -> int:
+    path, log = tmp_path / "count", tmp_path / "steps.log"
+    save(path, A, a_size, overwrite=False)
+    (path / "notes.txt").write_text("the user's own file")
+    assert save_b_in_child(str(path), b_size, {"DCP_HF_STEP_LOG": str(log)}) == 0
+    steps = log.read_text().splitlines()
+    assert any("exchange" in s for s in steps)
+    return len(steps)
+
+
+@pytest.mark.parametrize("a_size,b_size", [(SHARDED, SHARDED), (SINGLE, SHARDED), (SHARDED, SINGLE)],
+                         ids=["sharded-to-sharded", "single-to-sharded", "sharded-to-single"])
+def test_killed_at_every_commit_step_the_folder_is_old_or_new(tmp_path, a_size, b_size):
+    steps = count_steps(tmp_path, a_size, b_size)
+    seen = []
+    for k in range(1, steps + 2):  # k = steps + 1: never killed
+        path = tmp_path / f"k{k}"
+        save(path, A, a_size, overwrite=False)
+        (path / "notes.txt").write_text("the user's own file")
+        code = save_b_in_child(str(path), b_size, {"DCP_HF_KILL_AT": str(k)})
+        assert code == (0 if k > steps else -9), (k, code)
+        got = load_dcp_hf(path), load_transformers(path)
+        assert got in (("A", "A"), ("B", "B")), (k, got)
+        assert (path / "notes.txt").read_text() == "the user's own file"
+        seen.append(got[0])
+        # The next save cleans up what the killed one left, and commits.
+        save(path, B, b_size)
+        assert load_dcp_hf(path) == "B"
+        assert [e for e in os.listdir(tmp_path) if e.startswith(f".k{k}.")] == []
+        assert not any(n.startswith(".") for n in os.listdir(path)), os.listdir(path)
+    assert seen[0] == "A" and seen[-1] == "B"  # the kill points span the whole commit
+
+
+def test_without_exchange_the_folder_is_old_new_or_absent_and_the_next_save_restores(tmp_path):
+    env = {"DCP_HF_NO_EXCHANGE": "1"}
+    os.environ.update(env)
+    try:
+        steps = count_steps(tmp_path, SHARDED, SINGLE)
+    finally:
+        del os.environ["DCP_HF_NO_EXCHANGE"]
+    absent = 0
+    for k in range(1, steps + 1):
+        path = tmp_path / f"k{k}"
+        save(path, A, SHARDED, overwrite=False)
+        (path / "notes.txt").write_text("the user's own file")
+        assert save_b_in_child(str(path), SINGLE, dict(env, DCP_HF_KILL_AT=str(k))) == -9
+        if not path.exists():  # between the two renames: a clear error, then put back
+            absent += 1
+            with pytest.raises(CheckpointException, match=f"interrupted save left the previous checkpoint at .*\\.k{k}\\.dcp-hf-old-"):
+                load_dcp_hf(path)
+            commit.clean_leftovers(str(path))
+        got = load_dcp_hf(path), load_transformers(path)
+        assert got in (("A", "A"), ("B", "B")), (k, got)
+    assert absent == 1
+
+
+def _hold_lock(path, ready):
+    commit.acquire_lock(path, "0" * 12)
+    ready.set()
+    ready.wait()  # until killed
+    os.kill(os.getpid(), 9)
+
+
+def test_a_second_writer_fails_at_once_naming_the_first(tmp_path):
+    path = tmp_path / "ckpt"
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(path), ready))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(CheckpointException, match=f"another save into this folder is running \\(pid {holder.pid} "):
+            save(path, A, SHARDED, overwrite=False)
+    finally:
+        holder.kill()
+        holder.join()
+    save(path, A, SHARDED, overwrite=False)  # the dead holder's lock is stale: taken over
+    assert load_dcp_hf(path) == "A"
+    assert not os.path.exists(commit.lock_path(str(path)))
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    path = tmp_path / "ckpt"
+    dead = multiprocessing.get_context("fork").Process(target=os._exit, args=(0,))
+    dead.start()
+    dead.join()
+    with open(commit.lock_path(str(path)), "w") as f:
+        json.dump({"pid": dead.pid, "host": os.uname().nodename, "save_id": "x", "since": 0}, f)
+    save(path, A, SHARDED, overwrite=False)
+    assert load_dcp_hf(path) == "A"
+    assert not os.path.exists(commit.lock_path(str(path)))
+
+
+def test_a_tensor_named_metadata_is_refused_before_writing(tmp_path):
+    with pytest.raises(CheckpointException, match="'__metadata__': the name is reserved"):
+        dcp.save({"__metadata__": torch.zeros(2)}, storage_writer=HFStorageWriter(tmp_path / "x"),
+                 planner=HFSavePlanner(), no_dist=True)
+    assert not (tmp_path / "x").exists()
+
+
+def test_errors_are_dcp_hf_errors(tmp_path):
+    with pytest.raises(CheckpointException) as info:
+        load_dcp_hf(tmp_path / "absent")
+    ((error, _),) = info.value.failures.values()
+    assert isinstance(error, DcpHfError) and "no such checkpoint folder" in str(error)
