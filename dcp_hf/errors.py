@@ -26,6 +26,11 @@ class MixedCheckpointError(CheckpointFormatError):
     a save into it was interrupted on a store without atomic folder commit."""
 
 
+class StorageError(DcpHfError, OSError):
+    """Storage failed or did not answer (disk full, permissions, S3 errors and timeouts); the
+    message names the file or URL."""
+
+
 class CheckpointBusyError(DcpHfError, RuntimeError):
     """Another save into the same folder holds its lock."""
 

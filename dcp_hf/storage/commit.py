@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from dcp_hf.errors import CheckpointBusyError, DcpHfError
+from dcp_hf.errors import CheckpointBusyError, DcpHfError, StorageError
 
 logger = logging.getLogger("dcp_hf")
 
@@ -122,7 +122,7 @@ def write_new_file(folder: str, name: str, data: bytes) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        raise OSError(e.errno, f"writing {path}: {e.strerror}") from e
+        raise StorageError(e.errno, f"writing {path}: {e.strerror}") from e
 
 
 # -- the destination ---------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def prepare(path: str, save_id: str) -> Destination:
             os.mkdir(work, 0o700)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise OSError(e.errno, f"creating {work}: {e.strerror}") from e
+                raise StorageError(e.errno, f"creating {work}: {e.strerror}") from e
             logger.warning("cannot create %s (%s): committing the files of %s one by one",
                            work, e.strerror, real)
         else:
@@ -235,7 +235,7 @@ def commit(dest: Destination, save_id: str) -> None:
             _renameat2(work, path, RENAME_EXCHANGE)
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise OSError(e.errno, f"exchanging {work} with {path}: {e.strerror}") from e
+                raise StorageError(e.errno, f"exchanging {work} with {path}: {e.strerror}") from e
             old = sibling(path, "old", save_id)
             step("rename old")
             os.rename(path, old)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dcp_hf.boxes import RunGrid
+from dcp_hf.errors import StorageError
 from dcp_hf.storage.posix import byte_view, grid_span
 
 MIN_PART = 5 << 20
@@ -91,12 +92,19 @@ class S3Target:
     def key(self, name: str) -> str:
         return f"{self.prefix.rstrip('/')}/{name}" if self.prefix else name
 
-    def call(self, method: str, name: str, **kwargs):
+    def call(self, method: str, name: str | None, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
+        key = {"Key": self.key(name)} if name is not None else {}
+        where = self.store.where(name) if name is not None else self.store.url
         try:
-            return getattr(self.store.client(), method)(Bucket=self.bucket, Key=self.key(name), **kwargs)
-        except (ClientError, BotoCoreError) as e:
-            raise OSError(f"{self.store.where(name)}: {method}: {e}") from e
+            return getattr(self.store.client(), method)(Bucket=self.bucket, **key, **kwargs)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                raise StorageError(f"{where}: the bucket {self.bucket!r} does not exist (create it "
+                                   f"first, or check the endpoint)") from None
+            raise StorageError(f"{where}: {method}: {e}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"{where}: {method}: {e}") from e
 
     def create(self, name: str) -> str:
         return self.call("create_multipart_upload", name)["UploadId"]
@@ -121,13 +129,13 @@ class S3Target:
         """Abort the uploads still open under this checkpoint's prefix: leftovers of a save
         whose own aborts could not reach the store (e.g. it was down). Saving into the same
         path concurrently is not supported anyway."""
-        client, prefix = self.store.client(), self.key("")
-        listing = client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix)
+        prefix = self.key("")
+        listing = self.call("list_multipart_uploads", None, Prefix=prefix)
         aborted = []
         for upload in listing.get("Uploads", []):
-            if "/" not in upload["Key"][len(prefix):]:  # only this folder's objects
-                client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
-                                              UploadId=upload["UploadId"])
+            name = upload["Key"][len(prefix):]
+            if "/" not in name:  # only this folder's objects
+                self.call("abort_multipart_upload", name, UploadId=upload["UploadId"])
                 aborted.append(upload["Key"])
         return aborted
 
@@ -157,7 +165,7 @@ class FsspecTarget:
         except FileNotFoundError:
             raise
         except Exception as e:  # noqa: BLE001 - every back end raises its own types
-            raise OSError(f"{self.store.where(name)}: {what}: {e}") from e
+            raise StorageError(f"{self.store.where(name)}: {what}: {e}") from e
 
     def create(self, name: str) -> str:
         # The owner opens the file with its first part; the folder must exist for file
@@ -190,7 +198,7 @@ class FsspecTarget:
     def complete(self, name: str, upload_id: str, etags, size: int | None = None) -> None:
         got = self._fs_call(name, "size", self.store.fs.size, self.store._path(name))
         if size is not None and got != size:
-            raise OSError(f"{self.store.where(name)}: {got} bytes written, {size} expected")
+            raise StorageError(f"{self.store.where(name)}: {got} bytes written, {size} expected")
 
     def abort(self, name: str, upload_id: str) -> None:
         if self.store.fs.exists(self.store._path(name)):

@@ -11,8 +11,27 @@ import time
 from typing import Any
 
 from dcp_hf.boxes import RunGrid
-from dcp_hf.errors import CheckpointFormatError
+from dcp_hf.errors import CheckpointFormatError, MixedCheckpointError, StorageError
 from dcp_hf.storage.posix import read_runs
+
+
+# S3 defaults, so a server that accepts connections and never answers is an error naming the
+# URL within about a minute: per request (botocore's attempts x read timeout), and s3fs's own
+# retry loop reduced to one pass. Override through storage_options["config_kwargs"] (botocore
+# Config keys: connect_timeout, read_timeout, retries={"max_attempts": N}).
+S3_CONNECT_TIMEOUT = 10
+S3_READ_TIMEOUT = 20
+S3_ATTEMPTS = 3
+
+
+def _is_timeout(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, TimeoutError) or "Timeout" in type(error).__name__:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -118,13 +137,21 @@ class FsspecStore:
         import fsspec
         options = dict(storage_options)
         if url.startswith(("s3://", "s3a://")):
+            config = options["config_kwargs"] = dict(options.get("config_kwargs") or {})
             # s3fs's default pool of 10 connections caps concurrent ranged reads.
-            options.setdefault("config_kwargs", {}).setdefault("max_pool_connections", 64)
+            config.setdefault("max_pool_connections", 64)
+            config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT)
+            config.setdefault("read_timeout", S3_READ_TIMEOUT)
+            config.setdefault("retries", {"max_attempts": S3_ATTEMPTS, "mode": "adaptive"})
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
             if endpoint:
                 options.setdefault("client_kwargs", {}).setdefault("endpoint_url", endpoint)
         self.fs, self.root = fsspec.core.url_to_fs(url, **options)
+        if isinstance(getattr(self.fs, "retries", None), int):
+            self.fs.retries = 1  # s3fs's own loop would multiply botocore's attempts
+        self.fs.invalidate_cache(self.root)  # fsspec shares instances: listings may be stale
         self.url = url.rstrip("/")
+        self.options = options
 
     def __str__(self) -> str:
         return self.url
@@ -145,8 +172,10 @@ class FsspecStore:
             except FileNotFoundError:
                 raise
             except (OSError, TimeoutError) as e:  # throttling (503 SlowDown), dropped connections
+                if _is_timeout(e):  # the client already waited and retried
+                    raise StorageError(f"{what}: no answer from the server ({e})") from e
                 if attempt == self.attempts - 1:
-                    raise OSError(f"{what}: {e}") from e
+                    raise StorageError(f"{what}: {e}") from e
                 time.sleep(min(8.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))
 
     def is_folder(self) -> bool:
@@ -159,7 +188,10 @@ class FsspecStore:
         return sorted(p.rsplit("/", 1)[-1] for p in self._retry(self.url, self.fs.ls, self.root, detail=False))
 
     def read(self, name: str) -> bytes:
-        return self._retry(self.where(name), self.fs.cat_file, self._path(name))
+        try:
+            return self._retry(self.where(name), self.fs.cat_file, self._path(name))
+        except FileNotFoundError:
+            raise CheckpointFormatError(f"{self.where(name)}: missing from the checkpoint") from None
 
     def open(self, name: str) -> tuple[str, int]:
         try:
@@ -239,12 +271,15 @@ class S3Store(FsspecStore):
                         or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
             ident = (endpoint, opts.get("key"), opts.get("secret"), opts.get("token"),
                      client_kwargs.get("region_name"))
+            timeouts = self.options["config_kwargs"]
+            ident += (timeouts["connect_timeout"], timeouts["read_timeout"], repr(timeouts["retries"]))
             with _CLIENTS_LOCK:
                 if ident not in _CLIENTS:
                     import botocore.config
                     import botocore.session
-                    config = botocore.config.Config(max_pool_connections=64,
-                                                    retries={"max_attempts": self.attempts, "mode": "adaptive"})
+                    config = botocore.config.Config(
+                        max_pool_connections=64, connect_timeout=timeouts["connect_timeout"],
+                        read_timeout=timeouts["read_timeout"], retries=timeouts["retries"])
                     _CLIENTS[ident] = botocore.session.get_session().create_client(
                         "s3", endpoint_url=endpoint, aws_access_key_id=ident[1], aws_secret_access_key=ident[2],
                         aws_session_token=ident[3], config=config,
@@ -252,29 +287,56 @@ class S3Store(FsspecStore):
                 self._client = _CLIENTS[ident]
         return self._client
 
+    def open(self, name: str) -> tuple[str, int, str]:
+        """The object's size and ETag, from one HEAD; every later read of it is a ranged GET
+        with ``If-Match`` on that ETag, so all bytes come from the same object version."""
+        path = self._path(name)
+        bucket, _, key = path.partition("/")
+        try:
+            head = self._client_call(name, "HEAD", self.client().head_object, Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            raise CheckpointFormatError(f"{self.where(name)}: missing from the checkpoint") from None
+        return path, head["ContentLength"], head["ETag"]
+
+    def read_range(self, handle, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        end = min(offset + length, handle[1])
+        return b"".join(self._fetch(handle, handle[0].rsplit("/", 1)[-1], [(offset, end)])) if end > offset else b""
+
+    def _client_call(self, name: str, what: str, fn, etag: str | None = None, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:  # botocore already retries throttling, dropped connections and timeouts
+            return fn(**kwargs, **({"IfMatch": etag} if etag else {}))
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(self.where(name)) from e
+            if code in ("PreconditionFailed", "412"):
+                raise MixedCheckpointError(
+                    f"{self.where(name)}: replaced while being read (its ETag is no longer {etag}): "
+                    f"the checkpoint was overwritten during the load; load again") from None
+            raise StorageError(f"{self.where(name)}: {what}: {e}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"{self.where(name)}: {what}: {e}") from e
+
     def _fetch(self, handle, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         bucket, _, key = handle[0].partition("/")
         client = self.client()
 
         def get(a: int, b: int) -> bytes:
-            from botocore.exceptions import BotoCoreError, ClientError
-            try:  # botocore already retries throttling and dropped connections
-                return client.get_object(Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}")["Body"].read()
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    raise FileNotFoundError(self.where(name)) from e
-                raise OSError(f"{self.where(name)}: bytes {a}-{b}: {e}") from e
-            except BotoCoreError as e:
-                raise OSError(f"{self.where(name)}: bytes {a}-{b}: {e}") from e
+            return self._client_call(name, f"bytes {a}-{b}", client.get_object, handle[2], Bucket=bucket,
+                                     Key=key, Range=f"bytes={a}-{b - 1}")["Body"].read()
         return [get(a, b) for a, b in ranges]
 
     def _fetch_into(self, handle, name: str, a: int, b: int, dst: memoryview) -> None:
         """One ranged GET read straight into ``dst``: from the socket through http.client's
         ``readinto`` (urllib3's own ``readinto`` reads into a new bytes object and copies)."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError
         bucket, _, key = handle[0].partition("/")
         try:
-            body = self.client().get_object(Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}")["Body"]
+            body = self._client_call(name, f"bytes {a}-{b}", self.client().get_object, handle[2], Bucket=bucket,
+                                     Key=key, Range=f"bytes={a}-{b - 1}")["Body"]
             response = body._raw_stream  # urllib3's response; S3 objects carry no content encoding
             fp = getattr(response, "_fp", None) or response
             got = 0
@@ -286,9 +348,9 @@ class S3Store(FsspecStore):
                     got += n
             finally:
                 response.release_conn()
-        except ClientError as e:
-            raise OSError(f"{self.where(name)}: bytes {a}-{b}: {e}") from e
-        except BotoCoreError as e:
-            raise OSError(f"{self.where(name)}: bytes {a}-{b}: {e}") from e
+        except (BotoCoreError, OSError) as e:
+            if isinstance(e, StorageError):
+                raise
+            raise StorageError(f"{self.where(name)}: bytes {a}-{b}: {e}") from e
         if got != b - a:
             raise CheckpointFormatError(f"{self.where(name)}: short read at bytes {a}-{b}; truncated?")

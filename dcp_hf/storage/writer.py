@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_hf.boxes import box_runs
-from dcp_hf.errors import CheckpointExistsError, StateDictMismatchError, not_a_tensor
+from dcp_hf.errors import CheckpointExistsError, StateDictMismatchError, StorageError, not_a_tensor
 from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, layout_files, parse_size
 from dcp_hf.storage import commit
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
@@ -256,7 +256,7 @@ class HFStorageWriter(StorageWriter):
             try:
                 fd, created[n] = commit.create_file(path)
             except OSError as e:
-                raise OSError(e.errno, f"creating {path}: {e.strerror}") from e
+                raise StorageError(e.errno, f"creating {path}: {e.strerror}") from e
             os.close(fd)
         return created
 
@@ -369,7 +369,7 @@ class HFStorageWriter(StorageWriter):
                     grid = box_runs(shape, box_off, box_size, width)
                     write_runs(fd, offset, grid, byte_view(src))
                 except OSError as e:
-                    raise OSError(e.errno, f"writing {key!r} to {os.path.join(self.path, file)}: "
+                    raise StorageError(e.errno, f"writing {key!r} to {os.path.join(self.path, file)}: "
                                            f"{e.strerror}") from e
                 finally:
                     chunk.release()
@@ -498,7 +498,7 @@ class HFStorageWriter(StorageWriter):
             except FileNotFoundError:
                 size = None
             if size != f.size:
-                raise OSError(f"{os.path.join(dest.path, f.name)}: expected {f.size} bytes after all "
+                raise StorageError(f"{os.path.join(dest.path, f.name)}: expected {f.size} bytes after all "
                               f"ranks wrote, found {size}; not committing the checkpoint")
         for name, data in self.side_files.items():
             commit.write_new_file(work, name, data)
