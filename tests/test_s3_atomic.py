@@ -44,10 +44,12 @@ def _save_b(url, options, max_shard_size, env):
 
 def _fork_each(jobs, codes):
     """In a fresh (spawned) process, where no s3fs or botocore thread runs yet: fork one child
-    per job, each with its own clients, and report how each ended."""
-    for url, options, max_shard_size, env in jobs:
-        child = multiprocessing.get_context("fork").Process(target=_save_b, args=(url, options, max_shard_size, env))
+    per job (all at once: each mostly waits on the server), and report how each ended."""
+    fork = multiprocessing.get_context("fork")
+    children = [fork.Process(target=_save_b, args=job) for job in jobs]
+    for child in children:
         child.start()
+    for child in children:
         child.join(120)
         if child.is_alive():
             child.kill()
@@ -68,19 +70,16 @@ def save_b_in_children(jobs) -> list:
 
 
 @pytest.mark.parametrize("b_size", [SHARDED, SINGLE], ids=["sharded-to-sharded", "sharded-to-single"])
-def test_s3_save_killed_at_every_commit_step_leaves_old_new_or_refused(s3, tmp_path, b_size):
+def test_s3_save_killed_at_every_commit_step_leaves_old_new_or_refused(s3, b_size):
     bucket = s3.bucket(f"dcp-hf-kill-{'one' if b_size == SINGLE else 'shards'}")
     options = s3.storage_options
-    log = tmp_path / "steps.log"
-    save(f"s3://{bucket}/count", A, options, overwrite=False)
-    assert save_b_in_children([(f"s3://{bucket}/count", options, b_size, {"DCP_HF_STEP_LOG": str(log)})]) == [0]
-    steps = len(log.read_text().splitlines())
-    urls = [f"s3://{bucket}/k{k}" for k in range(1, steps + 1)]
+    urls = [f"s3://{bucket}/k{k}" for k in range(1, 9)]  # more kill points than commit steps
     for url in urls:
         save(url, A, options, overwrite=False)
     codes = save_b_in_children([(url, options, b_size, {"DCP_HF_KILL_AT": str(k)})
                                 for k, url in enumerate(urls, 1)])
-    assert codes == [-9] * steps, codes
+    steps = codes.count(-9)
+    assert steps >= 4 and codes == [-9] * steps + [0] * (len(urls) - steps), codes
     outcomes = []
     for url in urls:
         try:
@@ -94,7 +93,7 @@ def test_s3_save_killed_at_every_commit_step_leaves_old_new_or_refused(s3, tmp_p
         save(url, B, options, b_size)  # the next save commits whatever was left
         assert load(url, options) == "B"
     assert "mix" not in outcomes, outcomes
-    assert outcomes[0] == "A"
+    assert outcomes[0] == "A" and outcomes[-1] == "B"
     if b_size == SHARDED:
         assert "refused" in outcomes  # the same names, replaced one by one: caught by the save ids
 
