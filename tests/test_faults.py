@@ -6,6 +6,7 @@ import os
 import subprocess
 
 import pytest
+from torch.distributed.checkpoint.api import CheckpointException
 import torch
 from safetensors.torch import load_file
 
@@ -97,3 +98,54 @@ def test_disk_full_fails_every_rank_and_keeps_old_checkpoints(small_disk):
     assert INDEX_NAME not in _visible(same) or before_same.get(INDEX_NAME) == (same / INDEX_NAME).read_bytes()
     loaded = load_file(same / "model.safetensors")
     assert torch.equal(loaded["big"], torch.arange(loaded["big"].numel(), dtype=torch.float32).view(-1, 64))
+
+
+def test_disk_full_while_writing_the_index_keeps_the_old_checkpoint_and_names_the_file(small_disk, monkeypatch):
+    """The shards fit, then the disk fills (a real ENOSPC from the file system) just before
+    the index is written: the error names the index, the old checkpoint is untouched, and
+    the next save, with room again, cleans up and commits."""
+    import torch.distributed.checkpoint as dcp
+
+    from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
+    from dcp_hf.storage import commit
+
+    path = small_disk / "ckpt"
+    old = {f"w{i}": torch.full((64, 64), float(i)) for i in range(4)}
+    new = {k: v + 100 for k, v in old.items()}
+
+    def save(state):
+        dcp.save(state, storage_writer=HFStorageWriter(path, max_shard_size=20_000, overwrite=True),
+                 planner=HFSavePlanner(), no_dist=True)
+
+    def load():
+        out = {k: torch.zeros_like(v) for k, v in old.items()}
+        dcp.load(out, storage_reader=HFStorageReader(path), planner=HFLoadPlanner(), no_dist=True)
+        return out
+
+    save(old)
+    before = _snapshot(path)
+    filler = small_disk / "filler"
+    real = commit.write_new_file
+
+    def fill_then_write(folder, name, data):
+        if name == INDEX_NAME:
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+            try:
+                while True:
+                    os.write(fd, b"\0" * 4096)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return real(folder, name, data)
+
+    monkeypatch.setattr(commit, "write_new_file", fill_then_write)
+    with pytest.raises(CheckpointException, match=f"No space left on device.*{INDEX_NAME}|{INDEX_NAME}.*No space left"):
+        save(new)
+    monkeypatch.setattr(commit, "write_new_file", real)
+    assert _snapshot(path) == before
+    assert all(torch.equal(load()[k], old[k]) for k in old)
+    filler.unlink()
+    save(new)
+    assert all(torch.equal(load()[k], new[k]) for k in new)
+    assert sorted(os.listdir(small_disk)) == ["ckpt"]
