@@ -240,3 +240,14 @@ def test_dcp_default_planners_work_too(tmp_path):
     out = {k: torch.zeros_like(v) for k, v in sd.items()}
     dcp.load(out, storage_reader=HFStorageReader(tmp_path), planner=DefaultLoadPlanner(), no_dist=True)
     assert all(bitwise_equal(out[k], sd[k]) for k in sd)
+
+
+def test_inspect_escapes_names_that_would_drive_the_terminal(tmp_path):
+    from dcp_hf.inspect import inspect_checkpoint
+    name = "evil\x1b]0;owned\x07\x1b[2J\nname\u202e"
+    dcp.save({name: torch.ones(2), "fine.name": torch.ones(3)}, storage_writer=HFStorageWriter(tmp_path),
+             planner=HFSavePlanner(), no_dist=True)
+    out = inspect_checkpoint(str(tmp_path), verbose=True)
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    assert "  evil\\x1b]0;owned\\x07\\x1b[2J\\nname\\u202e  F32  [2]" in out
+    assert "  fine.name  F32  [3]" in out

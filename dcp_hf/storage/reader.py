@@ -157,14 +157,15 @@ class HFStorageReader(StorageReader):
         return store.exists(INDEX_NAME) or store.exists(SINGLE_FILE_NAME)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        if kwargs.get("rank") is not None and self._metadata_error is not None:
-            raise self._metadata_error  # DCP's second try: the first error, not its wrapper
         if not self.weight_map:
             try:
                 self.weight_map = self._read_weight_map()
             except DcpHfError as e:
-                # DCP would hide this behind "AssertionError: metadata is None": raise it from
-                # set_up_storage_reader instead, where DCP reports it as it is, on every rank.
+                if kwargs.get("rank") is None:
+                    raise
+                # DCP's second try, after the first raised: DCP would replace the error with
+                # "AssertionError: metadata is None". Metadata that raises it where it is used
+                # (set_up_storage_reader) lets DCP report it as it is, on every rank.
                 self._metadata_error = e
                 return HFMetadata(state_dict_metadata=_FailedMetadata(e), checkpoint=self.path)
         return HFMetadata(state_dict_metadata=_LazyTensorMetadata(self),
