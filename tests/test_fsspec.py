@@ -8,17 +8,17 @@ import torch.distributed.checkpoint as dcp
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
 from dcp_hf.testing import run_ranks
-from tests.workers import bitwise_equal, load_from_url, reference_state, save_to_url, save_with_fault
+from tests.workers import bitwise_equal, load_from_url, reference_state, save_to_url, save_with_fault, without_save_id
 
 
 def _files(fs, root):
-    return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in fs.ls(root, detail=False)}
+    return {p.rsplit("/", 1)[-1]: without_save_id(fs.cat_file(p)) for p in fs.ls(root, detail=False)}
 
 
 def _local_reference(tmp_path):
     dcp.save(reference_state(), storage_writer=HFStorageWriter(tmp_path / "disk", max_shard_size=600),
              planner=HFSavePlanner(), no_dist=True)
-    return {name: (tmp_path / "disk" / name).read_bytes() for name in os.listdir(tmp_path / "disk")}
+    return {name: without_save_id((tmp_path / "disk" / name).read_bytes()) for name in os.listdir(tmp_path / "disk")}
 
 
 def test_memory_url_in_one_process(tmp_path):
