@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 
 from dcp_hf.format.dtypes import name_from_dtype
@@ -10,9 +11,16 @@ from dcp_hf.storage.reader import HFStorageReader
 
 
 def inspect_checkpoint(path: str, verbose: bool = False) -> str:
-    reader = HFStorageReader(path)
-    reader.read_metadata()
-    reader.load_headers(set(reader.weight_map.values()))
+    """A checkpoint folder (or URL), or one ``.safetensors`` file."""
+    if os.path.isfile(path):
+        reader = HFStorageReader(os.path.dirname(os.path.abspath(path)))
+        name = os.path.basename(path)
+        reader.load_headers([name])
+        reader.weight_map = dict.fromkeys(reader.headers[name].tensors, name)
+    else:
+        reader = HFStorageReader(path)
+        reader.read_metadata()
+        reader.load_headers(set(reader.weight_map.values()))
     lines, dtypes, total = [], Counter(), 0
     for file in sorted(reader.headers):
         header = reader.headers[file]
