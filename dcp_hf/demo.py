@@ -45,7 +45,8 @@ def _rank_save_then_load(rank: int, world: int, path: str, shape: LlamaShape, dt
     dist.barrier()
     t0 = time.perf_counter()
     dcp.save(state, storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size,
-                                                   overwrite=True, progress=progress),
+                                                   overwrite=True, progress=progress,
+                                                   config=shape.hf_config(dtype)),
              planner=HFSavePlanner())
     save_s = time.perf_counter() - t0
     del state
@@ -99,8 +100,6 @@ def run_demo(output: str, nproc: int, shape: LlamaShape, max_shard_size: str,
     wrong = sorted({k for r in results for k in r[2]})
     if wrong:
         raise SystemExit(f"FAILED: loaded tensors differ from the saved ones: {wrong[:5]}")
-    with open(os.path.join(output, "config.json"), "w") as f:
-        json.dump(shape.hf_config(dtype), f, indent=2)
     count = verify_plain(output, shape, dtype)
     files = sorted(os.listdir(output))
     print(f"  files: {', '.join(files)}")
