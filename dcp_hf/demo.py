@@ -54,7 +54,7 @@ def _rank_save_then_load(rank: int, world: int, path: str, shape: LlamaShape, dt
     target = sharded_llama(shape, dtype, "fsdp", empty=True)
     dist.barrier()
     t0 = time.perf_counter()
-    dcp.load(target, storage_reader=HFStorageReader(path), planner=HFLoadPlanner())
+    dcp.load(target, storage_reader=HFStorageReader(path, progress=progress), planner=HFLoadPlanner())
     load_s = time.perf_counter() - t0
     wrong = []
     for key, value in target.items():

@@ -167,3 +167,18 @@ def test_unexpected_error_is_one_line_that_asks_for_debug(monkeypatch, capsys):
     assert cli_module.main([]) == 1
     err = capsys.readouterr().err
     assert err.startswith("dcp-hf inspect: unexpected ZeroDivisionError") and "--debug" in err
+
+
+def test_demo_bars_count_every_rank_and_quiet_hides_them(tmp_path):
+    """2 ranks share the demo's 38.5 MB: the coordinator's save and load bars end at the whole
+    checkpoint's size (not its own half), in the units tqdm shows (MB, then /s rates)."""
+    from dcp_hf.models import LlamaShape
+    total = sum(torch.Size(s).numel() for s in LlamaShape().tensors().values()) * 2
+    rc, out, err = cli("demo", "--output", tmp_path / "demo", "--nproc", "2")
+    assert rc == 0, err
+    shown = f"{total / 1e6:.1f}M/{total / 1e6:.1f}M"
+    for phase in ("save", "load"):
+        finals = [line for line in err.replace("\r", "\n").splitlines() if line.startswith(f"dcp-hf {phase}: 100%")]
+        assert finals and shown in finals[-1], err
+    rc, out, err = cli("demo", "--output", tmp_path / "demo", "--nproc", "2", "--quiet")
+    assert rc == 0 and "dcp-hf save" not in err and "verified" in out

@@ -323,7 +323,8 @@ class HFStorageWriter(StorageWriter):
                 dtype = files[n].specs[item.index.fqn].dtype
                 tasks += self._slab_tasks(item, planner, dtype, fds[n], offset, files[n].name)
                 total += item.tensor_data.chunk.sizes.numel() * itemsize(dtype)
-            progress = Progress(self.progress and self.is_coordinator, total, "dcp-hf save")
+            progress = Progress(self.progress and self.is_coordinator,
+                                sum(f.size - len(f.header) for f in files), "dcp-hf save", own=total)
             with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-write") as pool:
                 for done in pool.map(lambda task: task(), tasks):
                     progress.update(done)
@@ -394,8 +395,8 @@ class HFStorageWriter(StorageWriter):
             touched = [p for p in by_file[n] if p.lo < offset + hi and offset + lo < p.hi]
             jobs.append((item, n, offset, dtype, grid, touched, {p.round for p in touched}))
             total += grid.nbytes
-        progress = Progress(self.progress and self.is_coordinator,
-                            sum(p.hi - p.lo for p in rp.parts if p.owner == me), "dcp-hf upload")
+        progress = Progress(self.progress and self.is_coordinator, sum(p.hi - p.lo for p in rp.parts),
+                            "dcp-hf upload", own=sum(p.hi - p.lo for p in rp.parts if p.owner == me))
         failure, cache = None, {}
         uploader = Uploader(self.target, names, rp.uploads, 1 if self.target.sequential else self.thread_count,
                             self.round_bytes)
