@@ -169,6 +169,7 @@ def test_unexpected_error_is_one_line_that_asks_for_debug(monkeypatch, capsys):
     assert err.startswith("dcp-hf inspect: unexpected ZeroDivisionError") and "--debug" in err
 
 
+@pytest.mark.slow
 def test_demo_bars_count_every_rank_and_quiet_hides_them(tmp_path):
     """2 ranks share the demo's 38.5 MB: the coordinator's save and load bars end at the whole
     checkpoint's size (not its own half), in the units tqdm shows (MB, then /s rates)."""
