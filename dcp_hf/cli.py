@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             message = (f"unexpected {type(cause).__name__}: {cause} (a bug: rerun with --debug "
                        f"and report the traceback)")
-        print(f"{where}: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same story
+            print(f"{where}: {message}", file=sys.stderr)
         return 1
 
 
