@@ -1,10 +1,14 @@
 """The command line as a user meets it: each mistake is a short message naming the flag to use,
-exit code 1 (2 for a wrong command line), and no traceback unless --debug."""
+exit code 1 (2 for a wrong command line), and no traceback unless --debug. Most cases call
+``main`` in this process (fast); those about what a user's terminal shows (warnings, tracebacks,
+progress bars) run ``python -m dcp_hf`` as a process."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
@@ -12,10 +16,22 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 
-def cli(*args, cwd=None):
+def cli_process(*args):
     proc = subprocess.run([sys.executable, "-m", "dcp_hf", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+                          text=True, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def cli(*args):
+    """``dcp-hf ARGS`` in this process: exit code, stdout, stderr."""
+    from dcp_hf.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
 
 
 def short_error(stderr: str, command: str) -> str:
@@ -81,17 +97,17 @@ def test_library_error_inside_dcp_save_is_unwrapped_and_names_the_flag(ckpts, tm
     """A stale index alone is not recognised up front; the writer's refusal comes back from
     inside dcp.save (a CheckpointException on every rank) as one line naming --overwrite."""
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
-    rc, _, err = cli("convert", "--to", "hf", ckpts / "dcp", tmp_path, "--quiet")
+    rc, _, err = cli_process("convert", "--to", "hf", ckpts / "dcp", tmp_path, "--quiet")
     assert rc == 1
     message = short_error(err, "convert")
     assert "already holds a checkpoint" in message and "pass --overwrite" in message
     assert "HFStorageWriter" not in message
-    rc, _, err = cli("convert", "--to", "hf", ckpts / "dcp", tmp_path, "--quiet", "--debug")
+    rc, _, err = cli_process("convert", "--to", "hf", ckpts / "dcp", tmp_path, "--quiet", "--debug")
     assert rc == 1 and "Traceback" in err  # --debug keeps the whole story
 
 
 def test_convert_warns_nothing_without_torchrun(ckpts, tmp_path):
-    rc, out, err = cli("convert", "--to", "dcp", ckpts / "hf", tmp_path / "dcp", "--quiet")
+    rc, out, err = cli_process("convert", "--to", "dcp", ckpts / "hf", tmp_path / "dcp", "--quiet")
     assert rc == 0, err
     assert "torch.distributed is disabled" not in err and "Warning" not in err, err
     assert "done (tensors: 4)" in out
@@ -126,7 +142,7 @@ def test_experts_split_without_a_layout_names_the_flag(ckpts, tmp_path):
 
 
 def test_help_is_plain_and_per_subcommand():
-    rc, out, _ = cli("--help")
+    rc, out, _ = cli_process("--help")
     assert rc == 0 and "``" not in out and "torchrun --nproc-per-node" in out
     rc, out, _ = cli("experts", "merge", "--help")
     assert rc == 0 and out.startswith("usage: dcp-hf experts merge")
@@ -152,21 +168,21 @@ def test_demo_help_states_the_size_it_writes():
     assert f"small: {nbytes / 1e6:.1f} MB" in " ".join(out.split())
 
 
-@pytest.mark.skipif(os.environ.get("WORLD_SIZE") is not None, reason="runs its own processes")
-def test_unexpected_error_is_one_line_that_asks_for_debug(monkeypatch, capsys):
+def test_unexpected_error_is_one_line_that_asks_for_debug(monkeypatch):
     """A bug (not a user mistake) is one line too, pointing at --debug."""
-    from dcp_hf import cli as cli_module
+    import dcp_hf.inspect
 
-    def broken(args):
+    def broken(path, verbose=False):
         raise ZeroDivisionError("division by zero")
 
-    parser = cli_module.build_parser()
-    args = parser.parse_args(["inspect", "x"])
-    args.func = broken
-    monkeypatch.setattr(cli_module, "build_parser", lambda: type("P", (), {"parse_args": lambda self, a: args})())
-    assert cli_module.main([]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("dcp-hf inspect: unexpected ZeroDivisionError") and "--debug" in err
+    monkeypatch.setattr(dcp_hf.inspect, "inspect_checkpoint", broken)
+    rc, _, err = cli("inspect", os.__file__.replace("os.py", "nope.safetensors"))
+    assert rc == 1 and "does not exist" in err  # checked before the command runs
+    monkeypatch.setattr(sys.modules["dcp_hf.cli"], "require", lambda *a, **k: "hf")
+    rc, _, err = cli("inspect", "x")
+    assert rc == 1
+    assert short_error(err, "inspect").startswith("dcp-hf inspect: unexpected ZeroDivisionError")
+    assert "--debug" in err
 
 
 @pytest.mark.slow
@@ -175,11 +191,11 @@ def test_demo_bars_count_every_rank_and_quiet_hides_them(tmp_path):
     checkpoint's size (not its own half), in the units tqdm shows (MB, then /s rates)."""
     from dcp_hf.models import LlamaShape
     total = sum(torch.Size(s).numel() for s in LlamaShape().tensors().values()) * 2
-    rc, out, err = cli("demo", "--output", tmp_path / "demo", "--nproc", "2")
+    rc, out, err = cli_process("demo", "--output", tmp_path / "demo", "--nproc", "2")
     assert rc == 0, err
     shown = f"{total / 1e6:.1f}M/{total / 1e6:.1f}M"
     for phase in ("save", "load"):
         finals = [line for line in err.replace("\r", "\n").splitlines() if line.startswith(f"dcp-hf {phase}: 100%")]
         assert finals and shown in finals[-1], err
-    rc, out, err = cli("demo", "--output", tmp_path / "demo", "--nproc", "2", "--quiet")
+    rc, out, err = cli_process("demo", "--output", tmp_path / "demo", "--nproc", "2", "--quiet")
     assert rc == 0 and "dcp-hf save" not in err and "verified" in out
