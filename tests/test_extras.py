@@ -20,7 +20,8 @@ def test_s3_path_without_s3fs_names_the_s3_extra(monkeypatch):
 @pytest.fixture
 def without_megatron(monkeypatch):
     """megatron-core hidden, and dcp_hf.megatron imported afresh (restored afterwards)."""
-    monkeypatch.setitem(sys.modules, "megatron", None)
+    for name in ["megatron", "megatron.core", *(n for n in sys.modules if n.startswith("megatron."))]:
+        monkeypatch.setitem(sys.modules, name, None)
     for name in [n for n in sys.modules if n.startswith("dcp_hf.megatron")]:
         monkeypatch.delitem(sys.modules, name)
     import dcp_hf
