@@ -47,3 +47,53 @@ class Progress:
 def log_throughput(what: str, nbytes: int, seconds: float, where: str) -> None:
     rate = nbytes / seconds / 1e9 if seconds > 0 else float("inf")
     logger.info("%s %.3f GB in %.2f s (%.2f GB/s): %s", what, nbytes / 1e9, seconds, rate, where)
+
+
+def _tensor_bytes(item) -> int:
+    from dcp_hf.format.dtypes import itemsize
+    td = item.tensor_data
+    return td.chunk.sizes.numel() * itemsize(td.properties.dtype) if td is not None else 0
+
+
+class _CountingPlanner:
+    """A save planner whose resolved data advances a progress bar (DCP's writers resolve an
+    item's data when they write it)."""
+
+    def __init__(self, planner, progress: Progress):
+        self._planner, self._progress = planner, progress
+
+    def resolve_data(self, item):
+        data = self._planner.resolve_data(item)
+        self._progress.update(_tensor_bytes(item))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._planner, name)
+
+
+def file_system_writer(path, *, progress: bool = False, **kwargs):
+    """DCP's ``FileSystemWriter`` with a progress bar on the coordinator counting every rank's
+    bytes (the coordinator sums them from all ranks' plans)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class _Writer(FileSystemWriter):
+        total = 0
+
+        def set_up_storage_writer(self, is_coordinator: bool, *args, **kw) -> None:
+            super().set_up_storage_writer(is_coordinator, *args, **kw)
+            self.is_coordinator = is_coordinator
+
+        def prepare_global_plan(self, plans):
+            self.total = sum(_tensor_bytes(i) for p in plans for i in p.items)
+            return super().prepare_global_plan(plans)
+
+        def write_data(self, plan, planner):
+            own = sum(_tensor_bytes(i) for i in plan.items)
+            bar = Progress(progress and getattr(self, "is_coordinator", False), self.total or own,
+                           "dcp-hf save", own=own)
+            try:
+                return super().write_data(plan, _CountingPlanner(planner, bar))
+            finally:
+                bar.close()
+
+    return _Writer(path, **kwargs)

@@ -113,6 +113,16 @@ def test_convert_warns_nothing_without_torchrun(ckpts, tmp_path):
     assert "done (tensors: 4)" in out
 
 
+def test_convert_shows_progress_unless_quiet(ckpts, tmp_path):
+    nbytes = sum(torch.Size(shape).numel() * 4 for shape in DENSE.values())
+    for to, src in (("dcp", ckpts / "hf"), ("hf", ckpts / "dcp")):
+        rc, _, err = cli("convert", "--to", to, src, tmp_path / to)
+        assert rc == 0, err
+        assert f"| {nbytes / 1e3:.2f}k/{nbytes / 1e3:.2f}k [" in err.split("dcp-hf save: 100%")[-1], err
+        rc, _, err = cli("convert", "--to", to, src, tmp_path / to, "--overwrite", "--quiet")
+        assert rc == 0 and err == "", err
+
+
 def test_demo_nproc_zero_is_a_usage_error():
     rc, _, err = cli("demo", "--nproc", "0")
     assert rc == 2 and "Traceback" not in err
