@@ -175,3 +175,24 @@ def test_bad_options_fail_before_saving(tmp_path):
         HFStorageWriter(tmp_path / "out", file_map_from=tmp_path, fqn_to_index_mapping={})
     assert HFStorageReader(tmp_path, thread_count=3).thread_count == 3
     assert issubclass(StateDictMismatchError, ValueError)
+
+
+def test_to_s3_with_config_copy_from_and_tied_weights(s3, tmp_path):
+    """The same options through the S3 upload path: objects downloaded as they are load with
+    from_pretrained."""
+    model = tiny_llama(True)
+    model.save_pretrained(tmp_path / "release")
+    (tmp_path / "release" / "tokenizer.json").write_text('{"version": "1.0"}')
+    url = f"s3://{s3.bucket('dcp-hf-hf-files')}/tied"
+    dcp.save(model.state_dict(), planner=HFSavePlanner(), no_dist=True, storage_writer=HFStorageWriter(
+        url, storage_options=s3.storage_options, config=model.config, copy_from=tmp_path / "release"))
+    bucket, prefix = url.removeprefix("s3://").split("/", 1)
+    listed = s3.client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")["Contents"]
+    (tmp_path / "down").mkdir()
+    for obj in listed:
+        name = obj["Key"].rsplit("/", 1)[1]
+        s3.client.download_file(bucket, obj["Key"], str(tmp_path / "down" / name))
+    assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"} == set(
+        os.listdir(tmp_path / "down"))
+    assert "lm_head.weight" not in saved_keys(tmp_path / "down")
+    assert torch.equal(logits(load_as_is(tmp_path / "down")), logits(model))
