@@ -1,32 +1,133 @@
-"""The ``dcp-hf`` command line."""
+"""The dcp-hf command line: HF safetensors checkpoints <-> torch.distributed.checkpoint.
+
+Run a command plainly (one process) or under torchrun to spread the tensors over processes:
+  torchrun --nproc-per-node 4 $(which dcp-hf) experts split SRC DST
+A mistake ends with a one-line message and exit code 1 (2 for a wrong command line); add
+--debug for the Python traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
+
+DOC = __doc__
 
 
+class UsageError(Exception):
+    """Inputs that cannot work, found before anything is read or written (exit code 1)."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every argument's help ends with its default (where it has one); descriptions keep
+    their line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+# Python-API advice in library errors, as the flags that do the same on the command line.
+_FLAG_FOR = (
+    ("pass overwrite=True to HFStorageWriter to replace it", "pass --overwrite to replace it"),
+    ("pass overwrite=True", "pass --overwrite"),
+    ("(pass exclude patterns to leave them out)", "(leave them out with --exclude PATTERN)"),
+    ("name the style: transformers, mindspeed or flat", "pass --layout transformers, mindspeed or flat"),
+)
+
+
+def _as_cli_message(message: str) -> str:
+    for api, flag in _FLAG_FOR:
+        message = message.replace(api, flag)
+    return message
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The exception a rank raised, out of DCP's CheckpointException wrappers."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    while isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    return error
+
+
+# -- what a path holds ------------------------------------------------------------------------
+def checkpoint_kind(path: str) -> str:
+    """``hf`` (an HF folder), ``dcp`` (a native DCP folder: ``.metadata``), ``safetensors`` (one
+    file), ``missing``, ``file`` (another file), ``url`` (not checked here) or ``other``."""
+    if "://" in path:
+        return "url"
+    if os.path.isfile(path):
+        return "safetensors" if path.endswith(".safetensors") else "file"
+    if not os.path.isdir(path):
+        return "missing"
+    names = os.listdir(path)
+    if ".metadata" in names:
+        return "dcp"
+    if any(n.endswith(".safetensors") and not n.startswith(".") for n in names):
+        return "hf"
+    return "other"
+
+
+_DESCRIBE = {
+    "hf": "is an HF checkpoint (*.safetensors)",
+    "dcp": "is a native DCP checkpoint (.metadata, *.distcp)",
+    "safetensors": "is a single .safetensors file",
+    "missing": "does not exist",
+    "file": "is a file, not a checkpoint folder",
+    "other": "holds neither *.safetensors files nor a DCP .metadata file",
+}
+
+
+def require(path: str, what: str, *kinds: str, hint: str = "") -> str:
+    """Check that ``path`` is one of ``kinds`` of input, or say what it is and what to do."""
+    kind = checkpoint_kind(path)
+    if kind != "url" and kind not in kinds:
+        raise UsageError(f"{what} {path} {_DESCRIBE[kind]}" + (f"; {hint}" if hint else ""))
+    return kind
+
+
+def require_free(path: str, overwrite: bool, what: str = "DST") -> None:
+    """Refuse, before any work, to replace a checkpoint unless --overwrite is given."""
+    kind = checkpoint_kind(path)
+    if kind in ("hf", "dcp") and not overwrite:
+        label = "an HF checkpoint" if kind == "hf" else "a native DCP checkpoint"
+        raise UsageError(f"{what} {path} already holds {label}; pass --overwrite to replace it, "
+                         f"or choose another folder")
+    if kind in ("file", "safetensors"):
+        raise UsageError(f"{what} {path} {_DESCRIBE[kind]}; give a folder")
+
+
+# -- commands ---------------------------------------------------------------------------------
 def _cmd_demo(args) -> int:
     from dcp_hf.demo import run_demo
     from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape
     shape = LLAMA_1B_LIKE if args.size == "1b" else LlamaShape()
-    run_demo(args.output, args.nproc, shape, args.max_shard_size)
+    run_demo(args.output, args.nproc, shape, args.max_shard_size, progress=not args.quiet)
     return 0
 
 
 def _cmd_inspect(args) -> int:
     from dcp_hf.inspect import inspect_checkpoint
+    require(args.path, "PATH", "hf", "safetensors",
+            hint="inspect reads HF checkpoints (a folder of .safetensors files, or one file)")
     print(inspect_checkpoint(args.path, verbose=args.verbose))
     return 0
 
 
 def _init_distributed() -> None:
-    """Join the process group when started by torchrun (WORLD_SIZE set), so the work is spread."""
-    import os
-
+    """Join the process group when started by torchrun (WORLD_SIZE set), so the work is spread;
+    without it, silence torch's warning that it will run in a single process (it does)."""
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    # A DCP destination is replaced only after --overwrite was checked (require_free).
+    warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
 
 
 def _report(what: str, info: dict) -> None:
@@ -40,15 +141,30 @@ def _style(args) -> str | None:
     return None if args.layout == "auto" else args.layout
 
 
+def _check_something_to_merge(src: str, style: str | None) -> None:
+    """``experts merge`` of a checkpoint with no per-expert tensors would copy it unchanged."""
+    from dcp_hf.convert import hf_specs
+    from dcp_hf.layouts import detect_layout
+    from dcp_hf.storage import HFStorageReader
+    source = hf_specs(HFStorageReader(src))
+    rules = detect_layout(src, style).without_renames()
+    if rules.rules:
+        merged, _ = rules.memory_specs(source)
+        if set(merged) == set(source):
+            raise UsageError(f"SRC {src}: no per-expert tensors to merge "
+                             f"(layout {rules.name}); is it a dense model, or merged already?")
+
+
 def _cmd_experts(args) -> int:
     from dcp_hf.convert import experts
+    require(args.src, "SRC", "hf", hint="give an HF checkpoint folder")
+    require_free(args.dst, args.overwrite)
     _init_distributed()
-    try:
-        info = experts(args.direction, args.src, args.dst, _style(args),
-                       max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                       progress=not args.quiet)
-    except ValueError as e:
-        raise SystemExit(f"dcp-hf experts: {e}") from None
+    if args.direction == "merge":
+        _check_something_to_merge(args.src, _style(args))
+    info = experts(args.direction, args.src, args.dst, _style(args),
+                   max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                   progress=not args.quiet)
     _report(f"experts {args.direction}", info)
     return 0
 
@@ -56,10 +172,22 @@ def _cmd_experts(args) -> int:
 def _cmd_convert(args) -> int:
     from dcp_hf.convert import dcp_to_hf, hf_to_dcp
     from dcp_hf.layouts import detect_layout
-    _init_distributed()
     prefixes = [tuple(p.split("=", 1)) for p in args.prefix or []]
     if any(len(p) != 2 for p in prefixes):
-        raise SystemExit("dcp-hf convert: --prefix takes MEM=HF, e.g. 'model.='")
+        raise UsageError("--prefix takes MEM=HF, e.g. --prefix model.=")
+    if args.to == "dcp":
+        require(args.src, "SRC", "hf",
+                hint="--to dcp reads an HF checkpoint" + (" (for a DCP source use --to hf)"
+                                                          if checkpoint_kind(args.src) == "dcp" else ""))
+    else:
+        require(args.src, "SRC", "dcp",
+                hint="--to hf reads a native DCP checkpoint" + (" (for an HF source use --to dcp)"
+                                                                if checkpoint_kind(args.src) == "hf" else ""))
+        if args.config_from is not None:
+            require(args.config_from, "--config-from", "hf", "other",
+                    hint="give the HF folder whose config.json and tokenizer go with the output")
+    require_free(args.dst, args.overwrite)
+    _init_distributed()
     if args.to == "dcp":
         info = hf_to_dcp(args.src, args.dst, style=_style(args), prefixes=prefixes,
                          progress=not args.quiet)
@@ -79,84 +207,175 @@ def _cmd_export(args) -> int:
     import torch
 
     from dcp_hf.megatron.export import export_torch_dist
+    require(args.src, "SRC", "dcp", hint="give a Megatron torch_dist checkpoint folder "
+                                         "(e.g. .../iter_0001000, holding .metadata)")
+    config = args.config
+    if os.path.isdir(config):
+        config = os.path.join(config, "config.json")
+    if not os.path.isfile(config):
+        raise UsageError(f"--config {args.config}: no such config.json or HF folder")
+    require_free(args.dst, args.overwrite)
     _init_distributed()
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
         info = export_torch_dist(args.src, args.dst, args.config, exclude=args.exclude or (),
                                  dtype=dtype, max_shard_size=args.max_shard_size,
                                  overwrite=args.overwrite, progress=not args.quiet)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"dcp-hf export: {e}") from None
+    except KeyError as e:
+        raise UsageError(f"--config {config}: has no {e.args[0]!r}; give the model's full HF "
+                         f"config.json") from None
     _report("export --from megatron", info)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dcp-hf", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# -- argument parser --------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
-    demo = sub.add_parser("demo", help="save a sharded Llama-shaped model as an HF checkpoint in "
-                                       "local processes, reload it resharded, verify, print GB/s")
-    demo.add_argument("--output", default="demo-output", help="output folder (default: %(default)s)")
-    demo.add_argument("--nproc", type=int, default=2, help="processes (default: %(default)s)")
+
+def _size(text: str) -> str:
+    from dcp_hf.format import parse_size
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _demo_size(shape) -> str:
+    import math
+    return f"{sum(math.prod(s) for s in shape.tensors().values()) * 2 / 1e6:.1f} MB"
+
+
+LAYOUTS = ["auto", "transformers", "mindspeed", "flat"]
+
+
+def _common(parser: argparse.ArgumentParser, *, shard: bool = True) -> None:
+    """Options every writing command takes."""
+    if shard:
+        parser.add_argument("--max-shard-size", default="5GB", type=_size,
+                            help="largest output file (5GB = 5*10**9 bytes, as huggingface_hub; "
+                                 "also MB, GiB, ...)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a checkpoint already in the output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape
+    parser = argparse.ArgumentParser(prog="dcp-hf", description=DOC, formatter_class=_Formatter)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    debug = argparse.ArgumentParser(add_help=False)  # also after the command, not resetting it
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the Python traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str | None = None, on=sub):
+        return on.add_parser(name, help=help, description=description or help,
+                             formatter_class=_Formatter, parents=[debug])
+
+    demo = command("demo", "save a sharded Llama-shaped model as an HF checkpoint in local "
+                           "processes, reload it resharded, verify it, print GB/s")
+    demo.add_argument("--output", default="demo-output", help="output folder")
+    demo.add_argument("--nproc", type=_positive_int, default=2, help="local processes (gloo)")
     demo.add_argument("--size", choices=["small", "1b"], default="small",
-                      help="small: ~50 MB; 1b: Llama-1B-like, ~2 GB (default: %(default)s)")
-    demo.add_argument("--max-shard-size", default="20MB", help="largest file (default: %(default)s)")
+                      help=f"small: {_demo_size(LlamaShape())} bf16; 1b: Llama-1B-like, "
+                           f"{_demo_size(LLAMA_1B_LIKE)} bf16")
+    demo.add_argument("--max-shard-size", default="20MB", type=_size, help="largest output file")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
-    insp = sub.add_parser("inspect", help="list the tensors of a checkpoint from its headers")
-    insp.add_argument("path")
+    insp = command("inspect", "list the tensors of an HF checkpoint from its headers")
+    insp.add_argument("path", metavar="PATH", help="HF checkpoint folder or one .safetensors file")
     insp.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     insp.set_defaults(func=_cmd_inspect)
 
-    layouts = ["auto", "transformers", "mindspeed", "flat"]
-    exp = sub.add_parser("experts", help="merge per-expert HF tensors into one tensor per layer, or "
-                                          "split them back (streaming; under torchrun, spread over ranks)")
-    exp.add_argument("direction", choices=["merge", "split"])
-    exp.add_argument("src", help="HF checkpoint folder")
-    exp.add_argument("dst", help="output folder (config and tokenizer files are copied)")
-    exp.add_argument("--layout", choices=layouts, default="auto",
-                     help="merged form; auto: from config.json (default: %(default)s)")
-    exp.add_argument("--max-shard-size", default="5GB")
-    exp.add_argument("--overwrite", action="store_true", help="replace a checkpoint in DST")
-    exp.add_argument("--quiet", action="store_true", help="no progress bar")
-    exp.set_defaults(func=_cmd_experts)
+    exp = command("experts", "merge per-expert HF tensors into one tensor per layer, or split "
+                             "them back (streaming; under torchrun, spread over processes)")
+    directions = exp.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    for direction, what in (("merge", "per-expert HF tensors -> one merged tensor per layer "
+                                      "and projection"),
+                            ("split", "merged expert tensors -> per-expert HF tensors (the "
+                                      "merged form is read off the tensors' shapes)")):
+        d = command(direction, what, on=directions)
+        d.add_argument("src", metavar="SRC", help="HF checkpoint folder")
+        d.add_argument("dst", metavar="DST", help="output folder (config and tokenizer files are copied)")
+        d.add_argument("--layout", choices=LAYOUTS, default="auto",
+                       help="merged form; auto: from SRC's config.json"
+                            + (" or the tensors' shapes" if direction == "split" else ""))
+        _common(d)
+        d.set_defaults(func=_cmd_experts)
 
-    conv = sub.add_parser("convert", help="HF checkpoint <-> native DCP checkpoint (FileSystemWriter "
-                                           "format), through a layout and key prefixes")
-    conv.add_argument("--to", choices=["dcp", "hf"], required=True)
-    conv.add_argument("src")
-    conv.add_argument("dst")
-    conv.add_argument("--layout", choices=layouts, default="auto",
-                      help="merged-experts form of the DCP side; auto: from config.json")
+    conv = command("convert", "HF checkpoint <-> native DCP checkpoint (FileSystemWriter format), "
+                              "through a layout and key prefixes")
+    conv.add_argument("--to", choices=["dcp", "hf"], required=True,
+                      help="dcp: SRC is an HF folder; hf: SRC is a native DCP folder")
+    conv.add_argument("src", metavar="SRC", help="checkpoint folder to read")
+    conv.add_argument("dst", metavar="DST", help="output folder")
+    conv.add_argument("--layout", choices=LAYOUTS, default="auto",
+                      help="merged-experts form of the DCP side; auto: from config.json and the "
+                           "tensors' shapes")
     conv.add_argument("--prefix", action="append", metavar="MEM=HF",
                       help="DCP keys start with MEM where HF keys start with HF, e.g. 'model.=' "
                            "(repeatable)")
-    conv.add_argument("--config-from", help="--to hf: HF folder whose config.json (layout) and "
-                                             "tokenizer files go with the output")
-    conv.add_argument("--max-shard-size", default="5GB")
-    conv.add_argument("--overwrite", action="store_true")
-    conv.add_argument("--quiet", action="store_true")
+    conv.add_argument("--config-from", metavar="HF_DIR",
+                      help="optional, --to hf: HF folder whose config.json (and the layout it "
+                           "implies), tokenizer and generation files go with the output; without "
+                           "it the output has weights only")
+    _common(conv)
     conv.set_defaults(func=_cmd_convert)
 
-    export = sub.add_parser("export", help="a Megatron torch_dist checkpoint -> HF checkpoint, without "
-                                           "building the model (streaming; under torchrun, spread over ranks)")
-    export.add_argument("--from", dest="source", choices=["megatron"], required=True)
-    export.add_argument("src", help="Megatron torch_dist checkpoint folder (e.g. .../iter_0001000)")
-    export.add_argument("dst", help="output folder or s3:// URL")
-    export.add_argument("--config", required=True,
-                        help="the model's HF config.json, or an HF folder (its tokenizer files are copied)")
+    export = command("export", "a Megatron torch_dist checkpoint -> HF checkpoint, without building "
+                               "the model (streaming; under torchrun, spread over processes)")
+    export.add_argument("--from", dest="source", choices=["megatron"], required=True,
+                        help="the source's format")
+    export.add_argument("src", metavar="SRC", help="Megatron torch_dist checkpoint folder "
+                                                   "(e.g. .../iter_0001000)")
+    export.add_argument("dst", metavar="DST", help="output folder or s3:// URL")
+    export.add_argument("--config", required=True, metavar="HF_CONFIG",
+                        help="the model's HF config.json, or an HF folder (its tokenizer files "
+                             "are copied too)")
     export.add_argument("--exclude", action="append", metavar="GLOB",
-                        help="Megatron keys to leave out (e.g. 'mtp.*'; repeatable)")
+                        help="Megatron keys to leave out, e.g. 'mtp.*' (repeatable)")
     export.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",
                         help="floating tensors' dtype in the output (DeepSeek's expert bias stays fp32)")
-    export.add_argument("--max-shard-size", default="5GB")
-    export.add_argument("--overwrite", action="store_true")
-    export.add_argument("--quiet", action="store_true")
+    _common(export)
     export.set_defaults(func=_cmd_export)
+    return parser
 
-    args = parser.parse_args(argv)
-    return args.func(args)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:  # import-time notices of optional accelerators (Transformer Engine, Apex)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    where = f"dcp-hf {args.command}" + (f" {args.direction}" if getattr(args, "direction", None) else "")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as e:  # noqa: BLE001 - every error becomes one message (or --debug)
+        if args.debug or isinstance(e, SystemExit):
+            raise
+        cause = _root_cause(e)
+        from dcp_hf.errors import DcpHfError
+        from dcp_hf.extras import MissingExtraError
+        if isinstance(cause, OSError) and cause.filename and cause.strerror:
+            message = f"{cause.filename}: {cause.strerror}"
+        elif isinstance(cause, (UsageError, DcpHfError, MissingExtraError, OSError, ValueError)):
+            message = _as_cli_message(str(cause))
+        else:
+            message = (f"unexpected {type(cause).__name__}: {cause} (a bug: rerun with --debug "
+                       f"and report the traceback)")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same story
+            print(f"{where}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

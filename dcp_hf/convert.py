@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from dcp_hf.format import INDEX_NAME, TensorSpec
 from dcp_hf.layouts import IDENTITY, Layout, Prefix, detect_layout, infer_style
 from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
+from dcp_hf.progress import file_system_writer
 from dcp_hf.storage import HFStorageReader, HFStorageWriter
 from dcp_hf.tensor_box import TensorBox
 
@@ -157,7 +158,7 @@ def hf_to_dcp(src: str, dst: str, layout: Layout | None = None, *, style: str | 
     layout = layout or with_prefixes(detect_layout(src, style), prefixes)
     reader = HFStorageReader(src)
     specs, outside = layout.memory_specs(hf_specs(reader))
-    stream(specs, reader, layout, dcp.FileSystemWriter(dst), IDENTITY)
+    stream(specs, reader, layout, file_system_writer(dst, progress=progress), IDENTITY)
     return {"tensors": len(specs), "outside_layout": outside}
 
 

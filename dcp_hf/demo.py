@@ -35,7 +35,7 @@ def sharded_llama(shape: LlamaShape, dtype: torch.dtype, layout: str, empty: boo
 
 
 def _rank_save_then_load(rank: int, world: int, path: str, shape: LlamaShape, dtype: torch.dtype,
-                         max_shard_size: str):
+                         max_shard_size: str, progress: bool):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -45,7 +45,8 @@ def _rank_save_then_load(rank: int, world: int, path: str, shape: LlamaShape, dt
     dist.barrier()
     t0 = time.perf_counter()
     dcp.save(state, storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size,
-                                                   overwrite=True, progress=rank == 0),
+                                                   overwrite=True, progress=progress,
+                                                   config=shape.hf_config(dtype)),
              planner=HFSavePlanner())
     save_s = time.perf_counter() - t0
     del state
@@ -53,7 +54,7 @@ def _rank_save_then_load(rank: int, world: int, path: str, shape: LlamaShape, dt
     target = sharded_llama(shape, dtype, "fsdp", empty=True)
     dist.barrier()
     t0 = time.perf_counter()
-    dcp.load(target, storage_reader=HFStorageReader(path), planner=HFLoadPlanner())
+    dcp.load(target, storage_reader=HFStorageReader(path, progress=progress), planner=HFLoadPlanner())
     load_s = time.perf_counter() - t0
     wrong = []
     for key, value in target.items():
@@ -84,21 +85,21 @@ def verify_plain(path: str, shape: LlamaShape, dtype: torch.dtype) -> int:
     return len(weight_map)
 
 
-def run_demo(output: str, nproc: int, shape: LlamaShape, max_shard_size: str) -> None:
+def run_demo(output: str, nproc: int, shape: LlamaShape, max_shard_size: str,
+             progress: bool = False) -> None:
     from dcp_hf.testing import run_ranks
     dtype = torch.bfloat16
     nbytes = sum(torch.Size(s).numel() for s in shape.tensors().values()) * dtype.itemsize
     print(f"dcp-hf demo: Llama-shaped model {shape.describe()}, {nbytes / 1e6:.1f} MB bf16, "
           f"{nproc} processes (gloo)")
     print(f"  save: tensor-parallel DTensors (column/row sharded) -> HF checkpoint in {output}")
-    results = run_ranks(_rank_save_then_load, nproc, output, shape, dtype, max_shard_size)
+    results = run_ranks(_rank_save_then_load, nproc, output, shape, dtype, max_shard_size,
+                        progress)
     save_s = max(r[0] for r in results)
     load_s = max(r[1] for r in results)
     wrong = sorted({k for r in results for k in r[2]})
     if wrong:
         raise SystemExit(f"FAILED: loaded tensors differ from the saved ones: {wrong[:5]}")
-    with open(os.path.join(output, "config.json"), "w") as f:
-        json.dump(shape.hf_config(dtype), f, indent=2)
     count = verify_plain(output, shape, dtype)
     files = sorted(os.listdir(output))
     print(f"  files: {', '.join(files)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 
 from dcp_hf.format.dtypes import name_from_dtype
@@ -17,10 +18,17 @@ def printable(text: str) -> str:
 
 
 def inspect_checkpoint(path: str, verbose: bool = False) -> str:
-    reader = HFStorageReader(path)
+    """A checkpoint folder (or URL), or one ``.safetensors`` file."""
+    single = os.path.isfile(path)
+    reader = HFStorageReader(os.path.dirname(os.path.abspath(path)) if single else path)
     try:
-        reader.read_metadata()
-        reader.load_headers(set(reader.weight_map.values()))
+        if single:
+            name = os.path.basename(path)
+            reader.load_headers([name])
+            reader.weight_map = dict.fromkeys(reader.headers[name].tensors, name)
+        else:
+            reader.read_metadata()
+            reader.load_headers(set(reader.weight_map.values()))
     finally:
         reader.close()
     lines, dtypes, total = [], Counter(), 0

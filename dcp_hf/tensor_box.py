@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import torch
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
-                                                   TensorProperties)
-from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+from dcp_hf.errors import StateDictMismatchError
 
 
 class TensorBox:
     """``local`` holds the box at ``offsets`` of a tensor of ``global_shape`` (as Megatron's
-    sharded tensors and any hand-made sharding do). DCP's planners and ours save and load it
-    like a DTensor shard: through the checkpointable protocol DTensor implements."""
+    sharded tensors and any hand-made sharding do).
+
+    Save and load it with dcp-hf's planners (``planner=HFSavePlanner()`` /
+    ``HFLoadPlanner()``), which read and write the box in place. DCP's default planners cannot:
+    they find a chunk only in a tensor, a DTensor or a ShardedTensor; saving one with them is an
+    error that says so, and loading one with them fails in DCP's planning ("expected
+    BytesStorageMetadata").
+    """
 
     def __init__(self, local: torch.Tensor, offsets, global_shape):
         self.local = local
@@ -37,7 +43,7 @@ class TensorBox:
         return (f"TensorBox(offsets={list(self.offsets)}, local={list(self.local.shape)}, "
                 f"global={list(self.global_shape)}, dtype={self.dtype})")
 
-    # -- the protocol DCP uses for DTensor ----------------------------------------------------
+    # -- what DCP's load-plan helpers call (through HFLoadPlanner) ----------------------------
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
         return [ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.shape)]
 
@@ -46,13 +52,11 @@ class TensorBox:
             raise ValueError(f"{index.fqn!r}: no chunk at {list(index.offset)} in this TensorBox")
         return self.local
 
-    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
-        return [WriteItem(
-            index=MetadataIndex(fqn, self.offsets), type=WriteItemType.SHARD,
-            tensor_data=TensorWriteData(
-                chunk=ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.shape),
-                properties=TensorProperties.create_from_tensor(self.local),
-                size=self.global_shape))]
+    def __create_write_items__(self, fqn: str, obj) -> list:
+        """Called only by planners that do not know TensorBox (ours read it directly)."""
+        raise StateDictMismatchError(
+            f"{fqn!r} is a TensorBox: save it with planner=HFSavePlanner() (and load it with "
+            f"planner=HFLoadPlanner()); DCP's default planners cannot resolve its data")
 
 
 def find_chunk(state_dict: dict, index: MetadataIndex) -> torch.Tensor:

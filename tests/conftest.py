@@ -1,6 +1,28 @@
+import inspect
 import os
 
 import pytest
+
+# `python -m pytest -m "not slow"` runs the fast subset (one process, no S3 server, a few
+# minutes); plain `python -m pytest` (the README's command, CI) runs everything. A test is slow
+# when its file is one of these, it uses the S3 server, or it starts processes of its own.
+SLOW_FILES = {"test_megatron.py", "test_s3.py", "test_faults.py", "test_distributed.py"}
+SLOW_CALLS = ("run_ranks(", "run_demo(")
+
+
+def _starts_processes(item) -> bool:
+    try:
+        source = inspect.getsource(item.function)
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in SLOW_CALLS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (os.path.basename(str(item.fspath)) in SLOW_FILES or "s3" in getattr(item, "fixturenames", ())
+                or _starts_processes(item)):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

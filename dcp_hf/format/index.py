@@ -118,22 +118,24 @@ class FileLayout:
 
 def layout_files(specs: list[TensorSpec], max_shard_size: int, save_id: str | None = None) -> list[FileLayout]:
     """Group tensors into files exactly as huggingface_hub does (greedy, in order, under
-    ``max_shard_size``) and lay out each file. Inside a file, tensors are ordered by
-    descending item size so every tensor's data is aligned to its dtype. ``save_id`` goes in
-    every header's ``__metadata__``."""
+    ``max_shard_size``) and lay out each file. ``save_id`` goes in every header's
+    ``__metadata__``."""
     by_key = {s.key: s for s in specs}
     split = split_state_dict_into_shards_factory(
         by_key, get_storage_size=lambda s: s.nbytes, get_storage_id=lambda s: None,
         filename_pattern=FILE_PATTERN, max_shard_size=max_shard_size)
-    files = []
-    for name, keys in split.filename_to_tensors.items():
-        ordered = sorted((by_key[k] for k in keys), key=lambda s: -itemsize(s.dtype))
-        entries, pos = [], 0
-        for s in ordered:
-            entries.append((s.key, s.dtype, s.shape, pos, pos + s.nbytes))
-            pos += s.nbytes
-        header = encode_header(entries, None if save_id is None else {"format": "pt", SAVE_ID_KEY: save_id})
-        offsets = {key: len(header) + begin for key, _, _, begin, _ in entries}
-        files.append(FileLayout(name, header, len(header) + pos, offsets,
-                                {s.key: s for s in ordered}))
-    return files
+    return [lay_out_file(name, [by_key[k] for k in keys], save_id)
+            for name, keys in split.filename_to_tensors.items()]
+
+
+def lay_out_file(name: str, specs: list[TensorSpec], save_id: str | None = None) -> FileLayout:
+    """One file's header and offsets. Tensors are ordered by descending item size so every
+    tensor's data is aligned to its dtype; ``save_id`` goes in the header's ``__metadata__``."""
+    ordered = sorted(specs, key=lambda s: -itemsize(s.dtype))
+    entries, pos = [], 0
+    for s in ordered:
+        entries.append((s.key, s.dtype, s.shape, pos, pos + s.nbytes))
+        pos += s.nbytes
+    header = encode_header(entries, None if save_id is None else {"format": "pt", SAVE_ID_KEY: save_id})
+    offsets = {key: len(header) + begin for key, _, _, begin, _ in entries}
+    return FileLayout(name, header, len(header) + pos, offsets, {s.key: s for s in ordered})

@@ -18,6 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dcp_hf.errors import on_every_rank
+from dcp_hf.extras import require
 from dcp_hf.layouts import Layout
 from dcp_hf.layouts.megatron import MegatronGPT, megatron_layout
 from dcp_hf.megatron.adapter import ShardedModel, model_chunks
@@ -26,6 +27,8 @@ from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.storage import HFStorageReader, HFStorageWriter
 
 __all__ = ["FAMILIES", "hf_config", "layout_of", "load_hf", "save_hf"]
+
+require("megatron.core", "megatron", "dcp_hf.megatron", load=False)
 
 KEEP_FP32 = ("*.e_score_correction_bias",)  # DeepSeek's expert bias stays fp32 on export
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")

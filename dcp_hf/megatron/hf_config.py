@@ -54,7 +54,8 @@ def hf_config(model, family: str | None = None, vocab_size: int | None = None,
               dtype: torch.dtype | None = None) -> dict:
     """The HF config dict of ``model`` (a GPTModel, or any object with ``config``,
     ``max_sequence_length``, ``rotary_base``, ``share_embeddings_and_output_weights``)."""
-    import transformers
+    from dcp_hf.extras import require
+    transformers = require("transformers", "hf", "generating config.json from a Megatron model")
 
     c = model.config
     family = family or family_of(c)

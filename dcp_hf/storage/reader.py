@@ -32,7 +32,7 @@ from dcp_hf.errors import (CheckpointFormatError, CheckpointNotFoundError, DcpHf
 from dcp_hf.format import (INDEX_NAME, SAVE_ID_KEY, SINGLE_FILE_NAME, FileHeader, TensorEntry,
                            decode_index_and_id, read_header)
 from dcp_hf.format.dtypes import itemsize
-from dcp_hf.progress import log_throughput
+from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.posix import byte_view
 from dcp_hf.storage.stores import open_store
 
@@ -110,12 +110,15 @@ class HFStorageReader(StorageReader):
             provider's standard chain is used (for S3: ``AWS_ENDPOINT_URL``, env, profile).
         thread_count: reader threads per rank (default 4 local, 16 remote: each remote thread
             keeps one ranged GET of ``io_chunk_bytes`` in flight).
+        progress: show a progress bar with bytes and GB/s on the coordinator (all ranks' bytes,
+            estimated as the coordinator's times the number of ranks).
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_dtype_cast: bool = False,
                  storage_options: dict | None = None, thread_count: int | None = None,
-                 io_chunk_bytes: int | None = None):
+                 io_chunk_bytes: int | None = None, progress: bool = False):
         super().__init__()
+        self.progress = progress
         self.path = os.fspath(path)
         self.storage_options = storage_options
         self.store = open_store(self.path, storage_options)
@@ -176,6 +179,7 @@ class HFStorageReader(StorageReader):
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
         self.is_coordinator = is_coordinator
+        self.world_size = _world_size()
         if self._metadata_error is not None:
             error, self._metadata_error = self._metadata_error, None
             raise error
@@ -222,8 +226,14 @@ class HFStorageReader(StorageReader):
         for item, entry, dest in work:
             file = self.weight_map[entry.name]
             tasks += self._slab_tasks(item, entry, dest, self._handle(file), file)
+        own = sum(math.prod(i.lengths) * itemsize(e.dtype) for i, e, _ in work)
+        progress = Progress(self.progress and getattr(self, "is_coordinator", False),
+                            own * getattr(self, "world_size", 1), "dcp-hf load", own=own)
         with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
-            self.bytes_read += sum(pool.map(lambda task: task(), tasks))
+            for nread in pool.map(lambda task: task(), tasks):
+                self.bytes_read += nread
+                progress.update(nread)
+        progress.close()
         for item, _, dest in work:
             planner.commit_tensor(item, dest)
         return sum(math.prod(i.lengths) * itemsize(e.dtype) for i, e, _ in work)
@@ -385,3 +395,8 @@ class HFStorageReader(StorageReader):
             return run
 
         return [task(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -12,6 +12,7 @@ from typing import Any
 
 from dcp_hf.boxes import RunGrid
 from dcp_hf.errors import CheckpointFormatError, MixedCheckpointError, StorageError
+from dcp_hf.extras import require
 from dcp_hf.storage.posix import read_runs
 
 
@@ -41,6 +42,7 @@ def is_url(path: str | os.PathLike) -> bool:
 def open_store(path: str | os.PathLike, storage_options: dict | None = None):
     path = os.fspath(path)
     if path.startswith(("s3://", "s3a://")):
+        require("s3fs", "s3", f"{path}: an s3:// path", load=False)
         return S3Store(path, storage_options or {})
     if is_url(path):
         return FsspecStore(path, storage_options or {})

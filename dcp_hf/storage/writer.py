@@ -33,12 +33,13 @@ from torch.futures import Future
 
 from dcp_hf.boxes import box_runs
 from dcp_hf.errors import CheckpointExistsError, StateDictMismatchError, StorageError, not_a_tensor
-from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, layout_files, parse_size
+from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, parse_size
 from dcp_hf.storage import commit
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
 from dcp_hf.planners.save import COMPACT_PLANS
 from dcp_hf.planners.summary import LocalSummary, MergedPlan, RankAssignment, decode_table, encode_table, summarize
 from dcp_hf.progress import Progress, log_throughput
+from dcp_hf.storage.hf_files import HFFiles
 from dcp_hf.storage.multipart import Part, Uploader, assemble, clip_runs, exchange, make_target, part_of, plan_parts
 from dcp_hf.storage.posix import byte_view, fsync_dir, grid_span, pwrite_all, write_runs
 from dcp_hf.storage.stores import open_store
@@ -129,6 +130,19 @@ class HFStorageWriter(StorageWriter):
         round_bytes: on S3, the most bytes of parts a rank assembles at once.
         side_files: small files (e.g. ``{"config.json": b"..."}``) the coordinator writes
             beside the weights, before the index commits the checkpoint.
+        config: the model's HF config (dict, transformers ``PretrainedConfig``, config.json or
+            an HF folder), written as config.json so ``from_pretrained`` loads the output as
+            is; when it ties the embeddings, ``lm_head.weight`` is left out (as
+            ``save_pretrained`` does) after checking it equals the input embedding.
+        copy_from: an HF folder whose other files (config.json unless ``config`` is given,
+            generation config, tokenizer, processor, chat template) are copied beside the weights.
+        file_map_from: an index json, or a checkpoint folder: keep its key -> file grouping
+            (keys it does not name go in files after its own); e.g. the release a fine-tune
+            started from.
+        fqn_to_index_mapping: torch's ``HuggingFaceStorageWriter`` form of the same: key -> file
+            number (1..N). ``save_distributed``, ``enable_consolidation`` and
+            ``thread_count_consolidation`` of torch's writer are accepted and have nothing to
+            do: every rank writes its bytes into the final files.
     """
 
     def __init__(self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
@@ -136,8 +150,12 @@ class HFStorageWriter(StorageWriter):
                  thread_count: int | None = None, io_chunk_bytes: int = 64 << 20,
                  storage_options: dict | None = None, process_group=None,
                  part_size: int | str = "16MiB", round_bytes: int | str = "128MiB",
-                 side_files: dict[str, bytes] | None = None):
+                 side_files: dict[str, bytes] | None = None, config=None,
+                 copy_from: str | os.PathLike | None = None, file_map_from: str | os.PathLike | None = None,
+                 fqn_to_index_mapping: dict[str, int] | None = None, save_distributed: bool | None = None,
+                 enable_consolidation: bool | None = None, thread_count_consolidation: int | None = None):
         super().__init__()
+        self.hf_files = HFFiles.from_options(config, copy_from, file_map_from, fqn_to_index_mapping)
         self.side_files = dict(side_files or {})
         for name in self.side_files:
             if name == INDEX_NAME or name.endswith(".safetensors") or "/" in name or name.startswith("."):
@@ -224,6 +242,9 @@ class HFStorageWriter(StorageWriter):
             specs.append(TensorSpec(key, export, shape))
         if not specs:
             raise StateDictMismatchError("the state dict holds no tensors: nothing to save")
+        tied = self.hf_files.tied(s.key for s in specs)  # left out; each rank checks its boxes
+        specs = [s for s in specs if s.key not in tied]
+        self.side_files = {**self.hf_files.side_files(), **self.side_files}
 
         table = encode_table(specs)
         save_id = uuid.uuid4().hex[:12]
@@ -263,7 +284,7 @@ class HFStorageWriter(StorageWriter):
     def _lay_out(self, table: dict, save_id: str) -> list[FileLayout]:
         """The files of the checkpoint (what goes where), the same on every rank."""
         if self._save_id != save_id:
-            self._files = layout_files(decode_table(table), self.max_shard_size, save_id)
+            self._files = self.hf_files.lay_out(decode_table(table), self.max_shard_size, save_id)
             self._where = {key: (n, offset) for n, f in enumerate(self._files) for key, offset in f.offsets.items()}
             self._save_id = save_id
         return self._files
@@ -275,6 +296,8 @@ class HFStorageWriter(StorageWriter):
         for rank in range(len(plans)):
             mine = []
             for key, offsets, sizes in merged.written_by(rank):
+                if key not in self._where:  # a tied weight, left out
+                    continue
                 n, offset = self._where[key]
                 spec = files[n].specs[key]
                 lo, hi = grid_span(box_runs(spec.shape, offsets, sizes, itemsize(spec.dtype)))
@@ -312,6 +335,7 @@ class HFStorageWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rp: _RankPlan = plan.storage_data
         files = self._lay_out(rp.table, rp.save_id)
+        plan = self.hf_files.drop_tied(plan, planner, self._where)
         if rp.parts is not None:
             return self._write_parts(plan, planner)
         fds: dict[int, int] = {}
@@ -327,7 +351,8 @@ class HFStorageWriter(StorageWriter):
                 dtype = files[n].specs[item.index.fqn].dtype
                 tasks += self._slab_tasks(item, planner, dtype, fds[n], offset, files[n].name)
                 total += item.tensor_data.chunk.sizes.numel() * itemsize(dtype)
-            progress = Progress(self.progress and self.is_coordinator, total, "dcp-hf save")
+            progress = Progress(self.progress and self.is_coordinator,
+                                sum(f.size - len(f.header) for f in files), "dcp-hf save", own=total)
             with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-write") as pool:
                 for done in pool.map(lambda task: task(), tasks):
                     progress.update(done)
@@ -400,8 +425,8 @@ class HFStorageWriter(StorageWriter):
             touched = [p for p in by_file[n] if p.lo < offset + hi and offset + lo < p.hi]
             jobs.append((item, n, offset, dtype, grid, touched, {p.round for p in touched}))
             total += grid.nbytes
-        progress = Progress(self.progress and self.is_coordinator,
-                            sum(p.hi - p.lo for p in rp.parts if p.owner == me), "dcp-hf upload")
+        progress = Progress(self.progress and self.is_coordinator, sum(p.hi - p.lo for p in rp.parts),
+                            "dcp-hf upload", own=sum(p.hi - p.lo for p in rp.parts if p.owner == me))
         failure, cache = None, {}
         uploader = Uploader(self.target, names, rp.uploads, 1 if self.target.sequential else self.thread_count,
                             self.round_bytes)

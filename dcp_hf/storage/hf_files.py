@@ -1,0 +1,201 @@
+"""What makes a DCP save of a transformers model a folder ``from_pretrained`` loads as is:
+config.json (and the generation config, tokenizer and processor files of a source folder),
+tied weights left out as ``save_pretrained`` leaves them out, and a source checkpoint's
+key -> file map kept (torch's ``fqn_to_index_mapping``, or an index json), for
+:class:`~dcp_hf.storage.writer.HFStorageWriter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+
+from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError
+from dcp_hf.format import INDEX_NAME, SINGLE_FILE_NAME, FileLayout, TensorSpec, decode_index, natural_key
+from dcp_hf.format.index import FILE_PATTERN, lay_out_file, layout_files
+
+CONFIG_NAME = "config.json"
+# Weights in any format, and what only describes them: never copied from ``copy_from``.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
+                    ".index.json", ".distcp")
+# The torch writer's keywords that describe how it works, not what it writes: every rank
+# writes its own bytes into the final files here, so there is nothing to consolidate.
+TORCH_NO_OPS = ("save_distributed", "enable_consolidation", "thread_count_consolidation")
+
+
+def config_dict(config) -> dict:
+    """A config as a dict: a dict, a transformers ``PretrainedConfig``, a config.json path or
+    an HF folder holding one."""
+    if isinstance(config, dict):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    path = os.fspath(config)
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_NAME)
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config.json (config=)") from None
+    except ValueError as e:
+        raise CheckpointFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointFormatError(f"{path}: not a JSON object")
+    return value
+
+
+def ties_embeddings(config: dict) -> bool:
+    """Whether the config ties the output embedding to the input one (also a VLM's text part)."""
+    text = config.get("text_config")
+    return bool(config.get("tie_word_embeddings")) or (
+        isinstance(text, dict) and bool(text.get("tie_word_embeddings")))
+
+
+def tied_source(key: str, keys) -> str | None:
+    """The input embedding an output embedding ``key`` is tied to: the one key ending in
+    ``embed_tokens.weight`` (``model.`` or ``model.language_model.`` prefixed), or None."""
+    if not key.endswith("lm_head.weight"):
+        return None
+    sources = [k for k in keys if k.endswith("embed_tokens.weight")]
+    if len(sources) != 1:
+        raise StateDictMismatchError(
+            f"config.json ties {key!r} to the input embedding, but the state dict has "
+            f"{len(sources)} '*embed_tokens.weight' tensors ({sources[:3]}); save with "
+            f"tie_word_embeddings false in the config")
+    return sources[0]
+
+
+def side_files_of(folder: str) -> list[str]:
+    """What ``copy_from`` copies: every plain file of the folder that is not weights (config,
+    generation config, tokenizer, processor, chat template, remote code...)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder (copy_from=)")
+    return sorted(n for n in os.listdir(folder)
+                  if os.path.isfile(os.path.join(folder, n)) and not n.startswith(".")
+                  and not n.endswith(_WEIGHT_SUFFIXES))
+
+
+def read_file_map(source) -> dict[str, str]:
+    """key -> file name of an existing checkpoint: its index json, or a folder holding one (or
+    a single ``model.safetensors``)."""
+    from dcp_hf.storage.stores import open_store
+    path = os.fspath(source)
+    if path.endswith(".json"):
+        folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+    else:
+        folder, name = path, INDEX_NAME
+    store = open_store(folder)
+    if store.exists(name):
+        return decode_index(store.read(name), store.where(name))
+    if name == INDEX_NAME and store.exists(SINGLE_FILE_NAME):
+        from dcp_hf.storage.reader import HFStorageReader
+        reader = HFStorageReader(folder)
+        reader.load_headers([SINGLE_FILE_NAME])
+        return dict.fromkeys(reader.headers[SINGLE_FILE_NAME].tensors, SINGLE_FILE_NAME)
+    raise FileNotFoundError(f"{store.where(name)}: no such index json (file_map_from=)")
+
+
+@dataclasses.dataclass
+class HFFiles:
+    """The writer's HF-folder options. ``groups``: key -> file number (0-based, in the source's
+    file order), from ``file_map_from`` or torch's ``fqn_to_index_mapping``."""
+
+    config: dict | None = None
+    copy_from: str | None = None
+    groups: dict[str, int] | None = None
+
+    @classmethod
+    def from_options(cls, config=None, copy_from=None, file_map_from=None,
+                     fqn_to_index_mapping: dict[str, int] | None = None) -> "HFFiles":
+        if file_map_from is not None and fqn_to_index_mapping is not None:
+            raise ValueError("give file_map_from or fqn_to_index_mapping, not both")
+        copy_from = os.fspath(copy_from) if copy_from is not None else None
+        if copy_from is not None:
+            side_files_of(copy_from)  # fail now, on every rank, not at commit
+        if config is None and copy_from is not None and os.path.exists(os.path.join(copy_from, CONFIG_NAME)):
+            config = os.path.join(copy_from, CONFIG_NAME)
+        groups = None
+        if file_map_from is not None:
+            file_map = read_file_map(file_map_from)
+            order = {name: n for n, name in enumerate(sorted(set(file_map.values()), key=natural_key))}
+            groups = {key: order[name] for key, name in file_map.items()}
+        elif fqn_to_index_mapping is not None:
+            groups = {key: int(index) - 1 for key, index in fqn_to_index_mapping.items()}
+        return cls(config_dict(config) if config is not None else None, copy_from, groups)
+
+    # -- tied weights -------------------------------------------------------------------------
+    def tied(self, keys) -> dict[str, str]:
+        """Keys to leave out -> the key they are tied to, as ``save_pretrained`` does when the
+        config ties the embeddings."""
+        if self.config is None or not ties_embeddings(self.config):
+            return {}
+        keys = list(keys)
+        return {key: source for key in keys if (source := tied_source(key, keys)) is not None}
+
+    def drop_tied(self, plan: SavePlan, planner: SavePlanner, kept) -> SavePlan:
+        """This rank's plan without the boxes of tied keys (those not in ``kept``), each checked
+        to equal the same box of the tensor it is tied to, which this rank also writes."""
+        dropped = [i for i in plan.items if i.index.fqn not in kept]
+        if not dropped:
+            return plan
+        tied = self.tied([*kept, *{i.index.fqn for i in dropped}])
+        mine = {(i.index.fqn, tuple(i.tensor_data.chunk.offsets), tuple(i.tensor_data.chunk.sizes)): i
+                for i in plan.items}
+        for item in dropped:
+            key, chunk = item.index.fqn, item.tensor_data.chunk
+            source = tied.get(key)
+            twin = mine.get((source, tuple(chunk.offsets), tuple(chunk.sizes)))
+            if source is None:
+                raise StateDictMismatchError(f"{key!r} is not in the checkpoint's table")
+            if twin is None:
+                raise StateDictMismatchError(
+                    f"{key!r} is tied to {source!r} by config.json (tie_word_embeddings), but this "
+                    f"rank writes its box at {list(chunk.offsets)} without the same box of {source!r}, "
+                    f"so their equality cannot be checked; save them sharded alike, or with "
+                    f"tie_word_embeddings false in the config")
+            a, b = planner.resolve_data(item), planner.resolve_data(twin)
+            if not (a.shape == b.shape and torch.equal(a.to(b.dtype), b)):
+                raise StateDictMismatchError(
+                    f"{key!r} differs from {source!r} at {list(chunk.offsets)}, but config.json ties "
+                    f"them (tie_word_embeddings): the saved model would not be this one; save with "
+                    f"tie_word_embeddings false in the config")
+        return dataclasses.replace(plan, items=[i for i in plan.items if i.index.fqn in kept])
+
+    # -- files --------------------------------------------------------------------------------
+    def lay_out(self, specs: list[TensorSpec], max_shard_size: int, save_id: str) -> list[FileLayout]:
+        """The files: huggingface_hub's grouping, or the source's file map with new keys grouped
+        after it. Files are numbered ``model-0000K-of-0000N`` in that order (the source's names
+        when it used the standard ones and no key is new), empty groups dropped."""
+        if self.groups is None:
+            return layout_files(specs, max_shard_size, save_id)
+        known: dict[int, list[TensorSpec]] = {}
+        new = []
+        for spec in specs:
+            if spec.key in self.groups:
+                known.setdefault(self.groups[spec.key], []).append(spec)
+            else:
+                new.append(spec)
+        groups = [known[n] for n in sorted(known)]
+        if new:
+            groups += [list(f.specs.values()) for f in layout_files(new, max_shard_size)]
+        if len(groups) == 1:
+            return [lay_out_file(SINGLE_FILE_NAME, groups[0], save_id)]
+        total = len(groups)
+        return [lay_out_file(FILE_PATTERN.format(suffix=f"-{n + 1:05d}-of-{total:05d}"), group, save_id)
+                for n, group in enumerate(groups)]
+
+    def side_files(self) -> dict[str, bytes]:
+        """config.json and the files of ``copy_from`` (read on the coordinator at plan time)."""
+        out = {}
+        if self.copy_from is not None:
+            for name in side_files_of(self.copy_from):
+                with open(os.path.join(self.copy_from, name), "rb") as f:
+                    out[name] = f.read()
+        if self.config is not None:
+            out[CONFIG_NAME] = (json.dumps(self.config, indent=2, sort_keys=True) + "\n").encode()
+        return out

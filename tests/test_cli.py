@@ -1,0 +1,211 @@
+"""The command line as a user meets it: each mistake is a short message naming the flag to use,
+exit code 1 (2 for a wrong command line), and no traceback unless --debug. Most cases call
+``main`` in this process (fast); those about what a user's terminal shows (warnings, tracebacks,
+progress bars) run ``python -m dcp_hf`` as a process."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+
+
+def cli_process(*args):
+    proc = subprocess.run([sys.executable, "-m", "dcp_hf", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def cli(*args):
+    """``dcp-hf ARGS`` in this process: exit code, stdout, stderr."""
+    from dcp_hf.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def short_error(stderr: str, command: str) -> str:
+    """The one-line message of a failed command, checked to be nothing more."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) <= 2, stderr
+    assert lines[-1].startswith(f"dcp-hf {command}: "), stderr
+    return lines[-1]
+
+
+DENSE = {"model.embed_tokens.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (12, 8),
+         "model.norm.weight": (8,), "lm_head.weight": (16, 8)}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A dense HF checkpoint (with a llama config.json) and the same tensors as native DCP."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    state = {k: torch.randn(s) for k, s in DENSE.items()}
+    (root / "hf").mkdir()
+    save_file(state, root / "hf" / "model.safetensors")
+    (root / "hf" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(root / "dcp"), no_dist=True)
+    return root
+
+
+def test_inspect_missing_folder(tmp_path):
+    rc, _, err = cli("inspect", tmp_path / "nope")
+    assert rc == 1
+    assert "does not exist" in short_error(err, "inspect")
+
+
+def test_inspect_single_safetensors_file(ckpts):
+    rc, out, err = cli("inspect", "-v", ckpts / "hf" / "model.safetensors")
+    assert rc == 0, err
+    assert "model.norm.weight  F32  [8]" in out and "total: 4 tensors in 1 files" in out
+
+
+def test_inspect_names_a_dcp_folder(ckpts):
+    rc, _, err = cli("inspect", ckpts / "dcp")
+    assert rc == 1
+    assert "native DCP checkpoint" in short_error(err, "inspect")
+
+
+def test_convert_to_hf_of_an_hf_folder_says_to_use_to_dcp(ckpts, tmp_path):
+    rc, _, err = cli("convert", "--to", "hf", ckpts / "hf", tmp_path / "out")
+    assert rc == 1
+    message = short_error(err, "convert")
+    assert "is an HF checkpoint" in message and "--to dcp" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_into_an_existing_checkpoint_names_overwrite_flag(ckpts):
+    rc, _, err = cli("convert", "--to", "hf", ckpts / "dcp", ckpts / "hf")
+    assert rc == 1
+    message = short_error(err, "convert")
+    assert "--overwrite" in message and "overwrite=True" not in message
+
+
+def test_library_error_inside_dcp_save_is_unwrapped_and_names_the_flag(ckpts, tmp_path):
+    """A stale index alone is not recognised up front; the writer's refusal comes back from
+    inside dcp.save (a CheckpointException on every rank) as one line naming --overwrite."""
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    rc, _, err = cli_process("convert", "--to", "hf", ckpts / "dcp", tmp_path, "--quiet")
+    assert rc == 1
+    message = short_error(err, "convert")
+    assert "already holds a checkpoint" in message and "pass --overwrite" in message
+    assert "HFStorageWriter" not in message
+    rc, _, err = cli_process("convert", "--to", "hf", ckpts / "dcp", tmp_path, "--quiet", "--debug")
+    assert rc == 1 and "Traceback" in err  # --debug keeps the whole story
+
+
+def test_convert_warns_nothing_without_torchrun(ckpts, tmp_path):
+    rc, out, err = cli_process("convert", "--to", "dcp", ckpts / "hf", tmp_path / "dcp", "--quiet")
+    assert rc == 0, err
+    assert "torch.distributed is disabled" not in err and "Warning" not in err, err
+    assert "done (tensors: 4)" in out
+
+
+def test_convert_shows_progress_unless_quiet(ckpts, tmp_path):
+    nbytes = sum(torch.Size(shape).numel() * 4 for shape in DENSE.values())
+    for to, src in (("dcp", ckpts / "hf"), ("hf", ckpts / "dcp")):
+        rc, _, err = cli("convert", "--to", to, src, tmp_path / to)
+        assert rc == 0, err
+        assert f"| {nbytes / 1e3:.2f}k/{nbytes / 1e3:.2f}k [" in err.split("dcp-hf save: 100%")[-1], err
+        rc, _, err = cli("convert", "--to", to, src, tmp_path / to, "--overwrite", "--quiet")
+        assert rc == 0 and err == "", err
+
+
+def test_demo_nproc_zero_is_a_usage_error():
+    rc, _, err = cli("demo", "--nproc", "0")
+    assert rc == 2 and "Traceback" not in err
+    assert "--nproc: expected a whole number of at least 1" in err
+
+
+def test_export_with_an_incomplete_config_names_the_missing_key(ckpts, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    rc, _, err = cli("export", "--from", "megatron", ckpts / "dcp", tmp_path / "out",
+                     "--config", tmp_path / "config.json")
+    assert rc == 1
+    message = short_error(err, "export")
+    assert "num_attention_heads" in message and "full HF config.json" in message
+
+
+def test_experts_merge_of_a_dense_model_is_an_error(ckpts, tmp_path):
+    rc, _, err = cli("experts", "merge", "--layout", "transformers", ckpts / "hf", tmp_path / "out")
+    assert rc == 1
+    assert "no per-expert tensors to merge" in short_error(err, "experts merge")
+    assert not (tmp_path / "out").exists()
+
+
+def test_experts_split_without_a_layout_names_the_flag(ckpts, tmp_path):
+    rc, _, err = cli("experts", "split", ckpts / "hf", tmp_path / "out")
+    assert rc == 1
+    assert "--layout transformers, mindspeed or flat" in short_error(err, "experts split")
+
+
+def test_help_is_plain_and_per_subcommand():
+    rc, out, _ = cli_process("--help")
+    assert rc == 0 and "``" not in out and "torchrun --nproc-per-node" in out
+    rc, out, _ = cli("experts", "merge", "--help")
+    assert rc == 0 and out.startswith("usage: dcp-hf experts merge")
+    rc, out, _ = cli("convert", "--help")
+    assert "(default: 5GB)" in out
+    # every argument of every command has a help text
+    from dcp_hf.cli import build_parser
+    parser = build_parser()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if action.choices and isinstance(action.choices, dict):
+                stack.extend(action.choices.values())
+            elif action.dest != "help":
+                assert action.help, f"{p.prog}: {action.dest} has no help"
+
+
+def test_demo_help_states_the_size_it_writes():
+    from dcp_hf.models import LlamaShape
+    nbytes = sum(torch.Size(s).numel() for s in LlamaShape().tensors().values()) * 2
+    rc, out, _ = cli("demo", "--help")
+    assert f"small: {nbytes / 1e6:.1f} MB" in " ".join(out.split())
+
+
+def test_unexpected_error_is_one_line_that_asks_for_debug(monkeypatch):
+    """A bug (not a user mistake) is one line too, pointing at --debug."""
+    import dcp_hf.inspect
+
+    def broken(path, verbose=False):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(dcp_hf.inspect, "inspect_checkpoint", broken)
+    rc, _, err = cli("inspect", os.__file__.replace("os.py", "nope.safetensors"))
+    assert rc == 1 and "does not exist" in err  # checked before the command runs
+    monkeypatch.setattr(sys.modules["dcp_hf.cli"], "require", lambda *a, **k: "hf")
+    rc, _, err = cli("inspect", "x")
+    assert rc == 1
+    assert short_error(err, "inspect").startswith("dcp-hf inspect: unexpected ZeroDivisionError")
+    assert "--debug" in err
+
+
+@pytest.mark.slow
+def test_demo_bars_count_every_rank_and_quiet_hides_them(tmp_path):
+    """2 ranks share the demo's 38.5 MB: the coordinator's save and load bars end at the whole
+    checkpoint's size (not its own half), in the units tqdm shows (MB, then /s rates)."""
+    from dcp_hf.models import LlamaShape
+    total = sum(torch.Size(s).numel() for s in LlamaShape().tensors().values()) * 2
+    rc, out, err = cli_process("demo", "--output", tmp_path / "demo", "--nproc", "2")
+    assert rc == 0, err
+    shown = f"{total / 1e6:.1f}M/{total / 1e6:.1f}M"
+    for phase in ("save", "load"):
+        finals = [line for line in err.replace("\r", "\n").splitlines() if line.startswith(f"dcp-hf {phase}: 100%")]
+        assert finals and shown in finals[-1], err
+    rc, out, err = cli_process("demo", "--output", tmp_path / "demo", "--nproc", "2", "--quiet")
+    assert rc == 0 and "dcp-hf save" not in err and "verified" in out
