@@ -110,3 +110,26 @@ def load_sharded(rank: int, world: int, path: str, expected_file: str, kinds: li
                 bad.append(f"{kind} rank {rank}: {key} differs from torch's quantized reader")
         dist.barrier()
     return bad
+
+
+def save_state(seed: int = 3) -> dict[str, torch.Tensor]:
+    """A small model state: two quantized linear weights (partial edge blocks), a norm, a router."""
+    g = torch.Generator().manual_seed(seed)
+    return {"model.layers.0.self_attn.q_proj.weight": (torch.randn(300, 200, generator=g) * 2).to(torch.bfloat16),
+            "model.layers.0.mlp.down_proj.weight": torch.randn(130, 260, generator=g),
+            "model.layers.0.mlp.gate.weight": torch.randn(4, 200, generator=g),
+            "model.norm.weight": torch.randn(200, generator=g).to(torch.bfloat16)}
+
+
+def save_quantized(rank: int, world: int, path: str, kind: str) -> None:
+    """Save ``save_state`` sharded by ``kind`` through an FP8 block-quantizing layout."""
+    from dcp_hf import HFSavePlanner, HFStorageWriter, Layout
+    from dcp_hf.layouts.quantized import BlockFP8, save_config
+    sd = {}
+    for key, v in save_state().items():
+        mesh, pl = placements(kind, v.dim(), world)
+        sd[key] = distribute_tensor(v, mesh, pl, src_data_rank=None)
+    layout = Layout(quantization=BlockFP8())
+    dcp.save(sd, storage_writer=HFStorageWriter(path), planner=HFSavePlanner(layout))
+    if rank == 0:
+        save_config(path, layout.quantization, {"model_type": "llama"})

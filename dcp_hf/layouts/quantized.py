@@ -17,7 +17,10 @@ reads only its rows/columns plus the scales of the blocks it touches, wherever t
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +34,7 @@ SLAB_BYTES = 64 << 20
 FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn}
+FP8_MAX = 448.0  # largest finite float8_e4m3fn: scale = amax / FP8_MAX
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
@@ -97,6 +101,43 @@ class BlockFP8:
     dtype: torch.dtype = torch.float8_e4m3fn
     scale_suffix: str = "_scale_inv"
     logical_dtype: torch.dtype = torch.bfloat16  # what ``memory_specs`` reports
+    # On save: the 2-D HF tensors to quantize (the linear weights of attention and MLP/experts,
+    # as DeepSeek-V3 releases them; not norms, embeddings, the router or lm_head).
+    save_pattern: str = r".*\.(self_attn|mlp)\..*_proj(_with_mqa)?\.weight"
+
+    def quantizes(self, key: str, shape) -> bool:
+        return len(shape) == 2 and re.fullmatch(self.save_pattern, key) is not None
+
+    def config(self) -> dict:
+        """The ``quantization_config`` of config.json for checkpoints saved with this."""
+        fmt = {v: k for k, v in FP8_FORMATS.items()}[self.dtype]
+        return {"quant_method": "fp8", "fmt": fmt, "weight_block_size": list(self.block),
+                "activation_scheme": "dynamic"}
+
+    def block_amax(self, box: torch.Tensor, offsets) -> torch.Tensor:
+        """amax(|x|) (float32) of each block the box at ``offsets`` touches, over its part."""
+        (b0, b1), (r, c) = self.block, offsets
+        lead = c - c // b1 * b1
+        n_cols = _ceil_div(lead + box.shape[1], b1)
+        rows = []
+        for i0 in range(-(r % b0), box.shape[0], b0):  # one block row at a time
+            part = box[max(i0, 0):i0 + b0].float().abs()
+            padded = torch.zeros(part.shape[0], n_cols * b1)
+            padded[:, lead:lead + box.shape[1]] = part
+            rows.append(padded.view(part.shape[0], n_cols, b1).amax(dim=(0, 2)))
+        return torch.stack(rows)
+
+    def quantize(self, box: torch.Tensor, scale: torch.Tensor, offsets) -> torch.Tensor:
+        """The fp8 data of the box at ``offsets``: x.float() / the scale of its block (``scale``
+        covers the blocks the box touches)."""
+        rows, cols = (torch.arange(o, o + n) // b - o // b
+                      for o, n, b in zip(offsets, box.shape, self.block))
+        out = torch.empty(box.shape, dtype=self.dtype)
+        step = max(1, SLAB_BYTES // max(8 * box.shape[1], 1))
+        for r0 in range(0, box.shape[0], step):
+            s = scale.index_select(0, rows[r0:r0 + step]).index_select(1, cols)
+            out[r0:r0 + step] = (box[r0:r0 + step].float() / s).to(self.dtype)
+        return out
 
     def stored_keys(self, key: str) -> tuple[str, ...]:
         return key, key + self.scale_suffix
@@ -265,3 +306,17 @@ def quantization_for_config(config: dict):
         return MXFP4(logical_dtype=logical)
     raise ValueError(f"quantization_config: quant_method {method!r} is not supported by dcp-hf "
                      f"(fp8 with weight_block_size, mxfp4)")
+
+
+def save_config(path: str, quantization: BlockFP8, config: dict | None = None) -> dict:
+    """Write ``config.json`` (``config``, or the one already in ``path``) with the
+    ``quantization_config`` of checkpoints saved through ``quantization``; call it on one rank
+    after the save."""
+    file = os.path.join(path, "config.json")
+    if config is None and os.path.isfile(file):
+        with open(file) as f:
+            config = json.load(f)
+    config = dict(config or {}, quantization_config=quantization.config())
+    with open(file, "w") as f:
+        json.dump(config, f, indent=2)
+    return config
