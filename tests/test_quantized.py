@@ -311,3 +311,38 @@ def test_save_fp8_equals_blockwise_reference_and_round_trips(tmp_path, world, ki
     for key in quantized:
         w, s = quantize_fp8(state[key])
         assert torch.equal(_bits(back[key]), _bits(dequantize_fp8(w, s, state[key].dtype))), key
+
+
+# -- inspect, convert --------------------------------------------------------------------------
+
+def test_inspect_shows_logical_tensors(fp8_ckpt, mxfp4_ckpt):
+    from dcp_hf.inspect import inspect_checkpoint
+    text = inspect_checkpoint(fp8_ckpt[0], verbose=True)
+    assert "quantized: 1 tensors load dequantized" in text and "  a.weight  BF16  [300, 200]" in text
+    text = inspect_checkpoint(mxfp4_ckpt[0], verbose=True)
+    assert "  model.layers.0.mlp.experts.gate_up_proj  BF16  [3, 128, 96]" in text
+
+
+@pytest.mark.parametrize("which", ["fp8", "mxfp4"])
+def test_convert_dequantize(tmp_path, fp8_ckpt, mxfp4_ckpt, which):
+    """A quantized release -> a bf16 checkpoint with the HF keys (GPT-OSS experts in
+    transformers' orientation), config.json without quantization_config."""
+    from safetensors.torch import load_file
+    from dcp_hf.convert import dequantize
+    src = fp8_ckpt[0] if which == "fp8" else mxfp4_ckpt[0]
+    info = dequantize(src, str(tmp_path / "out"))
+    out = {}
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    if which == "fp8":
+        _, w, s, norm = fp8_ckpt
+        assert sorted(out) == ["a.norm", "a.weight"] and info["dequantized"] == 1
+        assert torch.equal(_bits(out["a.weight"]), _bits(dequantize_fp8(w, s, torch.bfloat16)))
+    else:
+        _, t = mxfp4_ckpt
+        p = "model.layers.0.mlp.experts."
+        assert sorted(out) == sorted(p + n for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"))
+        for name in ("gate_up_proj", "down_proj"):
+            assert torch.equal(_bits(out[p + name]), _bits(_transformers_dequant(t, name, torch.bfloat16)))
+    config = json.load(open(tmp_path / "out" / "config.json"))
+    assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
