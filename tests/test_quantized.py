@@ -274,7 +274,7 @@ def dsv3(tmp_path_factory):
     return str(root / "ckpt"), str(root / "expected.pt")
 
 
-@pytest.mark.parametrize("world,kinds", [(2, ["shard0", "shard1"]), (4, ["2d", "shard1"])])
+@pytest.mark.parametrize("world,kinds", [(2, ["shard0", "shard1"]), (4, ["2d"])])
 def test_dsv3_fp8_release_into_fsdp2_shards(dsv3, world, kinds):
     """Every rank's shard of every tensor equals the block-wise reference; the fp8 weights equal
     torch's QuantizedHuggingFaceStorageReader on the same shards."""

@@ -171,14 +171,14 @@ class BlockFP8:
         return (offsets, sizes), (lo, tuple(h - low for h, low in zip(hi, lo)))
 
     def dequantize(self, data, scale, offsets, sizes, out) -> None:
-        # The scale of each element, by the block it lies in (relative to the first block read).
-        rows, cols = (torch.arange(o, o + n) // b - o // b
-                      for o, n, b in zip(offsets, sizes, self.block))
-        step = max(1, SLAB_BYTES // max(8 * sizes[1], 1))
-        for r0 in range(0, sizes[0], step):
-            r1 = min(sizes[0], r0 + step)
-            s = scale.index_select(0, rows[r0:r1]).index_select(1, cols)
-            out[r0:r1].copy_((data[r0:r1].float() * s).to(out.dtype))
+        # One block row at a time: its rows share one row of scales, spread over the columns.
+        (b0, b1), (r, c) = self.block, offsets
+        cols = torch.arange(c, c + sizes[1]) // b1 - c // b1
+        for i, r0 in enumerate(range(-(r % b0), sizes[0], b0)):
+            rows = slice(max(r0, 0), r0 + b0)
+            x = data[rows].float()
+            x *= scale[i].index_select(0, cols)
+            out[rows].copy_(x)  # the same rounding as x.to(out.dtype)
 
     def collect(self, specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
         """Claim each fp8 weight and its scales; they make up one ``logical_dtype`` tensor."""
