@@ -133,6 +133,10 @@ def test_fp8_errors(tmp_path):
         _load({"a.weight": torch.zeros(130, 64, dtype=torch.int32)}, str(tmp_path / "good"))
     with pytest.raises(CheckpointException, match="'a.weight'.*shape \\[130, 64\\].*\\[64, 130\\]"):
         _load({"a.weight": torch.zeros(64, 130)}, str(tmp_path / "good"))
+    # Without the quantization in the layout, even a reader that casts refuses (no silent cast).
+    with pytest.raises(CheckpointException, match="'a.weight' is torch.float8_e4m3fn with block scales"):
+        dcp.load({"a.weight": torch.zeros(130, 64)}, storage_reader=HFStorageReader(
+            str(tmp_path / "good"), allow_dtype_cast=True), planner=HFLoadPlanner(), no_dist=True)
     (tmp_path / "awq").mkdir()
     (tmp_path / "awq" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
     with pytest.raises(ValueError, match="quant_method 'awq' is not supported"):

@@ -140,6 +140,14 @@ class HFLoadPlanner(DefaultLoadPlanner):
                     raise StateDictMismatchError(
                         f"{where}: {piece.hf_key!r} has shape {list(md_t.size)} in the checkpoint but "
                         f"{list(piece.hf_shape)} in the state dict{part}")
+                if (md_t.properties.dtype != value.dtype and md_t.properties.dtype.itemsize == 1
+                        and md_t.properties.dtype.is_floating_point and piece.hf_key + "_scale_inv" in stored):
+                    # A cast would drop the block scales: a silently wrong load.
+                    raise StateDictMismatchError(
+                        f"{where}: {piece.hf_key!r} is {md_t.properties.dtype} with block scales "
+                        f"{piece.hf_key + '_scale_inv'!r}; load it dequantized with a layout that knows "
+                        f"the quantization (detect_layout(path) reads config.json's quantization_config, "
+                        f"or Layout(quantization=BlockFP8()))")
                 if md_t.properties.dtype != value.dtype and not cast_ok:
                     part = "" if piece.hf_key == key else f" (as part of {key!r})"
                     raise StateDictMismatchError(
