@@ -19,7 +19,7 @@ BLOCK = 128
 SHAPES = ((7168, 2048), (2048, 7168), (1536, 7168), (7168, 1536), (576, 7168))
 
 
-def make_checkpoint(path: str, size_gb: float) -> dict[str, tuple[int, int]]:
+def make_checkpoint(path: str, size_gb: float, file_gb: float = 0.5) -> dict[str, tuple[int, int]]:
     """fp8 weights with their scales beside them, one file per ~0.5 GB, and config.json."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
@@ -38,7 +38,7 @@ def make_checkpoint(path: str, size_gb: float) -> dict[str, tuple[int, int]]:
         size += rows * cols
         total += rows * cols
         i += 1
-        if size > 0.5e9 or total >= size_gb * 1e9:
+        if size > file_gb * 1e9 or total >= size_gb * 1e9:
             name = f"model-{len(files) + 1:05d}.safetensors"
             save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
             files.update({k: name for k in tensors})

@@ -350,3 +350,38 @@ def test_convert_dequantize(tmp_path, fp8_ckpt, mxfp4_ckpt, which):
             assert torch.equal(_bits(out[p + name]), _bits(_transformers_dequant(t, name, torch.bfloat16)))
     config = json.load(open(tmp_path / "out" / "config.json"))
     assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
+
+
+def test_dsv3_fp8_release_into_megatron_tp2_ep2(tmp_path):
+    """A DeepSeek-V3 Megatron-core model (MLA, shared + routed experts) at TP2/EP2 on 4 ranks:
+    the FP8 release loads into its fp32 parameters exactly as the float32 block-wise
+    dequantization of the same release (a plain checkpoint) does."""
+    pytest.importorskip("megatron.core")
+    from safetensors.torch import load_file
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from tests.quant_workers import megatron_load
+    cfg = DeepseekV3Config(vocab_size=64, hidden_size=160, intermediate_size=192, moe_intermediate_size=144,
+                           num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+                           first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                           n_group=1, topk_group=1, q_lora_rank=96, kv_lora_rank=32, qk_rope_head_dim=8,
+                           qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=64)
+    torch.manual_seed(3)
+    DeepseekV3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    source = {}
+    for f in (tmp_path / "bf16").glob("*.safetensors"):
+        source.update(load_file(str(f)))
+    fp8, reference = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}, {}
+    for key, v in source.items():
+        if DSV3_QUANTIZED.fullmatch(key):
+            w, s = quantize_fp8(v)
+            fp8["model-00001-of-00002.safetensors"][key] = w
+            fp8["model-00002-of-00002.safetensors"][key + "_scale_inv"] = s  # scales in their own file
+            reference[key] = dequantize_fp8(w, s, torch.float32)
+        else:
+            fp8["model-00001-of-00002.safetensors"][key] = reference[key] = v.clone()
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    write_checkpoint(str(tmp_path / "ref"), {"model.safetensors": reference}, config)
+    write_checkpoint(str(tmp_path / "fp8"), fp8, config | {"quantization_config": FP8_CONFIG})
+    assert len(fp8["model-00002-of-00002.safetensors"]) == 2 * 5 + 3 + 3 + 3 * 4
+    bad = run_ranks(megatron_load, 4, str(tmp_path / "fp8"), str(tmp_path / "ref"), timeout=600, daemon=False)
+    assert bad == [[]] * 4
