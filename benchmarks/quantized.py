@@ -76,12 +76,14 @@ def _op(name: str, state, path: str, shapes):
     from dcp_hf import HFLoadPlanner, HFStorageReader, detect_layout
     if name == "ours":
         reader = HFStorageReader(path)
-        run = lambda: dcp.load(state, storage_reader=reader, planner=HFLoadPlanner(detect_layout(path)))  # noqa: E731
+        run = lambda: dcp.load(state, storage_reader=reader, planner=HFLoadPlanner(detect_layout(path)))
         run.bytes_read = lambda: reader.bytes_read
         return run
     if name == "torch_quantized_reader":
-        from torch.distributed.checkpoint.quantized_hf_storage import QuantizedHuggingFaceStorageReader
-        run = lambda: dcp.load(state, storage_reader=QuantizedHuggingFaceStorageReader(  # noqa: E731
+        from torch.distributed.checkpoint.quantized_hf_storage import (
+            QuantizedHuggingFaceStorageReader,
+        )
+        run = lambda: dcp.load(state, storage_reader=QuantizedHuggingFaceStorageReader(
             path, target_dtype=torch.bfloat16, thread_count=1))
         # By its code: each request's rows of the weight, and the whole scale tensor.
         run.bytes_read = lambda: sum(t.to_local().numel() + 4 * math.prod((-(-r // BLOCK), -(-c // BLOCK)))
@@ -108,6 +110,7 @@ def worker(rank: int, world: int, path: str, shapes, ops: list[str], repeat: int
     import torch.distributed as dist
 
     from benchmarks.measure import measured
+    torch.set_num_threads(1)  # one intra-op thread per rank, as torchrun sets for several ranks
     state = _state(shapes, world)
     needed = _needed(state)
     samples: dict[str, list[dict]] = {op: [] for op in ops}
@@ -124,11 +127,13 @@ def worker(rank: int, world: int, path: str, shapes, ops: list[str], repeat: int
             dist.barrier()
             samples[op].append(sample)
             if r == 0:
-                outputs[op] = torch.cat([t.to_local().flatten()[::997] for t in state.values()])
+                outputs[op] = {k: t.to_local().flatten()[::997].clone() for k, t in state.items()}
     first = outputs[ops[0]]
     for op in ops[1:]:  # the same values from every operation (sampled every 997th element)
-        if not torch.equal(outputs[op].view(torch.int16), first.view(torch.int16)):
-            raise AssertionError(f"rank {rank}: {op} loaded other values than {ops[0]}")
+        bad = [k for k in first if not torch.equal(outputs[op][k].view(torch.int16), first[k].view(torch.int16))]
+        if bad:
+            raise AssertionError(f"rank {rank}: {op} loaded other values than {ops[0]} into {bad[:3]} "
+                                 f"({len(bad)} tensors)")
     return samples
 
 
@@ -137,6 +142,7 @@ def run(root: str, repeat: int, size_gb: float = 0.25, worlds=(2, 4)) -> list[di
     from dcp_hf.testing import run_ranks
     path = os.path.join(root, "fp8")
     shapes = make_checkpoint(path, size_gb)
+    os.sync()  # written back before any load is timed
     nbytes = sum(r * c for r, c in shapes.values())
     ops = ["ours", "torch_quantized_reader", "safetensors_then_dequantize"]
     results = []

@@ -87,7 +87,9 @@ def load_sharded(rank: int, world: int, path: str, expected_file: str, kinds: li
     keys through ``detect_layout`` (fused experts, dequantized) against the reference, and the
     HF keys of the quantized weights with our planner and with torch's
     ``QuantizedHuggingFaceStorageReader`` against each other. Returns the mismatches."""
-    from torch.distributed.checkpoint.quantized_hf_storage import QuantizedHuggingFaceStorageReader
+    from torch.distributed.checkpoint.quantized_hf_storage import (
+        QuantizedHuggingFaceStorageReader,
+    )
     expected = torch.load(expected_file)
     memory, hf_fp8 = expected["memory"], expected["hf_fp8"]
     bad = []

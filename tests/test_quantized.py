@@ -9,13 +9,22 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.quantized_hf_storage import QuantizedHuggingFaceStorageReader
+from torch.distributed.checkpoint.quantized_hf_storage import (
+    QuantizedHuggingFaceStorageReader,
+)
 
 from dcp_hf import HFLoadPlanner, HFStorageReader, Layout, TensorBox, detect_layout
 from dcp_hf.layouts.quantized import MXFP4, BlockFP8
 from dcp_hf.testing import run_ranks
-from tests.quant_workers import (DSV3_QUANTIZED, FP8, FP8_CONFIG, dequantize_fp8, load_sharded,
-                                 quantize_fp8, write_checkpoint)
+from tests.quant_workers import (
+    DSV3_QUANTIZED,
+    FP8,
+    FP8_CONFIG,
+    dequantize_fp8,
+    load_sharded,
+    quantize_fp8,
+    write_checkpoint,
+)
 
 
 def _bits(t):
@@ -150,7 +159,7 @@ def mxfp4_ckpt(tmp_path_factory):
     """GPT-OSS-shaped experts: gate_up blocks [E, 2F, H/32, 16], down blocks [E, H, F/32, 16]."""
     path = str(tmp_path_factory.mktemp("mxfp4"))
     g = torch.Generator().manual_seed(2)
-    E, F, H = 3, 64, 96  # noqa: N806
+    E, F, H = 3, 64, 96
     t = {}
     for name, rows, cols in (("gate_up_proj", 2 * F, H), ("down_proj", H, F)):
         t[f"model.layers.0.mlp.experts.{name}_blocks"] = torch.randint(0, 256, (E, rows, cols // 32, 16),
@@ -238,7 +247,7 @@ def dsv3(tmp_path_factory):
     hf = {}
     for key, v in memory.items():  # transformers' fused experts -> per-expert HF keys
         if key.endswith("experts.gate_up_proj"):
-            F = v.shape[1] // 2  # noqa: N806
+            F = v.shape[1] // 2
             for e in range(v.shape[0]):
                 hf[key.replace("gate_up_proj", f"{e}.gate_proj.weight")] = v[e, :F]
                 hf[key.replace("gate_up_proj", f"{e}.up_proj.weight")] = v[e, F:]
@@ -295,6 +304,7 @@ def test_save_fp8_equals_blockwise_reference_and_round_trips(tmp_path, world, ki
     from all holders; files equal the block-by-block quantization, and a load gives its
     dequantization."""
     from safetensors.torch import load_file
+
     from tests.quant_workers import save_quantized, save_state
     path = str(tmp_path / "q")
     run_ranks(save_quantized, world, path, kind, timeout=240)
@@ -332,6 +342,7 @@ def test_convert_dequantize(tmp_path, fp8_ckpt, mxfp4_ckpt, which):
     """A quantized release -> a bf16 checkpoint with the HF keys (GPT-OSS experts in
     transformers' orientation), config.json without quantization_config."""
     from safetensors.torch import load_file
+
     from dcp_hf.convert import dequantize
     src = fp8_ckpt[0] if which == "fp8" else mxfp4_ckpt[0]
     info = dequantize(src, str(tmp_path / "out"))
@@ -359,6 +370,7 @@ def test_dsv3_fp8_release_into_megatron_tp2_ep2(tmp_path):
     pytest.importorskip("megatron.core")
     from safetensors.torch import load_file
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
     from tests.quant_workers import megatron_load
     cfg = DeepseekV3Config(vocab_size=64, hidden_size=160, intermediate_size=192, moe_intermediate_size=144,
                            num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,

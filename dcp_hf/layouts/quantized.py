@@ -56,7 +56,7 @@ class QuantizedTensor:
     shape: tuple[int, ...]
     data: StoredPart
     scale: StoredPart
-    scheme: "BlockFP8 | MXFP4"
+    scheme: BlockFP8 | MXFP4
 
     @property
     def parts(self) -> tuple[StoredPart, StoredPart]:

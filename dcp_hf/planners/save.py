@@ -143,7 +143,7 @@ class HFSavePlanner(DefaultSavePlanner):
                     k = (hf_key, lo[0] + i, lo[1] + j)
                     partial[k] = max(partial.get(k, 0.0), amax[i, j].item())
                 jobs.append((e, lo, amax, split))
-        except Exception as exc:  # sent to every rank below, so none waits for this one
+        except Exception as exc:  # noqa: BLE001 - sent to every rank below, so none waits for this one
             error = f"{type(exc).__name__}: {exc}"
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered = [None] * dist.get_world_size()
