@@ -1,4 +1,4 @@
-"""python -m benchmarks [all|core|limits|layouts|megatron|s3|planning] [--size-gb G] [--repeat N]
+"""python -m benchmarks [all|core|limits|layouts|megatron|s3|quantized|planning] [--size-gb G] [--repeat N]
 
 Runs each case with ours and its baselines side by side in one run (same state, same
 processes, alternating), prints a table with ratios (baseline time / our time: > 1 means we
@@ -20,7 +20,7 @@ import time
 from benchmarks.measure import machine, write_results
 from benchmarks.report import case_table, planning_read_text, planning_table, write_report
 
-SUITES = ["core", "limits", "layouts", "megatron", "s3", "planning"]
+SUITES = ["core", "limits", "layouts", "megatron", "s3", "quantized", "planning"]
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="scratch folder on the disk to measure")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
-    from benchmarks import core, layouts, limits, megatron, planning, s3
+    from benchmarks import core, layouts, limits, megatron, planning, quantized, s3
 
     root = tempfile.mkdtemp(prefix="dcp-hf-bench-", dir=args.dir)
     print(f"dcp-hf benchmark '{args.suite}': {args.size_gb} GB, {args.repeat} repeats, scratch {root}")
@@ -50,6 +50,7 @@ def main() -> None:
         "megatron": lambda: megatron.run(os.path.join(root, "megatron"), args.repeat,
                                          size_gb=min(args.size_gb / 2, 1.5)),
         "s3": lambda: s3.run(os.path.join(root, "s3"), args.repeat, size_gb=min(max(args.size_gb / 2, 0.5), 1.0)),
+        "quantized": lambda: quantized.run(os.path.join(root, "quantized"), args.repeat, size_gb=args.size_gb / 2),
     }
     for name in wanted:
         t0 = time.perf_counter()

@@ -9,6 +9,8 @@ the tensors are spread over the processes by size.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 
@@ -103,7 +105,7 @@ def stream(specs: dict[str, TensorSpec], source: StorageReader, source_layout: L
 def with_prefixes(layout: Layout, prefixes) -> Layout:
     """``layout`` plus prefix renames given as (memory prefix, HF prefix) pairs."""
     extra = tuple(Prefix(memory, hf) for memory, hf in prefixes)
-    return Layout(layout.rules, layout.renames + extra, layout.strict, layout.name)
+    return dataclasses.replace(layout, renames=layout.renames + extra)
 
 
 def copy_side_files(src: str, dst: str) -> list[str]:
@@ -174,3 +176,34 @@ def dcp_to_hf(src: str, dst: str, layout: Layout | None = None, *, config_from: 
     stream(specs, reader, IDENTITY, writer, layout)
     copied = copy_side_files(config_from, dst) if config_from and is_main() else []
     return {"tensors": len(specs), "skipped_non_tensors": skipped, "copied": copied}
+
+
+def dequantize(src: str, dst: str, dtype: torch.dtype = torch.bfloat16, *, max_shard_size="5GB",
+               overwrite=False, progress=False) -> dict:
+    """A quantized HF checkpoint (FP8 block-scaled, MXFP4; from its config.json) -> the same
+    checkpoint in ``dtype``, streaming: each process reads and dequantizes only the boxes it
+    writes (under ``torchrun`` the tensors are spread over the processes). Keys stay the HF
+    keys (GPT-OSS experts take transformers' orientation, as its bf16 checkpoints do); the
+    config.json written beside them has no ``quantization_config``."""
+    from dcp_hf.layouts.quantized import SwapLastDims
+    found = detect_layout(src)
+    if found.quantization is None:
+        raise ValueError(f"{src}: config.json has no quantization_config; nothing to dequantize")
+    layout = Layout(tuple(r for r in found.rules if isinstance(r, SwapLastDims)),
+                    quantization=dataclasses.replace(found.quantization, logical_dtype=dtype),
+                    name=found.name)
+    reader = HFStorageReader(src)
+    source = hf_specs(reader)
+    specs, _ = layout.memory_specs(source)
+    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    stream(specs, reader, layout, writer, IDENTITY)
+    copied = copy_side_files(src, dst) if is_main() else []
+    if is_main() and "config.json" in copied:
+        with open(os.path.join(dst, "config.json")) as f:
+            config = json.load(f)
+        config.pop("quantization_config", None)
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    return {"layout": layout.name, "tensors_in": len(source), "tensors_out": len(specs),
+            "dequantized": len(source) - len(specs), "copied": copied}

@@ -6,7 +6,10 @@ import math
 import os
 from collections import Counter
 
+from dcp_hf.format import TensorSpec
 from dcp_hf.format.dtypes import name_from_dtype
+from dcp_hf.layouts.models import read_config
+from dcp_hf.layouts.quantized import quantization_for_config
 from dcp_hf.storage.reader import HFStorageReader
 
 
@@ -15,6 +18,14 @@ def printable(text: str) -> str:
     from the checkpoint, and must not drive the terminal."""
     return text if text.isprintable() else "".join(
         c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def quantized_tensors(path: str, specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
+    """The logical tensors (dtype and shape as loaded) that quantized tensors of a checkpoint
+    make up, by its config.json's ``quantization_config`` (local folders; none without it)."""
+    config = read_config(path) if "://" not in path else None
+    quantization = quantization_for_config(config) if config else None
+    return quantization.collect(dict(specs)) if quantization else {}
 
 
 def inspect_checkpoint(path: str, verbose: bool = False) -> str:
@@ -42,6 +53,14 @@ def inspect_checkpoint(path: str, verbose: bool = False) -> str:
             if verbose:
                 lines.append(f"  {printable(t.name)}  {name_from_dtype(t.dtype)}  {list(t.shape)}  "
                              f"{t.nbytes} bytes")
+    specs = {k: TensorSpec(k, t.dtype, t.shape) for h in reader.headers.values() for k, t in h.tensors.items()}
+    logical = quantized_tensors(reader.path, specs)
+    if logical:
+        lines.append(f"quantized: {len(logical)} tensors load dequantized (data + scales -> logical "
+                     f"dtype and shape), {sum(s.nbytes for s in logical.values()) / 1e9:.3f} GB as loaded")
+        if verbose:
+            lines += [f"  {printable(s.key)}  {name_from_dtype(s.dtype)}  {list(s.shape)}"
+                      for s in sorted(logical.values(), key=lambda s: s.key)]
     params = sum(math.prod(t.shape) for h in reader.headers.values() for t in h.tensors.values())
     lines.append(f"total: {len(reader.weight_map)} tensors in {len(reader.headers)} files, "
                  f"{params:,} elements, {total / 1e9:.3f} GB ("

@@ -10,8 +10,8 @@ is ever materialized in full and every direction uses one definition.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import torch
 
@@ -109,12 +109,15 @@ def Prefix(memory: str, hf: str) -> Rename:  # noqa: N802 - reads as a rule name
 @dataclass(frozen=True)
 class Layout:
     """Renames applied to every key, then the first rule that matches; a key that no rule
-    matches is stored under its (renamed) key as it is, unless ``strict``."""
+    matches is stored under its (renamed) key as it is, unless ``strict``. ``quantization``
+    (:mod:`dcp_hf.layouts.quantized`): how the HF tensors the pieces name may be stored
+    quantized (they load dequantized)."""
 
     rules: tuple = ()
     renames: tuple[Rename, ...] = ()
     strict: bool = False
     name: str = field(default="identity", compare=False)
+    quantization: Any = None
 
     def to_hf_key(self, key: str) -> str:
         for r in self.renames:
@@ -142,6 +145,8 @@ class Layout:
         """The in-memory tensors an HF checkpoint's tensors make up, and the HF keys that lie
         outside the layout (e.g. ``talker.*`` when the layout keeps ``thinker.*``)."""
         remaining = dict(hf_specs)
+        if self.quantization is not None:  # quantized data + scales -> their logical tensors
+            remaining.update(self.quantization.collect(remaining))
         made: dict[str, TensorSpec] = {}
         for rule in self.rules:
             made.update(rule.collect(remaining))
@@ -159,7 +164,7 @@ class Layout:
         return out, outside
 
     def without_renames(self) -> "Layout":
-        return Layout(self.rules, (), self.strict, self.name)
+        return replace(self, renames=())
 
 
 IDENTITY = Layout()

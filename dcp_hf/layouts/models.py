@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 from dcp_hf.layouts.core import IDENTITY, Layout, Prefix, Rename
 from dcp_hf.layouts.experts import STYLES, MergedExperts
+from dcp_hf.layouts.quantized import GPT_OSS_EXPERTS, MXFP4, quantization_for_config
 
 # transformers v5 keeps these families' experts fused in memory ([E, 2F, H] / [E, H, F]).
 TRANSFORMERS_MOE = ("qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "olmoe", "mixtral")
@@ -21,6 +23,19 @@ def _get(config: dict, *path, default=None):
 
 
 def layout_for_config(config: dict, style: str | None = None) -> Layout:
+    """``_family_layout`` plus the checkpoint's quantization (``quantization_config``)."""
+    layout = _family_layout(config, style)
+    quantization = quantization_for_config(config)
+    if quantization is None:
+        return layout
+    rules = layout.rules
+    if isinstance(quantization, MXFP4) and config.get("model_type") == "gpt_oss":
+        rules = (GPT_OSS_EXPERTS,) + rules  # transformers' experts are the stored ones transposed
+    return replace(layout, rules=rules, quantization=quantization,
+                   name=f"{layout.name}, {type(quantization).__name__}")
+
+
+def _family_layout(config: dict, style: str | None = None) -> Layout:
     """The layout of a model given its config.json: which merged-experts style and names
     (``style`` overrides the family's default style), and its prefixes."""
     model_type = config.get("model_type", "")

@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 from dcp_hf.boxes import overlap
 from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.layouts import IDENTITY, Layout, Piece, mem_view
+from dcp_hf.layouts.quantized import QuantizedTensor
 from dcp_hf.planners.keysets import decode_keys, encode_keys
 from dcp_hf.tensor_box import TensorBox, find_chunk
 
@@ -30,6 +31,19 @@ class _KeyFilter:
         return self.everything or any(fnmatch.fnmatchcase(key, p) for p in self.patterns)
 
 
+@dataclasses.dataclass
+class _Dequantization:
+    """One box of a quantized HF tensor: its data and scale boxes are read into temporaries
+    (``parts``, filled as they arrive); then it is dequantized into the destination view."""
+
+    tensor: QuantizedTensor
+    hf_offsets: tuple[int, ...]
+    hf_sizes: tuple[int, ...]
+    dest_index: MetadataIndex
+    view: tuple  # (mem_dims, local offsets, sizes) of the destination chunk, as in _views
+    parts: list
+
+
 class HFLoadPlanner(DefaultLoadPlanner):
     """The recommended load planner for :class:`HFStorageReader` (it works with any DCP reader).
 
@@ -39,7 +53,8 @@ class HFLoadPlanner(DefaultLoadPlanner):
     read it checks, on every rank, that every HF tensor the state dict needs is in the
     checkpoint with the expected shape and dtype (unless the reader allows dtype casts), and
     on the coordinator, for all ranks together, that every tensor of the checkpoint is loaded
-    by some rank.
+    by some rank. HF tensors stored quantized (the layout's ``quantization``) load
+    dequantized: a rank reads only the data and scale boxes its chunk covers.
 
     Args:
         layout: how in-memory keys map to HF tensors (identity by default).
@@ -55,11 +70,14 @@ class HFLoadPlanner(DefaultLoadPlanner):
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True,
                          allow_partial_load=True)
         self.layout = layout or IDENTITY
-        self._identity = self.layout == IDENTITY  # read items need no box arithmetic
+        # Read items need no box arithmetic (quantized tensors are planned apart).
+        self._identity = dataclasses.replace(self.layout, quantization=None) == IDENTITY
         self.allow_missing = _KeyFilter(allow_missing)
         self.allow_unexpected = _KeyFilter(allow_unexpected)
         self._pieces: dict[str, list[Piece]] = {}
         self._views: dict[ReadItem, tuple] = {}
+        self._quantized: dict[tuple[str, str], QuantizedTensor] = {}  # (key, hf_key) ->
+        self._dequant: dict[ReadItem, tuple[_Dequantization, int]] = {}
         self._local_items: list[ReadItem] | None = None
 
     def set_up_planner(self, state_dict, metadata: Metadata | None = None,
@@ -79,13 +97,18 @@ class HFLoadPlanner(DefaultLoadPlanner):
                 self._pieces[key] = self.layout.pieces(key, tuple(value.size()))
         prefetch = getattr(metadata.state_dict_metadata, "prefetch", None)
         if prefetch is not None:
-            prefetch({p.hf_key for pieces in self._pieces.values() for p in pieces})
+            keys = {p.hf_key for pieces in self._pieces.values() for p in pieces}
+            if self.layout.quantization is not None:
+                keys |= {k for key in list(keys) for k in self.layout.quantization.stored_keys(key)}
+            prefetch(keys)
 
     def create_local_plan(self) -> LoadPlan:
         md = self.metadata
         where = getattr(md, "checkpoint", "") or "checkpoint"
         cast_ok = getattr(md, "allow_dtype_cast", True)
         stored = md.state_dict_metadata
+        quantization = self.layout.quantization
+        self._quantized = {}
         missing = []
         for key, value in self.state_dict.items():
             if key not in self._pieces:
@@ -95,6 +118,15 @@ class HFLoadPlanner(DefaultLoadPlanner):
                     f"{where}: {key!r} is a {type(value).__name__}, not a tensor; an HF checkpoint "
                     f"holds tensors only (list it in allow_missing to leave it as it is)")
             for piece in self._pieces[key]:
+                q = quantization and quantization.find(piece.hf_key, stored, value.dtype, where)
+                if q:
+                    if q.shape != piece.hf_shape:
+                        raise StateDictMismatchError(
+                            f"{where}: {piece.hf_key!r} (stored as {q.data.key!r} + {q.scale.key!r}) "
+                            f"has shape {list(q.shape)} but {list(piece.hf_shape)} in the state dict"
+                            + ("" if piece.hf_key == key else f" (from {key!r})"))
+                    self._quantized[key, piece.hf_key] = q
+                    continue
                 if piece.hf_key not in stored:
                     if self.allow_missing(key):
                         continue
@@ -108,6 +140,14 @@ class HFLoadPlanner(DefaultLoadPlanner):
                     raise StateDictMismatchError(
                         f"{where}: {piece.hf_key!r} has shape {list(md_t.size)} in the checkpoint but "
                         f"{list(piece.hf_shape)} in the state dict{part}")
+                if (md_t.properties.dtype != value.dtype and md_t.properties.dtype.itemsize == 1
+                        and md_t.properties.dtype.is_floating_point and piece.hf_key + "_scale_inv" in stored):
+                    # A cast would drop the block scales: a silently wrong load.
+                    raise StateDictMismatchError(
+                        f"{where}: {piece.hf_key!r} is {md_t.properties.dtype} with block scales "
+                        f"{piece.hf_key + '_scale_inv'!r}; load it dequantized with a layout that knows "
+                        f"the quantization (detect_layout(path) reads config.json's quantization_config, "
+                        f"or Layout(quantization=BlockFP8()))")
                 if md_t.properties.dtype != value.dtype and not cast_ok:
                     part = "" if piece.hf_key == key else f" (as part of {key!r})"
                     raise StateDictMismatchError(
@@ -119,7 +159,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
                 f"{', '.join(repr(k) for k in missing[:10])}{' ...' if len(missing) > 10 else ''}")
 
         items = []
-        self._views, self._local_items = {}, None
+        self._views, self._dequant, self._local_items = {}, {}, None
         for key, pieces in self._pieces.items():
             value = self.state_dict[key]
             if hasattr(value, "device_mesh") and value.device_mesh.get_coordinate() is None:
@@ -127,7 +167,10 @@ class HFLoadPlanner(DefaultLoadPlanner):
             for chunk in _create_chunk_list(value):
                 c_off, c_size = tuple(chunk.offsets), tuple(chunk.sizes)
                 for piece in pieces:
-                    if piece.hf_key in stored:
+                    q = self._quantized.get((key, piece.hf_key))
+                    if q is not None:
+                        items += self._dequant_items(key, c_off, c_size, piece, q)
+                    elif piece.hf_key in stored:
                         items += self._read_items(key, c_off, c_size, piece, stored[piece.hf_key])
         if getattr(md, "compact_plans", False):
             # With HFStorageReader the read items stay here (finish_plan): the coordinator only
@@ -193,9 +236,42 @@ class HFLoadPlanner(DefaultLoadPlanner):
             items.append(item)
         return items
 
+    def _dequant_items(self, key, c_off, c_size, piece: Piece, q: QuantizedTensor) -> list[ReadItem]:
+        """Read items for the data and scale boxes behind this chunk's box of ``q``."""
+        hit = piece.intersect(c_off, c_size)
+        if hit is None or 0 in hit[1]:
+            return []
+        lo, size, hf_off, hf_size = hit
+        local_lo = tuple(a - b for a, b in zip(lo, c_off))
+        job = _Dequantization(q, hf_off, hf_size, MetadataIndex(key, c_off),
+                              (piece.mem_dims, local_lo, size), [None, None])
+        items = []
+        for slot, (part, (b_off, b_size)) in enumerate(zip(q.parts, q.boxes(hf_off, hf_size))):
+            item = ReadItem(type=LoadItemType.TENSOR, dest_index=job.dest_index,
+                            dest_offsets=torch.Size(local_lo),
+                            storage_index=MetadataIndex(part.key, (0,) * len(part.shape)),
+                            storage_offsets=torch.Size(b_off), lengths=torch.Size(b_size))
+            self._dequant[item] = (job, slot)
+            items.append(item)
+        return items
+
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        if read_item in self._dequant:  # a temporary in the stored dtype; see commit_tensor
+            job, slot = self._dequant[read_item]
+            return torch.empty(tuple(read_item.lengths), dtype=job.tensor.parts[slot].dtype)
         mem_dims, lo, size = self._views[read_item]
         return mem_view(self.lookup_tensor(read_item.dest_index), lo, size, mem_dims)
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        if read_item not in self._dequant:
+            return super().commit_tensor(read_item, tensor)
+        job, slot = self._dequant.pop(read_item)
+        job.parts[slot] = tensor
+        if all(p is not None for p in job.parts):  # data and scales are both here
+            mem_dims, lo, size = job.view
+            out = mem_view(self.lookup_tensor(job.dest_index), lo, size, mem_dims)
+            job.tensor.dequantize(*job.parts, job.hf_offsets, job.hf_sizes, out)
+            job.parts = [None, None]
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         return find_chunk(self.state_dict, index)

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint._sharded_tensor_utils import _flatten_sharded_tensors
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
@@ -15,8 +16,9 @@ from torch.distributed.checkpoint.planner_helpers import _create_write_items
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
-from dcp_hf.errors import StateDictMismatchError, not_a_tensor
+from dcp_hf.errors import PeerRankError, StateDictMismatchError, not_a_tensor
 from dcp_hf.layouts import IDENTITY, Layout, mem_view
+from dcp_hf.layouts.quantized import FP8_MAX
 from dcp_hf.planners.checks import tensor_specs
 from dcp_hf.planners.summary import LocalSummary, MergedPlan, RankAssignment, summarize
 from dcp_hf.tensor_box import TensorBox, find_chunk
@@ -53,6 +55,9 @@ class HFSavePlanner(DefaultSavePlanner):
         self._sources: dict[MetadataIndex, tuple] = {}
         self._entries: dict[tuple, tuple] = {}  # (HF key, HF offsets) -> its piece (compact plans)
         self._block_keys: list[list[str]] = []
+        # (HF key, HF offsets) -> what a quantized write item holds: its scales, or (the scales
+        # of the blocks the data box touches, its offsets) for the fp8 data.
+        self._quantized: dict[tuple, object] = {}
 
     def set_up_planner(self, state_dict, storage_meta: StorageMeta | None = None,
                        is_coordinator: bool = False) -> None:
@@ -110,7 +115,66 @@ class HFSavePlanner(DefaultSavePlanner):
                 local_lo = tuple(a - b for a, b in zip(lo, offsets))
                 entries.append((piece.hf_key, piece.hf_shape, dtype, hf_off, hf_size, fqn, offsets,
                                 piece.mem_dims, local_lo, size))
+        if hasattr(self.layout.quantization, "quantizes"):
+            entries = self._quantize(entries)
         return entries, others
+
+    def _quantize(self, entries):
+        """Entries of the HF tensors the layout quantizes become their fp8 data + scales. The
+        scale of a block is amax(|block|) / 448 over all its holders: each rank sends the amax
+        of the blocks it holds only part of (all ranks together, once); a block's scale is
+        written by the rank holding the block's first element."""
+        q, self._quantized = self.layout.quantization, {}
+        out, jobs, partial, error = [], [], {}, None
+        try:
+            for e in entries:
+                hf_key, hf_shape, _, hf_off, hf_size, fqn, offsets, mem_dims, local_lo, size = e
+                if not q.quantizes(hf_key, hf_shape) or 0 in hf_size:
+                    out.append(e)
+                    continue
+                box = mem_view(self.lookup_object(MetadataIndex(fqn, offsets)), local_lo, size, mem_dims)
+                amax = q.block_amax(box, hf_off)
+                lo = tuple(o // b for o, b in zip(hf_off, q.block))
+                whole = [torch.tensor([o <= i * b and min((i + 1) * b, n) <= o + m
+                                       for i in range(low, low + k)])
+                         for o, m, b, n, low, k in zip(hf_off, hf_size, q.block, hf_shape, lo, amax.shape)]
+                split = (~(whole[0][:, None] & whole[1][None, :])).nonzero().tolist()
+                for i, j in split:
+                    k = (hf_key, lo[0] + i, lo[1] + j)
+                    partial[k] = max(partial.get(k, 0.0), amax[i, j].item())
+                jobs.append((e, lo, amax, split))
+        except Exception as exc:  # noqa: BLE001 - sent to every rank below, so none waits for this one
+            error = f"{type(exc).__name__}: {exc}"
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (error, partial))
+        else:
+            gathered = [(error, partial)]
+        for rank, (err, _) in enumerate(gathered):
+            if err is not None:
+                raise PeerRankError(f"rank {rank} failed to quantize: {err}")
+        merged: dict[tuple, float] = {}
+        for _, part in gathered:
+            for k, v in part.items():
+                merged[k] = max(merged.get(k, 0.0), v)
+        for e, lo, amax, split in jobs:
+            hf_key, hf_shape, _, hf_off, hf_size = e[:5]
+            for i, j in split:
+                amax[i, j] = merged[hf_key, lo[0] + i, lo[1] + j]
+            scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones(()))
+            out.append((hf_key, hf_shape, q.dtype) + e[3:])
+            self._quantized[hf_key, hf_off] = (scale, hf_off)
+            # The blocks whose first element lies in this box: their scales are written from here.
+            own_lo = tuple(-(-o // b) for o, b in zip(hf_off, q.block))
+            own_n = tuple(-(-(o + m) // b) - ol for o, m, b, ol in zip(hf_off, hf_size, q.block, own_lo))
+            if 0 not in own_n:
+                scale_key = hf_key + q.scale_suffix
+                own = scale[own_lo[0] - lo[0]:own_lo[0] - lo[0] + own_n[0],
+                            own_lo[1] - lo[1]:own_lo[1] - lo[1] + own_n[1]]
+                out.append((scale_key, tuple(-(-n // b) for n, b in zip(hf_shape, q.block)), torch.float32,
+                            own_lo, own_n) + e[5:])
+                self._quantized[scale_key, own_lo] = own.contiguous()
+        return out
 
     def _item(self, entry) -> WriteItem:
         """The write item of a piece (and where resolve_data finds its data)."""
@@ -178,8 +242,14 @@ class HFSavePlanner(DefaultSavePlanner):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
         source, mem_dims, lo, size = self._sources[write_item.index]
-        box = self.fetch(source, lo, size)
-        return mem_view(box, (0,) * len(size), size, mem_dims)
+        quantized = self._quantized.get((write_item.index.fqn, tuple(write_item.index.offset)))
+        if isinstance(quantized, torch.Tensor):  # the scales of the blocks this rank writes
+            return quantized
+        box = mem_view(self.fetch(source, lo, size), (0,) * len(size), size, mem_dims)
+        if quantized is not None:
+            scale, hf_off = quantized
+            return self.layout.quantization.quantize(box, scale, hf_off)
+        return box
 
     def fetch(self, source: MetadataIndex, lo: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
         """The box (lo, size) of the local chunk ``source`` (in-memory dims). Subclasses may
