@@ -173,6 +173,9 @@ def _settings(model, fam: Family) -> dict:
     kw.update(_gqa(model, fam, no) if fam.attention == "gqa" else _mla(model.config, fam, no))
     kw.update(_moe(model.config, fam, no))
     no.raise_any()
+    unknown = [k for k in kw if not hasattr(_config_class(fam)(), k) and k != "head_dim"]
+    if unknown:  # a setting the class would keep as an unused extra (GLM-4.5 reads head_dim so)
+        raise AssertionError(f"{fam.config_class} has no {unknown}")
     if fam.attention == "gqa":
         _check_rope(model, fam, _config_class(fam)(**kw), no)
         no.raise_any()
@@ -346,7 +349,7 @@ def _moe(c, fam: Family, no: _Refusals) -> dict:
         no.need(moe == [True] * len(moe), f"dense layers (moe_layer_freq {c.moe_layer_freq})")
         no.need(not c.moe_router_pre_softmax, "moe_router_pre_softmax=True (Mixtral renormalizes the top k)")
         no.need(not shared, f"shared experts ({shared})")
-        out.update(num_local_experts=experts, intermediate_size=c.moe_ffn_hidden_size)
+        out.update(num_local_experts=experts, intermediate_size=out.pop("moe_intermediate_size"))
     if name in ("qwen2_moe", "qwen3_moe"):
         out.update(num_experts=experts, decoder_sparse_step=1, norm_topk_prob=not c.moe_router_pre_softmax,
                    mlp_only_layers=[i for i, m in enumerate(moe) if not m])
@@ -367,24 +370,31 @@ def check_given(given: dict, model, family: Family) -> None:
     larger than the model's."""
     cls = _config_class(family)
     kw = _settings(model, family)
-    ours = cls(**kw).to_dict()
-    theirs = cls.from_dict(dict(given)).to_dict()
+    theirs = dict(given)
     if family.name in ("qwen2_moe", "qwen3_moe"):  # decoder_sparse_step and mlp_only_layers -> one list
         step, dense = theirs.get("decoder_sparse_step") or 1, set(theirs.get("mlp_only_layers") or [])
         theirs["mlp_only_layers"] = [i for i in range(theirs["num_hidden_layers"])
                                      if i in dense or (i + 1) % step]
         theirs["decoder_sparse_step"] = 1
+    ours, theirs = cls(**kw), cls.from_dict(theirs)  # attribute names and defaults as the class has them
     free = {"max_position_embeddings"}  # the training sequence length, not a model property
-    if family.name != "mixtral" and True not in [not m for m in moe_layers(model.config)]:
+    if family.name != "mixtral" and all(moe_layers(model.config)):
         free.add("intermediate_size")  # no dense layer uses it
-    differ = [f"{k}: {theirs.get(k)!r} given, {ours[k]!r} in the model" for k in kw
-              if k not in free and theirs.get(k) != ours[k]]
+    differ = [f"{k}: {getattr(theirs, k, None)!r} given, {getattr(ours, k)!r} in the model" for k in kw
+              if k not in free and _unset(k, getattr(theirs, k, None)) != _unset(k, getattr(ours, k))]
     vocab = given.get("vocab_size")
     if vocab is not None and vocab > model.vocab_size:
         differ.append(f"vocab_size: {vocab} given, the model has {model.vocab_size} rows")
     if differ:
         raise ValueError(f"the given {family.name} config does not describe this Megatron model: "
                          + "; ".join(differ))
+
+
+UNSET_MEANS = {"n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0}  # None says the same
+
+
+def _unset(key, value):
+    return UNSET_MEANS.get(key, value) if value is None else value
 
 
 def megatron_config(hf: dict, **overrides):
@@ -422,7 +432,7 @@ def megatron_config(hf: dict, **overrides):
     if family in ("qwen2_moe", "qwen3_moe"):
         sparse = [i not in set(hf.get("mlp_only_layers") or []) and (i + 1) % hf.get("decoder_sparse_step", 1) == 0
                   for i in range(layers)]
-        kw.update(moe, num_moe_experts=hf["num_experts"], moe_layer_freq=_moe_layer_freq(sparse),
+        kw.update(moe, num_moe_experts=hf.get("num_experts") or hf["num_local_experts"], moe_layer_freq=_moe_layer_freq(sparse),
                   moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
         if family == "qwen2_moe":
             kw.update(moe_shared_expert_intermediate_size=hf["shared_expert_intermediate_size"],
