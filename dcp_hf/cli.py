@@ -82,7 +82,7 @@ def _cmd_export(args) -> int:
     _init_distributed()
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
-        info = export_torch_dist(args.src, args.dst, args.config, exclude=args.exclude or (),
+        info = export_torch_dist(args.src, args.dst, args.config, family=args.family, exclude=args.exclude or (),
                                  dtype=dtype, max_shard_size=args.max_shard_size,
                                  overwrite=args.overwrite, progress=not args.quiet)
     except (ValueError, OSError) as e:
@@ -145,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("src", help="Megatron torch_dist checkpoint folder (e.g. .../iter_0001000)")
     export.add_argument("dst", help="output folder or s3:// URL")
     export.add_argument("--config", required=True,
-                        help="the model's HF config.json, or an HF folder (its tokenizer files are copied)")
+                        help="the model's HF config.json, or an HF folder (its tokenizer files are copied); "
+                             "its model_type is the family")
+    export.add_argument("--family", help="the HF family (llama, mistral, qwen2, qwen3, qwen2_moe, qwen3_moe, "
+                                         "mixtral, glm4_moe, deepseek_v2, deepseek_v3); must be the config's "
+                                         "model_type (names it where the config does not)")
     export.add_argument("--exclude", action="append", metavar="GLOB",
                         help="Megatron keys to leave out (e.g. 'mtp.*'; repeatable)")
     export.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",

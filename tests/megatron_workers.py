@@ -246,7 +246,7 @@ def load_into(rank, world, model_from, hf_dir, layout):
     dmeg.load_hf(build_gpt(hf, layout), hf_dir)
 
 
-def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential"):
+def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential", mtp=False):
     """A Megatron ``torch_dist`` checkpoint (megatron.core.dist_checkpointing, its default
     sharded form: layers stacked) of the HF model, saved at ``layout``."""
     from megatron.core import dist_checkpointing
@@ -257,7 +257,7 @@ def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential"):
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf = json.load(f)
     init_parallel(layout)
-    chunks = build_gpt(hf, layout, experts=experts, pad_vocab_to=72)
+    chunks = build_gpt(hf, layout, experts=experts, pad_vocab_to=72, mtp=mtp)
     dmeg.load_hf(chunks, hf_dir)
     state = {"model": chunks[0].sharded_state_dict()}
     if rank == 0:
@@ -268,6 +268,35 @@ def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential"):
         dist_checkpointing.save(state, out)
 
 
+def save_torch_dists(rank, world, jobs):
+    """``save_torch_dist`` of several models: jobs of (HF folder, output, layout, with MTP)."""
+    for hf_dir, out, layout, mtp in jobs:
+        save_torch_dist(rank, world, hf_dir, out, layout, mtp=mtp)
+
+
 def export_offline(rank, world, src, dst, config):
     from dcp_hf.megatron.export import export_torch_dist
     return export_torch_dist(src, dst, config)
+
+
+def try_saves(rank, world, out_root, cases):
+    """Each case (name, HF config to build the model from, save_hf keyword arguments): build
+    it at TP``world`` and save it; the error (or None) and whether anything was written."""
+    import torch.distributed as dist
+
+    from dcp_hf import megatron as dmeg
+    from dcp_hf.megatron.build import Parallel, build_gpt, init_parallel
+
+    init_parallel(Parallel(tp=world))
+    results = {}
+    for name, hf, kwargs in cases:
+        chunks = build_gpt(hf, Parallel(tp=world))
+        path = os.path.join(out_root, name)
+        try:
+            dmeg.save_hf(chunks, path, **kwargs)
+            error = None
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            error = f"{type(e).__name__}: {e}"
+        dist.barrier()
+        results[name] = (error, os.path.exists(path))
+    return results

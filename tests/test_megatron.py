@@ -160,6 +160,13 @@ def test_wrong_model_for_checkpoint_fails_on_every_rank(tmp_path):
     tiny("qwen3").save_pretrained(src)
     other = tmp_path / "other"
     tiny("qwen3", intermediate_size=64).save_pretrained(other)  # a model with another FFN size
+    # its config.json does not describe the model: refused before reading
+    with pytest.raises(RankFailure) as info:
+        run_ranks(mw.load_into, 2, str(other), str(src), Parallel(tp=2), timeout=300, pg_timeout=120)
+    for rank, (ok, tb) in info.value.results.items():
+        assert not ok and str(src) in tb and "intermediate_size: 48 given, 64 in the model" in tb, tb[-600:]
+    # without a config.json: the tensors' shapes
+    (src / "config.json").unlink()
     with pytest.raises(RankFailure) as info:
         run_ranks(mw.load_into, 2, str(other), str(src), Parallel(tp=2), timeout=300, pg_timeout=120)
     for rank, (ok, tb) in info.value.results.items():

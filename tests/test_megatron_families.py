@@ -7,10 +7,13 @@ anything is written."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from dcp_hf.testing import RankFailure, run_ranks
 from tests import megatron_workers as mw
@@ -120,8 +123,9 @@ def check_family(tmp_path, family, model, src, hf, world, layouts):
         assert torch.equal(logits(loaded.eval()), logits(model)), f"logits, {where}"
         if i:
             assert_same(read_hf(out / f"cross{i}"), read_hf(out / f"rand{i - 1}"), f"cross, {where}")
-    exported = json.loads((out / "rand0" / "config.json").read_text())
+    exported = json.loads((out / "rand0" / "config.json").read_text())  # generated from the model
     assert exported["architectures"] == hf["architectures"], exported["architectures"]
+    assert exported["rope_parameters"] == hf["rope_parameters"], exported["rope_parameters"]
 
 
 def test_families_export_import(tmp_path):
@@ -135,3 +139,92 @@ def test_families_export_import(tmp_path):
         run_ranks(mw.run_families, world, jobs, timeout=900)
         for family, (model, src, hf) in prepared.items():
             check_family(tmp_path, family, model, src, hf, world, jobs[list(prepared).index(family)][2])
+
+
+def test_refused_before_writing(tmp_path):
+    """What config.json cannot express, a config that does not describe the model, or an
+    export transformers would not load as written: an error on every rank, nothing written."""
+    llama = tf.LlamaConfig(num_hidden_layers=2, **COMMON).to_dict()
+    qwen3 = tf.Qwen3Config(num_hidden_layers=2, head_dim=8, **COMMON).to_dict()
+    partial = {**llama, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                            "partial_rotary_factor": 0.5}}
+    glm = CONFIGS["glm4_moe"]().to_dict()
+    cases = [
+        ("other_family", qwen3, dict(config=llama)),
+        ("disagrees", qwen3, dict(config={**qwen3, "intermediate_size": 64})),
+        ("partial_llama", partial, dict(family="llama")),
+        ("partial_inferred", partial, {}),
+        ("dtype", qwen3, dict(config={**qwen3, "dtype": "bfloat16"})),
+        ("vocab", qwen3, dict(config=qwen3, vocab_size=60)),
+        ("unknown", qwen3, dict(family="qwen4")),
+        ("family_vs_config", qwen3, dict(config=qwen3, family="llama")),
+        ("mtp_config", glm, dict(config={**glm, "num_nextn_predict_layers": 2})),
+        ("bf16_ok", qwen3, dict(config={**qwen3, "dtype": "bfloat16"}, dtype=torch.bfloat16)),
+    ]
+    results = run_ranks(mw.try_saves, 2, str(tmp_path), cases, timeout=600)
+    assert results[0] == results[1]  # every rank, the same error
+    expect = {
+        "other_family": "the llama HF config cannot express: qk_layernorm=True",  # the config names the family
+        "disagrees": "intermediate_size: 64 given, 48 in the model",
+        "partial_llama": "rotary_percent=0.5",
+        "partial_inferred": "no HF family expresses this Megatron config",
+        "dtype": "of another dtype",
+        "vocab": "model.embed_tokens.weight: [60, 32] written, [64, 32] expected",
+        "unknown": "unknown family 'qwen4'",
+        "family_vs_config": "family='llama' but the HF config says model_type 'qwen3'",
+        "mtp_config": "num_nextn_predict_layers: 2 given, 0 in the model",
+        "bf16_ok": None,
+    }
+    for name, want in expect.items():
+        error, written = results[0][name]
+        if want is None:
+            assert error is None and written, (name, error)
+        else:
+            assert error is not None and want in error, (name, error)
+            assert not written, name
+
+
+def test_rope_settings_carried(tmp_path):
+    """Llama-3 RoPE scaling and GLM-4.5's partial rotary reach config.json exactly (read back
+    from Megatron's frequencies), and a given config must say the same."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=2, rope_parameters=rope, **COMMON)).eval()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    run_ranks(mw.run_layouts, 1, str(src), str(tmp_path / "out"), [Parallel()], timeout=300)
+    written = json.loads((tmp_path / "out" / "rand0" / "config.json").read_text())
+    assert written["rope_parameters"] == rope, written["rope_parameters"]
+    assert_same(read_hf(tmp_path / "out" / "rt0"), read_hf(src), "round trip")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "rand0")
+    assert loaded.model.rotary_emb.rope_type == "llama3"
+
+
+def test_export_torch_dist_offline_families(tmp_path):
+    """``dcp-hf export --from megatron`` of torch_dist checkpoints (layers and experts stacked
+    where all layers are alike): Mixtral (block_sparse_moe, w1/w3/w2) and GLM-4.5 with its MTP
+    layer; the family is the config's; a config of another family is refused before writing."""
+    prepared = {family: prepare(tmp_path, family) for family in ("mixtral", "glm4_moe")}
+    layouts = {"mixtral": Parallel(tp=2, ep=2), "glm4_moe": Parallel(tp=2, pp=2, ep=2, etp=1, first=1, last=2)}
+    jobs = [(str(src), str(tmp_path / family / "mcore"), layouts[family], family in MTP)
+            for family, (model, src, hf) in prepared.items()]
+    run_ranks(mw.save_torch_dists, 4, jobs, timeout=600, daemon=False)
+    for family, (model, src, hf) in prepared.items():
+        dst = tmp_path / family / "hf"
+        done = subprocess.run([sys.executable, "-m", "dcp_hf", "export", "--from", "megatron", "--quiet",
+                               str(tmp_path / family / "mcore"), str(dst), "--config", str(src)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert_same(read_hf(dst), read_hf(src), f"offline export of {family}")
+    stored = FileSystemReader(str(tmp_path / "mixtral" / "mcore")).read_metadata().state_dict_metadata
+    assert len(stored["decoder.layers.mlp.experts.experts.linear_fc1.weight"].size) == 4  # [L, E, 2F, H]
+    other = json.loads((tmp_path / "mixtral" / "src" / "config.json").read_text())
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({**other, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+                                 "num_experts": 4}))
+    done = subprocess.run([sys.executable, "-m", "dcp_hf", "export", "--from", "megatron", "--quiet",
+                           str(tmp_path / "mixtral" / "mcore"), str(tmp_path / "bad"), "--config", str(wrong)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "nothing written" in done.stderr, done.stderr[-2000:]
+    assert "block_sparse_moe" in done.stderr or "missing" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()

@@ -24,14 +24,15 @@ from dcp_hf.storage import HFStorageWriter
 NOT_MODEL = ("optimizer.*", "rng_state*", "*._extra_state*")  # training state, not weights
 
 
-def export_torch_dist(src: str, dst: str, config: str | dict, *, exclude=(), dtype=None,
-                      max_shard_size="5GB", overwrite=False, progress=False) -> dict:
+def export_torch_dist(src: str, dst: str, config: str | dict, *, family: str | None = None, exclude=(),
+                      dtype=None, max_shard_size="5GB", overwrite=False, progress=False) -> dict:
     """Export the model tensors of the ``torch_dist`` checkpoint ``src`` to an HF checkpoint in
     ``dst`` (folder or ``s3://``). ``config``: the model's HF config (dict, config.json, or an HF
     folder whose tokenizer and other side files are copied too); it gives the attention shape
     and the true vocab size, and its ``model_type`` the family (one of ``FAMILIES``).
     Optimizer and RNG state are skipped; any other key that the Megatron layout does not cover
-    is an error unless it matches an ``exclude`` pattern. Before writing, the tensors to write
+    is an error unless it matches an ``exclude`` pattern. ``family``: must be the config's
+    ``model_type`` (it names it where the config does not). Before writing, the tensors to write
     are compared with what transformers' model class of the config holds (names, shapes,
     dtypes): any difference is an error naming the keys."""
     folder = None
@@ -41,12 +42,16 @@ def export_torch_dist(src: str, dst: str, config: str | dict, *, exclude=(), dty
             folder, path = path, os.path.join(path, "config.json")
         with open(path) as f:
             config = json.load(f)
-    family = family_of_hf(config)
+    if family is not None:
+        if config.get("model_type", family) != family:
+            raise ValueError(f"--family {family} but the config says model_type {config['model_type']!r}")
+        config = {**config, "model_type": family}
+    fam = family_of_hf(config)
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)
     mtp = {k.split(".")[2] for k in specs if k.startswith("mtp.layers.")
            and not any(fnmatch.fnmatchcase(k, p) for p in (*NOT_MODEL, *exclude))}
-    layout = layout_of(megatron_config(config)[0], family, config["vocab_size"], mtp_copies=len(mtp))
+    layout = layout_of(megatron_config(config)[0], fam, config["vocab_size"], mtp_copies=len(mtp))
     rule = layout.rules[0]
     model, unknown = {}, []
     for key, spec in specs.items():

@@ -248,7 +248,9 @@ def _llama3_rope(model) -> dict:
     """Megatron's RoPE scaling (``rope_scaling=True``) is Llama-3's with low/high frequency
     factors 1/4 and 8192 original positions; its factor is not kept, so it is read back from
     the scaled frequencies (any frequency with wavelength beyond 8192/4 carries it; where none
-    does, the factor changes nothing and Megatron's default 8 is written)."""
+    does, the factor changes nothing and Megatron's default 8 is written). Megatron computes
+    them in fp32, so the factor is rounded to 3 decimals; ``_check_rope`` then verifies that
+    transformers' frequencies from it are Megatron's."""
     low, high, original = 1.0, 4.0, 8192
     inv = model.rotary_pos_emb.inv_freq.double().cpu()
     dim = inv.numel() * 2
@@ -263,7 +265,7 @@ def _llama3_rope(model) -> dict:
             smooth = (original / wavelen - low) / (high - low)
             factor = (1 - smooth) * b / (s - smooth * b)
             break
-    return dict(rope_type="llama3", factor=round(factor, 6), low_freq_factor=low, high_freq_factor=high,
+    return dict(rope_type="llama3", factor=round(factor, 3), low_freq_factor=low, high_freq_factor=high,
                 original_max_position_embeddings=original)
 
 
