@@ -259,7 +259,7 @@ def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential", mtp=
     init_parallel(layout)
     chunks = build_gpt(hf, layout, experts=experts, pad_vocab_to=72, mtp=mtp)
     dmeg.load_hf(chunks, hf_dir)
-    state = {"model": chunks[0].sharded_state_dict()}
+    state = {"model": chunks[0].sharded_state_dict(metadata={})}  # a dict: megatron-core fills its dp_cp_group (MTP needs it)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
     import torch.distributed as dist

@@ -26,7 +26,10 @@ from dcp_hf.megatron.build import Parallel  # noqa: E402
 
 MOE = dict(moe_intermediate_size=16, num_experts_per_tok=2)
 MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(num_hidden_layers=2, rope_parameters=LLAMA3_ROPE, **COMMON),  # Llama-3.1 RoPE
     "mistral": lambda: tf.MistralConfig(num_hidden_layers=2, head_dim=8, sliding_window=None, **COMMON),
     "qwen2_moe": lambda: tf.Qwen2MoeConfig(num_hidden_layers=2, num_experts=4, shared_expert_intermediate_size=24,
                                            norm_topk_prob=False, **MOE, **COMMON),
@@ -94,7 +97,7 @@ def prepare(tmp_path, family):
 
 
 def parallel_layouts(family):
-    if family == "mistral":
+    if family in ("llama", "mistral"):
         return [Parallel(tp=2, pp=2)]
     if family == "glm4_moe":  # MTP on the last of 2 stages, experts over 2 ranks
         return [Parallel(tp=2, pp=2, ep=2, etp=1, first=1, last=2)]
@@ -123,7 +126,9 @@ def check_family(tmp_path, family, model, src, hf, world, layouts):
         assert torch.equal(logits(loaded.eval()), logits(model)), f"logits, {where}"
         if i:
             assert_same(read_hf(out / f"cross{i}"), read_hf(out / f"rand{i - 1}"), f"cross, {where}")
-    exported = json.loads((out / "rand0" / "config.json").read_text())  # generated from the model
+    # config.json generated from the model: the family's class, RoPE exactly (Llama-3 scaling read
+    # back from Megatron's frequencies, GLM-4.5's partial rotary)
+    exported = json.loads((out / "rand0" / "config.json").read_text())
     assert exported["architectures"] == hf["architectures"], exported["architectures"]
     assert exported["rope_parameters"] == hf["rope_parameters"], exported["rope_parameters"]
 
@@ -184,22 +189,6 @@ def test_refused_before_writing(tmp_path):
             assert not written, name
 
 
-def test_rope_settings_carried(tmp_path):
-    """Llama-3 RoPE scaling and GLM-4.5's partial rotary reach config.json exactly (read back
-    from Megatron's frequencies), and a given config must say the same."""
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=2, rope_parameters=rope, **COMMON)).eval()
-    src = tmp_path / "src"
-    model.save_pretrained(src)
-    run_ranks(mw.run_layouts, 1, str(src), str(tmp_path / "out"), [Parallel()], timeout=300)
-    written = json.loads((tmp_path / "out" / "rand0" / "config.json").read_text())
-    assert written["rope_parameters"] == rope, written["rope_parameters"]
-    assert_same(read_hf(tmp_path / "out" / "rt0"), read_hf(src), "round trip")
-    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "rand0")
-    assert loaded.model.rotary_emb.rope_type == "llama3"
-
-
 def test_export_torch_dist_offline_families(tmp_path):
     """``dcp-hf export --from megatron`` of torch_dist checkpoints (layers and experts stacked
     where all layers are alike): Mixtral (block_sparse_moe, w1/w3/w2) and GLM-4.5 with its MTP
@@ -209,22 +198,21 @@ def test_export_torch_dist_offline_families(tmp_path):
     jobs = [(str(src), str(tmp_path / family / "mcore"), layouts[family], family in MTP)
             for family, (model, src, hf) in prepared.items()]
     run_ranks(mw.save_torch_dists, 4, jobs, timeout=600, daemon=False)
+    from dcp_hf.megatron.export import export_torch_dist
+
+    export_torch_dist(str(tmp_path / "mixtral" / "mcore"), str(tmp_path / "mixtral" / "hf"), str(prepared["mixtral"][1]))
+    done = subprocess.run([sys.executable, "-m", "dcp_hf", "export", "--from", "megatron", "--quiet",
+                           str(tmp_path / "glm4_moe" / "mcore"), str(tmp_path / "glm4_moe" / "hf"),
+                           "--config", str(prepared["glm4_moe"][1]), "--family", "glm4_moe"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
     for family, (model, src, hf) in prepared.items():
-        dst = tmp_path / family / "hf"
-        done = subprocess.run([sys.executable, "-m", "dcp_hf", "export", "--from", "megatron", "--quiet",
-                               str(tmp_path / family / "mcore"), str(dst), "--config", str(src)],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert_same(read_hf(dst), read_hf(src), f"offline export of {family}")
+        assert_same(read_hf(tmp_path / family / "hf"), read_hf(src), f"offline export of {family}")
     stored = FileSystemReader(str(tmp_path / "mixtral" / "mcore")).read_metadata().state_dict_metadata
     assert len(stored["decoder.layers.mlp.experts.experts.linear_fc1.weight"].size) == 4  # [L, E, 2F, H]
     other = json.loads((tmp_path / "mixtral" / "src" / "config.json").read_text())
-    wrong = tmp_path / "wrong.json"
-    wrong.write_text(json.dumps({**other, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
-                                 "num_experts": 4}))
-    done = subprocess.run([sys.executable, "-m", "dcp_hf", "export", "--from", "megatron", "--quiet",
-                           str(tmp_path / "mixtral" / "mcore"), str(tmp_path / "bad"), "--config", str(wrong)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "nothing written" in done.stderr, done.stderr[-2000:]
-    assert "block_sparse_moe" in done.stderr or "missing" in done.stderr, done.stderr[-2000:]
+    wrong = {**other, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4}
+    with pytest.raises(ValueError, match="nothing written") as info:
+        export_torch_dist(str(tmp_path / "mixtral" / "mcore"), str(tmp_path / "bad"), wrong)
+    assert "q_norm" in str(info.value), str(info.value)[:2000]  # Qwen3-MoE's qk norm: not in a Mixtral
     assert not (tmp_path / "bad").exists()
