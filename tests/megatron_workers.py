@@ -248,7 +248,9 @@ def load_into(rank, world, model_from, hf_dir, layout):
 
 def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential", mtp=False):
     """A Megatron ``torch_dist`` checkpoint (megatron.core.dist_checkpointing, its default
-    sharded form: layers stacked) of the HF model, saved at ``layout``."""
+    sharded form: layers stacked) of the HF model, saved at ``layout``; the model's parameters
+    dumped in ``out``-params for the oracle (a round trip through one mapping would not see a
+    mistake the mapping makes both ways)."""
     from megatron.core import dist_checkpointing
 
     from dcp_hf import megatron as dmeg
@@ -259,6 +261,7 @@ def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential", mtp=
     init_parallel(layout)
     chunks = build_gpt(hf, layout, experts=experts, pad_vocab_to=72, mtp=mtp)
     dmeg.load_hf(chunks, hf_dir)
+    dump_params(chunks, f"{out}-params", rank)
     state = {"model": chunks[0].sharded_state_dict(metadata={})}  # a dict: megatron-core fills its dp_cp_group (MTP needs it)
     if rank == 0:
         os.makedirs(out, exist_ok=True)

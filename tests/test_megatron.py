@@ -199,5 +199,7 @@ def test_export_torch_dist_offline(tmp_path, family, extra, stacked):
     assert_same(read_hf(tmp_path / "hf1"), read_hf(src), "export in one process")
     run_ranks(mw.export_offline, 2, str(tmp_path / "mcore"), str(tmp_path / "hf2"), str(src))
     assert_same(read_hf(tmp_path / "hf2"), read_hf(src), "export on 2 ranks")
+    hf = json.loads((src / "config.json").read_text())  # the oracle, of the parameters the model loaded
+    assert_same(read_hf(tmp_path / "hf2"), mw.oracle_hf(tmp_path / "mcore-params", mw.Oracle.of(hf)), "vs the oracle")
     loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
     assert torch.equal(logits(loaded), logits(model))
