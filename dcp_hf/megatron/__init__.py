@@ -192,8 +192,7 @@ def load_hf(model, path, *, family: str | None = None, allow_dtype_cast: bool = 
         theirs = (given or {}).get("num_nextn_predict_layers") or 0
         if given is not None:
             try:
-                check_given({**given, "num_nextn_predict_layers": ours} if fam.mtp and not ours else given,
-                            chunks[0], fam)
+                check_given(given, chunks[0], fam, loading=True)
             except ValueError as e:
                 raise ValueError(f"{path}: config.json: {e}") from None
         unexpected.extend(f"model.layers.{c.num_layers + n}.*" for n in range(ours, theirs))

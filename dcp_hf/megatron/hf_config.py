@@ -365,11 +365,12 @@ def _moe(c, fam: Family, no: _Refusals) -> dict:
     return out
 
 
-def check_given(given: dict, model, family: Family) -> None:
+def check_given(given: dict, model, family: Family, loading: bool = False) -> None:
     """A config.json given for ``model`` must describe it: every setting the family's config
     takes from the Megatron model equal (both through transformers' config class, so defaults
     compare as the class fills them; MoE layer patterns compared layer by layer), the vocab no
-    larger than the model's."""
+    larger than the model's. ``loading`` a checkpoint: tied and untied embeddings load into
+    either, and its MTP layers may be left out (a model without MTP layers)."""
     cls = _config_class(family)
     kw = _settings(model, family)
     theirs = dict(given)
@@ -380,6 +381,10 @@ def check_given(given: dict, model, family: Family) -> None:
         theirs["decoder_sparse_step"] = 1
     ours, theirs = cls(**kw), cls.from_dict(theirs)  # attribute names and defaults as the class has them
     free = {"max_position_embeddings"}  # the training sequence length, not a model property
+    if loading:
+        free.add("tie_word_embeddings")
+        if not getattr(model.config, "mtp_num_layers", None):
+            free.add("num_nextn_predict_layers")
     if family.name != "mixtral" and all(moe_layers(model.config)):
         free.add("intermediate_size")  # no dense layer uses it
     differ = [f"{k}: {getattr(theirs, k, None)!r} given, {getattr(ours, k)!r} in the model" for k in kw
