@@ -218,7 +218,7 @@ def _cmd_export(args) -> int:
     _init_distributed()
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
-        info = export_torch_dist(args.src, args.dst, args.config, exclude=args.exclude or (),
+        info = export_torch_dist(args.src, args.dst, args.config, family=args.family, exclude=args.exclude or (),
                                  dtype=dtype, max_shard_size=args.max_shard_size,
                                  overwrite=args.overwrite, progress=not args.quiet)
     except KeyError as e:
@@ -341,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--config", required=True, metavar="HF_CONFIG",
                         help="the model's HF config.json, or an HF folder (its tokenizer files "
                              "are copied too)")
+    export.add_argument("--family", help="optional: the HF family (llama, mistral, qwen2, qwen3, "
+                                         "qwen2_moe, qwen3_moe, mixtral, glm4_moe, deepseek_v2, "
+                                         "deepseek_v3); must be the config's model_type (names it "
+                                         "where the config does not)")
     export.add_argument("--exclude", action="append", metavar="GLOB",
                         help="Megatron keys to leave out, e.g. 'mtp.*' (repeatable)")
     export.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",

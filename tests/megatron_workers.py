@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
-HF_NAMES = {  # the oracle's own name table (Megatron parameter name -> HF name), GQA models
+# The oracle's own statement of the mapping, written from the HF modeling code of each family
+# (modeling_<family>.py of transformers: module names, q/k/v and gate/up order) and
+# megatron-core's modules; it shares nothing with dcp_hf's tables.
+HF_NAMES = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "output_layer.weight": "lm_head.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
@@ -18,15 +22,59 @@ LAYER_NAMES = {
     "input_layernorm.weight": "input_layernorm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+}
+QK_NORM = {  # GQA: per-head RMSNorm of q and k (Qwen3, GLM-4.5 use_qk_norm)
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-    "mlp.router.weight": "mlp.gate.weight",
+}
+MLA_NAMES = {  # DeepSeek-V2/V3 attention (modeling_deepseek_v3.DeepseekV3Attention)
+    "self_attention.linear_q_proj.weight": "self_attn.q_proj.weight",
+    "self_attention.linear_q_down_proj.weight": "self_attn.q_a_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_a_layernorm.weight",
+    "self_attention.linear_q_up_proj.weight": "self_attn.q_b_proj.weight",
+    "self_attention.linear_kv_down_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight",
+    "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight",
+}
+MTP_OWN = {  # DeepSeek-V3/GLM-4.5 MTP layer: enorm(embedding), hnorm(hidden) -> eh_proj; shared_head
+    "enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+    "final_layernorm.weight": "shared_head.norm.weight",
 }
 
 
+@dataclass(frozen=True)
+class Oracle:
+    """What the oracle needs to know of the model: family, attention shape, true vocab, decoder
+    layers (MTP layer N is HF layer ``layers + N``), tied embeddings, MTP layers."""
+
+    family: str
+    heads: int
+    groups: int
+    head_dim: int
+    vocab_size: int
+    layers: int
+    tied: bool = False
+    mtp: int = 0
+
+    @classmethod
+    def of(cls, hf: dict, mtp: int = 0) -> "Oracle":
+        heads = hf["num_attention_heads"]
+        return cls(hf["model_type"], heads, hf.get("num_key_value_heads") or heads,
+                   hf.get("head_dim") or hf["hidden_size"] // heads, hf["vocab_size"],
+                   hf["num_hidden_layers"], bool(hf.get("tie_word_embeddings")), mtp)
+
+    def moe_names(self):
+        """(module of the router and routed experts, expert gate, up, down linears)."""
+        if self.family == "mixtral":  # MixtralSparseMoeBlock: w1 gate, w3 up, w2 down
+            return "block_sparse_moe", "w1", "w3", "w2"
+        return "mlp", "gate_proj", "up_proj", "down_proj"
+
+    def shared_module(self):
+        return "mlp.shared_expert" if self.family == "qwen2_moe" else "mlp.shared_experts"
+
+
 def run_layouts(rank, world, hf_dir, out_root, layouts, experts="sequential", pad_vocab_to=None,
-                dtype=None):
+                dtype=None, mtp=False):
     """At each layout i: a random model saved to rand{i} (with its parameters dumped for the
     oracle), the HF checkpoint loaded and saved again to rt{i}, and the previous layout's random
     export loaded and saved again to cross{i}."""
@@ -39,16 +87,24 @@ def run_layouts(rank, world, hf_dir, out_root, layouts, experts="sequential", pa
         hf = json.load(f)
     for i, p in enumerate(layouts):
         init_parallel(p)
-        chunks = build_gpt(hf, p, experts=experts, seed=100 + i, pad_vocab_to=pad_vocab_to)
-        dmeg.save_hf(chunks, f"{out_root}/rand{i}", vocab_size=hf["vocab_size"], dtype=dtype,
-                     max_shard_size="20KB")
+        chunks = build_gpt(hf, p, experts=experts, seed=100 + i, pad_vocab_to=pad_vocab_to, mtp=mtp)
+        dmeg.save_hf(chunks, f"{out_root}/rand{i}", family=hf["model_type"], vocab_size=hf["vocab_size"],
+                     dtype=dtype, max_shard_size="20KB")
         dump_params(chunks, f"{out_root}/dump{i}", rank)
         dmeg.load_hf(chunks, hf_dir)
-        dmeg.save_hf(chunks, f"{out_root}/rt{i}", vocab_size=hf["vocab_size"])
+        dmeg.save_hf(chunks, f"{out_root}/rt{i}", config=hf_dir)  # config.json given: checked against the model
         if i:
             dmeg.load_hf(chunks, f"{out_root}/rand{i - 1}")
             dmeg.save_hf(chunks, f"{out_root}/cross{i}", vocab_size=hf["vocab_size"], dtype=dtype)
         dist.barrier()
+    return True
+
+
+def run_families(rank, world, jobs):
+    """``run_layouts`` for several models in one set of processes: jobs of (HF folder, output
+    folder, layouts, with MTP layers)."""
+    for hf_dir, out_root, layouts, mtp in jobs:
+        run_layouts(rank, world, hf_dir, out_root, layouts, mtp=mtp)
     return True
 
 
@@ -69,7 +125,8 @@ def plain_params(chunks) -> dict[str, dict]:
     out = {}
     for chunk in chunks:
         numbers = [layer.layer_number - 1 for layer in chunk.decoder.layers]
-        for name, param in chunk.named_parameters():
+        buffers = [(n, b) for n, b in chunk.named_buffers() if n.endswith("router.expert_bias")]
+        for name, param in [*chunk.named_parameters(), *buffers]:
             m = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
             if m:
                 name = f"decoder.layers.{numbers[int(m.group(1))]}.{m.group(2)}"
@@ -106,39 +163,66 @@ def naive_gather(folder) -> dict[str, tuple[list[torch.Tensor], int | None]]:
     return {n: ([s[k] for k in sorted(s)], dims[n]) for n, s in shards.items()}
 
 
-def oracle_hf(folder, heads, groups, head_dim, vocab_size, tied=False) -> dict[str, torch.Tensor]:
+def oracle_hf(folder, oracle: Oracle) -> dict[str, torch.Tensor]:
     """The HF state dict of the dumped model, converted the textbook way from full tensors."""
     out = {}
     for name, (parts, dim) in naive_gather(folder).items():
-        out.update(naive_hf(name, parts, dim, heads, groups, head_dim, vocab_size, tied))
+        out.update(naive_hf(name, parts, dim, oracle))
+    for n in range(oracle.mtp):  # HF MTP layers hold their own copies of the shared embedding/head
+        out[f"model.layers.{oracle.layers + n}.embed_tokens.weight"] = out["model.embed_tokens.weight"]
+        out[f"model.layers.{oracle.layers + n}.shared_head.head.weight"] = out["lm_head.weight"]
     return out
 
 
-def naive_hf(name, parts, dim, heads, groups, head_dim, vocab_size, tied=False) -> dict[str, torch.Tensor]:
+def naive_hf(name, parts, dim, o: Oracle) -> dict[str, torch.Tensor]:
     """The HF tensors of one Megatron parameter, from its TP shards in rank order (``dim``: the
     TP dim, None when replicated)."""
     full = torch.cat(parts, dim) if dim is not None else parts[0]
     if name in HF_NAMES:
-        if name == "output_layer.weight" and tied:
+        if name == "output_layer.weight" and o.tied:
             return {}
-        return {HF_NAMES[name]: full[:vocab_size] if "embed" in name or "output" in name else full}
+        return {HF_NAMES[name]: full[:o.vocab_size] if "embed" in name or "output" in name else full}
     m = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
-    base, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if m is None:
+        m = re.match(r"mtp\.layers\.(\d+)\.(.+)", name)
+        base, rest = f"model.layers.{o.layers + int(m.group(1))}.", m.group(2)
+        if rest in MTP_OWN:
+            return {base + MTP_OWN[rest]: full}
+        rest = rest.removeprefix("transformer_layer.")
+    else:
+        base, rest = f"model.layers.{m.group(1)}.", m.group(2)
     if rest in LAYER_NAMES:
         return {base + LAYER_NAMES[rest]: full}
-    if rest.startswith("self_attention.linear_qkv."):  # weight or bias
-        per, kind = heads // groups, rest.rsplit(".", 1)[1]
-        qkv = full.view(groups, per + 2, head_dim, *full.shape[1:])
+    if o.family.startswith("deepseek") and rest in MLA_NAMES:
+        return {base + MLA_NAMES[rest]: full}
+    if rest in QK_NORM:
+        return {base + QK_NORM[rest]: full}
+    if rest.startswith("self_attention.linear_qkv."):  # weight or bias: per group [q heads | k | v]
+        per, kind = o.heads // o.groups, rest.rsplit(".", 1)[1]
+        qkv = full.view(o.groups, per + 2, o.head_dim, *full.shape[1:])
         return {f"{base}self_attn.q_proj.{kind}": qkv[:, :per].reshape(-1, *full.shape[1:]),
                 f"{base}self_attn.k_proj.{kind}": qkv[:, per].reshape(-1, *full.shape[1:]),
                 f"{base}self_attn.v_proj.{kind}": qkv[:, per + 1].reshape(-1, *full.shape[1:])}
+    block, gate, up, down = o.moe_names()
+    if rest == "mlp.router.weight":
+        return {f"{base}{block}.gate.weight": full}
+    if rest == "mlp.router.expert_bias":
+        return {f"{base}{block}.gate.e_score_correction_bias": full}
+    if rest == "mlp.shared_experts.gate_weight":  # Qwen2MoeSparseMoeBlock.shared_expert_gate
+        return {f"{base}mlp.shared_expert_gate.weight": full}
+    e = re.fullmatch(r"mlp\.experts\.(\d+)\.(linear_fc\d)\.weight", rest)
+    if e:
+        module, names = f"{base}{block}.experts.{e.group(1)}.", (gate, up, down)
+    elif rest.startswith("mlp.shared_experts."):
+        module, names = f"{base}{o.shared_module()}.", ("gate_proj", "up_proj", "down_proj")
+    elif rest.startswith("mlp.linear_fc"):
+        module, names = f"{base}mlp.", ("gate_proj", "up_proj", "down_proj")
+    else:
+        raise KeyError(f"the oracle has no name for {name}")
     if rest.endswith("linear_fc1.weight"):  # each TP rank holds [gate_r; up_r]
-        mlp = rest[: -len("linear_fc1.weight")]
-        return {base + mlp + "gate_proj.weight": torch.cat([p.chunk(2)[0] for p in parts]),
-                base + mlp + "up_proj.weight": torch.cat([p.chunk(2)[1] for p in parts])}
-    if rest.endswith("linear_fc2.weight"):
-        return {base + rest[: -len("linear_fc2.weight")] + "down_proj.weight": full}
-    raise KeyError(f"the oracle has no name for {name}")
+        return {f"{module}{names[0]}.weight": torch.cat([p.chunk(2)[0] for p in parts]),
+                f"{module}{names[1]}.weight": torch.cat([p.chunk(2)[1] for p in parts])}
+    return {f"{module}{names[2]}.weight": full}
 
 
 def save_at(rank, world, hf_dir, out, layout, experts):
@@ -162,9 +246,11 @@ def load_into(rank, world, model_from, hf_dir, layout):
     dmeg.load_hf(build_gpt(hf, layout), hf_dir)
 
 
-def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential"):
+def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential", mtp=False):
     """A Megatron ``torch_dist`` checkpoint (megatron.core.dist_checkpointing, its default
-    sharded form: layers stacked) of the HF model, saved at ``layout``."""
+    sharded form: layers stacked) of the HF model, saved at ``layout``; the model's parameters
+    dumped in ``out``-params for the oracle (a round trip through one mapping would not see a
+    mistake the mapping makes both ways)."""
     from megatron.core import dist_checkpointing
 
     from dcp_hf import megatron as dmeg
@@ -173,9 +259,10 @@ def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential"):
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf = json.load(f)
     init_parallel(layout)
-    chunks = build_gpt(hf, layout, experts=experts, pad_vocab_to=72)
+    chunks = build_gpt(hf, layout, experts=experts, pad_vocab_to=72, mtp=mtp)
     dmeg.load_hf(chunks, hf_dir)
-    state = {"model": chunks[0].sharded_state_dict()}
+    dump_params(chunks, f"{out}-params", rank)
+    state = {"model": chunks[0].sharded_state_dict(metadata={})}  # a dict: megatron-core fills its dp_cp_group (MTP needs it)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
     import torch.distributed as dist
@@ -184,6 +271,35 @@ def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential"):
         dist_checkpointing.save(state, out)
 
 
+def save_torch_dists(rank, world, jobs):
+    """``save_torch_dist`` of several models: jobs of (HF folder, output, layout, with MTP)."""
+    for hf_dir, out, layout, mtp in jobs:
+        save_torch_dist(rank, world, hf_dir, out, layout, mtp=mtp)
+
+
 def export_offline(rank, world, src, dst, config):
     from dcp_hf.megatron.export import export_torch_dist
     return export_torch_dist(src, dst, config)
+
+
+def try_saves(rank, world, out_root, cases):
+    """Each case (name, HF config to build the model from, save_hf keyword arguments): build
+    it at TP``world`` and save it; the error (or None) and whether anything was written."""
+    import torch.distributed as dist
+
+    from dcp_hf import megatron as dmeg
+    from dcp_hf.megatron.build import Parallel, build_gpt, init_parallel
+
+    init_parallel(Parallel(tp=world))
+    results = {}
+    for name, hf, kwargs in cases:
+        chunks = build_gpt(hf, Parallel(tp=world))
+        path = os.path.join(out_root, name)
+        try:
+            dmeg.save_hf(chunks, path, **kwargs)
+            error = None
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            error = f"{type(e).__name__}: {e}"
+        dist.barrier()
+        results[name] = (error, os.path.exists(path))
+    return results

@@ -41,7 +41,8 @@ def tiny(family: str, **extra):
         cfg = tf.DeepseekV3Config(num_hidden_layers=3, moe_intermediate_size=16, n_routed_experts=4,
                                   n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, qk_rope_head_dim=8,
                                   qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
-                                  num_experts_per_tok=2, **{**extra, "num_key_value_heads": 4})
+                                  num_experts_per_tok=2, **{"num_nextn_predict_layers": 0, **extra,
+                                                             "num_key_value_heads": 4})
     model = getattr(tf, type(cfg).__name__.replace("Config", "ForCausalLM"))(cfg).eval()
     with torch.no_grad():  # transformers initializes norms to ones and the expert bias to zeros
         for name, p in model.named_parameters():
@@ -90,9 +91,9 @@ def check_runs(tmp_path, family, layouts, *, experts="sequential", pad_vocab_to=
         assert torch.equal(logits(loaded.eval()), logits(model)), f"logits at {p}"
         rand = read_hf(out / f"rand{i}")
         if oracle:  # a random model's export equals the naive gather-and-convert of its parameters
-            want = mw.oracle_hf(out / f"dump{i}", hf["num_attention_heads"], hf["num_key_value_heads"],
-                                hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-                                hf["vocab_size"], tied=hf.get("tie_word_embeddings", False))
+            want = mw.oracle_hf(out / f"dump{i}", mw.Oracle.of(hf))
+            if dtype is not None:  # the export's dtype; DeepSeek's expert bias stays fp32
+                want = {k: v if k.endswith("e_score_correction_bias") else v.to(dtype) for k, v in want.items()}
             assert_same(rand, want, f"export at {p} vs the naive gather")
         if i:  # saved at the previous layout, loaded at this one, saved again: the same bytes
             assert_same(read_hf(out / f"cross{i}"), read_hf(out / f"rand{i - 1}"),
@@ -125,7 +126,7 @@ def test_moe_legacy_grouped_experts(tmp_path):
 
 def test_deepseek_v3_mla_layouts(tmp_path):
     out = check_runs(tmp_path, "deepseek_v3", [Parallel(tp=2, ep=2), Parallel(pp=2, ep=2, etp=1, first=1, last=2)],
-                     oracle=False, dtype=torch.bfloat16, q_lora_rank=8)
+                     dtype=torch.bfloat16, q_lora_rank=8)
     exported = read_hf(out / "rand0")  # bf16 export, expert bias kept fp32
     assert exported["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert exported["model.layers.1.self_attn.q_b_proj.weight"].dtype == torch.bfloat16
@@ -159,6 +160,13 @@ def test_wrong_model_for_checkpoint_fails_on_every_rank(tmp_path):
     tiny("qwen3").save_pretrained(src)
     other = tmp_path / "other"
     tiny("qwen3", intermediate_size=64).save_pretrained(other)  # a model with another FFN size
+    # its config.json does not describe the model: refused before reading
+    with pytest.raises(RankFailure) as info:
+        run_ranks(mw.load_into, 2, str(other), str(src), Parallel(tp=2), timeout=300, pg_timeout=120)
+    for rank, (ok, tb) in info.value.results.items():
+        assert not ok and str(src) in tb and "intermediate_size: 48 given, 64 in the model" in tb, tb[-600:]
+    # without a config.json: the tensors' shapes
+    (src / "config.json").unlink()
     with pytest.raises(RankFailure) as info:
         run_ranks(mw.load_into, 2, str(other), str(src), Parallel(tp=2), timeout=300, pg_timeout=120)
     for rank, (ok, tb) in info.value.results.items():
@@ -191,5 +199,7 @@ def test_export_torch_dist_offline(tmp_path, family, extra, stacked):
     assert_same(read_hf(tmp_path / "hf1"), read_hf(src), "export in one process")
     run_ranks(mw.export_offline, 2, str(tmp_path / "mcore"), str(tmp_path / "hf2"), str(src))
     assert_same(read_hf(tmp_path / "hf2"), read_hf(src), "export on 2 ranks")
+    hf = json.loads((src / "config.json").read_text())  # the oracle, of the parameters the model loaded
+    assert_same(read_hf(tmp_path / "hf2"), mw.oracle_hf(tmp_path / "mcore-params", mw.Oracle.of(hf)), "vs the oracle")
     loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
     assert torch.equal(logits(loaded), logits(model))

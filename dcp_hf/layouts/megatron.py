@@ -1,4 +1,4 @@
-"""Megatron-core GPT models: sharded-state-dict keys -> HF (Llama/Qwen/DeepSeek) tensors.
+"""Megatron-core GPT models: sharded-state-dict keys -> HF (Llama/Mistral/Qwen/Mixtral/GLM/DeepSeek) tensors.
 
 Keys are Megatron's *sharded* keys (``ShardedTensor.key``), so the local and Transformer-Engine
 layer specs and the sequential, TE-grouped and legacy grouped experts map the same way. Two
@@ -10,6 +10,10 @@ forms occur and both are handled:
 - the default form, found in ``torch_dist`` checkpoints: layers stacked on a leading axis
   (``decoder.layers.self_attention.linear_qkv.weight`` of shape [L, ...]), experts on the next
   one ([L, E, ...]), gated ``linear_fc1`` as [gate; up] rows of one tensor.
+
+Multi-token-prediction layers (``mtp.layers.N.*``) are HF layer ``num_layers + N`` with
+``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.norm``; on export their ``embed_tokens`` and
+``shared_head.head`` are copies of the model's embedding and output layer (Megatron shares them).
 
 Every transform is a set of boxes (``Piece``), so a rank reads and writes only its own slice:
 fused QKV rows are [q (heads per group x d) | k (d) | v (d)] per query group; word embeddings
@@ -66,19 +70,32 @@ MLA_ATTENTION = {  # DeepSeek-V2/V3 multi-latent attention
     "self_attention.kv_layernorm.weight": ("self_attn.kv_a_layernorm.weight", SAME),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight", SAME),
 }
-ROUTER = {
-    "mlp.router.weight": ("mlp.gate.weight", SAME),
-    "mlp.router.expert_bias": ("mlp.gate.e_score_correction_bias", SAME),
+ROUTER = {  # {moe}: the HF module of the router and routed experts (mlp, block_sparse_moe)
+    "mlp.router.weight": ("{moe}.gate.weight", SAME),
+    "mlp.router.expert_bias": ("{moe}.gate.e_score_correction_bias", SAME),
     "mlp.shared_experts.gate_weight": ("mlp.shared_expert_gate.weight", SAME),  # Qwen2-MoE
 }
+GATE, UP, DOWN = 0, 1, 2  # an MLP's linears; HF names per container (gate_proj or Mixtral's w1 ...)
 MLP = {  # a dense MLP, one routed expert or the shared experts: suffix inside the container
-    "linear_fc1.weight_w": ("gate_proj.weight", SAME),
-    "linear_fc1.weight_v": ("up_proj.weight", SAME),
-    "linear_fc1.weight": (("gate_proj.weight", "up_proj.weight"), GLU),
-    "linear_fc2.weight": ("down_proj.weight", SAME),
+    "linear_fc1.weight_w": (GATE, SAME),
+    "linear_fc1.weight_v": (UP, SAME),
+    "linear_fc1.weight": ((GATE, UP), GLU),
+    "linear_fc2.weight": (DOWN, SAME),
 }
+MTP = {  # a multi-token-prediction layer's own tensors (DeepSeek-V3, GLM-4.5)
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
+    "final_layernorm.weight": "shared_head.norm.weight",
+}
+MTP_COPIES = {  # Megatron's shared tensors, also stored in every HF MTP layer
+    "embedding.word_embeddings.weight": "embed_tokens.weight",
+    "output_layer.weight": "shared_head.head.weight",
+}
+DENSE_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 _LAYER = re.compile(r"decoder\.layers\.(?:(?P<layer>\d+)\.)?(?P<rest>.+)")
+_MTP = re.compile(r"mtp\.layers\.(?P<layer>\d+)\.(?P<rest>.+)")
 _EXPERT = re.compile(r"mlp\.experts\.experts\.(?:(?P<expert>\d+)\.)?(?P<rest>.+)")
 
 
@@ -86,8 +103,12 @@ _EXPERT = re.compile(r"mlp\.experts\.experts\.(?:(?P<expert>\d+)\.)?(?P<rest>.+)
 class MegatronGPT:
     """The rule of a Megatron GPT model (see the module doc). ``vocab_size``: the HF vocab
     size (rows of the embedding beyond it are padding); ``None`` keeps every row.
-    ``shared_experts``: the HF container of the shared experts (``shared_experts`` for
-    DeepSeek, ``shared_expert`` for Qwen2-MoE). ``output``: the HF tensor of Megatron's output
+    ``moe_block``: the HF module of the router and routed experts (``block_sparse_moe`` for
+    Mixtral); ``expert_names``: a routed expert's (gate, up, down) linears (Mixtral: w1, w3,
+    w2); ``shared_experts``: the HF module of the shared experts (``shared_expert`` for
+    Qwen2-MoE). ``num_layers``: decoder layers (MTP layer N is HF layer num_layers + N);
+    ``mtp_copies``: MTP layers whose copies of the embedding and output layer are written
+    (on export; a load reads the model's own). ``output``: the HF tensor of Megatron's output
     layer (``model.embed_tokens.weight`` to load an untied model from a tied checkpoint)."""
 
     num_attention_heads: int
@@ -95,7 +116,11 @@ class MegatronGPT:
     head_dim: int
     vocab_size: int | None = None
     attention: str = "gqa"
+    moe_block: str = "mlp"
+    expert_names: tuple[str, str, str] = DENSE_NAMES
     shared_experts: str = "shared_experts"
+    num_layers: int | None = None
+    mtp_copies: int = 0
     output: str = "lm_head.weight"
     attention_table: dict = field(init=False, repr=False, compare=False)
 
@@ -113,25 +138,43 @@ class MegatronGPT:
         """(HF name or names, kind, leading stacked axes) for a Megatron key, or None. HF
         names may hold ``{layer}`` and ``{expert}``; the stacked axes are ``"layer"`` and
         ``"expert"`` in order, each fixed by the key instead when it names one."""
-        if key == "output_layer.weight":
-            return self.output, VOCAB, (), {}
         if key in TOP_LEVEL:
             name, kind = TOP_LEVEL[key]
+            if key == "output_layer.weight":
+                name = self.output
+            if key in MTP_COPIES and self.mtp_copies:
+                copies = tuple(f"model.layers.{self._mtp_layer(n)}.{MTP_COPIES[key]}" for n in range(self.mtp_copies))
+                return (name, *copies), kind, (), {}
             return name, kind, (), {}
-        m = _LAYER.fullmatch(key)
-        if m is None:
-            return None
         axes, fixed = [], {}
-        if m.group("layer") is None:
-            axes.append("layer")
+        m = _MTP.fullmatch(key)
+        if m is not None:
+            fixed["layer"] = self._mtp_layer(int(m.group("layer")))
+            rest = m.group("rest")
+            if rest in MTP:
+                return "model.layers.{layer}." + MTP[rest], SAME, (), fixed
+            if not rest.startswith("transformer_layer."):
+                return None
+            rest = rest[len("transformer_layer."):]
         else:
-            fixed["layer"] = int(m.group("layer"))
-        rest = m.group("rest")
+            m = _LAYER.fullmatch(key)
+            if m is None:
+                return None
+            if m.group("layer") is None:
+                axes.append("layer")
+            else:
+                fixed["layer"] = int(m.group("layer"))
+            rest = m.group("rest")
         found = self._layer_entry(rest, axes, fixed)
         if found is None:
             return None
         name, kind = found
         return name, kind, tuple(axes), fixed
+
+    def _mtp_layer(self, n: int) -> int:
+        if self.num_layers is None:
+            raise StateDictMismatchError("multi-token-prediction layers need the rule's num_layers")
+        return self.num_layers + n
 
     def _layer_entry(self, rest: str, axes: list, fixed: dict):
         base = "model.layers.{layer}."
@@ -142,27 +185,27 @@ class MegatronGPT:
                 name, kind = table[rest]
                 if kind == QKV:
                     return tuple(f"{base}self_attn.{n}.{rest.rsplit('.', 1)[1]}" for n in name), kind
-                return base + name, kind
+                return base + name.format(moe=self.moe_block), kind
         e = _EXPERT.fullmatch(rest)
         if e is not None:
             if e.group("expert") is None:
                 axes.append("expert")
             else:
                 fixed["expert"] = int(e.group("expert"))
-            return self._mlp_entry(base + "mlp.experts.{expert}.", e.group("rest"))
+            return self._mlp_entry(base + self.moe_block + ".experts.{expert}.", e.group("rest"), self.expert_names)
         for container, hf in (("mlp.shared_experts.", f"mlp.{self.shared_experts}."), ("mlp.", "mlp.")):
             if rest.startswith(container):
-                return self._mlp_entry(base + hf, rest[len(container):])
+                return self._mlp_entry(base + hf, rest[len(container):], DENSE_NAMES)
         return None
 
     @staticmethod
-    def _mlp_entry(hf_base: str, rest: str):
+    def _mlp_entry(hf_base: str, rest: str, names: tuple[str, str, str]):
         if rest not in MLP:
             return None
-        name, kind = MLP[rest]
-        if isinstance(name, tuple):
-            return tuple(hf_base + n for n in name), kind
-        return hf_base + name, kind
+        which, kind = MLP[rest]
+        if isinstance(which, tuple):
+            return tuple(f"{hf_base}{names[w]}.weight" for w in which), kind
+        return f"{hf_base}{names[which]}.weight", kind
 
     # -- boxes ------------------------------------------------------------------------------
     def pieces(self, key: str, shape: tuple[int, ...]) -> list[Piece] | None:
@@ -195,7 +238,8 @@ class MegatronGPT:
                 raise StateDictMismatchError(
                     f"{key!r}: {shape[0]} vocab rows, fewer than the HF vocab size {rows}")
             hf_shape = (rows,) + shape[1:]
-            return [(names, hf_shape, hf_shape, zero, zero)]
+            names = names if isinstance(names, tuple) else (names,)  # with MTP copies, several
+            return [(n, hf_shape, hf_shape, zero, zero) for n in names]
         if kind == GLU:
             if shape[0] % 2:
                 raise StateDictMismatchError(f"{key!r}: {shape[0]} rows are not [gate; up] halves")

@@ -69,14 +69,16 @@ def cpu_device():
 
 
 def build_gpt(hf: dict, p: Parallel, *, experts: str = "sequential", seed: int = 0,
-              params_dtype: torch.dtype = torch.float32, pad_vocab_to: int | None = None) -> list:
+              params_dtype: torch.dtype = torch.float32, pad_vocab_to: int | None = None,
+              mtp: bool = False) -> list:
     """This rank's model chunks (one per virtual stage) for an HF config, randomly initialized
     (the same weights for the same ``seed`` at every layout's TP ranks). ``experts``:
     ``sequential`` (SequentialMLP) or ``legacy_grouped`` (GroupedMLP, built without the
     grouped_gemm kernels, which only its forward needs). ``pad_vocab_to``: a padded vocab
-    size as Megatron's training scripts make."""
+    size as Megatron's training scripts make. ``mtp``: build the config's
+    ``num_nextn_predict_layers`` multi-token-prediction layers (on the last stage)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from dcp_hf.megatron.hf_config import megatron_config
@@ -90,7 +92,8 @@ def build_gpt(hf: dict, p: Parallel, *, experts: str = "sequential", seed: int =
         virtual_pipeline_model_parallel_size=p.vpp, expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp if p.etp is not None else p.tp,
         num_layers_in_first_pipeline_stage=p.first, num_layers_in_last_pipeline_stage=p.last,
-        sequence_parallel=False, moe_grouped_gemm=grouped, moe_use_legacy_grouped_gemm=grouped)
+        sequence_parallel=False, moe_grouped_gemm=grouped, moe_use_legacy_grouped_gemm=grouped,
+        **({"mtp_num_layers": hf["num_nextn_predict_layers"]} if mtp else {}))
     if pad_vocab_to:
         gpt["vocab_size"] = pad_vocab_to
     mla = getattr(config, "multi_latent_attention", False)
@@ -108,10 +111,12 @@ def build_gpt(hf: dict, p: Parallel, *, experts: str = "sequential", seed: int =
     with cpu_device(), _grouped_gemm_available(grouped), _mla_without_te(mla):
         for vp in range(p.vpp or 1):
             vp_stage = vp if p.vpp else None
+            spec = block_spec(vp_stage)
+            mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage) if mtp else None
             chunks.append(GPTModel(
-                config, block_spec(vp_stage), pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                config, spec, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                vp_stage=vp_stage, **gpt))
+                vp_stage=vp_stage, mtp_block_spec=mtp_spec, **gpt))
     return chunks
 
 

@@ -16,20 +16,25 @@ import torch.distributed.checkpoint as dcp
 
 from dcp_hf.convert import copy_side_files, dcp_specs, is_main, stream
 from dcp_hf.layouts import IDENTITY
-from dcp_hf.megatron import export_dtype, layout_of
-from dcp_hf.megatron.hf_config import megatron_config
+from dcp_hf.megatron import export_dtype, hf_tensors, layout_of
+from dcp_hf.megatron.check import check_against_transformers
+from dcp_hf.megatron.hf_config import family_of_hf, megatron_config
 from dcp_hf.storage import HFStorageWriter
 
 NOT_MODEL = ("optimizer.*", "rng_state*", "*._extra_state*")  # training state, not weights
 
 
-def export_torch_dist(src: str, dst: str, config: str | dict, *, exclude=(), dtype=None,
-                      max_shard_size="5GB", overwrite=False, progress=False) -> dict:
+def export_torch_dist(src: str, dst: str, config: str | dict, *, family: str | None = None, exclude=(),
+                      dtype=None, max_shard_size="5GB", overwrite=False, progress=False) -> dict:
     """Export the model tensors of the ``torch_dist`` checkpoint ``src`` to an HF checkpoint in
     ``dst`` (folder or ``s3://``). ``config``: the model's HF config (dict, config.json, or an HF
     folder whose tokenizer and other side files are copied too); it gives the attention shape
-    and the true vocab size. Optimizer and RNG state are skipped; any other key that the
-    Megatron layout does not cover is an error unless it matches an ``exclude`` pattern."""
+    and the true vocab size, and its ``model_type`` the family (one of ``FAMILIES``).
+    Optimizer and RNG state are skipped; any other key that the Megatron layout does not cover
+    is an error unless it matches an ``exclude`` pattern. ``family``: must be the config's
+    ``model_type`` (it names it where the config does not). Before writing, the tensors to write
+    are compared with what transformers' model class of the config holds (names, shapes,
+    dtypes): any difference is an error naming the keys."""
     folder = None
     if not isinstance(config, dict):
         path = os.fspath(config)
@@ -37,10 +42,17 @@ def export_torch_dist(src: str, dst: str, config: str | dict, *, exclude=(), dty
             folder, path = path, os.path.join(path, "config.json")
         with open(path) as f:
             config = json.load(f)
-    layout = layout_of(megatron_config(config)[0], config["vocab_size"], config.get("model_type"))
-    rule = layout.rules[0]
+    if family is not None:
+        if config.get("model_type", family) != family:
+            raise ValueError(f"--family {family} but the config says model_type {config['model_type']!r}")
+        config = {**config, "model_type": family}
+    fam = family_of_hf(config)
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)
+    mtp = {k.split(".")[2] for k in specs if k.startswith("mtp.layers.")
+           and not any(fnmatch.fnmatchcase(k, p) for p in (*NOT_MODEL, *exclude))}
+    layout = layout_of(megatron_config(config)[0], fam, config["vocab_size"], mtp_copies=len(mtp))
+    rule = layout.rules[0]
     model, unknown = {}, []
     for key, spec in specs.items():
         if any(fnmatch.fnmatchcase(key, p) for p in (*NOT_MODEL, *exclude)):
@@ -52,6 +64,8 @@ def export_torch_dist(src: str, dst: str, config: str | dict, *, exclude=(), dty
     if unknown:
         raise ValueError(f"{src}: {len(unknown)} tensor(s) the Megatron layout does not cover: "
                          f"{sorted(unknown)[:10]} (pass exclude patterns to leave them out)")
+    written = hf_tensors(layout, {k: (s.shape, s.dtype) for k, s in model.items()}, export_dtype(dtype))
+    check_against_transformers(config, written, f"export of {src}")
     side = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
     writer = HFStorageWriter(dst, max_shard_size=max_shard_size, dtype=export_dtype(dtype),
                              overwrite=overwrite, progress=progress, side_files=side)
