@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -18,8 +19,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.storage import StorageReader
 
+from dcp_hf.errors import CheckpointFormatError, on_every_rank
 from dcp_hf.format import INDEX_NAME, TensorSpec
 from dcp_hf.layouts import IDENTITY, Layout, Prefix, detect_layout, infer_style
+from dcp_hf.layouts.models import MINDSPEED_MODELS, TRANSFORMERS_MOE, mindspeed_model, read_config
 from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.storage import HFStorageReader, HFStorageWriter
 from dcp_hf.tensor_box import TensorBox
@@ -105,17 +108,22 @@ def with_prefixes(layout: Layout, prefixes) -> Layout:
     return Layout(layout.rules, layout.renames + extra, layout.strict, layout.name)
 
 
-def copy_side_files(src: str, dst: str) -> list[str]:
-    """Copy what is not weights (config, tokenizer, ...) from an HF folder."""
+def copy_side_files(src: str, dst: str, recursive: bool = False) -> list[str]:
+    """Copy what is not weights (config, tokenizer, processor, ...) from an HF folder: every
+    file but ``*.safetensors``, the index and hidden names (``.git``, ``.cache``); with
+    ``recursive``, also those in subfolders (as MindSpeed-MM's converters do)."""
     copied = []
     os.makedirs(dst, exist_ok=True)
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if (name.endswith(".safetensors") or name == INDEX_NAME or name.startswith(".")
-                or not os.path.isfile(path)):
-            continue
-        shutil.copy2(path, os.path.join(dst, name))
-        copied.append(name)
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if recursive and not d.startswith("."))
+        rel = os.path.relpath(root, src)
+        for name in sorted(files):
+            if name.endswith(".safetensors") or name.startswith(".") or (rel == "." and name == INDEX_NAME):
+                continue
+            target = os.path.normpath(os.path.join(dst, rel, name))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(os.path.join(root, name), target)
+            copied.append(os.path.normpath(os.path.join(rel, name)))
     return copied
 
 
@@ -123,30 +131,84 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def experts(direction: str, src: str, dst: str, style: str | None = None, *, max_shard_size="5GB",
-            overwrite=False, progress=False) -> dict:
-    """``merge``: per-expert HF -> merged HF; ``split``: merged HF -> per-expert HF. The layout
-    comes from SRC's config.json; ``style`` (transformers, mindspeed, flat) overrides its merged
-    form, which ``split`` otherwise reads off the merged tensors' shapes. Both sides are HF
-    checkpoints, so the layout's renames do not apply."""
+def experts_layout(src: str, source: dict[str, TensorSpec], direction: str, style: str | None) -> Layout:
+    """The layout between SRC's per-expert tensors (its HF side) and their merged form (its
+    memory side), from SRC's config.json. A MindSpeed-MM model's merged checkpoint is its
+    in-memory form, renames included (Qwen3-Omni's without ``thinker.``); for the others both
+    sides keep the HF names. Under auto, ``split`` reads the form off the merged tensors'
+    shapes, which for a MindSpeed-MM model must be the model's own."""
+    config = read_config(src)
+    model = mindspeed_model(config) if config else None
+    inferred = infer_style(source) if direction == "split" else None
+    if model is not None and style is None and inferred not in (None, model.style):
+        raise CheckpointFormatError(
+            f"{src}: the merged experts are in the {inferred!r} form, not MindSpeed-MM's "
+            f"{model.style!r} form for a {model.config_class}; pass --layout {inferred} to split them")
+    layout = detect_layout(src, style or (None if model else inferred))
+    if not layout.rules:
+        what = f"model type {config.get('model_type')!r}" if config else "no config.json"
+        raise CheckpointFormatError(
+            f"{src}: {what}: no known merged-experts form (known: {', '.join(MINDSPEED_MODELS)} as "
+            f"MindSpeed-MM merges them, and transformers' MoE families {', '.join(TRANSFORMERS_MOE)}); "
+            f"name the form with --layout transformers|mindspeed|flat")
+    return layout if model else layout.without_renames()
+
+
+@dataclass
+class _Stream:
+    """What ``stream`` gets: the tensors to write (in-memory keys), read through
+    ``source_layout`` from ``reader``, written through ``dest_layout``."""
+
+    reader: HFStorageReader
+    specs: dict[str, TensorSpec]
+    source_layout: Layout
+    dest_layout: Layout
+    layout: Layout  # the merged-experts layout in use
+    tensors_in: int
+
+
+def _experts_plan(direction: str, src: str, style: str | None) -> _Stream:
+    """What ``experts`` writes, after every check that can refuse it."""
     reader = HFStorageReader(src)
     source = hf_specs(reader)
-    if style is None and direction == "split":
-        style = infer_style(source)
-    rules = detect_layout(src, style).without_renames()
-    if not rules.rules:
-        raise ValueError(f"{src}: no merged-experts layout (no config.json of a known MoE family); "
-                         f"name the style: transformers, mindspeed or flat")
-    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    layout = experts_layout(src, source, direction, style)
+    rule = layout.rules[0]
     if direction == "merge":
-        specs, _ = rules.memory_specs(source)
-        stream(specs, reader, rules, writer, IDENTITY)
-    elif direction == "split":
-        stream(source, reader, IDENTITY, writer, rules)
-    else:
+        specs, outside = layout.memory_specs(source)
+        if outside:
+            raise CheckpointFormatError(
+                f"{src}: {layout.name}'s merged form has no name for {sorted(outside)[:5]} "
+                f"(only {', '.join(repr(p) for r in layout.renames for p in (r.hf, *r.keep))} keys)")
+        if len(specs) == len(source):
+            raise CheckpointFormatError(f"{src}: no per-expert tensors to merge ({layout.name}, {rule.style})")
+        return _Stream(reader, specs, layout, IDENTITY, layout, len(source))
+    if not rule.check_merged({layout.to_hf_key(k): s.shape for k, s in source.items()}):
+        raise CheckpointFormatError(f"{src}: no merged expert tensors to split ({layout.name}, {rule.style})")
+    written: dict[str, str] = {}
+    for key, spec in source.items():  # no two tensors may land on one key
+        for piece in layout.pieces(key, spec.shape):
+            if written.setdefault(piece.hf_key, key) != key:
+                raise CheckpointFormatError(
+                    f"{src}: {key!r} and {written[piece.hf_key]!r} both split into {piece.hf_key!r}")
+    return _Stream(reader, source, IDENTITY, layout, layout, len(source))
+
+
+def experts(direction: str, src: str, dst: str, style: str | None = None, *, max_shard_size="5GB",
+            overwrite=False, progress=False) -> dict:
+    """``merge``: per-expert HF -> merged HF; ``split``: merged HF -> per-expert HF, as
+    MindSpeed-MM's ``moe_expert --style merge|split`` does for its models (see
+    ``experts_layout``). ``style`` (transformers, mindspeed, flat) overrides the merged form.
+    Whatever the layout cannot map back and forth exactly is refused, on every rank, before
+    anything is written; non-weight files are copied, subfolders included."""
+    if direction not in ("merge", "split"):
         raise ValueError(f"direction must be merge or split, not {direction!r}")
-    copied = copy_side_files(src, dst) if is_main() else []
-    return {"layout": f"{rules.name}, {rules.rules[0].style}", "tensors_in": len(source), "copied": copied}
+    plan = on_every_rank(lambda: _experts_plan(direction, src, style))
+    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    stream(plan.specs, plan.reader, plan.source_layout, writer, plan.dest_layout)
+    # on every rank: no rank returns (say, to read DST's config) before the copy is done
+    copied = on_every_rank(lambda: copy_side_files(src, dst, recursive=True) if is_main() else [])
+    return {"layout": f"{plan.layout.name}, {plan.layout.rules[0].style}", "tensors_in": plan.tensors_in,
+            "copied": copied}
 
 
 def hf_to_dcp(src: str, dst: str, layout: Layout | None = None, *, style: str | None = None,
