@@ -271,7 +271,8 @@ def test_what_the_forms_cannot_hold_is_refused_before_writing(tmp_path):
     _refused(tmp_path, "merge", str(hf),
              match=r"'model.language_model.layers.2.mlp.experts.0.gate_proj.weight' is missing")
     # Fewer experts than the config says.
-    save_file({k: v for k, v in tensors.items() if ".experts.3." not in k}, str(hf / "model-00001-of-00002.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".experts.3." not in k},
+              str(hf / "model-00001-of-00002.safetensors"))
     _refused(tmp_path, "merge", str(hf), match="3 experts in the checkpoint, the layout expects 4")
 
 
