@@ -227,6 +227,9 @@ def test_merge_and_split_under_torchrun_two_ranks(tmp_path):
         make(tmp_path / model)
         runs += [["experts", "merge", str(tmp_path / model), str(tmp_path / f"{model}-merged"), "--quiet"],
                  ["experts", "split", str(tmp_path / f"{model}-merged"), str(tmp_path / f"{model}-split"), "--quiet"]]
+    # Refused on every rank with the same message, nothing written: GLM-4.5V's merged output
+    # holds no per-expert tensors to merge.
+    runs.append(["experts", "merge", str(tmp_path / "glm45v-merged"), str(tmp_path / "refused"), "--quiet"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     done = subprocess.run(
@@ -235,6 +238,10 @@ def test_merge_and_split_under_torchrun_two_ranks(tmp_path):
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("experts merge: done") == 3  # once per command: rank 0 reports
+    missing = "'model.language_model.layers.1.mlp.experts.0.gate_proj.weight' is missing"
+    for rank in (0, 1):
+        assert f"rank {rank}: dcp-hf experts: expert tensor {missing}" in done.stdout, done.stdout[-2000:]
+    assert not (tmp_path / "refused").exists()
     for model in MODELS:
         assert_bit_equal(_read(tmp_path / f"{model}-merged"), mindspeed.merge(tmp_path / model))
         assert_bit_equal(_read(tmp_path / f"{model}-split"), _read(tmp_path / model))

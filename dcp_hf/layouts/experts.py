@@ -167,7 +167,6 @@ class MergedExperts:
                     del specs[self._hf_key(prefix, e, name)]
         return out
 
-
     def check_merged(self, shapes: dict[str, tuple[int, ...]]) -> int:
         """Before splitting the merged tensors among HF-named ``shapes``: every MLP of the
         layer range has its pair, every pair has one E, F and H. The number of pairs."""

@@ -46,7 +46,7 @@ MINDSPEED_MODELS = {m.config_class: m for m in (
     MindSpeedModel("Glm4vMoeConfig", ("text_config",), ("n_routed_experts",),
                    "model.language_model.layers.{layer}.mlp", "flat", first_moe_field="first_k_dense_replace"),
 )}
-# transformers' config classes of the model types above (InternVL3.5's is remote code).
+# The config classes of the model types above (InternVL3.5's is remote code, named in auto_map).
 CONFIG_CLASSES = {"internvl_chat": "InternVLChatConfig", "qwen3_omni_moe": "Qwen3OmniMoeConfig",
                   "glm4v_moe": "Glm4vMoeConfig"}
 # Qwen3-Omni: MindSpeed-MM's merged checkpoint (and in-memory model) strips ``thinker.`` from
