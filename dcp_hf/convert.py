@@ -114,8 +114,10 @@ def copy_side_files(src: str, dst: str, recursive: bool = False) -> list[str]:
     ``recursive``, also those in subfolders (as MindSpeed-MM's converters do)."""
     copied = []
     os.makedirs(dst, exist_ok=True)
+    inside = os.path.realpath(dst)  # DST may lie in SRC: not copied into itself
     for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if recursive and not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if recursive and not d.startswith(".")
+                         and os.path.realpath(os.path.join(root, d)) != inside)
         rel = os.path.relpath(root, src)
         for name in sorted(files):
             if name.endswith(".safetensors") or name.startswith(".") or (rel == "." and name == INDEX_NAME):

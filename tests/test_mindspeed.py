@@ -212,7 +212,9 @@ def test_merge_and_split_equal_mindspeed_mm(tmp_path, model):
 def test_qwen3_omni_thinker_only_split_equals_mindspeed_mm(tmp_path):
     """A thinker-only checkpoint (what MindSpeed-MM trains): its split is MindSpeed-MM's exactly."""
     source = qwen3_omni(tmp_path / "hf", talker=False)
-    _cli("merge", str(tmp_path / "hf"), str(tmp_path / "merged"))
+    _cli("merge", str(tmp_path / "hf"), str(tmp_path / "hf" / "merged"))  # inside SRC: not copied into itself
+    assert not (tmp_path / "hf" / "merged" / "merged").exists()
+    (tmp_path / "hf" / "merged").rename(tmp_path / "merged")
     merged = _read(tmp_path / "merged")
     assert merged["model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 8, 8)
     assert not any(k.startswith("thinker.") for k in merged)
