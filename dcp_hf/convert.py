@@ -25,6 +25,7 @@ from dcp_hf.layouts import IDENTITY, Layout, Prefix, detect_layout, infer_style
 from dcp_hf.layouts.models import MINDSPEED_MODELS, TRANSFORMERS_MOE, mindspeed_model, read_config
 from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.storage import HFStorageReader, HFStorageWriter
+from dcp_hf.storage.stores import is_url, open_store
 from dcp_hf.tensor_box import TensorBox
 
 
@@ -108,6 +109,10 @@ def with_prefixes(layout: Layout, prefixes) -> Layout:
     return Layout(layout.rules, layout.renames + extra, layout.strict, layout.name)
 
 
+def _is_side_file(name: str) -> bool:
+    return not (name.endswith(".safetensors") or name.startswith(".") or name == INDEX_NAME)
+
+
 def copy_side_files(src: str, dst: str, recursive: bool = False) -> list[str]:
     """Copy what is not weights (config, tokenizer, processor, ...) from an HF folder: every
     file but ``*.safetensors``, the index and hidden names (``.git``, ``.cache``); with
@@ -120,13 +125,19 @@ def copy_side_files(src: str, dst: str, recursive: bool = False) -> list[str]:
                          and os.path.realpath(os.path.join(root, d)) != inside)
         rel = os.path.relpath(root, src)
         for name in sorted(files):
-            if name.endswith(".safetensors") or name.startswith(".") or (rel == "." and name == INDEX_NAME):
+            if not _is_side_file(name):
                 continue
             target = os.path.normpath(os.path.join(dst, rel, name))
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copy2(os.path.join(root, name), target)
             copied.append(os.path.normpath(os.path.join(rel, name)))
     return copied
+
+
+def read_side_files(src: str) -> dict[str, bytes]:
+    """The top-level side files of an HF folder, local or at a URL (see ``copy_side_files``)."""
+    store = open_store(src)
+    return {name: store.read(name) for name in store.list() if _is_side_file(name) and store.exists(name)}
 
 
 def is_main() -> bool:
@@ -205,10 +216,16 @@ def experts(direction: str, src: str, dst: str, style: str | None = None, *, max
     if direction not in ("merge", "split"):
         raise ValueError(f"direction must be merge or split, not {direction!r}")
     plan = on_every_rank(lambda: _experts_plan(direction, src, style))
-    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    # Side files: between local folders copied after the weights, subfolders too; where either
+    # side is a URL, SRC's top-level ones are written by the writer before its index.
+    remote = is_url(src) or is_url(dst)
+    side = on_every_rank(lambda: read_side_files(src) if remote and is_main() else {})
+    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                             side_files=side)
     stream(plan.specs, plan.reader, plan.source_layout, writer, plan.dest_layout)
     # on every rank: no rank returns (say, to read DST's config) before the copy is done
-    copied = on_every_rank(lambda: copy_side_files(src, dst, recursive=True) if is_main() else [])
+    copied = sorted(side) if remote else on_every_rank(
+        lambda: copy_side_files(src, dst, recursive=True) if is_main() else [])
     return {"layout": f"{plan.layout.name}, {plan.layout.rules[0].style}", "tensors_in": plan.tensors_in,
             "copied": copied}
 

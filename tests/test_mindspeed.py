@@ -309,3 +309,17 @@ def test_qwen3_omni_names_and_forms_that_do_not_round_trip_are_refused(tmp_path)
     save_file(merged, str(tmp_path / "flat" / "model.safetensors"))
     _refused(tmp_path, "split", str(tmp_path / "flat"), "--layout", "flat",
              match="'thinker.model.layers.1.mlp.experts.down_proj' is missing")
+
+
+def test_merge_to_s3_and_split_back(tmp_path, s3, monkeypatch):
+    """An S3 DST and an S3 SRC: the config is read through the store, and the top-level side
+    files travel with the writer (subfolders are copied only between local folders)."""
+    for k, v in s3.env.items():  # the standard AWS chain, as a user of the command line has it
+        monkeypatch.setenv(k, v)
+    source = glm45v(tmp_path / "hf")
+    url = f"s3://{s3.bucket('dcp-hf-experts')}/merged"
+    _cli("merge", str(tmp_path / "hf"), url)
+    _cli("split", url, str(tmp_path / "split"))
+    assert_bit_equal(_read(tmp_path / "split"), source)
+    top = {n for n in mindspeed.copied_files(tmp_path / "hf") if "/" not in n and not n.startswith(".")}
+    assert mindspeed.copied_files(tmp_path / "split") == top - {"model.safetensors.index.json"}

@@ -114,6 +114,11 @@ def layout_for_config(config: dict, style: str | None = None) -> Layout:
 
 
 def read_config(path: str) -> dict | None:
+    """The folder's config.json (a local folder or a URL), or None without one."""
+    from dcp_hf.storage.stores import is_url, open_store
+    if is_url(path):
+        store = open_store(path)
+        return json.loads(store.read("config.json")) if store.exists("config.json") else None
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         return None
