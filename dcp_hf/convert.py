@@ -104,9 +104,10 @@ def stream(specs: dict[str, TensorSpec], source: StorageReader, source_layout: L
 
 
 def with_prefixes(layout: Layout, prefixes) -> Layout:
-    """``layout`` plus prefix renames given as (memory prefix, HF prefix) pairs."""
+    """``layout`` plus prefix renames given as (memory prefix, HF prefix) pairs, outermost on
+    the memory side: ``model.`` before Qwen3-Omni's merged names, as in MindSpeed-MM's DCP."""
     extra = tuple(Prefix(memory, hf) for memory, hf in prefixes)
-    return Layout(layout.rules, layout.renames + extra, layout.strict, layout.name)
+    return Layout(layout.rules, extra + layout.renames, layout.strict, layout.name)
 
 
 def _is_side_file(name: str) -> bool:

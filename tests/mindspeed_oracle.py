@@ -87,3 +87,9 @@ def split(merged_dir: Path) -> dict[str, torch.Tensor]:
             state[(weight_path + ".up_proj.weight").format(layer=layer, expert=expert)] = up
             state[(weight_path + ".down_proj.weight").format(layer=layer, expert=expert)] = dn.T
     return {k: v.contiguous() for k, v in state.items()}
+
+
+def merge_to_dcp(hf_dir: Path, dcp_prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The state MindSpeed-MM's ``ExpertMergeDcpConverter.hf_to_dcp`` saves (hf_prefix ""): the
+    merged checkpoint's keys, each with ``dcp_prefix`` before it."""
+    return {f"{dcp_prefix}{k}": v for k, v in merge(hf_dir).items()}

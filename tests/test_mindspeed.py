@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from dcp_hf.cli import main as cli
@@ -221,6 +222,22 @@ def test_qwen3_omni_thinker_only_split_equals_mindspeed_mm(tmp_path):
     _cli("split", str(tmp_path / "merged"), str(tmp_path / "split"))
     assert_bit_equal(_read(tmp_path / "split"), mindspeed.split(tmp_path / "merged"))
     assert_bit_equal(_read(tmp_path / "split"), source)
+
+
+def test_qwen3_omni_to_dcp_as_mindspeed_mm_and_back(tmp_path):
+    """``convert --to dcp --prefix model.=`` saves what MindSpeed-MM's DCP converter saves;
+    ``convert --to hf`` gives the per-expert checkpoint back."""
+    source = qwen3_omni(tmp_path / "hf")
+    assert cli(["convert", "--to", "dcp", str(tmp_path / "hf"), str(tmp_path / "dcp"), "--prefix", "model.=",
+                "--quiet"]) == 0
+    reader = dcp.FileSystemReader(str(tmp_path / "dcp"))
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in reader.read_metadata().state_dict_metadata.items()}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    assert_bit_equal(state, mindspeed.merge_to_dcp(tmp_path / "hf"))
+    assert cli(["convert", "--to", "hf", str(tmp_path / "dcp"), str(tmp_path / "back"), "--prefix", "model.=",
+                "--config-from", str(tmp_path / "hf"), "--quiet"]) == 0
+    assert_bit_equal(_read(tmp_path / "back"), source)
 
 
 def test_merge_and_split_under_torchrun_two_ranks(tmp_path):
