@@ -11,44 +11,258 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
+import threading
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import StorageReader
 
+from dcp_hf.errors import CheckpointFormatError, on_every_rank
 from dcp_hf.format import INDEX_NAME, TensorSpec
-from dcp_hf.layouts import IDENTITY, Layout, Prefix, detect_layout, infer_style
+from dcp_hf.layouts import IDENTITY, Layout, Prefix, detect_layout, infer_style, mem_view
+from dcp_hf.layouts.models import MINDSPEED_MODELS, TRANSFORMERS_MOE, mindspeed_model, read_config
 from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.progress import file_system_writer
 from dcp_hf.storage import HFStorageReader, HFStorageWriter
+from dcp_hf.storage.stores import is_url, open_store
 from dcp_hf.tensor_box import TensorBox
 
 
-class StreamingSavePlanner(HFSavePlanner):
-    """Save meta tensors whose data is read from ``source`` (through ``source_layout``) box by
-    box, when the writer needs it."""
+@dataclass(eq=False)
+class _Band:
+    """Rows [lo, hi) of a local source chunk, read whole (long contiguous reads) and shared by
+    the boxes that lie in it, e.g. the gate and up halves of an expert's rows of a merged
+    tensor. A band of at most ``band_bytes`` is read into a reused buffer (``pooled``), so its
+    boxes are copied out of it; a larger one is read into memory of its own."""
 
-    def __init__(self, layout: Layout, source: StorageReader, source_layout: Layout):
+    source: MetadataIndex
+    lo: int
+    hi: int
+    nbytes: int
+    uses: int  # boxes not yet copied out
+    pooled: bool
+    state: str = "new"  # new -> reading -> read
+    tensor: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class _BandReader:
+    """Reads ``bands`` (in the order the writer asks for them) on one thread, ahead of the
+    writer, so that reading overlaps the writer's copies and writes, while the bands held (read
+    or being read, with boxes not yet copied out) stay within ``budget`` bytes. Pooled bands
+    go into a few reused buffers of ``buffer_bytes`` (no page faults, no allocator growth). A
+    band the writer asks for before the thread has read it is read by the writer's thread,
+    whatever the budget (a band larger than the budget is read only then)."""
+
+    def __init__(self, bands: list[_Band], read, budget: int, buffer_bytes: int):
+        self.bands, self.read, self.budget, self.buffer_bytes = bands, read, budget, buffer_bytes
+        self.held = 0  # bytes
+        self.free: list = []  # storages of buffer_bytes
+        self.closed = False
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def take(self, band: _Band) -> torch.Tensor:
+        """The band's tensor, to copy a box out of; ``release`` the band after the copy."""
+        with self.cond:
+            if self.thread is None and not self.closed:
+                self.thread = threading.Thread(target=self._read_ahead, name="dcp-hf-band", daemon=True)
+                self.thread.start()
+            mine = band.state == "new"
+            if mine:
+                band.state, self.held = "reading", self.held + band.nbytes
+        if mine:
+            self._load(band)
+        with self.cond:
+            self.cond.wait_for(lambda: band.state == "read")
+            if band.error is not None:
+                raise band.error
+            return band.tensor
+
+    def release(self, band: _Band) -> None:
+        with self.cond:
+            band.uses -= 1
+            if band.uses == 0:
+                if band.pooled:
+                    self.free.append(band.tensor.untyped_storage())
+                band.tensor, self.held = None, self.held - band.nbytes
+                self.cond.notify_all()
+
+    def _read_ahead(self) -> None:
+        for band in self.bands:
+            with self.cond:
+                self.cond.wait_for(lambda: self.closed or band.state != "new"
+                                   or self.held + band.nbytes <= self.budget)
+                if self.closed:
+                    return
+                if band.state != "new":
+                    continue
+                band.state, self.held = "reading", self.held + band.nbytes
+            self._load(band)
+
+    def _load(self, band: _Band) -> None:
+        tensor, error = None, None
+        try:
+            buffer = None
+            if band.pooled:
+                with self.cond:
+                    buffer = self.free.pop() if self.free else None
+                if buffer is None:
+                    buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8).untyped_storage()
+            tensor = self.read(band, buffer)
+        except BaseException as e:  # raised in the writer threads that take the band
+            error = e
+        with self.cond:
+            band.tensor, band.error, band.state = tensor, error, "read"
+            if error is not None:
+                self.held -= band.nbytes
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def _dense(view: torch.Tensor, fresh: bool) -> torch.Tensor:
+    """``view`` in contiguous memory (new memory if ``fresh``), for the writer to write as it
+    is. A transposed 2-D box (an expert's gate, up or down matrix in a band) is copied row by
+    row first, so that the transpose takes torch's blocked path for a transposed contiguous
+    matrix: several times faster than the element-by-element copy of a strided one."""
+    if view.is_contiguous():
+        return view.clone() if fresh else view
+    if view.dim() == 2 and view.stride(0) == 1:
+        return view.T.contiguous().T.contiguous()
+    return view.contiguous()
+
+
+class StreamingSavePlanner(HFSavePlanner):
+    """Save meta tensors whose data is read from ``source`` (through ``source_layout``) when
+    the writer needs it.
+
+    The write items are put in source order and their boxes grouped into bands: runs of whole
+    rows of a source chunk, of about ``band_bytes``, that the boxes inside them cover. A band
+    is read in one request (long reads, instead of a short strided run per row of each box),
+    ahead of the writer within ``bands_ahead * band_bytes`` bytes, and each box is copied out
+    of it in the writer's order (a transpose, when splitting experts). So a process holds
+    about that many bytes of source data, plus the boxes being written. A band must hold at
+    least one expert's rows to be read ahead; larger ones are read when first needed. Call
+    ``close`` after the save."""
+
+    def __init__(self, layout: Layout, source: StorageReader, source_layout: Layout, *,
+                 band_bytes: int = 16 << 20, bands_ahead: int = 2):
         super().__init__(layout)
         self.source = source
         self.source_layout = source_layout
+        self.band_bytes = band_bytes
+        self.bands_ahead = bands_ahead
         self.source_metadata = source.read_metadata()
         source.set_up_storage_reader(self.source_metadata, True)
+        self._band_of: dict[MetadataIndex, _Band] = {}  # write item -> the band its box lies in
+        self._reader: _BandReader | None = None
 
-    def fetch(self, source: MetadataIndex, lo: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
-        value = self.state_dict[source.fqn]  # a meta tensor: shape and dtype only
+    def _chunk_shape(self, fqn: str) -> tuple[int, ...]:
+        value = self.state_dict[fqn]
+        return tuple(value.local.shape if isinstance(value, TensorBox) else value.shape)
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        plan = super().finish_plan(new_plan)
+
+        def position(item):
+            source, _, lo, _ = self._sources.get(item.index, (MetadataIndex(""), None, (), None))
+            return source.fqn, tuple(source.offset or ()), tuple(lo)
+
+        items = sorted(plan.items, key=position)
+        bands = self._plan_bands(items)
+        self.close()
+        self._reader = _BandReader(list(dict.fromkeys(bands.values())), self._read_band,
+                                   self.bands_ahead * self.band_bytes, self.band_bytes)
+        self._band_of = bands
+        return dataclasses.replace(plan, items=items)
+
+    def _plan_bands(self, items) -> dict[MetadataIndex, _Band]:
+        """Consecutive boxes (in source order) grouped into bands of about ``band_bytes`` (a
+        box that shares rows with a band joins it whatever its size); the boxes of a group
+        that does not cover its rows (a band would read bytes nobody asked for) are read alone."""
+        bands, group = {}, []  # group: (item index, source, lo, size) of the open band's boxes
+
+        def end(boxes) -> int:
+            return max(lo[0] + size[0] for _, _, lo, size in boxes)
+
+        def close():
+            if group:
+                source, lo, hi = group[0][1], group[0][2][0], end(group)
+                shape = self._chunk_shape(source.fqn)
+                row = math.prod(shape[1:])
+                if sum(math.prod(size) for *_, size in group) >= (hi - lo) * row:
+                    nbytes = (hi - lo) * row * self.state_dict[source.fqn].dtype.itemsize
+                    band = _Band(source, lo, hi, nbytes, len(group), nbytes <= self.band_bytes)
+                    bands.update((index, band) for index, *_ in group)
+                group.clear()
+
+        for item in items:
+            if item.index not in self._sources:
+                continue
+            source, _, lo, size = self._sources[item.index]
+            if not size or 0 in size:
+                continue  # a scalar or an empty box: nothing to share
+            box = (item.index, source, tuple(lo), tuple(size))
+            if group:
+                first, hi = group[0], end(group + [box])
+                row_bytes = math.prod(self._chunk_shape(source.fqn)[1:]) * self.state_dict[source.fqn].dtype.itemsize
+                if source != first[1] or (hi > end(group) and (hi - first[2][0]) * row_bytes > self.band_bytes):
+                    close()
+            group.append(box)
+        close()
+        return bands
+
+    def resolve_data(self, write_item):
+        band = self._band_of.get(write_item.index)
+        if band is None:
+            return _dense(super().resolve_data(write_item), fresh=False)
+        source, mem_dims, lo, size = self._sources[write_item.index]
+        tensor = self._reader.take(band)
+        try:
+            box = mem_view(tensor, (lo[0] - band.lo,) + tuple(lo[1:]), size, mem_dims)
+            return _dense(box, fresh=band.pooled)  # a pooled band's buffer is read into again
+        finally:
+            self._reader.release(band)
+
+    def _read_band(self, band: _Band, buffer) -> torch.Tensor:
+        shape = self._chunk_shape(band.source.fqn)
+        size = (band.hi - band.lo,) + shape[1:]
+        dtype = self.state_dict[band.source.fqn].dtype
+        out = None if buffer is None else torch.empty(0, dtype=dtype).set_(buffer, 0, size)
+        return self.fetch(band.source, (band.lo,) + (0,) * (len(shape) - 1), size, out)
+
+    def fetch(self, source: MetadataIndex, lo: tuple[int, ...], size: tuple[int, ...],
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """The box (lo, size) of the local chunk ``source``, read from the source checkpoint
+        (into ``out`` if given)."""
+        value = self.state_dict[source.fqn]  # a meta tensor or a TensorBox of one
         chunk_lo = tuple(source.offset) if source.offset is not None else (0,) * len(lo)
-        out = torch.empty(size, dtype=value.dtype)
+        out = torch.empty(size, dtype=value.dtype) if out is None else out
         box = TensorBox(out, [c + o for c, o in zip(chunk_lo, lo)], tuple(value.size()))
         planner = HFLoadPlanner(self.source_layout)
         planner.set_up_planner({source.fqn: box}, self.source_metadata, True)
         plan = planner.finish_plan(planner.create_local_plan())
         self.source.read_data(plan, planner).wait()
         return out
+
+    def close(self) -> None:
+        """Stop reading ahead (after the save, or when it failed)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 def hf_specs(reader: HFStorageReader) -> dict[str, TensorSpec]:
@@ -94,62 +308,144 @@ def _my_share(specs: dict[str, TensorSpec]) -> dict:
 
 
 def stream(specs: dict[str, TensorSpec], source: StorageReader, source_layout: Layout,
-           writer, dest_layout: Layout) -> None:
+           writer, dest_layout: Layout, band_bytes: int = 16 << 20) -> None:
     """Write ``specs`` (in-memory tensors) with ``writer`` through ``dest_layout``, reading each
-    box from ``source`` through ``source_layout``."""
-    planner = StreamingSavePlanner(dest_layout, source, source_layout)
-    dcp.save(_my_share(specs), storage_writer=writer, planner=planner,
-             no_dist=not dist.is_initialized())
+    box from ``source`` through ``source_layout`` (see ``StreamingSavePlanner``)."""
+    planner = StreamingSavePlanner(dest_layout, source, source_layout, band_bytes=band_bytes)
+    try:
+        dcp.save(_my_share(specs), storage_writer=writer, planner=planner,
+                 no_dist=not dist.is_initialized())
+    finally:
+        planner.close()
 
 
 def with_prefixes(layout: Layout, prefixes) -> Layout:
-    """``layout`` plus prefix renames given as (memory prefix, HF prefix) pairs."""
+    """``layout`` plus prefix renames given as (memory prefix, HF prefix) pairs, outermost on
+    the memory side: ``model.`` before Qwen3-Omni's merged names, as in MindSpeed-MM's DCP."""
     extra = tuple(Prefix(memory, hf) for memory, hf in prefixes)
-    return dataclasses.replace(layout, renames=layout.renames + extra)
+    return dataclasses.replace(layout, renames=extra + layout.renames)
 
 
-def copy_side_files(src: str, dst: str) -> list[str]:
-    """Copy what is not weights (config, tokenizer, ...) from an HF folder."""
+def _is_side_file(name: str) -> bool:
+    return not (name.endswith(".safetensors") or name.startswith(".") or name == INDEX_NAME)
+
+
+def copy_side_files(src: str, dst: str, recursive: bool = False) -> list[str]:
+    """Copy what is not weights (config, tokenizer, processor, ...) from an HF folder: every
+    file but ``*.safetensors``, the index and hidden names (``.git``, ``.cache``); with
+    ``recursive``, also those in subfolders (as MindSpeed-MM's converters do)."""
     copied = []
     os.makedirs(dst, exist_ok=True)
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if (name.endswith(".safetensors") or name == INDEX_NAME or name.startswith(".")
-                or not os.path.isfile(path)):
-            continue
-        shutil.copy2(path, os.path.join(dst, name))
-        copied.append(name)
+    inside = os.path.realpath(dst)  # DST may lie in SRC: not copied into itself
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if recursive and not d.startswith(".")
+                         and os.path.realpath(os.path.join(root, d)) != inside)
+        rel = os.path.relpath(root, src)
+        for name in sorted(files):
+            if not _is_side_file(name):
+                continue
+            target = os.path.normpath(os.path.join(dst, rel, name))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(os.path.join(root, name), target)
+            copied.append(os.path.normpath(os.path.join(rel, name)))
     return copied
+
+
+def read_side_files(src: str) -> dict[str, bytes]:
+    """The top-level side files of an HF folder, local or at a URL (see ``copy_side_files``)."""
+    store = open_store(src)
+    return {name: store.read(name) for name in store.list() if _is_side_file(name) and store.exists(name)}
 
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def experts(direction: str, src: str, dst: str, style: str | None = None, *, max_shard_size="5GB",
-            overwrite=False, progress=False) -> dict:
-    """``merge``: per-expert HF -> merged HF; ``split``: merged HF -> per-expert HF. The layout
-    comes from SRC's config.json; ``style`` (transformers, mindspeed, flat) overrides its merged
-    form, which ``split`` otherwise reads off the merged tensors' shapes. Both sides are HF
-    checkpoints, so the layout's renames do not apply."""
+def experts_layout(src: str, source: dict[str, TensorSpec], direction: str, style: str | None) -> Layout:
+    """The layout between SRC's per-expert tensors (its HF side) and their merged form (its
+    memory side), from SRC's config.json. A MindSpeed-MM model's merged checkpoint is its
+    in-memory form, renames included (Qwen3-Omni's without ``thinker.``); for the others both
+    sides keep the HF names. Under auto, ``split`` reads the form off the merged tensors'
+    shapes, which for a MindSpeed-MM model must be the model's own."""
+    config = read_config(src)
+    model = mindspeed_model(config) if config else None
+    inferred = infer_style(source) if direction == "split" else None
+    if model is not None and style is None and inferred not in (None, model.style):
+        raise CheckpointFormatError(
+            f"{src}: the merged experts are in the {inferred!r} form, not MindSpeed-MM's "
+            f"{model.style!r} form for a {model.config_class}; pass --layout {inferred} to split them")
+    layout = detect_layout(src, style or (None if model else inferred))
+    if not layout.rules:
+        what = f"model type {config.get('model_type')!r}" if config else "no config.json"
+        raise CheckpointFormatError(
+            f"{src}: {what}: no known merged-experts form (known: {', '.join(MINDSPEED_MODELS)} as "
+            f"MindSpeed-MM merges them, and transformers' MoE families {', '.join(TRANSFORMERS_MOE)}); "
+            f"name the form with --layout transformers|mindspeed|flat")
+    return layout if model else layout.without_renames()
+
+
+@dataclass
+class _Stream:
+    """What ``stream`` gets: the tensors to write (in-memory keys), read through
+    ``source_layout`` from ``reader``, written through ``dest_layout``."""
+
+    reader: HFStorageReader
+    specs: dict[str, TensorSpec]
+    source_layout: Layout
+    dest_layout: Layout
+    layout: Layout  # the merged-experts layout in use
+    tensors_in: int
+
+
+def _experts_plan(direction: str, src: str, style: str | None) -> _Stream:
+    """What ``experts`` writes, after every check that can refuse it."""
     reader = HFStorageReader(src)
     source = hf_specs(reader)
-    if style is None and direction == "split":
-        style = infer_style(source)
-    rules = detect_layout(src, style).without_renames()
-    if not rules.rules:
-        raise ValueError(f"{src}: no merged-experts layout (no config.json of a known MoE family); "
-                         f"name the style: transformers, mindspeed or flat")
-    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    layout = experts_layout(src, source, direction, style)
+    rule = layout.rules[0]
     if direction == "merge":
-        specs, _ = rules.memory_specs(source)
-        stream(specs, reader, rules, writer, IDENTITY)
-    elif direction == "split":
-        stream(source, reader, IDENTITY, writer, rules)
-    else:
+        specs, outside = layout.memory_specs(source)
+        if outside:
+            raise CheckpointFormatError(
+                f"{src}: {layout.name}'s merged form has no name for {sorted(outside)[:5]} "
+                f"(only {', '.join(repr(p) for r in layout.renames for p in (r.hf, *r.keep))} keys)")
+        if len(specs) == len(source):
+            raise CheckpointFormatError(f"{src}: no per-expert tensors to merge ({layout.name}, {rule.style})")
+        return _Stream(reader, specs, layout, IDENTITY, layout, len(source))
+    if not rule.check_merged({layout.to_hf_key(k): s.shape for k, s in source.items()}):
+        raise CheckpointFormatError(f"{src}: no merged expert tensors to split ({layout.name}, {rule.style})")
+    written: dict[str, str] = {}
+    for key, spec in source.items():  # no two tensors may land on one key
+        for piece in layout.pieces(key, spec.shape):
+            if written.setdefault(piece.hf_key, key) != key:
+                raise CheckpointFormatError(
+                    f"{src}: {key!r} and {written[piece.hf_key]!r} both split into {piece.hf_key!r}")
+    return _Stream(reader, source, IDENTITY, layout, layout, len(source))
+
+
+def experts(direction: str, src: str, dst: str, style: str | None = None, *, max_shard_size="5GB",
+            overwrite=False, progress=False, band_bytes: int = 16 << 20) -> dict:
+    """``merge``: per-expert HF -> merged HF; ``split``: merged HF -> per-expert HF, as
+    MindSpeed-MM's ``moe_expert --style merge|split`` does for its models (see
+    ``experts_layout``). ``style`` (transformers, mindspeed, flat) overrides the merged form.
+    Whatever the layout cannot map back and forth exactly is refused, on every rank, before
+    anything is written; non-weight files are copied, subfolders included. ``band_bytes``: the
+    unit of reading the source (see ``StreamingSavePlanner``); a process holds about twice it."""
+    if direction not in ("merge", "split"):
         raise ValueError(f"direction must be merge or split, not {direction!r}")
-    copied = copy_side_files(src, dst) if is_main() else []
-    return {"layout": f"{rules.name}, {rules.rules[0].style}", "tensors_in": len(source), "copied": copied}
+    plan = on_every_rank(lambda: _experts_plan(direction, src, style))
+    # Side files: between local folders copied after the weights, subfolders too; where either
+    # side is a URL, SRC's top-level ones are written by the writer before its index.
+    remote = is_url(src) or is_url(dst)
+    side = on_every_rank(lambda: read_side_files(src) if remote and is_main() else {})
+    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                             side_files=side)
+    stream(plan.specs, plan.reader, plan.source_layout, writer, plan.dest_layout, band_bytes)
+    # on every rank: no rank returns (say, to read DST's config) before the copy is done
+    copied = sorted(side) if remote else on_every_rank(
+        lambda: copy_side_files(src, dst, recursive=True) if is_main() else [])
+    return {"layout": f"{plan.layout.name}, {plan.layout.rules[0].style}", "tensors_in": plan.tensors_in,
+            "copied": copied}
 
 
 def hf_to_dcp(src: str, dst: str, layout: Layout | None = None, *, style: str | None = None,

@@ -89,21 +89,27 @@ class Rename:
     memory: str
     hf: str
     prefix: bool = False
+    keep: tuple[str, ...] = ()  # with ``prefix``: keys starting with one of these stay as they are
 
     def to_hf(self, key: str) -> str:
         if self.prefix:
+            if self.keep and key.startswith(self.keep):
+                return key
             return self.hf + key[len(self.memory):] if key.startswith(self.memory) else key
         return key.replace(self.memory, self.hf) if self.memory else key
 
     def to_memory(self, key: str) -> str | None:
         if self.prefix:
-            return self.memory + key[len(self.hf):] if key.startswith(self.hf) else None
+            if key.startswith(self.hf):
+                return self.memory + key[len(self.hf):]
+            return key if self.keep and key.startswith(self.keep) else None
         return key.replace(self.hf, self.memory) if self.hf else key
 
 
-def Prefix(memory: str, hf: str) -> Rename:  # noqa: N802 - reads as a rule name
-    """In-memory keys start with ``memory``, HF keys with ``hf`` (e.g. a wrapper's ``model.``)."""
-    return Rename(memory, hf, prefix=True)
+def Prefix(memory: str, hf: str, keep: tuple[str, ...] = ()) -> Rename:  # noqa: N802 - reads as a rule name
+    """In-memory keys start with ``memory``, HF keys with ``hf`` (e.g. a wrapper's ``model.``);
+    keys starting with one of ``keep`` have the same name on both sides."""
+    return Rename(memory, hf, prefix=True, keep=tuple(keep))
 
 
 @dataclass(frozen=True)
@@ -154,13 +160,20 @@ class Layout:
             raise StateDictMismatchError(
                 f"no rule of layout {self.name!r} covers {sorted(remaining)[:5]}")
         made.update(remaining)
-        out, outside = {}, []
+        out, outside, source = {}, [], {}
         for key, spec in made.items():
             mem_key = self.to_memory_key(key)
             if mem_key is None:
                 outside.append(key)
-            else:
-                out[mem_key] = TensorSpec(mem_key, spec.dtype, spec.shape)
+                continue
+            # Two HF keys with one in-memory name, or a name that saves under another key,
+            # would lose or misplace a tensor.
+            if mem_key in out or self.to_hf_key(mem_key) != key:
+                other = source.get(mem_key, self.to_hf_key(mem_key))
+                raise StateDictMismatchError(
+                    f"layout {self.name!r} cannot name HF tensor {key!r} in memory: its in-memory "
+                    f"name {mem_key!r} is that of {other!r}")
+            out[mem_key], source[mem_key] = TensorSpec(mem_key, spec.dtype, spec.shape), key
         return out, outside
 
     def without_renames(self) -> "Layout":

@@ -7,8 +7,13 @@ Styles (E experts, F expert FFN size, H hidden size; HF gate/up are [F, H], down
   gate_up[e] = cat(gate_e, up_e); ``down_proj`` [E, H, F] with down[e] = down_e.
 - ``mindspeed`` (MindSpeed-MM): ``gate_up_proj`` [E, H, 2F] = cat(gate_e, up_e).T;
   ``down_proj`` [E, F, H] = down_e.T.
-- ``flat`` (MindSpeed-MM for InternVL3.5 / GLM-4.5V / Qwen3-Omni): the ``mindspeed`` form
-  viewed 2-D: [E*H, 2F] and [E*F, H].
+- ``flat`` (MindSpeed-MM for InternVL3.5 and GLM-4.5V): the ``mindspeed`` form viewed 2-D:
+  [E*H, 2F] and [E*F, H].
+
+A rule merges every ``...experts.{e}.*`` group it finds, or, given ``mlp_key`` (the HF name of
+layer ``{layer}``'s MLP) and a layer range, exactly the MLPs of those layers, all of which must
+be there (as MindSpeed-MM's ``moe_expert``: dense layers below it and layers past it, such as
+a talker's or an MTP layer's experts, are left as they are).
 """
 
 from __future__ import annotations
@@ -33,12 +38,36 @@ class MergedExperts:
     hf_gate: str = "gate_proj.weight"
     hf_up: str = "up_proj.weight"
     hf_down: str = "down_proj.weight"
+    mlp_key: str | None = None  # e.g. "model.layers.{layer}.mlp"; None: any MLP
+    first_layer: int = 0
+    num_layers: int | None = None  # with mlp_key: layers first_layer..num_layers-1 are merged
 
     def __post_init__(self):
         if self.style not in STYLES:
             raise ValueError(f"unknown merged-experts style {self.style!r}; one of {STYLES}")
         if self.style == "flat" and not self.num_experts:
             raise ValueError("the flat merged-experts style needs num_experts")
+        if self.mlp_key is not None and (self.num_layers is None or "{layer}" not in self.mlp_key):
+            raise ValueError("mlp_key needs a '{layer}' field and num_layers")
+
+    def _owns(self, prefix: str) -> bool:
+        """Whether this rule merges the experts of the MLP named ``prefix``."""
+        if self.mlp_key is None:
+            return True
+        pattern = re.escape(self.mlp_key).replace(re.escape("{layer}"), r"(?P<layer>\d+)")
+        m = re.fullmatch(pattern, prefix)
+        return m is not None and self.first_layer <= int(m.group("layer")) < self.num_layers
+
+    def merged_keys(self, prefix: str) -> tuple[str, str]:
+        """The merged (gate_up, down) keys of the MLP named ``prefix``."""
+        base = f"{prefix}.{self.container}."
+        return base + self.gate_up, base + self.down
+
+    def layer_mlps(self) -> list[str]:
+        """With ``mlp_key``: the MLPs this rule merges, all of which must be in a checkpoint."""
+        if self.mlp_key is None:
+            return []
+        return [self.mlp_key.format(layer=n) for n in range(self.first_layer, self.num_layers)]
 
     def _hf_key(self, prefix: str, e: int, name: str) -> str:
         return f"{prefix}.{self.container}.{e}.{name}"
@@ -46,7 +75,7 @@ class MergedExperts:
     def pieces(self, key: str, shape: tuple[int, ...]) -> list[Piece] | None:
         m = re.fullmatch(rf"(?P<p>.+)\.{re.escape(self.container)}\.(?P<w>"
                          rf"{re.escape(self.gate_up)}|{re.escape(self.down)})", key)
-        if m is None:
+        if m is None or not self._owns(m.group("p")):
             return None
         prefix = m.group("p")
         n_experts, rows, cols = self._dims(key, shape)
@@ -99,8 +128,14 @@ class MergedExperts:
         groups: dict[str, dict[tuple[int, str], TensorSpec]] = {}
         for key, spec in specs.items():
             m = pattern.fullmatch(key)
-            if m:
+            if m and self._owns(m.group("p")):
                 groups.setdefault(m.group("p"), {})[int(m.group("e")), names[m.group("w")]] = spec
+        for prefix in self.layer_mlps():
+            if prefix not in groups:
+                raise CheckpointFormatError(
+                    f"expert tensor {self._hf_key(prefix, 0, self.hf_gate)!r} is missing from the "
+                    f"checkpoint; layers {self.first_layer}..{self.num_layers - 1} of "
+                    f"{self.mlp_key!r} are MoE layers whose experts are merged")
         out = {}
         for prefix, found in groups.items():
             E = max(e for e, _ in found) + 1  # noqa: N806
@@ -125,13 +160,31 @@ class MergedExperts:
                         f"like the other experts")
             shapes = {"transformers": ((E, 2 * F, H), (E, H, F)), "mindspeed": ((E, H, 2 * F), (E, F, H)),
                       "flat": ((E * H, 2 * F), (E * F, H))}[self.style]
-            base = f"{prefix}.{self.container}."
-            out[base + self.gate_up] = TensorSpec(base + self.gate_up, gate.dtype, shapes[0])
-            out[base + self.down] = TensorSpec(base + self.down, gate.dtype, shapes[1])
+            for merged, shape in zip(self.merged_keys(prefix), shapes):
+                out[merged] = TensorSpec(merged, gate.dtype, shape)
             for e in range(E):
                 for name in names:
                     del specs[self._hf_key(prefix, e, name)]
         return out
+
+    def check_merged(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        """Before splitting the merged tensors among HF-named ``shapes``: every MLP of the
+        layer range has its pair, every pair has one E, F and H. The number of pairs."""
+        pattern = re.compile(rf"(?P<p>.+)\.{re.escape(self.container)}\.(?:{re.escape(self.gate_up)}|"
+                             rf"{re.escape(self.down)})")
+        found = {m.group("p") for k in shapes if (m := pattern.fullmatch(k)) and self._owns(m.group("p"))}
+        for prefix in sorted(found | set(self.layer_mlps())):
+            gate_up, down = self.merged_keys(prefix)
+            for key in (gate_up, down):
+                if key not in shapes:
+                    raise CheckpointFormatError(f"merged expert tensor {key!r} is missing from the checkpoint")
+            E, rows, cols = self._dims(gate_up, shapes[gate_up])  # noqa: N806 - (E, 2F, H)
+            E_down, H, F = self._dims(down, shapes[down])  # noqa: N806
+            if (E_down, H, 2 * F) != (E, cols, rows):
+                raise CheckpointFormatError(
+                    f"{gate_up!r} {list(shapes[gate_up])} and {down!r} {list(shapes[down])} do not "
+                    f"agree on the number of experts, hidden and FFN sizes in the {self.style!r} form")
+        return len(found)
 
 
 def infer_style(specs, gate_up: str = "gate_up_proj", down: str = "down_proj") -> str | None:
