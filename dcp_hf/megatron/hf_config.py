@@ -148,6 +148,7 @@ def hf_config(model, family: str | None = None, vocab_size: int | None = None,
     ``rotary_base``, ``rotary_percent``, rope scaling and ``share_embeddings_and_output_weights``)
     for ``family`` (default: inferred, see ``resolve_family``). Raises UnexpressibleError naming
     every setting the family cannot express."""
+    _transformers()  # before anything else: a missing extra is named, not an AttributeError
     fam = family_named(family) if family else resolve_family(model)
     kw = _settings(model, fam)
     kw.update(vocab_size=vocab_size or model.vocab_size,
@@ -157,10 +158,13 @@ def hf_config(model, family: str | None = None, vocab_size: int | None = None,
     return out
 
 
-def _config_class(fam: Family):
+def _transformers():
     from dcp_hf.extras import require
-    transformers = require("transformers", "hf", "generating config.json from a Megatron model")
-    return getattr(transformers, fam.config_class)
+    return require("transformers", "hf", "generating config.json from a Megatron model")
+
+
+def _config_class(fam: Family):
+    return getattr(_transformers(), fam.config_class)
 
 
 def _settings(model, fam: Family) -> dict:
