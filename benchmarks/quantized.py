@@ -91,7 +91,8 @@ def _op(name: str, state, path: str, shapes):
         return run
     if name == "safetensors_then_dequantize":
         from safetensors import safe_open
-        index = json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"]
+        with open(os.path.join(path, "model.safetensors.index.json")) as f:
+            index = json.load(f)["weight_map"]
 
         def run():
             for key, dest in state.items():

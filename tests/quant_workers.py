@@ -123,18 +123,21 @@ def save_state(seed: int = 3) -> dict[str, torch.Tensor]:
             "model.norm.weight": torch.randn(200, generator=g).to(torch.bfloat16)}
 
 
-def save_quantized(rank: int, world: int, path: str, kind: str) -> None:
-    """Save ``save_state`` sharded by ``kind`` through an FP8 block-quantizing layout."""
+def save_quantized(rank: int, world: int, root: str, kinds: list[str]) -> None:
+    """Save ``save_state`` sharded by each of ``kinds`` (into ``root/kind``) through an FP8
+    block-quantizing layout."""
     from dcp_hf import HFSavePlanner, HFStorageWriter, Layout
     from dcp_hf.layouts.quantized import BlockFP8, save_config
-    sd = {}
-    for key, v in save_state().items():
-        mesh, pl = placements(kind, v.dim(), world)
-        sd[key] = distribute_tensor(v, mesh, pl, src_data_rank=None)
     layout = Layout(quantization=BlockFP8())
-    dcp.save(sd, storage_writer=HFStorageWriter(path), planner=HFSavePlanner(layout))
-    if rank == 0:
-        save_config(path, layout.quantization, {"model_type": "llama"})
+    for kind in kinds:
+        sd = {}
+        for key, v in save_state().items():
+            mesh, pl = placements(kind, v.dim(), world)
+            sd[key] = distribute_tensor(v, mesh, pl, src_data_rank=None)
+        path = os.path.join(root, kind)
+        dcp.save(sd, storage_writer=HFStorageWriter(path), planner=HFSavePlanner(layout))
+        if rank == 0:
+            save_config(path, layout.quantization, {"model_type": "llama"})
 
 
 def megatron_load(rank: int, world: int, fp8_dir: str, reference_dir: str) -> list[str]:

@@ -298,18 +298,26 @@ def test_dsv3_fp8_release_into_fsdp2_shards(dsv3, world, kinds):
 
 # -- Save quantized ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("world,kind", [(2, "shard0"), (4, "shard1")])
-def test_save_fp8_equals_blockwise_reference_and_round_trips(tmp_path, world, kind):
-    """Blocks split over ranks (Shard(1) on 4 ranks: 50 of 128 columns each) get one scale
-    from all holders; files equal the block-by-block quantization, and a load gives its
-    dequantization."""
+@pytest.fixture(scope="module")
+def saved_fp8(tmp_path_factory):
+    """save_state saved quantized on 2 ranks, Shard(0) and Shard(1): rows 0-149 / 150-299 and
+    columns 0-99 / 100-199 split blocks between the ranks."""
+    from tests.quant_workers import save_quantized
+    root = tmp_path_factory.mktemp("saved")
+    run_ranks(save_quantized, 2, str(root), ["shard0", "shard1"], timeout=240)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["shard0", "shard1"])
+def test_save_fp8_equals_blockwise_reference_and_round_trips(saved_fp8, kind):
+    """A block split over ranks gets one scale from all holders; the files equal the
+    block-by-block quantization, and a load gives its dequantization."""
     from safetensors.torch import load_file
 
-    from tests.quant_workers import save_quantized, save_state
-    path = str(tmp_path / "q")
-    run_ranks(save_quantized, world, path, kind, timeout=240)
+    from tests.quant_workers import save_state
+    path = saved_fp8 / kind
     stored = {}
-    for f in sorted(tmp_path.glob("q/*.safetensors")):
+    for f in sorted(path.glob("*.safetensors")):
         stored.update(load_file(str(f)))
     state = save_state()
     quantized = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"]
@@ -319,9 +327,9 @@ def test_save_fp8_equals_blockwise_reference_and_round_trips(tmp_path, world, ki
         assert torch.equal(_bits(stored[key]), _bits(w)) and torch.equal(stored[key + "_scale_inv"], s), key
     for key in ("model.layers.0.mlp.gate.weight", "model.norm.weight"):
         assert torch.equal(stored[key], state[key])
-    assert json.load(open(f"{path}/config.json"))["quantization_config"]["weight_block_size"] == [128, 128]
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
     back = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in state.items()}
-    _load(back, path)
+    _load(back, str(path))
     for key in quantized:
         w, s = quantize_fp8(state[key])
         assert torch.equal(_bits(back[key]), _bits(dequantize_fp8(w, s, state[key].dtype))), key
