@@ -157,15 +157,6 @@ def test_torch_hf_writer_usage_is_a_one_line_import_change(tmp_path):
     assert weight_map(tmp_path / "ours") == weight_map(tmp_path / "torch")
 
 
-def test_demo_output_loads_as_is(tmp_path):
-    from dcp_hf.demo import run_demo
-    from dcp_hf.models import LlamaShape
-    run_demo(str(tmp_path), 2, LlamaShape(hidden=64, layers=2, intermediate=96, vocab=256, heads=4,
-                                          kv_heads=2), "100KB")
-    model = load_as_is(tmp_path)
-    assert torch.isfinite(logits(model).float()).all()
-
-
 def test_bad_options_fail_before_saving(tmp_path):
     with pytest.raises(FileNotFoundError, match="copy_from"):
         HFStorageWriter(tmp_path / "out", copy_from=tmp_path / "nope")

@@ -15,7 +15,7 @@ import torch
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 
 from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError
-from dcp_hf.format import INDEX_NAME, SINGLE_FILE_NAME, FileLayout, TensorSpec, decode_index, natural_key
+from dcp_hf.format import SINGLE_FILE_NAME, FileLayout, TensorSpec, decode_index, natural_key
 from dcp_hf.format.index import FILE_PATTERN, lay_out_file, layout_files
 
 CONFIG_NAME = "config.json"
@@ -81,23 +81,20 @@ def side_files_of(folder: str) -> list[str]:
 
 
 def read_file_map(source) -> dict[str, str]:
-    """key -> file name of an existing checkpoint: its index json, or a folder holding one (or
-    a single ``model.safetensors``)."""
+    """key -> file name of an existing checkpoint: an index json, or any HF checkpoint folder
+    (or URL) as HFStorageReader reads it."""
+    from dcp_hf.storage.reader import HFStorageReader
     from dcp_hf.storage.stores import open_store
     path = os.fspath(source)
-    if path.endswith(".json"):
-        folder, name = os.path.dirname(path) or ".", os.path.basename(path)
-    else:
-        folder, name = path, INDEX_NAME
-    store = open_store(folder)
-    if store.exists(name):
-        return decode_index(store.read(name), store.where(name))
-    if name == INDEX_NAME and store.exists(SINGLE_FILE_NAME):
-        from dcp_hf.storage.reader import HFStorageReader
-        reader = HFStorageReader(folder)
-        reader.load_headers([SINGLE_FILE_NAME])
-        return dict.fromkeys(reader.headers[SINGLE_FILE_NAME].tensors, SINGLE_FILE_NAME)
-    raise FileNotFoundError(f"{store.where(name)}: no such index json (file_map_from=)")
+    try:
+        if path.endswith(".json"):
+            store, name = open_store(os.path.dirname(path) or "."), os.path.basename(path)
+            return decode_index(store.read(name), path)
+        reader = HFStorageReader(path)
+        reader.read_metadata()
+        return reader.weight_map
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"file_map_from={path!r}: {e}") from None
 
 
 @dataclasses.dataclass
