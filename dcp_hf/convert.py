@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -96,7 +96,7 @@ class _BandReader:
     def _read_ahead(self) -> None:
         for band in self.bands:
             with self.cond:
-                self.cond.wait_for(lambda: self.closed or band.state != "new"
+                self.cond.wait_for(lambda band=band: self.closed or band.state != "new"
                                    or self.held + band.nbytes <= self.budget)
                 if self.closed:
                     return
@@ -115,7 +115,7 @@ class _BandReader:
                 if buffer is None:
                     buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8).untyped_storage()
             tensor = self.read(band, buffer)
-        except BaseException as e:  # raised in the writer threads that take the band
+        except Exception as e:  # raised in the writer threads that take the band
             error = e
         with self.cond:
             band.tensor, band.error, band.state = tensor, error, "read"
@@ -227,7 +227,7 @@ class StreamingSavePlanner(HFSavePlanner):
         band = self._band_of.get(write_item.index)
         if band is None:
             return _dense(super().resolve_data(write_item), fresh=False)
-        source, mem_dims, lo, size = self._sources[write_item.index]
+        _, mem_dims, lo, size = self._sources[write_item.index]
         tensor = self._reader.take(band)
         try:
             box = mem_view(tensor, (lo[0] - band.lo,) + tuple(lo[1:]), size, mem_dims)
