@@ -2,9 +2,10 @@
 
 Nothing is loaded up front. The state dict handed to ``dcp.save`` holds meta tensors (shapes
 and dtypes only); when the writer asks for a box of one, it is read from the source at that
-moment, through the source layout. So a process holds only the boxes being written (one
-expert's projection when splitting, one merged tensor when merging), and under ``torchrun``
-the tensors are spread over the processes by size.
+moment, through the source layout, in bands of whole source rows read ahead of the writer
+(see ``StreamingSavePlanner``). So a process holds a few bands (about 32 MiB by default) and
+the boxes being written (an expert's matrices when splitting, one merged tensor when merging),
+and under ``torchrun`` the tensors are spread over the processes by size.
 """
 
 from __future__ import annotations
