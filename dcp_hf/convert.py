@@ -2,9 +2,10 @@
 
 Nothing is loaded up front. The state dict handed to ``dcp.save`` holds meta tensors (shapes
 and dtypes only); when the writer asks for a box of one, it is read from the source at that
-moment, through the source layout. So a process holds only the boxes being written (one
-expert's projection when splitting, one merged tensor when merging), and under ``torchrun``
-the tensors are spread over the processes by size.
+moment, through the source layout, in bands of whole source rows read ahead of the writer
+(see ``StreamingSavePlanner``). So a process holds a few bands (about 32 MiB by default) and
+the boxes being written (an expert's matrices when splitting, one merged tensor when merging),
+and under ``torchrun`` the tensors are spread over the processes by size.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import os
 import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -98,7 +99,7 @@ class _BandReader:
     def _read_ahead(self) -> None:
         for band in self.bands:
             with self.cond:
-                self.cond.wait_for(lambda: self.closed or band.state != "new"
+                self.cond.wait_for(lambda band=band: self.closed or band.state != "new"
                                    or self.held + band.nbytes <= self.budget)
                 if self.closed:
                     return
@@ -117,7 +118,7 @@ class _BandReader:
                 if buffer is None:
                     buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8).untyped_storage()
             tensor = self.read(band, buffer)
-        except BaseException as e:  # raised in the writer threads that take the band
+        except Exception as e:  # raised in the writer threads that take the band
             error = e
         with self.cond:
             band.tensor, band.error, band.state = tensor, error, "read"
@@ -229,7 +230,7 @@ class StreamingSavePlanner(HFSavePlanner):
         band = self._band_of.get(write_item.index)
         if band is None:
             return _dense(super().resolve_data(write_item), fresh=False)
-        source, mem_dims, lo, size = self._sources[write_item.index]
+        _, mem_dims, lo, size = self._sources[write_item.index]
         tensor = self._reader.take(band)
         try:
             box = mem_view(tensor, (lo[0] - band.lo,) + tuple(lo[1:]), size, mem_dims)

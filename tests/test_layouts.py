@@ -176,7 +176,7 @@ def test_split_in_bands_of_any_size_gives_the_experts_back(tmp_path, style):
     rows (each read when first needed), a few experts' rows (read ahead into reused buffers)
     or whole tensors. Whatever the band, the merged form is the reference math and
     split(merge(x)) == x bit for bit, x written here."""
-    E, F, H, layers = 6, 5, 12, 2  # noqa: N806 - F odd: the halves of gate_up are not aligned
+    E, F, H, layers = 6, 5, 12, 2  # F odd: the halves of gate_up are not aligned
     g = torch.Generator().manual_seed(7)
     x, weights = {}, {}
     for n in range(layers):
@@ -202,8 +202,8 @@ def test_split_in_bands_of_any_size_gives_the_experts_back(tmp_path, style):
         experts("split", str(tmp_path / "merged"), str(out), style, band_bytes=band_bytes)
         again = load_file(out / "model.safetensors")
         assert again.keys() == x.keys()
-        for k in x:
-            assert torch.equal(again[k].view(torch.uint8), x[k].view(torch.uint8)), (band_bytes, k)
+        for k, want in x.items():
+            assert torch.equal(again[k].view(torch.uint8), want.view(torch.uint8)), (band_bytes, k)
 
 
 def test_band_reader_reads_each_band_once_ahead_within_its_budget_in_any_order():
