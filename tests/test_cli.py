@@ -148,7 +148,7 @@ def test_experts_merge_of_a_dense_model_is_an_error(ckpts, tmp_path):
 def test_experts_split_without_a_layout_names_the_flag(ckpts, tmp_path):
     rc, _, err = cli("experts", "split", ckpts / "hf", tmp_path / "out")
     assert rc == 1
-    assert "--layout transformers, mindspeed or flat" in short_error(err, "experts split")
+    assert "--layout transformers|mindspeed|flat" in short_error(err, "experts split")
 
 
 def test_help_is_plain_and_per_subcommand():

@@ -132,6 +132,7 @@ class HFStorageReader(StorageReader):
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._handles: dict[str, object] = {}  # file -> open handle, from its header read on
+        self._reads = 0  # read_data calls in progress (streaming conversions run several at once)
 
     # -- DCP protocol -------------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -141,9 +142,14 @@ class HFStorageReader(StorageReader):
         self.close()
         self.weight_map, self.headers, self.bytes_read, self.save_id = {}, {}, 0, None
 
-    def close(self) -> None:
-        """Close the files held open since their headers were read (``read_data`` does)."""
+    def close(self, finished_read: bool = False) -> None:
+        """Close the files held open since their headers were read (``read_data`` does, when
+        no other read of this reader still uses them: streaming conversions run several)."""
         with self._lock:
+            if finished_read:
+                self._reads -= 1
+                if self._reads:
+                    return
             handles, self._handles = self._handles, {}
         for handle in handles.values():
             self.store.close(handle)
@@ -201,11 +207,13 @@ class HFStorageReader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         start = time.perf_counter()
+        with self._lock:
+            self._reads += 1
         try:
             self._check_same_save(plan)
             needed = self._read_plan(plan, planner)
         finally:
-            self.close()
+            self.close(finished_read=True)
         log_throughput("loaded", needed, time.perf_counter() - start, self.path)
         fut: Future[None] = Future()
         fut.set_result(None)
