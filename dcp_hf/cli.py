@@ -36,7 +36,6 @@ _FLAG_FOR = (
     ("pass overwrite=True to HFStorageWriter to replace it", "pass --overwrite to replace it"),
     ("pass overwrite=True", "pass --overwrite"),
     ("(pass exclude patterns to leave them out)", "(leave them out with --exclude PATTERN)"),
-    ("name the style: transformers, mindspeed or flat", "pass --layout transformers, mindspeed or flat"),
 )
 
 
@@ -175,10 +174,10 @@ def _cmd_convert(args) -> int:
     prefixes = [tuple(p.split("=", 1)) for p in args.prefix or []]
     if any(len(p) != 2 for p in prefixes):
         raise UsageError("--prefix takes MEM=HF, e.g. --prefix model.=")
-    if args.to == "dcp":
+    if args.to in ("dcp", "dequantized"):
         require(args.src, "SRC", "hf",
-                hint="--to dcp reads an HF checkpoint" + (" (for a DCP source use --to hf)"
-                                                          if checkpoint_kind(args.src) == "dcp" else ""))
+                hint=f"--to {args.to} reads an HF checkpoint" + (" (for a DCP source use --to hf)"
+                                                                 if checkpoint_kind(args.src) == "dcp" else ""))
     else:
         require(args.src, "SRC", "dcp",
                 hint="--to hf reads a native DCP checkpoint" + (" (for an HF source use --to dcp)"
@@ -191,6 +190,13 @@ def _cmd_convert(args) -> int:
     if args.to == "dcp":
         info = hf_to_dcp(args.src, args.dst, style=_style(args), prefixes=prefixes,
                          progress=not args.quiet)
+    elif args.to == "dequantized":
+        import torch
+
+        from dcp_hf.convert import dequantize
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        info = dequantize(args.src, args.dst, dtype, max_shard_size=args.max_shard_size,
+                          overwrite=args.overwrite, progress=not args.quiet)
     else:
         layout = None
         if args.layout != "auto":
@@ -314,8 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = command("convert", "HF checkpoint <-> native DCP checkpoint (FileSystemWriter format), "
                               "through a layout and key prefixes")
-    conv.add_argument("--to", choices=["dcp", "hf"], required=True,
-                      help="dcp: SRC is an HF folder; hf: SRC is a native DCP folder")
+    conv.add_argument("--to", choices=["dcp", "hf", "dequantized"], required=True,
+                      help="dcp: SRC is an HF folder; hf: SRC is a native DCP folder; dequantized: "
+                           "SRC is a quantized HF release (FP8 block-scaled, MXFP4), written "
+                           "dequantized as a plain HF checkpoint in --dtype")
     conv.add_argument("src", metavar="SRC", help="checkpoint folder to read")
     conv.add_argument("dst", metavar="DST", help="output folder")
     conv.add_argument("--layout", choices=LAYOUTS, default="auto",
@@ -328,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="optional, --to hf: HF folder whose config.json (and the layout it "
                            "implies), tokenizer and generation files go with the output; without "
                            "it the output has weights only")
+    conv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                      help="--to dequantized: the dtype of the dequantized weights")
     _common(conv)
     conv.set_defaults(func=_cmd_convert)
 

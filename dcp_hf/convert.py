@@ -492,15 +492,13 @@ def dequantize(src: str, dst: str, dtype: torch.dtype = torch.bfloat16, *, max_s
     reader = HFStorageReader(src)
     source = hf_specs(reader)
     specs, _ = layout.memory_specs(source)
-    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    config = read_config(src)
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    # config.json and the tokenizer files are committed with the weights, in one step
+    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                             config=config, copy_from=src)
     stream(specs, reader, layout, writer, IDENTITY)
-    copied = copy_side_files(src, dst) if is_main() else []
-    if is_main() and "config.json" in copied:
-        with open(os.path.join(dst, "config.json")) as f:
-            config = json.load(f)
-        config.pop("quantization_config", None)
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        with open(os.path.join(dst, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+    copied = sorted(writer.side_files)
     return {"layout": layout.name, "tensors_in": len(source), "tensors_out": len(specs),
             "dequantized": len(source) - len(specs), "copied": copied}

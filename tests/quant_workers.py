@@ -143,10 +143,7 @@ def save_quantized(rank: int, world: int, root: str, kinds: list[str]) -> None:
 def megatron_load(rank: int, world: int, fp8_dir: str, reference_dir: str) -> list[str]:
     """A DeepSeek-V3 Megatron model at TP2/EP2 loads the FP8 release (dequantized) exactly as it
     loads the block-wise dequantized reference checkpoint. Returns the parameters that differ."""
-    import dataclasses
-
     from dcp_hf import megatron as dmeg
-    from dcp_hf.layouts.quantized import BlockFP8
     from dcp_hf.megatron.build import Parallel, build_gpt, init_parallel
 
     with open(os.path.join(reference_dir, "config.json")) as f:
@@ -154,14 +151,7 @@ def megatron_load(rank: int, world: int, fp8_dir: str, reference_dir: str) -> li
     init_parallel(Parallel(tp=2, ep=2))
     want, got = build_gpt(hf, Parallel(tp=2, ep=2)), build_gpt(hf, Parallel(tp=2, ep=2), seed=1)
     dmeg.load_hf(want, reference_dir)
-    # load_hf builds its layout itself; until it passes the checkpoint's quantization on (see
-    # the report: one line in dcp_hf.megatron.load_hf), the test adds it to that layout.
-    layout_of = dmeg.layout_of
-    dmeg.layout_of = lambda *a, **k: dataclasses.replace(layout_of(*a, **k), quantization=BlockFP8())
-    try:
-        dmeg.load_hf(got, fp8_dir)
-    finally:
-        dmeg.layout_of = layout_of
+    dmeg.load_hf(got, fp8_dir)  # the quantization comes from the release's config.json
     a = {f"{i}.{k}": p for i, c in enumerate(want) for k, p in c.named_parameters()}
     b = {f"{i}.{k}": p for i, c in enumerate(got) for k, p in c.named_parameters()}
     return [k for k in a if not torch.equal(a[k].detach().view(torch.uint8), b[k].detach().view(torch.uint8))]

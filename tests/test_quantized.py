@@ -351,9 +351,14 @@ def test_convert_dequantize(tmp_path, fp8_ckpt, mxfp4_ckpt, which):
     transformers' orientation), config.json without quantization_config."""
     from safetensors.torch import load_file
 
+    from dcp_hf.cli import main
     from dcp_hf.convert import dequantize
     src = fp8_ckpt[0] if which == "fp8" else mxfp4_ckpt[0]
-    info = dequantize(src, str(tmp_path / "out"))
+    if which == "fp8":  # through the command line
+        assert main(["convert", "--to", "dequantized", src, str(tmp_path / "out"), "--quiet"]) == 0
+        info = {"dequantized": 1}
+    else:
+        info = dequantize(src, str(tmp_path / "out"))
     out = {}
     for f in sorted((tmp_path / "out").glob("*.safetensors")):
         out.update(load_file(str(f)))
@@ -405,3 +410,17 @@ def test_dsv3_fp8_release_into_megatron_tp2_ep2(tmp_path):
     assert len(fp8["model-00002-of-00002.safetensors"]) == 2 * 5 + 3 + 3 + 3 * 4
     bad = run_ranks(megatron_load, 4, str(tmp_path / "fp8"), str(tmp_path / "ref"), timeout=600, daemon=False)
     assert bad == [[]] * 4
+
+
+def test_export_dtype_keeps_block_scales_in_float32(tmp_path):
+    """An export dtype (fp32 training state -> bf16) casts the weights but not the float32
+    block scales beside them: a bf16 scale would dequantize to other values."""
+    from safetensors import safe_open
+
+    from dcp_hf import HFSavePlanner, HFStorageWriter
+    state = {"layer.weight": torch.randn(4, 4), "layer.weight_scale_inv": torch.rand(1, 1) + 0.5}
+    dcp.save(state, storage_writer=HFStorageWriter(tmp_path, dtype=torch.bfloat16),
+             planner=HFSavePlanner(), no_dist=True)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.get_slice("layer.weight").get_dtype() == "BF16"
+        assert f.get_slice("layer.weight_scale_inv").get_dtype() == "F32"

@@ -15,6 +15,7 @@ Call them on every rank of the job (all ranks of the default group, or ``process
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -26,6 +27,7 @@ from dcp_hf.errors import on_every_rank
 from dcp_hf.extras import require
 from dcp_hf.layouts import Layout
 from dcp_hf.layouts.megatron import MegatronGPT, megatron_layout
+from dcp_hf.layouts.quantized import quantization_for_config
 from dcp_hf.megatron.adapter import ShardedModel, model_chunks
 from dcp_hf.megatron.check import check_against_transformers
 from dcp_hf.megatron.hf_config import FAMILIES, Family, check_given, hf_config, resolve_family
@@ -181,7 +183,9 @@ def load_hf(model, path, *, family: str | None = None, allow_dtype_cast: bool = 
     Padded vocab rows (beyond the checkpoint's vocab) are zeroed. A tied checkpoint (no
     ``lm_head``) fills an untied model's output layer from the embedding; an untied one loads
     into a tied model from ``model.embed_tokens`` (its ``lm_head`` is then not needed).
-    ``allow_dtype_cast``: bf16 files into fp32 parameters and the like (default on).
+    ``allow_dtype_cast``: bf16 files into fp32 parameters and the like (default on). A quantized
+    release (``quantization_config`` in its config.json: FP8 block-scaled, MXFP4) loads
+    dequantized, each rank reading only its blocks and their scales.
     """
     chunks = model_chunks(model)
     reader = HFStorageReader(path, allow_dtype_cast=allow_dtype_cast, storage_options=storage_options)
@@ -212,7 +216,11 @@ def load_hf(model, path, *, family: str | None = None, allow_dtype_cast: bool = 
                 if key in state:
                     box = state[key]
                     box.local[max(0, vocab_size - box.offsets[0]):].zero_()
-        return layout_of(c, fam, vocab_size, output), sharded, state
+        layout = layout_of(c, fam, vocab_size, output)
+        quantization = quantization_for_config(given) if given else None
+        if quantization is not None:  # a quantized release (FP8, MXFP4) loads dequantized
+            layout = dataclasses.replace(layout, quantization=quantization)
+        return layout, sharded, state
 
     layout, sharded, state = on_every_rank(prepare, process_group)
     if getattr(chunks[0], "share_embeddings_and_output_weights", False):

@@ -115,7 +115,8 @@ class HFStorageWriter(StorageWriter):
         path: output folder (created if missing).
         max_shard_size: largest file size, int bytes or e.g. "5GB" (10**9, as huggingface_hub).
         dtype: export dtype: a floating dtype that floating tensors of 16 bits or more are cast
-            to (e.g. torch.bfloat16 for fp32 training state), or ``f(key, dtype) -> dtype``.
+            to (e.g. torch.bfloat16 for fp32 training state; the ``*_scale_inv`` block scales of
+            quantized weights stay as they are), or ``f(key, dtype) -> dtype``.
         overwrite: replace a checkpoint already in ``path``; its files that the new index does
             not name are removed after the new one is committed.
         progress: show a progress bar with bytes and GB/s on the coordinator.
@@ -208,6 +209,8 @@ class HFStorageWriter(StorageWriter):
             return dtype
         if callable(self.dtype) and not isinstance(self.dtype, torch.dtype):
             return self.dtype(key, dtype)
+        if key.endswith("_scale_inv"):  # the block scales of quantized weights stay float32
+            return dtype
         if dtype.is_floating_point and itemsize(dtype) >= 2:
             return self.dtype
         return dtype
