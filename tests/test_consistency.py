@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
 from dcp_hf.boxes import box_runs
-from dcp_hf.errors import CheckpointFormatError, DcpHfError
+from dcp_hf.errors import CheckpointFormatError, DcpHfError, MixedCheckpointError
 from dcp_hf.storage.posix import byte_view, read_runs
 
 SHARDED = 3000
@@ -88,6 +88,18 @@ def test_header_and_data_come_from_one_open_file(tmp_path):
     save(path, B)  # overwritten before the data is read: the open files are still A's
     assert load_from(reader) == "A"
     assert load(path) == "B"
+
+
+def test_a_file_reopened_after_close_must_be_the_one_whose_header_was_read(tmp_path):
+    path = tmp_path / "ckpt"
+    save(path, A, overwrite=False)
+    reader = HFStorageReader(path)
+    reader.read_metadata()
+    reader.load_headers(set(reader.weight_map.values()))
+    reader.close()
+    save(path, B)
+    with pytest.raises(MixedCheckpointError, match=f"{path}/model-"):
+        load_from(reader)
 
 
 def load_from(reader):

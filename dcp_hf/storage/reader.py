@@ -139,7 +139,8 @@ class HFStorageReader(StorageReader):
         self.weight_map, self.headers, self.bytes_read, self.save_id = {}, {}, 0, None
 
     def close(self) -> None:
-        """Close the files held open since their headers were read (``read_data`` does)."""
+        """Close the files held open since their headers were read (a later read reopens
+        them, checking each is unchanged)."""
         with self._lock:
             handles, self._handles = self._handles, {}
         for handle in handles.values():
@@ -197,11 +198,10 @@ class HFStorageReader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         start = time.perf_counter()
-        try:
-            self._check_same_save(plan)
-            needed = self._read_plan(plan, planner)
-        finally:
-            self.close()
+        self._check_same_save(plan)
+        # The files stay open (reads may run concurrently, e.g. convert's streaming fetches):
+        # closed by reset(), close(), or when the reader goes away.
+        needed = self._read_plan(plan, planner)
         log_throughput("loaded", needed, time.perf_counter() - start, self.path)
         fut: Future[None] = Future()
         fut.set_result(None)
