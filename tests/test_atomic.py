@@ -14,11 +14,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter  # noqa: E402
-from dcp_hf.errors import DcpHfError  # noqa: E402
-from dcp_hf.storage import commit  # noqa: E402
+from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
+from dcp_hf.errors import DcpHfError
+from dcp_hf.storage import commit
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)

@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
 from dcp_hf.boxes import box_runs
-from dcp_hf.errors import CheckpointFormatError, DcpHfError
+from dcp_hf.errors import CheckpointFormatError, DcpHfError, MixedCheckpointError
 from dcp_hf.storage.posix import byte_view, read_runs
 
 SHARDED = 3000
@@ -90,6 +90,18 @@ def test_header_and_data_come_from_one_open_file(tmp_path):
     assert load(path) == "B"
 
 
+def test_a_file_reopened_after_close_must_be_the_one_whose_header_was_read(tmp_path):
+    path = tmp_path / "ckpt"
+    save(path, A, overwrite=False)
+    reader = HFStorageReader(path)
+    reader.read_metadata()
+    reader.load_headers(set(reader.weight_map.values()))
+    reader.close()
+    save(path, B)
+    with pytest.raises(MixedCheckpointError, match=f"{path}/model-"):
+        load_from(reader)
+
+
 def load_from(reader):
     """A load with a reader whose headers are already read (DCP would reset it)."""
     state = {k: torch.zeros_like(v) for k, v in A.items()}
@@ -104,7 +116,7 @@ def test_a_file_of_another_save_is_refused_naming_it(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     save(a, A, overwrite=False)
     save(b, B, overwrite=False)
-    victim = sorted(f for f in os.listdir(a) if f.endswith(".safetensors"))[1]
+    victim = sorted(f for f in os.listdir(a) if f.endswith(".safetensors"))[1]  # not the first
     os.replace(b / victim, a / victim)  # as an interrupted in-place commit would leave it
     with pytest.raises(CheckpointException, match=f"{a / victim}: written by save [0-9a-f]{{12}}, but "
                                                   f"model.safetensors.index.json is of save [0-9a-f]{{12}}"):
@@ -138,7 +150,7 @@ def load_in_child(path, tmp_path) -> str:
 def test_a_fifo_or_folder_in_place_of_a_shard_is_refused_naming_it(tmp_path, kind):
     path = tmp_path / "ckpt"
     save(path, A, overwrite=False)
-    victim = path / sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[0]
+    victim = path / min(f for f in os.listdir(path) if f.endswith(".safetensors"))
     victim.unlink()
     os.mkfifo(victim) if kind == "fifo" else victim.mkdir()
     outcome = load_in_child(path, tmp_path)
@@ -157,7 +169,8 @@ def test_symlinked_shards_are_read(tmp_path):
 
 
 def _truncate_under_reads(file, rounds):
-    data = open(file, "rb").read()
+    with open(file, "rb") as f:
+        data = f.read()
     fd = os.open(file, os.O_RDONLY)
     shape, width = (256, 512), 4  # a column shard of a float32 [256, 512]: 256 runs of 512 bytes
     grid = box_runs(shape, (0, 128), (256, 128), width)

@@ -6,9 +6,9 @@ import os
 import subprocess
 
 import pytest
-from torch.distributed.checkpoint.api import CheckpointException
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_hf.format import INDEX_NAME
 from dcp_hf.testing import RankFailure, run_ranks

@@ -105,7 +105,7 @@ def test_an_object_replaced_after_its_header_was_read_is_refused(s3):
     reader = HFStorageReader(f"s3://{bucket}/a", storage_options=options)
     reader.read_metadata()
     reader.load_headers(set(reader.weight_map.values()))
-    victim = sorted(set(reader.weight_map.values()))[0]
+    victim = min(reader.weight_map.values())
     data = bytearray(s3.client.get_object(Bucket=bucket, Key=f"a/{victim}")["Body"].read())
     data[-1] ^= 0xFF  # the same header, one data byte changed: only the ETag pin can tell
     s3.client.put_object(Bucket=bucket, Key=f"a/{victim}", Body=bytes(data))
@@ -167,9 +167,9 @@ def test_a_frozen_server_is_an_error_naming_the_url_not_a_hang():
         for what in ("load", "save"):
             url = f"s3://frozen/{what}"
             if what == "load":
-                box = _in_thread(lambda: load(url, options))
+                box = _in_thread(lambda url=url: load(url, options))
             else:
-                box = _in_thread(lambda: save(url, A, options))
+                box = _in_thread(lambda url=url: save(url, A, options))
             assert "error" in box, box
             error = box["error"]
             if isinstance(error, CheckpointException):

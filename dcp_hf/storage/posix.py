@@ -119,23 +119,23 @@ def read_runs(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) -> 
     if n < SMALL_RUN and grid.num_runs > 1:
         lo, hi = grid_span(grid)
         per_payload = max(n, int(MAP_SPAN * grid.nbytes / (hi - lo)))
-        touched = 0
-        for g, off in grid.split(per_payload):
-            touched += _read_span(fd, base, g, dst[off:off + g.nbytes], file)
-        return touched
+        pieces = grid.split(per_payload)
+        buffer = torch.empty(max(grid_span(g)[1] - grid_span(g)[0] for g, _ in pieces), dtype=torch.uint8)
+        return sum(_read_span(fd, base, g, dst[off:off + g.nbytes], file, buffer) for g, off in pieces)
     for i, start in enumerate(grid.starts()):
         pread_into(fd, dst[i * n:(i + 1) * n], base + start, file)
     return grid.nbytes
 
 
-def _read_span(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) -> int:
+def _read_span(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str, buffer: torch.Tensor) -> int:
     lo, hi = grid_span(grid)
-    if not grid.counts or hi - lo > 4 * grid.nbytes + SMALL_RUN:  # sparse: run by run
+    # Runs of a page or more, or sparse ones: one read each, straight into dst.
+    if not grid.counts or grid.run_len >= _PAGE or hi - lo > 4 * grid.nbytes + SMALL_RUN:
         n = grid.run_len
         for i, start in enumerate(grid.starts()):
             pread_into(fd, dst[i * n:(i + 1) * n], base + start, file)
         return grid.nbytes
-    span = torch.empty(hi - lo, dtype=torch.uint8)
+    span = buffer[:hi - lo]
     pread_into(fd, byte_view(span), base + lo, file)
     src = span.as_strided(grid.counts + (grid.run_len,), grid.strides + (1,), 0)
     torch.frombuffer(dst, dtype=torch.uint8).view(src.shape).copy_(src)

@@ -15,7 +15,6 @@ from dcp_hf.errors import CheckpointFormatError, MixedCheckpointError, StorageEr
 from dcp_hf.extras import require
 from dcp_hf.storage.posix import read_runs
 
-
 # S3 defaults, so a server that accepts connections and never answers is an error naming the
 # URL within about a minute: per request (botocore's attempts x read timeout), and s3fs's own
 # retry loop reduced to one pass. Override through storage_options["config_kwargs"] (botocore
