@@ -200,7 +200,10 @@ def _truncate_under_reads(file, rounds):
     finally:
         stop.set()
         thread.join()
-    os._exit(0 if sum(outcomes.values()) == rounds else 3)
+    # A file rewritten in place under a reader can also read torn (dcp-hf's writers never do
+    # that: they create new files and commit them by rename); what matters here is that the
+    # truncation is seen as an error naming the file, and never as SIGBUS.
+    os._exit(0 if outcomes["error"] > 0 else 3)
 
 
 def test_a_file_truncated_under_the_reader_is_an_error_not_sigbus(tmp_path):
