@@ -76,15 +76,19 @@ def _op(name: str, state, path: str, shapes):
     from dcp_hf import HFLoadPlanner, HFStorageReader, detect_layout
     if name == "ours":
         reader = HFStorageReader(path)
-        run = lambda: dcp.load(state, storage_reader=reader, planner=HFLoadPlanner(detect_layout(path)))
+
+        def run():
+            dcp.load(state, storage_reader=reader, planner=HFLoadPlanner(detect_layout(path)))
         run.bytes_read = lambda: reader.bytes_read
         return run
     if name == "torch_quantized_reader":
         from torch.distributed.checkpoint.quantized_hf_storage import (
             QuantizedHuggingFaceStorageReader,
         )
-        run = lambda: dcp.load(state, storage_reader=QuantizedHuggingFaceStorageReader(
-            path, target_dtype=torch.bfloat16, thread_count=1))
+
+        def run():
+            dcp.load(state, storage_reader=QuantizedHuggingFaceStorageReader(
+                path, target_dtype=torch.bfloat16, thread_count=1))
         # By its code: each request's rows of the weight, and the whole scale tensor.
         run.bytes_read = lambda: sum(t.to_local().numel() + 4 * math.prod((-(-r // BLOCK), -(-c // BLOCK)))
                                      for t, (r, c) in zip(state.values(), shapes.values()))

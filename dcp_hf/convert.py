@@ -11,7 +11,6 @@ and under ``torchrun`` the tensors are spread over the processes by size.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
