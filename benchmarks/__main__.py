@@ -24,12 +24,17 @@ SUITES = ["core", "limits", "layouts", "megatron", "s3", "quantized", "planning"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("suite", nargs="?", default="all", choices=["all"] + SUITES)
-    parser.add_argument("--size-gb", type=float, default=0.5,
-                        help="state size of the core and limits cases (default 0.5 GB); Megatron uses "
-                             "half of it (at most 1.5 GB), S3 half of it from 0.5 GB to 1 GB")
+    parser.add_argument(
+        "--size-gb",
+        type=float,
+        default=0.5,
+        help="state size of the core and limits cases (default 0.5 GB); Megatron uses "
+        "half of it (at most 1.5 GB), S3 half of it from 0.5 GB to 1 GB",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--expert-layers", type=int, default=4, help="layers of the experts case")
     parser.add_argument("--ranks", default="64", help="simulated ranks of the planning case")
@@ -47,16 +52,16 @@ def main() -> None:
         "core": lambda: core.run(os.path.join(root, "core"), args.size_gb, args.repeat, args.cold),
         "limits": lambda: limits.run(os.path.join(root, "limits"), args.size_gb, args.repeat, args.cold),
         "layouts": lambda: layouts.run(os.path.join(root, "layouts"), args.repeat, layers=args.expert_layers),
-        "megatron": lambda: megatron.run(os.path.join(root, "megatron"), args.repeat,
-                                         size_gb=min(args.size_gb / 2, 1.5)),
+        "megatron": lambda: megatron.run(
+            os.path.join(root, "megatron"), args.repeat, size_gb=min(args.size_gb / 2, 1.5)
+        ),
         "s3": lambda: s3.run(os.path.join(root, "s3"), args.repeat, size_gb=min(max(args.size_gb / 2, 0.5), 1.0)),
         "quantized": lambda: quantized.run(os.path.join(root, "quantized"), args.repeat, size_gb=args.size_gb / 2),
     }
     for name in wanted:
         t0 = time.perf_counter()
         if name == "planning":
-            plans, headers = planning.run(os.path.join(root, "planning"),
-                                          tuple(int(r) for r in args.ranks.split(",")))
+            plans, headers = planning.run(os.path.join(root, "planning"), tuple(int(r) for r in args.ranks.split(",")))
         else:
             results += suites[name]()
         print(f"  ({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
@@ -65,11 +70,21 @@ def main() -> None:
     if plans:
         print(planning_table(plans))
         print(planning_read_text(headers))
-    path = write_results({"machine": machine(), "suite": args.suite, "size_gb": args.size_gb,
-                          "cold": args.cold, "results": results, "planning": plans,
-                          "planning_read": headers}, args.out)
+    path = write_results(
+        {
+            "machine": machine(),
+            "suite": args.suite,
+            "size_gb": args.size_gb,
+            "cold": args.cold,
+            "results": results,
+            "planning": plans,
+            "planning_read": headers,
+        },
+        args.out,
+    )
     with open(path) as f:
         import json
+
         write_report(json.load(f), path)
     print(f"results: {path}, report: {path[:-5]}.md")
 

@@ -17,8 +17,13 @@ from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape
 SAVE_BASELINES_1 = ["safetensors_save_file", "torch_hf_writer"]
 SAVE_BASELINES_N = ["torch_hf_writer_consolidated", "dcp_filesystem_writer"]
 LOAD_BASELINES = ["safe_open_copy", "torch_hf_reader"]
-SHARDINGS = [(2, "shard0", "Shard(0)"), (2, "shard1", "Shard(1)"), (4, "shard0", "Shard(0)"),
-             (4, "shard1", "Shard(1)"), (4, "mesh2d", "2x2 mesh (Shard(0), Shard(1))")]
+SHARDINGS = [
+    (2, "shard0", "Shard(0)"),
+    (2, "shard1", "Shard(1)"),
+    (4, "shard0", "Shard(0)"),
+    (4, "shard1", "Shard(1)"),
+    (4, "mesh2d", "2x2 mesh (Shard(0), Shard(1))"),
+]
 
 
 def scaled_shape(size_gb: float) -> LlamaShape:
@@ -33,11 +38,10 @@ def scaled_shape(size_gb: float) -> LlamaShape:
 def _fill(t: torch.Tensor, seed: int) -> torch.Tensor:
     """Pseudo-random bytes at memcpy speed (a random 1 MiB block, rotated per copy)."""
     flat = t.view(-1).view(torch.uint8)
-    block = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(seed))
+    block = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     for i, start in enumerate(range(0, flat.numel(), block.numel())):
         n = min(block.numel(), flat.numel() - start)
-        flat[start:start + n] = block.roll(i * 4099)[:n]
+        flat[start : start + n] = block.roll(i * 4099)[:n]
     return t
 
 
@@ -52,8 +56,7 @@ def build_state(shape: LlamaShape, layout: str, empty: bool = False) -> dict[str
 
     out: dict[str, torch.Tensor] = {}
     world = dist.get_world_size() if layout != "full" else 1
-    mesh = None if layout == "full" else init_device_mesh(
-        "cpu", (2, world // 2) if layout == "mesh2d" else (world,))
+    mesh = None if layout == "full" else init_device_mesh("cpu", (2, world // 2) if layout == "mesh2d" else (world,))
     for i, (key, full) in enumerate(shape.tensors().items()):
         if mesh is None:
             t = torch.empty(full, dtype=torch.bfloat16)
@@ -67,8 +70,9 @@ def build_state(shape: LlamaShape, layout: str, empty: bool = False) -> dict[str
         local = torch.empty(sizes, dtype=torch.bfloat16)
         # Load destinations are zero-filled: page faults on first touch are not I/O.
         local.zero_() if empty else _fill(local, i * 1000 + dist.get_rank())
-        out[key] = DTensor.from_local(local, mesh, placements, shape=torch.Size(full),
-                                      stride=torch.empty(full, device="meta").stride())
+        out[key] = DTensor.from_local(
+            local, mesh, placements, shape=torch.Size(full), stride=torch.empty(full, device="meta").stride()
+        )
     return out
 
 
@@ -86,8 +90,7 @@ def _save_op(name: str, state, out: str, world: int):
     from dcp_hf import HFSavePlanner, HFStorageWriter
 
     if name == "ours":
-        return lambda: dcp.save(state, storage_writer=HFStorageWriter(out, overwrite=True),
-                                planner=HFSavePlanner())
+        return lambda: dcp.save(state, storage_writer=HFStorageWriter(out, overwrite=True), planner=HFSavePlanner())
     if name == "safetensors_save_file":
         from safetensors.torch import save_file
 
@@ -95,12 +98,18 @@ def _save_op(name: str, state, out: str, world: int):
             os.makedirs(out, exist_ok=True)
             save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
             _fsync_tree(out)
+
         return run
     if name.startswith("torch_hf_writer"):
         from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
         distributed = name.endswith("consolidated")
-        return lambda: dcp.save(state, storage_writer=HuggingFaceStorageWriter(
-            out, save_distributed=distributed, enable_consolidation=distributed))
+        return lambda: dcp.save(
+            state,
+            storage_writer=HuggingFaceStorageWriter(
+                out, save_distributed=distributed, enable_consolidation=distributed
+            ),
+        )
     if name == "dcp_filesystem_writer":
         return lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(out))
     raise ValueError(name)
@@ -118,6 +127,7 @@ def _load_op(name: str, state, src: str):
         return run
     if name == "torch_hf_reader":
         from torch.distributed.checkpoint import HuggingFaceStorageReader
+
         return lambda: dcp.load(state, storage_reader=HuggingFaceStorageReader(src))
     if name == "safe_open_copy":
         from safetensors import safe_open
@@ -131,12 +141,14 @@ def _load_op(name: str, state, src: str):
                         dest.to_local().copy_(f.get_slice(key)[box])
                     else:
                         dest.copy_(f.get_tensor(key))
+
         return run
     raise ValueError(name)
 
 
-def worker(rank: int, world: int, mode: str, shape: LlamaShape, layout: str, ops: list[str],
-           root: str, repeat: int, cold: bool):
+def worker(
+    rank: int, world: int, mode: str, shape: LlamaShape, layout: str, ops: list[str], root: str, repeat: int, cold: bool
+):
     import torch.distributed as dist
 
     from benchmarks.measure import disk_bytes_written, drop_page_cache, measured
@@ -145,7 +157,7 @@ def worker(rank: int, world: int, mode: str, shape: LlamaShape, layout: str, ops
     state = build_state(shape, layout, empty=mode == "load")
     samples: dict[str, list[dict]] = {op: [] for op in ops}
     for r in range(repeat):
-        for op in ops[r % len(ops):] + ops[:r % len(ops)]:  # rotate: no op always runs first
+        for op in ops[r % len(ops) :] + ops[: r % len(ops)]:  # rotate: no op always runs first
             out = os.path.join(root, op)
             if rank == 0 and mode == "save":
                 shutil.rmtree(out, ignore_errors=True)
@@ -154,8 +166,11 @@ def worker(rank: int, world: int, mode: str, shape: LlamaShape, layout: str, ops
                 drop_page_cache()
             disk0 = disk_bytes_written(root) if rank == 0 else None
             dist.barrier()
-            fn = (_save_op(op, state, out, world) if mode == "save"
-                  else _load_op(op, state, os.path.join(root, "checkpoint")))
+            fn = (
+                _save_op(op, state, out, world)
+                if mode == "save"
+                else _load_op(op, state, os.path.join(root, "checkpoint"))
+            )
             sample = measured(fn)
             if hasattr(fn, "bytes_read"):
                 sample["read"] = fn.bytes_read()
@@ -167,15 +182,23 @@ def worker(rank: int, world: int, mode: str, shape: LlamaShape, layout: str, ops
     return samples
 
 
-def run_case(name: str, mode: str, world: int, shape: LlamaShape, layout: str, ops: list[str],
-             root: str, repeat: int, cold: bool = False) -> dict:
+def run_case(
+    name: str,
+    mode: str,
+    world: int,
+    shape: LlamaShape,
+    layout: str,
+    ops: list[str],
+    root: str,
+    repeat: int,
+    cold: bool = False,
+) -> dict:
     from benchmarks.measure import merge_ranks, summarize
     from dcp_hf.testing import run_ranks
 
     per_rank = run_ranks(worker, world, mode, shape, layout, ops, root, repeat, cold, timeout=3600)
     nbytes = sum(math.prod(s) for s in shape.tensors().values()) * 2
-    result = {"case": name, "mode": mode, "world": world, "layout": layout, "state_bytes": nbytes,
-              "ops": {}}
+    result = {"case": name, "mode": mode, "world": world, "layout": layout, "state_bytes": nbytes, "ops": {}}
     for op in ops:
         merged = [merge_ranks([r[op][i] for r in per_rank]) for i in range(repeat)]
         result["ops"][op] = summarize(merged, nbytes)
@@ -185,6 +208,7 @@ def run_case(name: str, mode: str, world: int, shape: LlamaShape, layout: str, o
 def write_reference_checkpoint(shape: LlamaShape, root: str) -> None:
     """One HF checkpoint (single file, as the baselines expect) for the load cases."""
     from dcp_hf.testing import run_ranks
+
     run_ranks(_write_reference, 1, shape, os.path.join(root, "checkpoint"), timeout=3600)
 
 
@@ -192,26 +216,27 @@ def _write_reference(rank, world, shape, path):
     import torch.distributed.checkpoint as dcp
 
     from dcp_hf import HFSavePlanner, HFStorageWriter
-    dcp.save(build_state(shape, "full"), storage_writer=HFStorageWriter(path, overwrite=True),
-             planner=HFSavePlanner())
+
+    dcp.save(build_state(shape, "full"), storage_writer=HFStorageWriter(path, overwrite=True), planner=HFSavePlanner())
 
 
 def run(root: str, size_gb: float, repeat: int, cold: bool) -> list[dict]:
     shape = scaled_shape(size_gb)
     cases = [("save, 1 process", "save", 1, "full", ["ours"] + SAVE_BASELINES_1)]
-    cases += [(f"save, {world} ranks {name}", "save", world, layout, ["ours"] + SAVE_BASELINES_N)
-              for world, layout, name in SHARDINGS]
+    cases += [
+        (f"save, {world} ranks {name}", "save", world, layout, ["ours"] + SAVE_BASELINES_N)
+        for world, layout, name in SHARDINGS
+    ]
     results = []
     for name, mode, world, layout, ops in cases:
         print(f"  running: {name} ...", flush=True)
-        results.append(run_case(name, mode, world, shape, layout, ops, os.path.join(root, "save"),
-                                repeat))
+        results.append(run_case(name, mode, world, shape, layout, ops, os.path.join(root, "save"), repeat))
         shutil.rmtree(os.path.join(root, "save"), ignore_errors=True)
     write_reference_checkpoint(shape, root)
     for name, world, layout in [("load full, 1 process", 1, "full")] + [
-            (f"load resharded, {world} ranks {name}", world, layout) for world, layout, name in SHARDINGS]:
+        (f"load resharded, {world} ranks {name}", world, layout) for world, layout, name in SHARDINGS
+    ]:
         print(f"  running: {name} ...", flush=True)
-        results.append(run_case(name, "load", world, shape, layout, ["ours"] + LOAD_BASELINES, root,
-                                repeat, cold))
+        results.append(run_case(name, "load", world, shape, layout, ["ours"] + LOAD_BASELINES, root, repeat, cold))
     shutil.rmtree(root, ignore_errors=True)
     return results

@@ -36,8 +36,12 @@ def measured(fn) -> dict:
     fn()
     seconds = time.perf_counter() - t0
     io1 = io_counters()
-    return {"seconds": seconds, "written": io1["wchar"] - io0["wchar"],
-            "read": io1["rchar"] - io0["rchar"], "extra_rss": (_status_kib("VmHWM") - base) * 1024}
+    return {
+        "seconds": seconds,
+        "written": io1["wchar"] - io0["wchar"],
+        "read": io1["rchar"] - io0["rchar"],
+        "extra_rss": (_status_kib("VmHWM") - base) * 1024,
+    }
 
 
 def disk_bytes_written(path: str) -> int | None:
@@ -65,25 +69,37 @@ def drop_page_cache() -> bool:
 def merge_ranks(per_rank: list[dict]) -> dict:
     """One sample over all ranks: the slowest rank's time, summed bytes, the largest RSS."""
     disk = [r["disk_written"] for r in per_rank if r.get("disk_written") is not None]
-    return {"seconds": max(r["seconds"] for r in per_rank),
-            "written": sum(disk) if disk else sum(r["written"] for r in per_rank),
-            "read": sum(r["read"] for r in per_rank),
-            "extra_rss": max(r["extra_rss"] for r in per_rank)}
+    return {
+        "seconds": max(r["seconds"] for r in per_rank),
+        "written": sum(disk) if disk else sum(r["written"] for r in per_rank),
+        "read": sum(r["read"] for r in per_rank),
+        "extra_rss": max(r["extra_rss"] for r in per_rank),
+    }
 
 
 def summarize(samples: list[dict], nbytes: int) -> dict:
     times = [s["seconds"] for s in samples]
     best = min(samples, key=lambda s: s["seconds"])
-    return {"min_s": min(times), "median_s": statistics.median(times),
-            "gbps": nbytes / min(times) / 1e9, "gbps_median": nbytes / statistics.median(times) / 1e9,
-            "written_ratio": best["written"] / nbytes, "read_ratio": best["read"] / nbytes,
-            "peak_extra_rss_mib": max(s["extra_rss"] for s in samples) / 2**20, "repeats": len(samples)}
+    return {
+        "min_s": min(times),
+        "median_s": statistics.median(times),
+        "gbps": nbytes / min(times) / 1e9,
+        "gbps_median": nbytes / statistics.median(times) / 1e9,
+        "written_ratio": best["written"] / nbytes,
+        "read_ratio": best["read"] / nbytes,
+        "peak_extra_rss_mib": max(s["extra_rss"] for s in samples) / 2**20,
+        "repeats": len(samples),
+    }
 
 
 def machine() -> dict:
-    return {"host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def write_results(results: dict, out_dir: str) -> str:
@@ -98,11 +114,15 @@ def write_results(results: dict, out_dir: str) -> str:
             old = json.load(f)
         fresh = {r["case"] for r in results["results"]}
         planned = {(r["layout"], r["ranks"]) for r in results["planning"]}
-        results = {**results,
-                   "results": [r for r in old.get("results", []) if r["case"] not in fresh] + results["results"],
-                   "planning": sorted([r for r in old.get("planning", []) if (r["layout"], r["ranks"]) not in planned]
-                                      + results["planning"], key=lambda r: (r["layout"], r["ranks"])),
-                   "planning_read": results["planning_read"] or old.get("planning_read")}
+        results = {
+            **results,
+            "results": [r for r in old.get("results", []) if r["case"] not in fresh] + results["results"],
+            "planning": sorted(
+                [r for r in old.get("planning", []) if (r["layout"], r["ranks"]) not in planned] + results["planning"],
+                key=lambda r: (r["layout"], r["ranks"]),
+            ),
+            "planning_read": results["planning_read"] or old.get("planning_read"),
+        }
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     return path

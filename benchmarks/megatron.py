@@ -29,16 +29,38 @@ def hf_config(size_gb: float) -> dict:
     """A Qwen3-MoE config (hidden 1024, 32 experts of FFN 512) with the layer count set to
     reach about ``size_gb`` in bf16."""
     hidden, experts, ffn, vocab, heads, groups, d = 1024, 32, 512, 32000, 16, 4, 64
-    per_layer = ((heads + 2 * groups) * d * hidden + heads * d * hidden + experts * 3 * ffn * hidden
-                 + experts * hidden + 2 * hidden + 2 * d) * 2
+    per_layer = (
+        (heads + 2 * groups) * d * hidden
+        + heads * d * hidden
+        + experts * 3 * ffn * hidden
+        + experts * hidden
+        + 2 * hidden
+        + 2 * d
+    ) * 2
     layers = max(LAYOUT.pp, round((size_gb * 1e9 - 2 * vocab * hidden * 2) / per_layer / LAYOUT.pp) * LAYOUT.pp)
-    return {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": vocab,
-            "hidden_size": hidden, "intermediate_size": 2816, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": groups, "head_dim": d,
-            "num_experts": experts, "num_experts_per_tok": 4, "moe_intermediate_size": ffn,
-            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-            "tie_word_embeddings": False, "hidden_act": "silu", "dtype": "bfloat16"}
+    return {
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2816,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": groups,
+        "head_dim": d,
+        "num_experts": experts,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": ffn,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "dtype": "bfloat16",
+    }
 
 
 def _shape_args(hf: dict) -> tuple:
@@ -48,8 +70,12 @@ def _shape_args(hf: dict) -> tuple:
 def _owners(params: dict, include_replicas: bool) -> dict[str, list[tuple]]:
     """Every rank's parameters: global name -> [(tp rank, rank, shape, dtype, tp dim)]."""
     import torch.distributed as dist
-    mine = [(name, p["tp"], dist.get_rank(), tuple(p["data"].shape), p["data"].dtype, p["dim"])
-            for name, p in params.items() if include_replicas or not p["replica"]]
+
+    mine = [
+        (name, p["tp"], dist.get_rank(), tuple(p["data"].shape), p["data"].dtype, p["dim"])
+        for name, p in params.items()
+        if include_replicas or not p["replica"]
+    ]
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     out: dict[str, list[tuple]] = {}
@@ -93,8 +119,9 @@ def gather_export(chunks, out: str, hf: dict) -> None:
                 else:
                     parts.append(torch.empty(shape, dtype=dtype))
                     dist.recv(parts[-1], src)
-            pending.update({k: v.contiguous() for k, v in
-                            naive_hf(name, parts, shards[0][4], *_shape_args(hf)).items()})
+            pending.update(
+                {k: v.contiguous() for k, v in naive_hf(name, parts, shards[0][4], *_shape_args(hf)).items()}
+            )
             if sum(t.nbytes for t in pending.values()) >= MAX_SHARD:
                 flush()
         else:
@@ -137,8 +164,9 @@ def megatron_shards(name: str, tp: int, dim: int | None, local_shape: tuple, get
             kind, per = rest.rsplit(".", 1)[1], heads // groups
             q, k, v = (get(f"{base}self_attn.{p}_proj.{kind}") for p in "qkv")
             tail = q.shape[1:]
-            full = torch.cat([q.view(groups, per * d, *tail), k.view(groups, d, *tail),
-                              v.view(groups, d, *tail)], 1).reshape(-1, *tail)
+            full = torch.cat(
+                [q.view(groups, per * d, *tail), k.view(groups, d, *tail), v.view(groups, d, *tail)], 1
+            ).reshape(-1, *tail)
         elif rest.endswith("linear_fc1.weight"):
             mlp = base + rest[: -len("linear_fc1.weight")]
             gate, up = get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")
@@ -209,13 +237,17 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
     init_parallel(LAYOUT)
     chunks = build_gpt(hf, LAYOUT, params_dtype=torch.bfloat16)
     want = _digest(chunks)
-    export = {"ours": lambda out: dmeg.save_hf(chunks, out, config=hf, max_shard_size=MAX_SHARD),
-              "gather_to_rank0": lambda out: gather_export(chunks, out, hf)}
-    load = {"ours": lambda src: dmeg.load_hf(chunks, src),
-            "gather_to_rank0": lambda src: scatter_import(chunks, src, hf)}
+    export = {
+        "ours": lambda out: dmeg.save_hf(chunks, out, config=hf, max_shard_size=MAX_SHARD),
+        "gather_to_rank0": lambda out: gather_export(chunks, out, hf),
+    }
+    load = {
+        "ours": lambda src: dmeg.load_hf(chunks, src),
+        "gather_to_rank0": lambda src: scatter_import(chunks, src, hf),
+    }
     samples = {f"{mode} {op}": [] for mode in ("export", "import") for op in ops}
     for r in range(repeat):
-        for op in ops[r % len(ops):] + ops[:r % len(ops)]:
+        for op in ops[r % len(ops) :] + ops[: r % len(ops)]:
             out = os.path.join(root, op)
             if rank == 0:
                 shutil.rmtree(out, ignore_errors=True)
@@ -230,7 +262,7 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
             samples[f"export {op}"].append(sample)
         if r == 0 and rank == 0:
             check_same_tensors(*(os.path.join(root, op) for op in ops))
-        for op in ops[r % len(ops):] + ops[:r % len(ops)]:
+        for op in ops[r % len(ops) :] + ops[: r % len(ops)]:
             with torch.no_grad():
                 for chunk in chunks:
                     for p in chunk.parameters():
@@ -249,17 +281,29 @@ def run(root: str, repeat: int, size_gb: float = 1.5) -> list[dict]:
     hf = hf_config(size_gb)
     ops = ["ours", "gather_to_rank0"]
     os.makedirs(root, exist_ok=True)
-    print(f"  running: Megatron export/import, {hf['num_hidden_layers']} layers x "
-          f"{hf['num_experts']} experts at {LAYOUT} ...", flush=True)
+    print(
+        f"  running: Megatron export/import, {hf['num_hidden_layers']} layers x "
+        f"{hf['num_experts']} experts at {LAYOUT} ...",
+        flush=True,
+    )
     per_rank = run_ranks(_worker, 4, hf, root, repeat, ops, timeout=3600)
-    nbytes = sum(os.path.getsize(os.path.join(root, "ours", f))
-                 for f in os.listdir(os.path.join(root, "ours")) if f.endswith(".safetensors"))
+    nbytes = sum(
+        os.path.getsize(os.path.join(root, "ours", f))
+        for f in os.listdir(os.path.join(root, "ours"))
+        if f.endswith(".safetensors")
+    )
     results = []
     for mode in ("export", "import"):
-        merged = {op: [merge_ranks([r[f"{mode} {op}"][i] for r in per_rank]) for i in range(repeat)]
-                  for op in ops}
-        results.append({"case": f"Megatron {mode}, Qwen3-MoE shapes, 4 ranks {LAYOUT}", "mode": mode,
-                        "world": 4, "layout": str(LAYOUT), "state_bytes": nbytes,
-                        "ops": {op: summarize(s, nbytes) for op, s in merged.items()}})
+        merged = {op: [merge_ranks([r[f"{mode} {op}"][i] for r in per_rank]) for i in range(repeat)] for op in ops}
+        results.append(
+            {
+                "case": f"Megatron {mode}, Qwen3-MoE shapes, 4 ranks {LAYOUT}",
+                "mode": mode,
+                "world": 4,
+                "layout": str(LAYOUT),
+                "state_bytes": nbytes,
+                "ops": {op: summarize(s, nbytes) for op, s in merged.items()},
+            }
+        )
     shutil.rmtree(root, ignore_errors=True)
     return results

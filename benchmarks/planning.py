@@ -155,8 +155,12 @@ def megatron_state(rank: int, world: int) -> dict[str, TensorBox]:
 
 def _megatron_layout():
     from dcp_hf.layouts.megatron import MegatronGPT, megatron_layout
-    return megatron_layout(MegatronGPT(num_attention_heads=HEADS, num_query_groups=HEADS,
-                                       head_dim=NOPE + ROPE, vocab_size=VOCAB, attention="mla"))
+
+    return megatron_layout(
+        MegatronGPT(
+            num_attention_heads=HEADS, num_query_groups=HEADS, head_dim=NOPE + ROPE, vocab_size=VOCAB, attention="mla"
+        )
+    )
 
 
 def simulate(kind: str, world: int, root: str, max_shard_size: str) -> dict:
@@ -166,11 +170,13 @@ def simulate(kind: str, world: int, root: str, max_shard_size: str) -> dict:
     from dcp_hf.testing import simulate_save_plans
 
     specs = dsv3_hf_specs() if kind == "fsdp" else None
-    states = (fsdp_state(specs, rank, world) if kind == "fsdp" else megatron_state(rank, world)
-              for rank in range(world))
+    states = (
+        fsdp_state(specs, rank, world) if kind == "fsdp" else megatron_state(rank, world) for rank in range(world)
+    )
     out = os.path.join(root, "out")
-    sim = simulate_save_plans(states, out, _megatron_layout() if kind == "megatron" else None,
-                              max_shard_size=max_shard_size)
+    sim = simulate_save_plans(
+        states, out, _megatron_layout() if kind == "megatron" else None, max_shard_size=max_shard_size
+    )
     gathered = [len(pickle.dumps(p)) for p in sim.local_plans]
     scattered = [len(pickle.dumps(p)) for p in sim.global_plans]
     last = pickle.loads(pickle.dumps(sim.global_plans[-1])).storage_data  # as it arrives there
@@ -178,14 +184,21 @@ def simulate(kind: str, world: int, root: str, max_shard_size: str) -> dict:
     HFStorageWriter(out, max_shard_size=max_shard_size)._lay_out(last.table, last.save_id)
     rank_layout_s = time.perf_counter() - t0
     writer = sim.coordinator[1]
-    return {"layout": kind, "ranks": world,
-            "chunks": sum(b.count for p in sim.local_plans for b in p.planner_data.blocks),
-            "tensors": len(writer._where), "files": len(writer._files),
-            "local_plan_s_max": max(sim.local_seconds),
-            "local_plan_s_median": statistics.median(sim.local_seconds),
-            "global_plan_s": sim.global_seconds, "rank_layout_s": rank_layout_s,
-            "gathered_bytes": sum(gathered), "largest_local_plan_bytes": max(gathered),
-            "scattered_bytes": sum(scattered), "largest_global_plan_bytes": max(scattered)}
+    return {
+        "layout": kind,
+        "ranks": world,
+        "chunks": sum(b.count for p in sim.local_plans for b in p.planner_data.blocks),
+        "tensors": len(writer._where),
+        "files": len(writer._files),
+        "local_plan_s_max": max(sim.local_seconds),
+        "local_plan_s_median": statistics.median(sim.local_seconds),
+        "global_plan_s": sim.global_seconds,
+        "rank_layout_s": rank_layout_s,
+        "gathered_bytes": sum(gathered),
+        "largest_local_plan_bytes": max(gathered),
+        "scattered_bytes": sum(scattered),
+        "largest_global_plan_bytes": max(scattered),
+    }
 
 
 def read_headers(root: str, max_shard_size: str) -> dict:
@@ -195,8 +208,9 @@ def read_headers(root: str, max_shard_size: str) -> dict:
     from dcp_hf import HFStorageReader
     from dcp_hf.format import INDEX_NAME, TensorSpec, encode_index, layout_files, natural_key, parse_size
 
-    specs = sorted((TensorSpec(k, dtype, shape) for k, (shape, dtype) in dsv3_hf_specs().items()),
-                   key=lambda s: natural_key(s.key))
+    specs = sorted(
+        (TensorSpec(k, dtype, shape) for k, (shape, dtype) in dsv3_hf_specs().items()), key=lambda s: natural_key(s.key)
+    )
     files = layout_files(specs, parse_size(max_shard_size))
     path = os.path.join(root, "dsv3-headers")
     os.makedirs(path, exist_ok=True)
@@ -213,9 +227,14 @@ def read_headers(root: str, max_shard_size: str) -> dict:
     t1 = time.perf_counter()
     reader.load_headers(set(reader.weight_map.values()))
     t2 = time.perf_counter()
-    return {"files": len(files), "tensors": len(weight_map), "index_s": t1 - t0, "headers_s": t2 - t1,
-            "header_bytes": sum(len(f.header) for f in files),
-            "checkpoint_bytes": sum(f.size for f in files)}
+    return {
+        "files": len(files),
+        "tensors": len(weight_map),
+        "index_s": t1 - t0,
+        "headers_s": t2 - t1,
+        "header_bytes": sum(len(f.header) for f in files),
+        "checkpoint_bytes": sum(f.size for f in files),
+    }
 
 
 def load_plans(checkpoint: str, world: int = 1024) -> dict:
@@ -226,6 +245,7 @@ def load_plans(checkpoint: str, world: int = 1024) -> dict:
     from torch.distributed.checkpoint.planner import LoadPlan
 
     from dcp_hf import HFLoadPlanner, HFStorageReader
+
     reader = HFStorageReader(checkpoint)
     metadata = reader.read_metadata()
     reader.load_headers(set(reader.weight_map.values()))
@@ -240,12 +260,18 @@ def load_plans(checkpoint: str, world: int = 1024) -> dict:
         seconds.append(time.perf_counter() - t0)
         compact.append(len(pickle.dumps(plan)))
         items.append(len(pickle.dumps(LoadPlan(planner._local_items))))
-    return {"ranks": world, "sampled": list(sample), "local_plan_s_max": max(seconds),
-            "compact_plan_bytes_max": max(compact), "item_plan_bytes_max": max(items)}
+    return {
+        "ranks": world,
+        "sampled": list(sample),
+        "local_plan_s_max": max(seconds),
+        "compact_plan_bytes_max": max(compact),
+        "item_plan_bytes_max": max(items),
+    }
 
 
-def run(root: str, ranks=(64, 128, 256, 512, 1024), kinds=("fsdp", "megatron"),
-        max_shard_size: str = "4.3GB") -> tuple[list[dict], dict]:
+def run(
+    root: str, ranks=(64, 128, 256, 512, 1024), kinds=("fsdp", "megatron"), max_shard_size: str = "4.3GB"
+) -> tuple[list[dict], dict]:
     os.makedirs(root, exist_ok=True)
     rows = []
     try:

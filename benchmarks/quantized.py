@@ -22,6 +22,7 @@ SHAPES = ((7168, 2048), (2048, 7168), (1536, 7168), (7168, 1536), (576, 7168))
 def make_checkpoint(path: str, size_gb: float, file_gb: float = 0.5) -> dict[str, tuple[int, int]]:
     """fp8 weights with their scales beside them, one file per ~0.5 GB, and config.json."""
     from safetensors.torch import save_file
+
     os.makedirs(path, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     shapes, files, tensors, size, total = {}, {}, {}, 0, 0
@@ -46,17 +47,25 @@ def make_checkpoint(path: str, size_gb: float, file_gb: float = 0.5) -> dict[str
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": files}, f)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"model_type": "deepseek_v3", "quantization_config": {
-            "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK]}}, f)
+        json.dump(
+            {
+                "model_type": "deepseek_v3",
+                "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK]},
+            },
+            f,
+        )
     return shapes
 
 
 def _state(shapes, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
     mesh = init_device_mesh("cpu", (world,))
-    return {k: distribute_tensor(torch.empty(s, dtype=torch.bfloat16), mesh, [Shard(0)], src_data_rank=None)
-            for k, s in shapes.items()}
+    return {
+        k: distribute_tensor(torch.empty(s, dtype=torch.bfloat16), mesh, [Shard(0)], src_data_rank=None)
+        for k, s in shapes.items()
+    }
 
 
 def _needed(state) -> int:
@@ -74,11 +83,13 @@ def _op(name: str, state, path: str, shapes):
     import torch.distributed.checkpoint as dcp
 
     from dcp_hf import HFLoadPlanner, HFStorageReader, detect_layout
+
     if name == "ours":
         reader = HFStorageReader(path)
 
         def run():
             dcp.load(state, storage_reader=reader, planner=HFLoadPlanner(detect_layout(path)))
+
         run.bytes_read = lambda: reader.bytes_read
         return run
     if name == "torch_quantized_reader":
@@ -87,14 +98,20 @@ def _op(name: str, state, path: str, shapes):
         )
 
         def run():
-            dcp.load(state, storage_reader=QuantizedHuggingFaceStorageReader(
-                path, target_dtype=torch.bfloat16, thread_count=1))
+            dcp.load(
+                state,
+                storage_reader=QuantizedHuggingFaceStorageReader(path, target_dtype=torch.bfloat16, thread_count=1),
+            )
+
         # By its code: each request's rows of the weight, and the whole scale tensor.
-        run.bytes_read = lambda: sum(t.to_local().numel() + 4 * math.prod((-(-r // BLOCK), -(-c // BLOCK)))
-                                     for t, (r, c) in zip(state.values(), shapes.values()))
+        run.bytes_read = lambda: sum(
+            t.to_local().numel() + 4 * math.prod((-(-r // BLOCK), -(-c // BLOCK)))
+            for t, (r, c) in zip(state.values(), shapes.values())
+        )
         return run
     if name == "safetensors_then_dequantize":
         from safetensors import safe_open
+
         with open(os.path.join(path, "model.safetensors.index.json")) as f:
             index = json.load(f)["weight_map"]
 
@@ -102,10 +119,12 @@ def _op(name: str, state, path: str, shapes):
             for key, dest in state.items():
                 with safe_open(os.path.join(path, index[key]), "pt") as f:
                     w, s = f.get_tensor(key), f.get_tensor(key + "_scale_inv")
-                full = (w.float() * s.repeat_interleave(BLOCK, 0)[:w.shape[0]]
-                        .repeat_interleave(BLOCK, 1)[:, :w.shape[1]]).to(torch.bfloat16)
+                full = (
+                    w.float() * s.repeat_interleave(BLOCK, 0)[: w.shape[0]].repeat_interleave(BLOCK, 1)[:, : w.shape[1]]
+                ).to(torch.bfloat16)
                 chunk = dest.__create_chunk_list__()[0]
-                dest.to_local().copy_(full[chunk.offsets[0]:chunk.offsets[0] + chunk.sizes[0]])
+                dest.to_local().copy_(full[chunk.offsets[0] : chunk.offsets[0] + chunk.sizes[0]])
+
         run.bytes_read = lambda: sum(r * c + 4 * -(-r // BLOCK) * -(-c // BLOCK) for r, c in shapes.values())
         return run
     raise ValueError(name)
@@ -115,13 +134,14 @@ def worker(rank: int, world: int, path: str, shapes, ops: list[str], repeat: int
     import torch.distributed as dist
 
     from benchmarks.measure import measured
+
     torch.set_num_threads(1)  # one intra-op thread per rank, as torchrun sets for several ranks
     state = _state(shapes, world)
     needed = _needed(state)
     samples: dict[str, list[dict]] = {op: [] for op in ops}
     outputs = {}
     for r in range(repeat):
-        for op in ops[r % len(ops):] + ops[:r % len(ops)]:  # rotate: no op always runs first
+        for op in ops[r % len(ops) :] + ops[: r % len(ops)]:  # rotate: no op always runs first
             for t in state.values():
                 t.to_local().zero_()
             dist.barrier()
@@ -137,14 +157,16 @@ def worker(rank: int, world: int, path: str, shapes, ops: list[str], repeat: int
     for op in ops[1:]:  # the same values from every operation (sampled every 997th element)
         bad = [k for k in first if not torch.equal(outputs[op][k].view(torch.int16), first[k].view(torch.int16))]
         if bad:
-            raise AssertionError(f"rank {rank}: {op} loaded other values than {ops[0]} into {bad[:3]} "
-                                 f"({len(bad)} tensors)")
+            raise AssertionError(
+                f"rank {rank}: {op} loaded other values than {ops[0]} into {bad[:3]} ({len(bad)} tensors)"
+            )
     return samples
 
 
 def run(root: str, repeat: int, size_gb: float = 0.25, worlds=(2, 4)) -> list[dict]:
     from benchmarks.measure import merge_ranks, summarize
     from dcp_hf.testing import run_ranks
+
     path = os.path.join(root, "fp8")
     shapes = make_checkpoint(path, size_gb)
     os.sync()  # written back before any load is timed
@@ -154,16 +176,29 @@ def run(root: str, repeat: int, size_gb: float = 0.25, worlds=(2, 4)) -> list[di
     for world in worlds:
         print(f"  running: FP8 dequantizing load, {world} ranks Shard(0), {nbytes / 1e9:.2f} GB fp8 ...", flush=True)
         per_rank = run_ranks(worker, world, path, shapes, ops, repeat, timeout=3600)
-        result = {"case": f"FP8 dequantizing load, {world} ranks Shard(0)", "mode": "load", "world": world,
-                  "state_bytes": nbytes, "ops": {}, "read_per_rank_over_needed": {}}
+        result = {
+            "case": f"FP8 dequantizing load, {world} ranks Shard(0)",
+            "mode": "load",
+            "world": world,
+            "state_bytes": nbytes,
+            "ops": {},
+            "read_per_rank_over_needed": {},
+        }
         for op in ops:
             merged = [merge_ranks([r[op][i] for r in per_rank]) for i in range(repeat)]
             result["ops"][op] = summarize(merged, nbytes)
             result["read_per_rank_over_needed"][op] = max(r[op][0]["read"] / r[op][0]["needed"] for r in per_rank)
         results.append(result)
         ours = result["ops"]["ours"]["min_s"]
-        print("    " + ", ".join(f"{op}: {s['min_s']:.2f} s ({ours and s['min_s'] / ours:.2f}x), read/needed per rank "
-                                 f"{result['read_per_rank_over_needed'][op]:.2f}, peak extra RSS "
-                                 f"{s['peak_extra_rss_mib']:.0f} MiB" for op, s in result["ops"].items()), flush=True)
+        print(
+            "    "
+            + ", ".join(
+                f"{op}: {s['min_s']:.2f} s ({ours and s['min_s'] / ours:.2f}x), read/needed per rank "
+                f"{result['read_per_rank_over_needed'][op]:.2f}, peak extra RSS "
+                f"{s['peak_extra_rss_mib']:.0f} MiB"
+                for op, s in result["ops"].items()
+            ),
+            flush=True,
+        )
     shutil.rmtree(root, ignore_errors=True)
     return results

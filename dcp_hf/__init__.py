@@ -10,7 +10,20 @@ from dcp_hf.tensor_box import TensorBox
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointExistsError", "CheckpointFormatError", "DcpHfError", "HFLoadPlanner",
-    "HFSavePlanner", "HFStorageReader", "HFStorageWriter", "Layout", "MergedExperts", "MissingExtraError", "Prefix",
-    "Rename", "StateDictMismatchError", "TensorBox", "detect_layout", "layout_for_config",
+    "CheckpointExistsError",
+    "CheckpointFormatError",
+    "DcpHfError",
+    "HFLoadPlanner",
+    "HFSavePlanner",
+    "HFStorageReader",
+    "HFStorageWriter",
+    "Layout",
+    "MergedExperts",
+    "MissingExtraError",
+    "Prefix",
+    "Rename",
+    "StateDictMismatchError",
+    "TensorBox",
+    "detect_layout",
+    "layout_for_config",
 ]

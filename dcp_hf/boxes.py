@@ -42,8 +42,10 @@ class RunGrid:
         if self.nbytes <= max_bytes:
             return [(self, 0)]
         if not self.counts:
-            return [(RunGrid(self.start + o, min(max_bytes, self.run_len - o)), o)
-                    for o in range(0, self.run_len, max_bytes)]
+            return [
+                (RunGrid(self.start + o, min(max_bytes, self.run_len - o)), o)
+                for o in range(0, self.run_len, max_bytes)
+            ]
         count, stride = self.counts[0], self.strides[0]
         inner = RunGrid(self.start, self.run_len, self.counts[1:], self.strides[1:])
         rows = max_bytes // inner.nbytes
@@ -55,8 +57,12 @@ class RunGrid:
             return pieces
         for i in range(0, count, rows):
             n = min(rows, count - i)
-            pieces.append((RunGrid(self.start + i * stride, self.run_len, (n,) + inner.counts,
-                                   (stride,) + inner.strides), i * inner.nbytes))
+            pieces.append(
+                (
+                    RunGrid(self.start + i * stride, self.run_len, (n,) + inner.counts, (stride,) + inner.strides),
+                    i * inner.nbytes,
+                )
+            )
         return pieces
 
 
@@ -73,8 +79,7 @@ def overlap(a_off, a_size, b_off, b_size):
     return tuple(lo), tuple(size)
 
 
-def box_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
-             itemsize: int) -> RunGrid:
+def box_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], itemsize: int) -> RunGrid:
     """The runs of box (offsets, sizes) in a C-order tensor of ``shape``."""
     n = len(shape)
     if any(s == 0 for s in sizes):
@@ -107,17 +112,18 @@ def box_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int,
     return RunGrid(start, run_len, tuple(counts), tuple(strides))
 
 
-def check_exact_cover(key: str, shape: tuple[int, ...],
-                      boxes: list[tuple[tuple[int, ...], tuple[int, ...], str]]) -> None:
+def check_exact_cover(
+    key: str, shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...], str]]
+) -> None:
     """Boxes (offsets, sizes, owner) must cover ``shape`` exactly once: inside the bounds, no
     overlap, no hole. ``owner`` names where a box comes from, for the error message."""
     total = math.prod(shape)
     for offsets, sizes, owner in boxes:
-        if len(offsets) != len(shape) or any(
-                o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, shape)):
+        if len(offsets) != len(shape) or any(o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, shape)):
             raise StateDictMismatchError(
                 f"{key!r}: chunk at offsets {list(offsets)} sizes {list(sizes)} from {owner} lies "
-                f"outside the tensor's shape {list(shape)}")
+                f"outside the tensor's shape {list(shape)}"
+            )
     boxes = [b for b in boxes if math.prod(b[1]) > 0]
     if len(boxes) > 1:
         # Sweep along the dim with the most distinct chunk starts; only boxes whose ranges
@@ -129,16 +135,17 @@ def check_exact_cover(key: str, shape: tuple[int, ...],
             lo = box[0][sweep] if shape else 0
             active = [a for a in active if (a[0][sweep] + a[1][sweep] if shape else 1) > lo]
             for other in active:
-                if all(o1 < o2 + s2 and o2 < o1 + s1
-                       for o1, s1, o2, s2 in zip(box[0], box[1], other[0], other[1])):
+                if all(o1 < o2 + s2 and o2 < o1 + s1 for o1, s1, o2, s2 in zip(box[0], box[1], other[0], other[1])):
                     raise StateDictMismatchError(
                         f"{key!r}: chunk at offsets {list(box[0])} sizes {list(box[1])} from "
                         f"{box[2]} overlaps chunk at offsets {list(other[0])} sizes "
                         f"{list(other[1])} from {other[2]}; every element must be saved exactly "
-                        f"once (two different tensors mapped to one key?)")
+                        f"once (two different tensors mapped to one key?)"
+                    )
             active.append(box)
     covered = sum(math.prod(b[1]) for b in boxes)
     if covered != total:
         raise StateDictMismatchError(
             f"{key!r}: the chunks saved by all ranks cover {covered} of {total} elements of shape "
-            f"{list(shape)}; part of the tensor would be missing from the checkpoint")
+            f"{list(shape)}; part of the tensor would be missing from the checkpoint"
+        )

@@ -48,6 +48,7 @@ def _as_cli_message(message: str) -> str:
 def _root_cause(error: BaseException) -> BaseException:
     """The exception a rank raised, out of DCP's CheckpointException wrappers."""
     from torch.distributed.checkpoint.api import CheckpointException
+
     while isinstance(error, CheckpointException) and error.failures:
         error = next(iter(error.failures.values()))[0]
     return error
@@ -94,8 +95,9 @@ def require_free(path: str, overwrite: bool, what: str = "DST") -> None:
     kind = checkpoint_kind(path)
     if kind in ("hf", "dcp") and not overwrite:
         label = "an HF checkpoint" if kind == "hf" else "a native DCP checkpoint"
-        raise UsageError(f"{what} {path} already holds {label}; pass --overwrite to replace it, "
-                         f"or choose another folder")
+        raise UsageError(
+            f"{what} {path} already holds {label}; pass --overwrite to replace it, or choose another folder"
+        )
     if kind in ("file", "safetensors"):
         raise UsageError(f"{what} {path} {_DESCRIBE[kind]}; give a folder")
 
@@ -104,6 +106,7 @@ def require_free(path: str, overwrite: bool, what: str = "DST") -> None:
 def _cmd_demo(args) -> int:
     from dcp_hf.demo import run_demo
     from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape
+
     shape = LLAMA_1B_LIKE if args.size == "1b" else LlamaShape()
     run_demo(args.output, args.nproc, shape, args.max_shard_size, progress=not args.quiet)
     return 0
@@ -111,8 +114,14 @@ def _cmd_demo(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from dcp_hf.inspect import inspect_checkpoint
-    require(args.path, "PATH", "hf", "safetensors",
-            hint="inspect reads HF checkpoints (a folder of .safetensors files, or one file)")
+
+    require(
+        args.path,
+        "PATH",
+        "hf",
+        "safetensors",
+        hint="inspect reads HF checkpoints (a folder of .safetensors files, or one file)",
+    )
     print(inspect_checkpoint(args.path, verbose=args.verbose))
     return 0
 
@@ -121,6 +130,7 @@ def _init_distributed() -> None:
     """Join the process group when started by torchrun (WORLD_SIZE set), so the work is spread;
     without it, silence torch's warning that it will run in a single process (it does)."""
     import torch.distributed as dist
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     if not dist.is_initialized():
@@ -131,6 +141,7 @@ def _init_distributed() -> None:
 
 def _report(what: str, info: dict) -> None:
     import torch.distributed as dist
+
     if not dist.is_initialized() or dist.get_rank() == 0:
         details = ", ".join(f"{k}: {v}" for k, v in info.items() if v not in ([], None))
         print(f"dcp-hf {what}: done ({details})")
@@ -145,25 +156,35 @@ def _check_something_to_merge(src: str, style: str | None) -> None:
     from dcp_hf.convert import hf_specs
     from dcp_hf.layouts import detect_layout
     from dcp_hf.storage import HFStorageReader
+
     source = hf_specs(HFStorageReader(src))
     rules = detect_layout(src, style).without_renames()
     if rules.rules:
         merged, _ = rules.memory_specs(source)
         if set(merged) == set(source):
-            raise UsageError(f"SRC {src}: no per-expert tensors to merge "
-                             f"(layout {rules.name}); is it a dense model, or merged already?")
+            raise UsageError(
+                f"SRC {src}: no per-expert tensors to merge "
+                f"(layout {rules.name}); is it a dense model, or merged already?"
+            )
 
 
 def _cmd_experts(args) -> int:
     from dcp_hf.convert import experts
+
     require(args.src, "SRC", "hf", hint="give an HF checkpoint folder")
     require_free(args.dst, args.overwrite)
     _init_distributed()
     if args.direction == "merge":
         _check_something_to_merge(args.src, _style(args))
-    info = experts(args.direction, args.src, args.dst, _style(args),
-                   max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                   progress=not args.quiet)
+    info = experts(
+        args.direction,
+        args.src,
+        args.dst,
+        _style(args),
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     _report(f"experts {args.direction}", info)
     return 0
 
@@ -171,40 +192,68 @@ def _cmd_experts(args) -> int:
 def _cmd_convert(args) -> int:
     from dcp_hf.convert import dcp_to_hf, hf_to_dcp
     from dcp_hf.layouts import detect_layout
+
     prefixes = [tuple(p.split("=", 1)) for p in args.prefix or []]
     if any(len(p) != 2 for p in prefixes):
         raise UsageError("--prefix takes MEM=HF, e.g. --prefix model.=")
     if args.to in ("dcp", "dequantized"):
-        require(args.src, "SRC", "hf",
-                hint=f"--to {args.to} reads an HF checkpoint" + (" (for a DCP source use --to hf)"
-                                                                 if checkpoint_kind(args.src) == "dcp" else ""))
+        require(
+            args.src,
+            "SRC",
+            "hf",
+            hint=f"--to {args.to} reads an HF checkpoint"
+            + (" (for a DCP source use --to hf)" if checkpoint_kind(args.src) == "dcp" else ""),
+        )
     else:
-        require(args.src, "SRC", "dcp",
-                hint="--to hf reads a native DCP checkpoint" + (" (for an HF source use --to dcp)"
-                                                                if checkpoint_kind(args.src) == "hf" else ""))
+        require(
+            args.src,
+            "SRC",
+            "dcp",
+            hint="--to hf reads a native DCP checkpoint"
+            + (" (for an HF source use --to dcp)" if checkpoint_kind(args.src) == "hf" else ""),
+        )
         if args.config_from is not None:
-            require(args.config_from, "--config-from", "hf", "other",
-                    hint="give the HF folder whose config.json and tokenizer go with the output")
+            require(
+                args.config_from,
+                "--config-from",
+                "hf",
+                "other",
+                hint="give the HF folder whose config.json and tokenizer go with the output",
+            )
     require_free(args.dst, args.overwrite)
     _init_distributed()
     if args.to == "dcp":
-        info = hf_to_dcp(args.src, args.dst, style=_style(args), prefixes=prefixes,
-                         progress=not args.quiet)
+        info = hf_to_dcp(args.src, args.dst, style=_style(args), prefixes=prefixes, progress=not args.quiet)
     elif args.to == "dequantized":
         import torch
 
         from dcp_hf.convert import dequantize
+
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        info = dequantize(args.src, args.dst, dtype, max_shard_size=args.max_shard_size,
-                          overwrite=args.overwrite, progress=not args.quiet)
+        info = dequantize(
+            args.src,
+            args.dst,
+            dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     else:
         layout = None
         if args.layout != "auto":
             from dcp_hf.convert import with_prefixes
+
             layout = with_prefixes(detect_layout(args.config_from or "", args.layout), prefixes)
-        info = dcp_to_hf(args.src, args.dst, layout, config_from=args.config_from, prefixes=prefixes,
-                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                         progress=not args.quiet)
+        info = dcp_to_hf(
+            args.src,
+            args.dst,
+            layout,
+            config_from=args.config_from,
+            prefixes=prefixes,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     _report(f"convert --to {args.to}", info)
     return 0
 
@@ -213,8 +262,13 @@ def _cmd_export(args) -> int:
     import torch
 
     from dcp_hf.megatron.export import export_torch_dist
-    require(args.src, "SRC", "dcp", hint="give a Megatron torch_dist checkpoint folder "
-                                         "(e.g. .../iter_0001000, holding .metadata)")
+
+    require(
+        args.src,
+        "SRC",
+        "dcp",
+        hint="give a Megatron torch_dist checkpoint folder (e.g. .../iter_0001000, holding .metadata)",
+    )
     config = args.config
     if os.path.isdir(config):
         config = os.path.join(config, "config.json")
@@ -224,12 +278,19 @@ def _cmd_export(args) -> int:
     _init_distributed()
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
-        info = export_torch_dist(args.src, args.dst, args.config, family=args.family, exclude=args.exclude or (),
-                                 dtype=dtype, max_shard_size=args.max_shard_size,
-                                 overwrite=args.overwrite, progress=not args.quiet)
+        info = export_torch_dist(
+            args.src,
+            args.dst,
+            args.config,
+            family=args.family,
+            exclude=args.exclude or (),
+            dtype=dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     except KeyError as e:
-        raise UsageError(f"--config {config}: has no {e.args[0]!r}; give the model's full HF "
-                         f"config.json") from None
+        raise UsageError(f"--config {config}: has no {e.args[0]!r}; give the model's full HF config.json") from None
     _report("export --from megatron", info)
     return 0
 
@@ -247,6 +308,7 @@ def _positive_int(text: str) -> int:
 
 def _size(text: str) -> str:
     from dcp_hf.format import parse_size
+
     try:
         parse_size(text)
     except ValueError as e:
@@ -256,6 +318,7 @@ def _size(text: str) -> str:
 
 def _demo_size(shape) -> str:
     import math
+
     return f"{sum(math.prod(s) for s in shape.tensors().values()) * 2 / 1e6:.1f} MB"
 
 
@@ -265,34 +328,45 @@ LAYOUTS = ["auto", "transformers", "mindspeed", "flat"]
 def _common(parser: argparse.ArgumentParser, *, shard: bool = True) -> None:
     """Options every writing command takes."""
     if shard:
-        parser.add_argument("--max-shard-size", default="5GB", type=_size,
-                            help="largest output file (5GB = 5*10**9 bytes, as huggingface_hub; "
-                                 "also MB, GiB, ...)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a checkpoint already in the output folder")
+        parser.add_argument(
+            "--max-shard-size",
+            default="5GB",
+            type=_size,
+            help="largest output file (5GB = 5*10**9 bytes, as huggingface_hub; also MB, GiB, ...)",
+        )
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in the output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape
+
     parser = argparse.ArgumentParser(prog="dcp-hf", description=DOC, formatter_class=_Formatter)
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     debug = argparse.ArgumentParser(add_help=False)  # also after the command, not resetting it
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show the Python traceback of an error")
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, description: str | None = None, on=sub):
-        return on.add_parser(name, help=help, description=description or help,
-                             formatter_class=_Formatter, parents=[debug])
+        return on.add_parser(
+            name, help=help, description=description or help, formatter_class=_Formatter, parents=[debug]
+        )
 
-    demo = command("demo", "save a sharded Llama-shaped model as an HF checkpoint in local "
-                           "processes, reload it resharded, verify it, print GB/s")
+    demo = command(
+        "demo",
+        "save a sharded Llama-shaped model as an HF checkpoint in local "
+        "processes, reload it resharded, verify it, print GB/s",
+    )
     demo.add_argument("--output", default="demo-output", help="output folder")
     demo.add_argument("--nproc", type=_positive_int, default=2, help="local processes (gloo)")
-    demo.add_argument("--size", choices=["small", "1b"], default="small",
-                      help=f"small: {_demo_size(LlamaShape())} bf16; 1b: Llama-1B-like, "
-                           f"{_demo_size(LLAMA_1B_LIKE)} bf16")
+    demo.add_argument(
+        "--size",
+        choices=["small", "1b"],
+        default="small",
+        help=f"small: {_demo_size(LlamaShape())} bf16; 1b: Llama-1B-like, {_demo_size(LLAMA_1B_LIKE)} bf16",
+    )
     demo.add_argument("--max-shard-size", default="20MB", type=_size, help="largest output file")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
@@ -302,63 +376,101 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     insp.set_defaults(func=_cmd_inspect)
 
-    exp = command("experts", "merge per-expert HF tensors into one tensor per layer, or split "
-                             "them back (streaming; under torchrun, spread over processes)")
+    exp = command(
+        "experts",
+        "merge per-expert HF tensors into one tensor per layer, or split "
+        "them back (streaming; under torchrun, spread over processes)",
+    )
     directions = exp.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
-    for direction, what in (("merge", "per-expert HF tensors -> one merged tensor per layer "
-                                      "and projection"),
-                            ("split", "merged expert tensors -> per-expert HF tensors (the "
-                                      "merged form is read off the tensors' shapes)")):
+    for direction, what in (
+        ("merge", "per-expert HF tensors -> one merged tensor per layer and projection"),
+        ("split", "merged expert tensors -> per-expert HF tensors (the merged form is read off the tensors' shapes)"),
+    ):
         d = command(direction, what, on=directions)
         d.add_argument("src", metavar="SRC", help="HF checkpoint folder")
         d.add_argument("dst", metavar="DST", help="output folder (config and tokenizer files are copied)")
-        d.add_argument("--layout", choices=LAYOUTS, default="auto",
-                       help="merged form; auto: from SRC's config.json"
-                            + (" or the tensors' shapes" if direction == "split" else ""))
+        d.add_argument(
+            "--layout",
+            choices=LAYOUTS,
+            default="auto",
+            help="merged form; auto: from SRC's config.json"
+            + (" or the tensors' shapes" if direction == "split" else ""),
+        )
         _common(d)
         d.set_defaults(func=_cmd_experts)
 
-    conv = command("convert", "HF checkpoint <-> native DCP checkpoint (FileSystemWriter format), "
-                              "through a layout and key prefixes")
-    conv.add_argument("--to", choices=["dcp", "hf", "dequantized"], required=True,
-                      help="dcp: SRC is an HF folder; hf: SRC is a native DCP folder; dequantized: "
-                           "SRC is a quantized HF release (FP8 block-scaled, MXFP4), written "
-                           "dequantized as a plain HF checkpoint in --dtype")
+    conv = command(
+        "convert",
+        "HF checkpoint <-> native DCP checkpoint (FileSystemWriter format), through a layout and key prefixes",
+    )
+    conv.add_argument(
+        "--to",
+        choices=["dcp", "hf", "dequantized"],
+        required=True,
+        help="dcp: SRC is an HF folder; hf: SRC is a native DCP folder; dequantized: "
+        "SRC is a quantized HF release (FP8 block-scaled, MXFP4), written "
+        "dequantized as a plain HF checkpoint in --dtype",
+    )
     conv.add_argument("src", metavar="SRC", help="checkpoint folder to read")
     conv.add_argument("dst", metavar="DST", help="output folder")
-    conv.add_argument("--layout", choices=LAYOUTS, default="auto",
-                      help="merged-experts form of the DCP side; auto: from config.json and the "
-                           "tensors' shapes")
-    conv.add_argument("--prefix", action="append", metavar="MEM=HF",
-                      help="DCP keys start with MEM where HF keys start with HF, e.g. 'model.=' "
-                           "(repeatable)")
-    conv.add_argument("--config-from", metavar="HF_DIR",
-                      help="optional, --to hf: HF folder whose config.json (and the layout it "
-                           "implies), tokenizer and generation files go with the output; without "
-                           "it the output has weights only")
-    conv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
-                      help="--to dequantized: the dtype of the dequantized weights")
+    conv.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="auto",
+        help="merged-experts form of the DCP side; auto: from config.json and the tensors' shapes",
+    )
+    conv.add_argument(
+        "--prefix",
+        action="append",
+        metavar="MEM=HF",
+        help="DCP keys start with MEM where HF keys start with HF, e.g. 'model.=' (repeatable)",
+    )
+    conv.add_argument(
+        "--config-from",
+        metavar="HF_DIR",
+        help="optional, --to hf: HF folder whose config.json (and the layout it "
+        "implies), tokenizer and generation files go with the output; without "
+        "it the output has weights only",
+    )
+    conv.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default="bf16",
+        help="--to dequantized: the dtype of the dequantized weights",
+    )
     _common(conv)
     conv.set_defaults(func=_cmd_convert)
 
-    export = command("export", "a Megatron torch_dist checkpoint -> HF checkpoint, without building "
-                               "the model (streaming; under torchrun, spread over processes)")
-    export.add_argument("--from", dest="source", choices=["megatron"], required=True,
-                        help="the source's format")
-    export.add_argument("src", metavar="SRC", help="Megatron torch_dist checkpoint folder "
-                                                   "(e.g. .../iter_0001000)")
+    export = command(
+        "export",
+        "a Megatron torch_dist checkpoint -> HF checkpoint, without building "
+        "the model (streaming; under torchrun, spread over processes)",
+    )
+    export.add_argument("--from", dest="source", choices=["megatron"], required=True, help="the source's format")
+    export.add_argument("src", metavar="SRC", help="Megatron torch_dist checkpoint folder (e.g. .../iter_0001000)")
     export.add_argument("dst", metavar="DST", help="output folder or s3:// URL")
-    export.add_argument("--config", required=True, metavar="HF_CONFIG",
-                        help="the model's HF config.json, or an HF folder (its tokenizer files "
-                             "are copied too)")
-    export.add_argument("--family", help="optional: the HF family (llama, mistral, qwen2, qwen3, "
-                                         "qwen2_moe, qwen3_moe, mixtral, glm4_moe, deepseek_v2, "
-                                         "deepseek_v3); must be the config's model_type (names it "
-                                         "where the config does not)")
-    export.add_argument("--exclude", action="append", metavar="GLOB",
-                        help="Megatron keys to leave out, e.g. 'mtp.*' (repeatable)")
-    export.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",
-                        help="floating tensors' dtype in the output (DeepSeek's expert bias stays fp32)")
+    export.add_argument(
+        "--config",
+        required=True,
+        metavar="HF_CONFIG",
+        help="the model's HF config.json, or an HF folder (its tokenizer files are copied too)",
+    )
+    export.add_argument(
+        "--family",
+        help="optional: the HF family (llama, mistral, qwen2, qwen3, "
+        "qwen2_moe, qwen3_moe, mixtral, glm4_moe, deepseek_v2, "
+        "deepseek_v3); must be the config's model_type (names it "
+        "where the config does not)",
+    )
+    export.add_argument(
+        "--exclude", action="append", metavar="GLOB", help="Megatron keys to leave out, e.g. 'mtp.*' (repeatable)"
+    )
+    export.add_argument(
+        "--dtype",
+        choices=["keep", "bf16", "fp16", "fp32"],
+        default="keep",
+        help="floating tensors' dtype in the output (DeepSeek's expert bias stays fp32)",
+    )
     _common(export)
     export.set_defaults(func=_cmd_export)
     return parser
@@ -380,13 +492,13 @@ def main(argv: list[str] | None = None) -> int:
         cause = _root_cause(e)
         from dcp_hf.errors import DcpHfError
         from dcp_hf.extras import MissingExtraError
+
         if isinstance(cause, OSError) and cause.filename and cause.strerror:
             message = f"{cause.filename}: {cause.strerror}"
         elif isinstance(cause, (UsageError, DcpHfError, MissingExtraError, OSError, ValueError)):
             message = _as_cli_message(str(cause))
         else:
-            message = (f"unexpected {type(cause).__name__}: {cause} (a bug: rerun with --debug "
-                       f"and report the traceback)")
+            message = f"unexpected {type(cause).__name__}: {cause} (a bug: rerun with --debug and report the traceback)"
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same story
             print(f"{where}: {message}", file=sys.stderr)
         return 1

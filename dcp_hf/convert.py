@@ -98,8 +98,9 @@ class _BandReader:
     def _read_ahead(self) -> None:
         for band in self.bands:
             with self.cond:
-                self.cond.wait_for(lambda band=band: self.closed or band.state != "new"
-                                   or self.held + band.nbytes <= self.budget)
+                self.cond.wait_for(
+                    lambda band=band: self.closed or band.state != "new" or self.held + band.nbytes <= self.budget
+                )
                 if self.closed:
                     return
                 if band.state != "new":
@@ -158,8 +159,15 @@ class StreamingSavePlanner(HFSavePlanner):
     least one expert's rows to be read ahead; larger ones are read when first needed. Call
     ``close`` after the save."""
 
-    def __init__(self, layout: Layout, source: StorageReader, source_layout: Layout, *,
-                 band_bytes: int = 16 << 20, bands_ahead: int = 2):
+    def __init__(
+        self,
+        layout: Layout,
+        source: StorageReader,
+        source_layout: Layout,
+        *,
+        band_bytes: int = 16 << 20,
+        bands_ahead: int = 2,
+    ):
         super().__init__(layout)
         self.source = source
         self.source_layout = source_layout
@@ -184,8 +192,9 @@ class StreamingSavePlanner(HFSavePlanner):
         items = sorted(plan.items, key=position)
         bands = self._plan_bands(items)
         self.close()
-        self._reader = _BandReader(list(dict.fromkeys(bands.values())), self._read_band,
-                                   self.bands_ahead * self.band_bytes, self.band_bytes)
+        self._reader = _BandReader(
+            list(dict.fromkeys(bands.values())), self._read_band, self.bands_ahead * self.band_bytes, self.band_bytes
+        )
         self._band_of = bands
         return dataclasses.replace(plan, items=items)
 
@@ -244,8 +253,9 @@ class StreamingSavePlanner(HFSavePlanner):
         out = None if buffer is None else torch.empty(0, dtype=dtype).set_(buffer, 0, size)
         return self.fetch(band.source, (band.lo,) + (0,) * (len(shape) - 1), size, out)
 
-    def fetch(self, source: MetadataIndex, lo: tuple[int, ...], size: tuple[int, ...],
-              out: torch.Tensor | None = None) -> torch.Tensor:
+    def fetch(
+        self, source: MetadataIndex, lo: tuple[int, ...], size: tuple[int, ...], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The box (lo, size) of the local chunk ``source``, read from the source checkpoint
         (into ``out`` if given)."""
         value = self.state_dict[source.fqn]  # a meta tensor or a TensorBox of one
@@ -307,14 +317,19 @@ def _my_share(specs: dict[str, TensorSpec]) -> dict:
     return mine
 
 
-def stream(specs: dict[str, TensorSpec], source: StorageReader, source_layout: Layout,
-           writer, dest_layout: Layout, band_bytes: int = 16 << 20) -> None:
+def stream(
+    specs: dict[str, TensorSpec],
+    source: StorageReader,
+    source_layout: Layout,
+    writer,
+    dest_layout: Layout,
+    band_bytes: int = 16 << 20,
+) -> None:
     """Write ``specs`` (in-memory tensors) with ``writer`` through ``dest_layout``, reading each
     box from ``source`` through ``source_layout`` (see ``StreamingSavePlanner``)."""
     planner = StreamingSavePlanner(dest_layout, source, source_layout, band_bytes=band_bytes)
     try:
-        dcp.save(_my_share(specs), storage_writer=writer, planner=planner,
-                 no_dist=not dist.is_initialized())
+        dcp.save(_my_share(specs), storage_writer=writer, planner=planner, no_dist=not dist.is_initialized())
     finally:
         planner.close()
 
@@ -338,8 +353,9 @@ def copy_side_files(src: str, dst: str, recursive: bool = False) -> list[str]:
     os.makedirs(dst, exist_ok=True)
     inside = os.path.realpath(dst)  # DST may lie in SRC: not copied into itself
     for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if recursive and not d.startswith(".")
-                         and os.path.realpath(os.path.join(root, d)) != inside)
+        dirs[:] = sorted(
+            d for d in dirs if recursive and not d.startswith(".") and os.path.realpath(os.path.join(root, d)) != inside
+        )
         rel = os.path.relpath(root, src)
         for name in sorted(files):
             if not _is_side_file(name):
@@ -373,14 +389,16 @@ def experts_layout(src: str, source: dict[str, TensorSpec], direction: str, styl
     if model is not None and style is None and inferred not in (None, model.style):
         raise CheckpointFormatError(
             f"{src}: the merged experts are in the {inferred!r} form, not MindSpeed-MM's "
-            f"{model.style!r} form for a {model.config_class}; pass --layout {inferred} to split them")
+            f"{model.style!r} form for a {model.config_class}; pass --layout {inferred} to split them"
+        )
     layout = detect_layout(src, style or (None if model else inferred))
     if not layout.rules:
         what = f"model type {config.get('model_type')!r}" if config else "no config.json"
         raise CheckpointFormatError(
             f"{src}: {what}: no known merged-experts form (known: {', '.join(MINDSPEED_MODELS)} as "
             f"MindSpeed-MM merges them, and transformers' MoE families {', '.join(TRANSFORMERS_MOE)}); "
-            f"name the form with --layout transformers|mindspeed|flat")
+            f"name the form with --layout transformers|mindspeed|flat"
+        )
     return layout if model else layout.without_renames()
 
 
@@ -408,7 +426,8 @@ def _experts_plan(direction: str, src: str, style: str | None) -> _Stream:
         if outside:
             raise CheckpointFormatError(
                 f"{src}: {layout.name}'s merged form has no name for {sorted(outside)[:5]} "
-                f"(only {', '.join(repr(p) for r in layout.renames for p in (r.hf, *r.keep))} keys)")
+                f"(only {', '.join(repr(p) for r in layout.renames for p in (r.hf, *r.keep))} keys)"
+            )
         if len(specs) == len(source):
             raise CheckpointFormatError(f"{src}: no per-expert tensors to merge ({layout.name}, {rule.style})")
         return _Stream(reader, specs, layout, IDENTITY, layout, len(source))
@@ -419,12 +438,22 @@ def _experts_plan(direction: str, src: str, style: str | None) -> _Stream:
         for piece in layout.pieces(key, spec.shape):
             if written.setdefault(piece.hf_key, key) != key:
                 raise CheckpointFormatError(
-                    f"{src}: {key!r} and {written[piece.hf_key]!r} both split into {piece.hf_key!r}")
+                    f"{src}: {key!r} and {written[piece.hf_key]!r} both split into {piece.hf_key!r}"
+                )
     return _Stream(reader, source, IDENTITY, layout, layout, len(source))
 
 
-def experts(direction: str, src: str, dst: str, style: str | None = None, *, max_shard_size="5GB",
-            overwrite=False, progress=False, band_bytes: int = 16 << 20) -> dict:
+def experts(
+    direction: str,
+    src: str,
+    dst: str,
+    style: str | None = None,
+    *,
+    max_shard_size="5GB",
+    overwrite=False,
+    progress=False,
+    band_bytes: int = 16 << 20,
+) -> dict:
     """``merge``: per-expert HF -> merged HF; ``split``: merged HF -> per-expert HF, as
     MindSpeed-MM's ``moe_expert --style merge|split`` does for its models (see
     ``experts_layout``). ``style`` (transformers, mindspeed, flat) overrides the merged form.
@@ -438,18 +467,26 @@ def experts(direction: str, src: str, dst: str, style: str | None = None, *, max
     # side is a URL, SRC's top-level ones are written by the writer before its index.
     remote = is_url(src) or is_url(dst)
     side = on_every_rank(lambda: read_side_files(src) if remote and is_main() else {})
-    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-                             side_files=side)
+    writer = HFStorageWriter(
+        dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, side_files=side
+    )
     stream(plan.specs, plan.reader, plan.source_layout, writer, plan.dest_layout, band_bytes)
     # on every rank: no rank returns (say, to read DST's config) before the copy is done
-    copied = sorted(side) if remote else on_every_rank(
-        lambda: copy_side_files(src, dst, recursive=True) if is_main() else [])
-    return {"layout": f"{plan.layout.name}, {plan.layout.rules[0].style}", "tensors_in": plan.tensors_in,
-            "copied": copied}
+    copied = (
+        sorted(side)
+        if remote
+        else on_every_rank(lambda: copy_side_files(src, dst, recursive=True) if is_main() else [])
+    )
+    return {
+        "layout": f"{plan.layout.name}, {plan.layout.rules[0].style}",
+        "tensors_in": plan.tensors_in,
+        "copied": copied,
+    }
 
 
-def hf_to_dcp(src: str, dst: str, layout: Layout | None = None, *, style: str | None = None,
-              prefixes=(), progress=False) -> dict:
+def hf_to_dcp(
+    src: str, dst: str, layout: Layout | None = None, *, style: str | None = None, prefixes=(), progress=False
+) -> dict:
     """An HF checkpoint -> a native DCP checkpoint (``FileSystemWriter`` format) whose keys are
     the in-memory keys of ``layout`` (default: from SRC's config.json and ``style``, plus
     ``prefixes``)."""
@@ -460,8 +497,17 @@ def hf_to_dcp(src: str, dst: str, layout: Layout | None = None, *, style: str | 
     return {"tensors": len(specs), "outside_layout": outside}
 
 
-def dcp_to_hf(src: str, dst: str, layout: Layout | None = None, *, config_from: str | None = None,
-              prefixes=(), max_shard_size="5GB", overwrite=False, progress=False) -> dict:
+def dcp_to_hf(
+    src: str,
+    dst: str,
+    layout: Layout | None = None,
+    *,
+    config_from: str | None = None,
+    prefixes=(),
+    max_shard_size="5GB",
+    overwrite=False,
+    progress=False,
+) -> dict:
     """A native DCP checkpoint -> an HF checkpoint, through ``layout`` (default: from
     ``config_from``'s config.json, with the merged form read off the DCP tensors' shapes)."""
     reader = dcp.FileSystemReader(src)
@@ -474,20 +520,24 @@ def dcp_to_hf(src: str, dst: str, layout: Layout | None = None, *, config_from: 
     return {"tensors": len(specs), "skipped_non_tensors": skipped, "copied": copied}
 
 
-def dequantize(src: str, dst: str, dtype: torch.dtype = torch.bfloat16, *, max_shard_size="5GB",
-               overwrite=False, progress=False) -> dict:
+def dequantize(
+    src: str, dst: str, dtype: torch.dtype = torch.bfloat16, *, max_shard_size="5GB", overwrite=False, progress=False
+) -> dict:
     """A quantized HF checkpoint (FP8 block-scaled, MXFP4; from its config.json) -> the same
     checkpoint in ``dtype``, streaming: each process reads and dequantizes only the boxes it
     writes (under ``torchrun`` the tensors are spread over the processes). Keys stay the HF
     keys (GPT-OSS experts take transformers' orientation, as its bf16 checkpoints do); the
     config.json written beside them has no ``quantization_config``."""
     from dcp_hf.layouts.quantized import SwapLastDims
+
     found = detect_layout(src)
     if found.quantization is None:
         raise ValueError(f"{src}: config.json has no quantization_config; nothing to dequantize")
-    layout = Layout(tuple(r for r in found.rules if isinstance(r, SwapLastDims)),
-                    quantization=dataclasses.replace(found.quantization, logical_dtype=dtype),
-                    name=found.name)
+    layout = Layout(
+        tuple(r for r in found.rules if isinstance(r, SwapLastDims)),
+        quantization=dataclasses.replace(found.quantization, logical_dtype=dtype),
+        name=found.name,
+    )
     reader = HFStorageReader(src)
     source = hf_specs(reader)
     specs, _ = layout.memory_specs(source)
@@ -495,9 +545,15 @@ def dequantize(src: str, dst: str, dtype: torch.dtype = torch.bfloat16, *, max_s
     config.pop("quantization_config", None)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     # config.json and the tokenizer files are committed with the weights, in one step
-    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-                             config=config, copy_from=src)
+    writer = HFStorageWriter(
+        dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, config=config, copy_from=src
+    )
     stream(specs, reader, layout, writer, IDENTITY)
     copied = sorted(writer.side_files)
-    return {"layout": layout.name, "tensors_in": len(source), "tensors_out": len(specs),
-            "dequantized": len(source) - len(specs), "copied": copied}
+    return {
+        "layout": layout.name,
+        "tensors_in": len(source),
+        "tensors_out": len(specs),
+        "dequantized": len(source) - len(specs),
+        "copied": copied,
+    }

@@ -27,15 +27,24 @@ def sharded_llama(shape: LlamaShape, dtype: torch.dtype, layout: str, empty: boo
         dim = tensor_parallel_dim(key) if layout == "tp" and len(full_shape) > 1 else 0
         placements = [Shard(dim)]
         sizes, offsets = compute_local_shape_and_global_offset(full_shape, mesh, placements)
-        local = (torch.empty(sizes, dtype=dtype) if empty
-                 else pattern_chunk(key, full_shape, tuple(offsets), tuple(sizes), dtype))
-        out[key] = DTensor.from_local(local, mesh, placements, shape=torch.Size(full_shape),
-                                      stride=torch.empty(full_shape, device="meta").stride())
+        local = (
+            torch.empty(sizes, dtype=dtype)
+            if empty
+            else pattern_chunk(key, full_shape, tuple(offsets), tuple(sizes), dtype)
+        )
+        out[key] = DTensor.from_local(
+            local,
+            mesh,
+            placements,
+            shape=torch.Size(full_shape),
+            stride=torch.empty(full_shape, device="meta").stride(),
+        )
     return out
 
 
-def _rank_save_then_load(rank: int, world: int, path: str, shape: LlamaShape, dtype: torch.dtype,
-                         max_shard_size: str, progress: bool):
+def _rank_save_then_load(
+    rank: int, world: int, path: str, shape: LlamaShape, dtype: torch.dtype, max_shard_size: str, progress: bool
+):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -44,10 +53,13 @@ def _rank_save_then_load(rank: int, world: int, path: str, shape: LlamaShape, dt
     state = sharded_llama(shape, dtype, "tp")
     dist.barrier()
     t0 = time.perf_counter()
-    dcp.save(state, storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size,
-                                                   overwrite=True, progress=progress,
-                                                   config=shape.hf_config(dtype)),
-             planner=HFSavePlanner())
+    dcp.save(
+        state,
+        storage_writer=HFStorageWriter(
+            path, max_shard_size=max_shard_size, overwrite=True, progress=progress, config=shape.hf_config(dtype)
+        ),
+        planner=HFSavePlanner(),
+    )
     save_s = time.perf_counter() - t0
     del state
 
@@ -68,6 +80,7 @@ def _rank_save_then_load(rank: int, world: int, path: str, shape: LlamaShape, dt
 def verify_plain(path: str, shape: LlamaShape, dtype: torch.dtype) -> int:
     """Check the output with the reference safetensors reader, one tensor at a time."""
     from safetensors import safe_open
+
     index_path = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index_path):
         with open(index_path) as f:
@@ -85,16 +98,14 @@ def verify_plain(path: str, shape: LlamaShape, dtype: torch.dtype) -> int:
     return len(weight_map)
 
 
-def run_demo(output: str, nproc: int, shape: LlamaShape, max_shard_size: str,
-             progress: bool = False) -> None:
+def run_demo(output: str, nproc: int, shape: LlamaShape, max_shard_size: str, progress: bool = False) -> None:
     from dcp_hf.testing import run_ranks
+
     dtype = torch.bfloat16
     nbytes = sum(torch.Size(s).numel() for s in shape.tensors().values()) * dtype.itemsize
-    print(f"dcp-hf demo: Llama-shaped model {shape.describe()}, {nbytes / 1e6:.1f} MB bf16, "
-          f"{nproc} processes (gloo)")
+    print(f"dcp-hf demo: Llama-shaped model {shape.describe()}, {nbytes / 1e6:.1f} MB bf16, {nproc} processes (gloo)")
     print(f"  save: tensor-parallel DTensors (column/row sharded) -> HF checkpoint in {output}")
-    results = run_ranks(_rank_save_then_load, nproc, output, shape, dtype, max_shard_size,
-                        progress)
+    results = run_ranks(_rank_save_then_load, nproc, output, shape, dtype, max_shard_size, progress)
     save_s = max(r[0] for r in results)
     load_s = max(r[1] for r in results)
     wrong = sorted({k for r in results for k in r[2]})
@@ -103,7 +114,9 @@ def run_demo(output: str, nproc: int, shape: LlamaShape, max_shard_size: str,
     count = verify_plain(output, shape, dtype)
     files = sorted(os.listdir(output))
     print(f"  files: {', '.join(files)}")
-    print(f"  save {nbytes / save_s / 1e9:.2f} GB/s ({save_s:.2f} s); load resharded to FSDP "
-          f"Shard(0): {nbytes / load_s / 1e9:.2f} GB/s ({load_s:.2f} s)")
+    print(
+        f"  save {nbytes / save_s / 1e9:.2f} GB/s ({save_s:.2f} s); load resharded to FSDP "
+        f"Shard(0): {nbytes / load_s / 1e9:.2f} GB/s ({load_s:.2f} s)"
+    )
     print(f"  verified: {count} tensors bit-exact after reload, and with safetensors.safe_open")
     print(f"  load it with transformers: AutoModelForCausalLM.from_pretrained({output!r})")

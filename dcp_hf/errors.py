@@ -42,7 +42,8 @@ class PeerRankError(DcpHfError, RuntimeError):
 def not_a_tensor(key: str) -> StateDictMismatchError:
     return StateDictMismatchError(
         f"{key!r} is not a tensor: an HF safetensors checkpoint holds tensors only (remove it "
-        f"from the state dict or save it elsewhere)")
+        f"from the state dict or save it elsewhere)"
+    )
 
 
 def on_every_rank(fn, process_group=None):

@@ -15,8 +15,7 @@ class MissingExtraError(DcpHfError, ImportError):
 
 
 def _missing(extra: str, feature: str) -> MissingExtraError:
-    return MissingExtraError(f"{feature} needs {EXTRAS[extra]}, which is not installed: "
-                             f"pip install 'dcp-hf[{extra}]'")
+    return MissingExtraError(f"{feature} needs {EXTRAS[extra]}, which is not installed: pip install 'dcp-hf[{extra}]'")
 
 
 def require(module: str, extra: str, feature: str, *, load: bool = True):

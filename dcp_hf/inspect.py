@@ -16,8 +16,11 @@ from dcp_hf.storage.reader import HFStorageReader
 def printable(text: str) -> str:
     """``text`` with every non-printable character escaped (``\x1b``, ``\n``, ...): names come
     from the checkpoint, and must not drive the terminal."""
-    return text if text.isprintable() else "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return (
+        text
+        if text.isprintable()
+        else "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    )
 
 
 def quantized_tensors(path: str, specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
@@ -51,18 +54,24 @@ def inspect_checkpoint(path: str, verbose: bool = False) -> str:
             dtypes[name_from_dtype(t.dtype)] += t.nbytes
             total += t.nbytes
             if verbose:
-                lines.append(f"  {printable(t.name)}  {name_from_dtype(t.dtype)}  {list(t.shape)}  "
-                             f"{t.nbytes} bytes")
+                lines.append(f"  {printable(t.name)}  {name_from_dtype(t.dtype)}  {list(t.shape)}  {t.nbytes} bytes")
     specs = {k: TensorSpec(k, t.dtype, t.shape) for h in reader.headers.values() for k, t in h.tensors.items()}
     logical = quantized_tensors(reader.path, specs)
     if logical:
-        lines.append(f"quantized: {len(logical)} tensors load dequantized (data + scales -> logical "
-                     f"dtype and shape), {sum(s.nbytes for s in logical.values()) / 1e9:.3f} GB as loaded")
+        lines.append(
+            f"quantized: {len(logical)} tensors load dequantized (data + scales -> logical "
+            f"dtype and shape), {sum(s.nbytes for s in logical.values()) / 1e9:.3f} GB as loaded"
+        )
         if verbose:
-            lines += [f"  {printable(s.key)}  {name_from_dtype(s.dtype)}  {list(s.shape)}"
-                      for s in sorted(logical.values(), key=lambda s: s.key)]
+            lines += [
+                f"  {printable(s.key)}  {name_from_dtype(s.dtype)}  {list(s.shape)}"
+                for s in sorted(logical.values(), key=lambda s: s.key)
+            ]
     params = sum(math.prod(t.shape) for h in reader.headers.values() for t in h.tensors.values())
-    lines.append(f"total: {len(reader.weight_map)} tensors in {len(reader.headers)} files, "
-                 f"{params:,} elements, {total / 1e9:.3f} GB ("
-                 + ", ".join(f"{d} {n / 1e9:.3f} GB" for d, n in dtypes.most_common()) + ")")
+    lines.append(
+        f"total: {len(reader.weight_map)} tensors in {len(reader.headers)} files, "
+        f"{params:,} elements, {total / 1e9:.3f} GB ("
+        + ", ".join(f"{d} {n / 1e9:.3f} GB" for d, n in dtypes.most_common())
+        + ")"
+    )
     return "\n".join(lines)

@@ -29,11 +29,17 @@ class LlamaShape:
         out = {"model.embed_tokens.weight": (self.vocab, h)}
         for n in range(self.layers):
             p = f"model.layers.{n}."
-            out |= {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                    p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                    p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                    p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                    p + "post_attention_layernorm.weight": (h,)}
+            out |= {
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
         out["model.norm.weight"] = (h,)
         if not self.tie_embeddings:
             out["lm_head.weight"] = (self.vocab, h)
@@ -41,21 +47,31 @@ class LlamaShape:
 
     def hf_config(self, dtype: torch.dtype = torch.bfloat16) -> dict:
         """A config.json that lets ``AutoModelForCausalLM.from_pretrained`` load the checkpoint."""
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "hidden_size": self.hidden, "intermediate_size": self.intermediate,
-                "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
-                "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
-                "head_dim": self.head_dim, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-                "rope_theta": 10000.0, "hidden_act": "silu",
-                "tie_word_embeddings": self.tie_embeddings,
-                "torch_dtype": str(dtype).removeprefix("torch.")}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_embeddings,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
 
     def describe(self) -> dict:
         return asdict(self)
 
 
-LLAMA_1B_LIKE = LlamaShape(hidden=2048, layers=12, intermediate=8192, vocab=128256, heads=32,
-                           kv_heads=8, tie_embeddings=True)  # ~2.0 GB in bf16
+LLAMA_1B_LIKE = LlamaShape(
+    hidden=2048, layers=12, intermediate=8192, vocab=128256, heads=32, kv_heads=8, tie_embeddings=True
+)  # ~2.0 GB in bf16
 
 
 def tensor_parallel_dim(key: str) -> int:
@@ -63,12 +79,22 @@ def tensor_parallel_dim(key: str) -> int:
     return 1 if key.endswith(("o_proj.weight", "down_proj.weight")) else 0
 
 
-_BITS = {1: (torch.uint8, 0x3F), 2: (torch.int16, 0x3FFF), 4: (torch.int32, 0x3FFFFFFF),
-         8: (torch.int64, 0x3FFFFFFFFFFFFFFF)}
+_BITS = {
+    1: (torch.uint8, 0x3F),
+    2: (torch.int16, 0x3FFF),
+    4: (torch.int32, 0x3FFFFFFF),
+    8: (torch.int64, 0x3FFFFFFFFFFFFFFF),
+}
 
 
-def pattern_chunk(key: str, shape: tuple[int, ...], offsets: tuple[int, ...],
-                  sizes: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+def pattern_chunk(
+    key: str,
+    shape: tuple[int, ...],
+    offsets: tuple[int, ...],
+    sizes: tuple[int, ...],
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> torch.Tensor:
     """The box (offsets, sizes) of a deterministic pseudo-random tensor of ``shape``, computed
     from global element indices: any rank builds exactly its own chunk, never the full tensor.
     Floating values stay finite (the top exponent bits are cleared)."""
@@ -78,8 +104,9 @@ def pattern_chunk(key: str, shape: tuple[int, ...], offsets: tuple[int, ...],
         out = torch.empty(sizes, dtype=dtype)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            out[r0:r1] = pattern_chunk(key, shape, (offsets[0] + r0,) + tuple(offsets[1:]),
-                                       (r1 - r0,) + tuple(sizes[1:]), dtype, seed)
+            out[r0:r1] = pattern_chunk(
+                key, shape, (offsets[0] + r0,) + tuple(offsets[1:]), (r1 - r0,) + tuple(sizes[1:]), dtype, seed
+            )
         return out
     width = torch.empty((), dtype=dtype).element_size()
     int_dtype, mask = _BITS[width]

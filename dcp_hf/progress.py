@@ -25,8 +25,8 @@ class Progress:
         self._total = total
         if enabled and total > 0:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc,
-                             dynamic_ncols=True)
+
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, dynamic_ncols=True)
         self._lock = threading.Lock()
         self._done = 0.0
         self.start = time.perf_counter()
@@ -51,6 +51,7 @@ def log_throughput(what: str, nbytes: int, seconds: float, where: str) -> None:
 
 def _tensor_bytes(item) -> int:
     from dcp_hf.format.dtypes import itemsize
+
     td = item.tensor_data
     return td.chunk.sizes.numel() * itemsize(td.properties.dtype) if td is not None else 0
 
@@ -89,8 +90,9 @@ def file_system_writer(path, *, progress: bool = False, **kwargs):
 
         def write_data(self, plan, planner):
             own = sum(_tensor_bytes(i) for i in plan.items)
-            bar = Progress(progress and getattr(self, "is_coordinator", False), self.total or own,
-                           "dcp-hf save", own=own)
+            bar = Progress(
+                progress and getattr(self, "is_coordinator", False), self.total or own, "dcp-hf save", own=own
+            )
             try:
                 return super().write_data(plan, _CountingPlanner(planner, bar))
             finally:

@@ -23,10 +23,15 @@ class TensorBox:
         self.local = local
         self.offsets = torch.Size(offsets)
         self.global_shape = torch.Size(global_shape)
-        if len(self.offsets) != local.dim() or len(self.global_shape) != local.dim() or any(
-                o < 0 or o + n > g for o, n, g in zip(self.offsets, local.shape, self.global_shape)):
-            raise ValueError(f"box at {list(self.offsets)} of shape {list(local.shape)} does not "
-                             f"fit in a tensor of shape {list(self.global_shape)}")
+        if (
+            len(self.offsets) != local.dim()
+            or len(self.global_shape) != local.dim()
+            or any(o < 0 or o + n > g for o, n, g in zip(self.offsets, local.shape, self.global_shape))
+        ):
+            raise ValueError(
+                f"box at {list(self.offsets)} of shape {list(local.shape)} does not "
+                f"fit in a tensor of shape {list(self.global_shape)}"
+            )
 
     def size(self) -> torch.Size:
         return self.global_shape
@@ -40,8 +45,10 @@ class TensorBox:
         return self.local.dtype
 
     def __repr__(self) -> str:
-        return (f"TensorBox(offsets={list(self.offsets)}, local={list(self.local.shape)}, "
-                f"global={list(self.global_shape)}, dtype={self.dtype})")
+        return (
+            f"TensorBox(offsets={list(self.offsets)}, local={list(self.local.shape)}, "
+            f"global={list(self.global_shape)}, dtype={self.dtype})"
+        )
 
     # -- what DCP's load-plan helpers call (through HFLoadPlanner) ----------------------------
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
@@ -56,12 +63,14 @@ class TensorBox:
         """Called only by planners that do not know TensorBox (ours read it directly)."""
         raise StateDictMismatchError(
             f"{fqn!r} is a TensorBox: save it with planner=HFSavePlanner() (and load it with "
-            f"planner=HFLoadPlanner()); DCP's default planners cannot resolve its data")
+            f"planner=HFLoadPlanner()); DCP's default planners cannot resolve its data"
+        )
 
 
 def find_chunk(state_dict: dict, index: MetadataIndex) -> torch.Tensor:
     """The local tensor of chunk ``index`` (DCP's own lookup, plus TensorBox values)."""
     from torch.distributed.checkpoint.utils import find_state_dict_object
+
     value = state_dict.get(index.fqn)
     if isinstance(value, TensorBox):
         return value.__get_tensor_shard__(index)

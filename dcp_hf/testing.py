@@ -26,10 +26,16 @@ def _entry(fn, rank, world_size, init_file, args, queue, pg_timeout):
     from datetime import timedelta
 
     import torch.distributed as dist
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=pg_timeout))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=pg_timeout),
+        )
         result = fn(rank, world_size, *args)
         queue.put((rank, True, result))
     except BaseException:
@@ -39,8 +45,14 @@ def _entry(fn, rank, world_size, init_file, args, queue, pg_timeout):
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300,
-              pg_timeout: float = 300, daemon: bool = True) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300,
+    pg_timeout: float = 300,
+    daemon: bool = True,
+) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes with a gloo
     process group initialized (collectives time out after ``pg_timeout`` seconds); return each
     rank's result (picklable), or raise RankFailure with every failing rank's traceback.
@@ -50,9 +62,10 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="dcp-hf-pg-") as tmp:
         init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, args, queue, pg_timeout),
-                             daemon=daemon)
-                 for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_entry, args=(fn, r, world_size, init_file, args, queue, pg_timeout), daemon=daemon)
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         results: dict[int, tuple[bool, Any]] = {}
@@ -75,8 +88,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     failures = [f"rank {r}:\n{v}" for r, (ok, v) in sorted(results.items()) if not ok]
     lost = [r for r in range(world_size) if r not in results]
     if lost:
-        failures.append(f"ranks {lost} did not finish within {timeout:.0f} s (exit codes "
-                        f"{[procs[r].exitcode for r in lost]})")
+        failures.append(
+            f"ranks {lost} did not finish within {timeout:.0f} s (exit codes {[procs[r].exitcode for r in lost]})"
+        )
     if failures:
         raise RankFailure("\n".join(failures), results, lost)
     return [results[r][1] for r in range(world_size)]
@@ -98,8 +112,9 @@ class SimulatedSave:
         return self.planners[rank].finish_plan(self.global_plans[rank]).items
 
 
-def simulate_save_plans(states: Iterable[dict], path: str, layout=None, keep_planners: bool = False,
-                        **writer_options) -> SimulatedSave:
+def simulate_save_plans(
+    states: Iterable[dict], path: str, layout=None, keep_planners: bool = False, **writer_options
+) -> SimulatedSave:
     """Plan a save of ``states`` (one state dict per simulated rank, e.g. of meta tensors in
     TensorBoxes: no data is needed) exactly as ``dcp.save`` with HFSavePlanner and
     HFStorageWriter would, in this process: every rank's local plan, then the coordinator's
@@ -132,5 +147,6 @@ def simulate_save_plans(states: Iterable[dict], path: str, layout=None, keep_pla
     finally:
         if collect:
             gc.enable()
-    return SimulatedSave(local_plans, global_plans, seconds, global_seconds, coordinator,
-                         planners if keep_planners else None)
+    return SimulatedSave(
+        local_plans, global_plans, seconds, global_seconds, coordinator, planners if keep_planners else None
+    )

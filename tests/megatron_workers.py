@@ -37,7 +37,9 @@ MLA_NAMES = {  # DeepSeek-V2/V3 attention (modeling_deepseek_v3.DeepseekV3Attent
     "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight",
 }
 MTP_OWN = {  # DeepSeek-V3/GLM-4.5 MTP layer: enorm(embedding), hnorm(hidden) -> eh_proj; shared_head
-    "enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
     "final_layernorm.weight": "shared_head.norm.weight",
 }
 
@@ -59,9 +61,16 @@ class Oracle:
     @classmethod
     def of(cls, hf: dict, mtp: int = 0) -> "Oracle":
         heads = hf["num_attention_heads"]
-        return cls(hf["model_type"], heads, hf.get("num_key_value_heads") or heads,
-                   hf.get("head_dim") or hf["hidden_size"] // heads, hf["vocab_size"],
-                   hf["num_hidden_layers"], bool(hf.get("tie_word_embeddings")), mtp)
+        return cls(
+            hf["model_type"],
+            heads,
+            hf.get("num_key_value_heads") or heads,
+            hf.get("head_dim") or hf["hidden_size"] // heads,
+            hf["vocab_size"],
+            hf["num_hidden_layers"],
+            bool(hf.get("tie_word_embeddings")),
+            mtp,
+        )
 
     def moe_names(self):
         """(module of the router and routed experts, expert gate, up, down linears)."""
@@ -73,8 +82,7 @@ class Oracle:
         return "mlp.shared_expert" if self.family == "qwen2_moe" else "mlp.shared_experts"
 
 
-def run_layouts(rank, world, hf_dir, out_root, layouts, experts="sequential", pad_vocab_to=None,
-                dtype=None, mtp=False):
+def run_layouts(rank, world, hf_dir, out_root, layouts, experts="sequential", pad_vocab_to=None, dtype=None, mtp=False):
     """At each layout i: a random model saved to rand{i} (with its parameters dumped for the
     oracle), the HF checkpoint loaded and saved again to rt{i}, and the previous layout's random
     export loaded and saved again to cross{i}."""
@@ -88,8 +96,14 @@ def run_layouts(rank, world, hf_dir, out_root, layouts, experts="sequential", pa
     for i, p in enumerate(layouts):
         init_parallel(p)
         chunks = build_gpt(hf, p, experts=experts, seed=100 + i, pad_vocab_to=pad_vocab_to, mtp=mtp)
-        dmeg.save_hf(chunks, f"{out_root}/rand{i}", family=hf["model_type"], vocab_size=hf["vocab_size"],
-                     dtype=dtype, max_shard_size="20KB")
+        dmeg.save_hf(
+            chunks,
+            f"{out_root}/rand{i}",
+            family=hf["model_type"],
+            vocab_size=hf["vocab_size"],
+            dtype=dtype,
+            max_shard_size="20KB",
+        )
         dump_params(chunks, f"{out_root}/dump{i}", rank)
         dmeg.load_hf(chunks, hf_dir)
         dmeg.save_hf(chunks, f"{out_root}/rt{i}", config=hf_dir)  # config.json given: checked against the model
@@ -136,8 +150,9 @@ def plain_params(chunks) -> dict[str, dict]:
                 n_local = _local_experts(chunk)
                 name = f"{e.group(1)}{ep * n_local + int(e.group(2))}.{e.group(3)}"
             dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-            out[name] = dict(data=param.detach(), dim=dim, tp=etp if is_expert else tp,
-                             replica=(edp if is_expert else dp) != 0)
+            out[name] = dict(
+                data=param.detach(), dim=dim, tp=etp if is_expert else tp, replica=(edp if is_expert else dp) != 0
+            )
     return out
 
 
@@ -181,7 +196,7 @@ def naive_hf(name, parts, dim, o: Oracle) -> dict[str, torch.Tensor]:
     if name in HF_NAMES:
         if name == "output_layer.weight" and o.tied:
             return {}
-        return {HF_NAMES[name]: full[:o.vocab_size] if "embed" in name or "output" in name else full}
+        return {HF_NAMES[name]: full[: o.vocab_size] if "embed" in name or "output" in name else full}
     m = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
     if m is None:
         m = re.match(r"mtp\.layers\.(\d+)\.(.+)", name)
@@ -200,9 +215,11 @@ def naive_hf(name, parts, dim, o: Oracle) -> dict[str, torch.Tensor]:
     if rest.startswith("self_attention.linear_qkv."):  # weight or bias: per group [q heads | k | v]
         per, kind = o.heads // o.groups, rest.rsplit(".", 1)[1]
         qkv = full.view(o.groups, per + 2, o.head_dim, *full.shape[1:])
-        return {f"{base}self_attn.q_proj.{kind}": qkv[:, :per].reshape(-1, *full.shape[1:]),
-                f"{base}self_attn.k_proj.{kind}": qkv[:, per].reshape(-1, *full.shape[1:]),
-                f"{base}self_attn.v_proj.{kind}": qkv[:, per + 1].reshape(-1, *full.shape[1:])}
+        return {
+            f"{base}self_attn.q_proj.{kind}": qkv[:, :per].reshape(-1, *full.shape[1:]),
+            f"{base}self_attn.k_proj.{kind}": qkv[:, per].reshape(-1, *full.shape[1:]),
+            f"{base}self_attn.v_proj.{kind}": qkv[:, per + 1].reshape(-1, *full.shape[1:]),
+        }
     block, gate, up, down = o.moe_names()
     if rest == "mlp.router.weight":
         return {f"{base}{block}.gate.weight": full}
@@ -220,8 +237,10 @@ def naive_hf(name, parts, dim, o: Oracle) -> dict[str, torch.Tensor]:
     else:
         raise KeyError(f"the oracle has no name for {name}")
     if rest.endswith("linear_fc1.weight"):  # each TP rank holds [gate_r; up_r]
-        return {f"{module}{names[0]}.weight": torch.cat([p.chunk(2)[0] for p in parts]),
-                f"{module}{names[1]}.weight": torch.cat([p.chunk(2)[1] for p in parts])}
+        return {
+            f"{module}{names[0]}.weight": torch.cat([p.chunk(2)[0] for p in parts]),
+            f"{module}{names[1]}.weight": torch.cat([p.chunk(2)[1] for p in parts]),
+        }
     return {f"{module}{names[2]}.weight": full}
 
 
@@ -262,10 +281,13 @@ def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential", mtp=
     chunks = build_gpt(hf, layout, experts=experts, pad_vocab_to=72, mtp=mtp)
     dmeg.load_hf(chunks, hf_dir)
     dump_params(chunks, f"{out}-params", rank)
-    state = {"model": chunks[0].sharded_state_dict(metadata={})}  # a dict: megatron-core fills its dp_cp_group (MTP needs it)
+    state = {
+        "model": chunks[0].sharded_state_dict(metadata={})
+    }  # a dict: megatron-core fills its dp_cp_group (MTP needs it)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
     import torch.distributed as dist
+
     dist.barrier()
     with cpu_device():
         dist_checkpointing.save(state, out)
@@ -279,6 +301,7 @@ def save_torch_dists(rank, world, jobs):
 
 def export_offline(rank, world, src, dst, config):
     from dcp_hf.megatron.export import export_torch_dist
+
     return export_torch_dist(src, dst, config)
 
 

@@ -19,15 +19,25 @@ def _model(hf_dir: Path):
     config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=True)
     name = config.__class__.__name__
     if name == "InternVLChatConfig":
-        return (False, config.llm_config.num_experts, config.llm_config.num_hidden_layers,
-                "language_model.model.layers.{layer}.mlp.experts.{expert}", 0)
+        return (
+            False,
+            config.llm_config.num_experts,
+            config.llm_config.num_hidden_layers,
+            "language_model.model.layers.{layer}.mlp.experts.{expert}",
+            0,
+        )
     if name == "Qwen3OmniMoeConfig":
         text = config.thinker_config.text_config
         return True, text.num_experts, text.num_hidden_layers, "thinker.model.layers.{layer}.mlp.experts.{expert}", 0
     if name == "Glm4vMoeConfig":
         text = config.text_config
-        return (False, text.n_routed_experts, text.num_hidden_layers,
-                "model.language_model.layers.{layer}.mlp.experts.{expert}", text.first_k_dense_replace)
+        return (
+            False,
+            text.n_routed_experts,
+            text.num_hidden_layers,
+            "model.language_model.layers.{layer}.mlp.experts.{expert}",
+            text.first_k_dense_replace,
+        )
     raise ValueError(f"Not supported model config: {name}")
 
 

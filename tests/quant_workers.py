@@ -19,11 +19,12 @@ from dcp_hf.format import INDEX_NAME
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
-FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK],
-              "activation_scheme": "dynamic"}
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK], "activation_scheme": "dynamic"}
 # The linear weights DeepSeek-V3's release stores in FP8 (not norms, embeddings, router, lm_head).
-DSV3_QUANTIZED = re.compile(r".*layers\.\d+\.(self_attn\.(q_a|q_b|kv_a|kv_b|o)_proj(_with_mqa)?|"
-                            r"mlp\.(shared_experts\.|experts\.\d+\.)?(gate|up|down)_proj)\.weight")
+DSV3_QUANTIZED = re.compile(
+    r".*layers\.\d+\.(self_attn\.(q_a|q_b|kv_a|kv_b|o)_proj(_with_mqa)?|"
+    r"mlp\.(shared_experts\.|experts\.\d+\.)?(gate|up|down)_proj)\.weight"
+)
 
 
 def quantize_fp8(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,11 +34,11 @@ def quantize_fp8(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, tor
     data = torch.empty(rows, cols, dtype=FP8)
     for i in range(scale.shape[0]):
         for j in range(scale.shape[1]):
-            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
+            blk = w[i * block : (i + 1) * block, j * block : (j + 1) * block].float()
             s = blk.abs().max() / 448.0
             s = s if s > 0 else torch.tensor(1.0)
             scale[i, j] = s
-            data[i * block:(i + 1) * block, j * block:(j + 1) * block] = (blk / s).to(FP8)
+            data[i * block : (i + 1) * block, j * block : (j + 1) * block] = (blk / s).to(FP8)
     return data, scale
 
 
@@ -90,6 +91,7 @@ def load_sharded(rank: int, world: int, path: str, expected_file: str, kinds: li
     from torch.distributed.checkpoint.quantized_hf_storage import (
         QuantizedHuggingFaceStorageReader,
     )
+
     expected = torch.load(expected_file)
     memory, hf_fp8 = expected["memory"], expected["hf_fp8"]
     bad = []
@@ -103,8 +105,11 @@ def load_sharded(rank: int, world: int, path: str, expected_file: str, kinds: li
                 bad.append(f"{kind} rank {rank}: {key}")
         ours = _zeros_like_sharded({k: (s, torch.bfloat16) for k, s in hf_fp8.items()}, kind, world)
         theirs = _zeros_like_sharded({k: (s, torch.bfloat16) for k, s in hf_fp8.items()}, kind, world)
-        dcp.load(ours, storage_reader=HFStorageReader(path),
-                 planner=HFLoadPlanner(detect_layout(path), allow_unexpected=True))
+        dcp.load(
+            ours,
+            storage_reader=HFStorageReader(path),
+            planner=HFLoadPlanner(detect_layout(path), allow_unexpected=True),
+        )
         dcp.load(theirs, storage_reader=QuantizedHuggingFaceStorageReader(path, target_dtype=torch.bfloat16))
         for key in ours:
             a, b = ours[key].to_local(), theirs[key].to_local()
@@ -117,10 +122,12 @@ def load_sharded(rank: int, world: int, path: str, expected_file: str, kinds: li
 def save_state(seed: int = 3) -> dict[str, torch.Tensor]:
     """A small model state: two quantized linear weights (partial edge blocks), a norm, a router."""
     g = torch.Generator().manual_seed(seed)
-    return {"model.layers.0.self_attn.q_proj.weight": (torch.randn(300, 200, generator=g) * 2).to(torch.bfloat16),
-            "model.layers.0.mlp.down_proj.weight": torch.randn(130, 260, generator=g),
-            "model.layers.0.mlp.gate.weight": torch.randn(4, 200, generator=g),
-            "model.norm.weight": torch.randn(200, generator=g).to(torch.bfloat16)}
+    return {
+        "model.layers.0.self_attn.q_proj.weight": (torch.randn(300, 200, generator=g) * 2).to(torch.bfloat16),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(130, 260, generator=g),
+        "model.layers.0.mlp.gate.weight": torch.randn(4, 200, generator=g),
+        "model.norm.weight": torch.randn(200, generator=g).to(torch.bfloat16),
+    }
 
 
 def save_quantized(rank: int, world: int, root: str, kinds: list[str]) -> None:
@@ -128,6 +135,7 @@ def save_quantized(rank: int, world: int, root: str, kinds: list[str]) -> None:
     block-quantizing layout."""
     from dcp_hf import HFSavePlanner, HFStorageWriter, Layout
     from dcp_hf.layouts.quantized import BlockFP8, save_config
+
     layout = Layout(quantization=BlockFP8())
     for kind in kinds:
         sd = {}

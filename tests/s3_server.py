@@ -9,9 +9,22 @@ import subprocess
 import tempfile
 import time
 
-PORTS = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-         "filer.port.grpc", "s3.port", "s3.port.grpc", "webdav.port", "admin.port",
-         "admin.port.grpc", "s3.port.iceberg", "s3.port.lance", "s3.metricsPort"]
+PORTS = [
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "webdav.port",
+    "admin.port",
+    "admin.port.grpc",
+    "s3.port.iceberg",
+    "s3.port.lance",
+    "s3.metricsPort",
+]
 CREDENTIALS = {"key": "test-access-key", "secret": "test-secret-key"}
 
 
@@ -20,6 +33,7 @@ def weed_binary() -> str | None:
     pyenv install may have no shim for it yet)."""
     import os
     import sys
+
     found = shutil.which("weed")
     beside = os.path.join(os.path.dirname(sys.executable), "weed")
     return found or (beside if os.path.exists(beside) else None)
@@ -37,8 +51,14 @@ class SeaweedS3:
         ports = {name: _free_port() for name in PORTS}
         self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
         self.log = open(f"{self.dir}.log", "w")
-        self.args = [weed_binary() or "weed", "mini", f"-dir={self.dir}", "-ip=127.0.0.1",
-                     "-ip.bind=127.0.0.1", "-master.telemetry=false"] + [f"-{k}={v}" for k, v in ports.items()]
+        self.args = [
+            weed_binary() or "weed",
+            "mini",
+            f"-dir={self.dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+        ] + [f"-{k}={v}" for k, v in ports.items()]
         self.client = self._boto3()
         self.start()
 
@@ -58,9 +78,14 @@ class SeaweedS3:
 
     def _boto3(self):
         import boto3
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=CREDENTIALS["key"],
-                            aws_secret_access_key=CREDENTIALS["secret"])
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=CREDENTIALS["key"],
+            aws_secret_access_key=CREDENTIALS["secret"],
+        )
 
     @property
     def storage_options(self) -> dict:
@@ -68,8 +93,12 @@ class SeaweedS3:
 
     @property
     def env(self) -> dict:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": CREDENTIALS["key"],
-                "AWS_SECRET_ACCESS_KEY": CREDENTIALS["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": CREDENTIALS["key"],
+            "AWS_SECRET_ACCESS_KEY": CREDENTIALS["secret"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def bucket(self, name: str) -> str:
         self.client.create_bucket(Bucket=name)
@@ -77,6 +106,7 @@ class SeaweedS3:
 
     def upload_folder(self, folder, bucket: str, prefix: str) -> str:
         import os
+
         for name in sorted(os.listdir(folder)):
             self.client.upload_file(os.path.join(folder, name), bucket, f"{prefix}/{name}")
         return f"s3://{bucket}/{prefix}"

@@ -18,8 +18,15 @@ from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWrite
 from dcp_hf.errors import DcpHfError
 from dcp_hf.storage import commit
 
-CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+CONFIG = LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 SINGLE, SHARDED = 10**9, 24_000  # max_shard_size: one file, or several
 
 
@@ -35,9 +42,12 @@ A, B = weights(1), weights(2)
 
 def save(path, state, max_shard_size, overwrite=True):
     side = {"config.json": CONFIG.to_json_string().encode()}
-    dcp.save(state, storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size, overwrite=overwrite,
-                                                   side_files=side),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        state,
+        storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size, overwrite=overwrite, side_files=side),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
 
 
 def _child(path, max_shard_size, env):
@@ -89,8 +99,11 @@ def count_steps(tmp_path, a_size, b_size) -> int:
     return len(steps)
 
 
-@pytest.mark.parametrize("a_size,b_size", [(SHARDED, SHARDED), (SINGLE, SHARDED), (SHARDED, SINGLE)],
-                         ids=["sharded-to-sharded", "single-to-sharded", "sharded-to-single"])
+@pytest.mark.parametrize(
+    "a_size,b_size",
+    [(SHARDED, SHARDED), (SINGLE, SHARDED), (SHARDED, SINGLE)],
+    ids=["sharded-to-sharded", "single-to-sharded", "sharded-to-single"],
+)
 def test_killed_at_every_commit_step_the_folder_is_old_or_new(tmp_path, a_size, b_size):
     steps = count_steps(tmp_path, a_size, b_size)
     seen = []
@@ -127,7 +140,9 @@ def test_without_exchange_the_folder_is_old_new_or_absent_and_the_next_save_rest
         assert save_b_in_child(str(path), SINGLE, dict(env, DCP_HF_KILL_AT=str(k))) == -9
         if not path.exists():  # between the two renames: a clear error, then put back
             absent += 1
-            with pytest.raises(CheckpointException, match=f"interrupted save left the previous checkpoint at .*\\.k{k}\\.dcp-hf-old-"):
+            with pytest.raises(
+                CheckpointException, match=f"interrupted save left the previous checkpoint at .*\\.k{k}\\.dcp-hf-old-"
+            ):
                 load_dcp_hf(path)
             commit.clean_leftovers(str(path))
         got = load_dcp_hf(path), load_transformers(path)
@@ -174,8 +189,12 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 def test_a_tensor_named_metadata_is_refused_before_writing(tmp_path):
     with pytest.raises(CheckpointException, match="'__metadata__': the name is reserved"):
-        dcp.save({"__metadata__": torch.zeros(2)}, storage_writer=HFStorageWriter(tmp_path / "x"),
-                 planner=HFSavePlanner(), no_dist=True)
+        dcp.save(
+            {"__metadata__": torch.zeros(2)},
+            storage_writer=HFStorageWriter(tmp_path / "x"),
+            planner=HFSavePlanner(),
+            no_dist=True,
+        )
     assert not (tmp_path / "x").exists()
 
 

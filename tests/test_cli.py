@@ -17,14 +17,16 @@ from safetensors.torch import save_file
 
 
 def cli_process(*args):
-    proc = subprocess.run([sys.executable, "-m", "dcp_hf", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dcp_hf", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
 def cli(*args):
     """``dcp-hf ARGS`` in this process: exit code, stdout, stderr."""
     from dcp_hf.cli import main
+
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         try:
@@ -43,8 +45,12 @@ def short_error(stderr: str, command: str) -> str:
     return lines[-1]
 
 
-DENSE = {"model.embed_tokens.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (12, 8),
-         "model.norm.weight": (8,), "lm_head.weight": (16, 8)}
+DENSE = {
+    "model.embed_tokens.weight": (16, 8),
+    "model.layers.0.mlp.up_proj.weight": (12, 8),
+    "model.norm.weight": (8,),
+    "lm_head.weight": (16, 8),
+}
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +137,9 @@ def test_demo_nproc_zero_is_a_usage_error():
 
 def test_export_with_an_incomplete_config_names_the_missing_key(ckpts, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
-    rc, _, err = cli("export", "--from", "megatron", ckpts / "dcp", tmp_path / "out",
-                     "--config", tmp_path / "config.json")
+    rc, _, err = cli(
+        "export", "--from", "megatron", ckpts / "dcp", tmp_path / "out", "--config", tmp_path / "config.json"
+    )
     assert rc == 1
     message = short_error(err, "export")
     assert "num_attention_heads" in message and "full HF config.json" in message
@@ -160,6 +167,7 @@ def test_help_is_plain_and_per_subcommand():
     assert "(default: 5GB)" in out
     # every argument of every command has a help text
     from dcp_hf.cli import build_parser
+
     parser = build_parser()
     stack = [parser]
     while stack:
@@ -173,6 +181,7 @@ def test_help_is_plain_and_per_subcommand():
 
 def test_demo_help_states_the_size_it_writes():
     from dcp_hf.models import LlamaShape
+
     nbytes = sum(torch.Size(s).numel() for s in LlamaShape().tensors().values()) * 2
     rc, out, _ = cli("demo", "--help")
     assert f"small: {nbytes / 1e6:.1f} MB" in " ".join(out.split())
@@ -200,6 +209,7 @@ def test_demo_shows_every_ranks_bytes_and_its_output_loads_with_from_pretrained(
     """2 ranks share the demo's 38.5 MB: the coordinator's save and load bars end at the whole
     checkpoint's size (not its own half). The output loads in transformers as it is."""
     from dcp_hf.models import LlamaShape
+
     total = sum(torch.Size(s).numel() for s in LlamaShape().tensors().values()) * 2
     rc, out, err = cli_process("demo", "--output", tmp_path / "demo", "--nproc", "2")
     assert rc == 0, err
@@ -209,7 +219,8 @@ def test_demo_shows_every_ranks_bytes_and_its_output_loads_with_from_pretrained(
         assert finals and shown in finals[-1], err
     transformers = pytest.importorskip("transformers")
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "demo", output_loading_info=True, local_files_only=True)
+        tmp_path / "demo", output_loading_info=True, local_files_only=True
+    )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(8).view(1, 8)).logits.float()).all()

@@ -29,8 +29,12 @@ A, B = weights(1), weights(2)
 
 
 def save(path, state, max_shard_size=SHARDED, overwrite=True):
-    dcp.save(state, storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size, overwrite=overwrite),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        state,
+        storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size, overwrite=overwrite),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
 
 
 def which(state) -> str:
@@ -118,8 +122,11 @@ def test_a_file_of_another_save_is_refused_naming_it(tmp_path):
     save(b, B, overwrite=False)
     victim = sorted(f for f in os.listdir(a) if f.endswith(".safetensors"))[1]  # not the first
     os.replace(b / victim, a / victim)  # as an interrupted in-place commit would leave it
-    with pytest.raises(CheckpointException, match=f"{a / victim}: written by save [0-9a-f]{{12}}, but "
-                                                  f"model.safetensors.index.json is of save [0-9a-f]{{12}}"):
+    with pytest.raises(
+        CheckpointException,
+        match=f"{a / victim}: written by save [0-9a-f]{{12}}, but "
+        f"model.safetensors.index.json is of save [0-9a-f]{{12}}",
+    ):
         load(a)
 
 
@@ -154,8 +161,10 @@ def test_a_fifo_or_folder_in_place_of_a_shard_is_refused_naming_it(tmp_path, kin
     victim.unlink()
     os.mkfifo(victim) if kind == "fifo" else victim.mkdir()
     outcome = load_in_child(path, tmp_path)
-    assert outcome == f"CheckpointFormatError: {victim}: is a {'FIFO' if kind == 'fifo' else 'folder'}, " \
-                      f"not a regular file; not reading it"
+    assert (
+        outcome == f"CheckpointFormatError: {victim}: is a {'FIFO' if kind == 'fifo' else 'folder'}, "
+        f"not a regular file; not reading it"
+    )
 
 
 def test_symlinked_shards_are_read(tmp_path):

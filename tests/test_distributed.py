@@ -38,7 +38,8 @@ def test_saved_checkpoint_is_exactly_the_reference(saved, kind):
     # Exactly an HF checkpoint: numbered shards + index, nothing else (no temporary files).
     n = len(files) - 1
     assert files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] + [
-        "model.safetensors.index.json"]
+        "model.safetensors.index.json"
+    ]
     with open(f"{root}/{kind}/model.safetensors.index.json") as f:
         index = json.load(f)
     assert set(index["weight_map"]) == set(ref)
@@ -49,8 +50,10 @@ def test_same_files_whatever_the_sharding(saved):
     """The file layout depends on the tensors only, so every layout writes identical bytes (but
     for each save's own id)."""
     root, _ = saved
+
     def contents(kind):
         return {f: without_save_id(open(f"{root}/{kind}/{f}", "rb").read()) for f in os.listdir(f"{root}/{kind}")}
+
     first = contents("shard0")
     for kind in ("shard1", "mixed", "replicate", "async"):
         assert contents(kind) == first, kind

@@ -25,6 +25,7 @@ def without_megatron(monkeypatch):
     for name in [n for n in sys.modules if n.startswith("dcp_hf.megatron")]:
         monkeypatch.delitem(sys.modules, name)
     import dcp_hf
+
     if hasattr(dcp_hf, "megatron"):
         monkeypatch.delattr(dcp_hf, "megatron")
 
@@ -36,15 +37,33 @@ def test_megatron_without_megatron_core_names_the_megatron_extra(without_megatro
     (tmp_path / "src" / ".metadata").write_bytes(b"")
     (tmp_path / "config.json").write_text("{}")
     from dcp_hf.cli import main
-    assert main(["export", "--from", "megatron", str(tmp_path / "src"), str(tmp_path / "out"),
-                 "--config", str(tmp_path / "config.json")]) == 1
-    assert capsys.readouterr().err == ("dcp-hf export: dcp_hf.megatron needs megatron-core, which is "
-                                       "not installed: pip install 'dcp-hf[megatron]'\n")
+
+    assert (
+        main(
+            [
+                "export",
+                "--from",
+                "megatron",
+                str(tmp_path / "src"),
+                str(tmp_path / "out"),
+                "--config",
+                str(tmp_path / "config.json"),
+            ]
+        )
+        == 1
+    )
+    assert capsys.readouterr().err == (
+        "dcp-hf export: dcp_hf.megatron needs megatron-core, which is not installed: pip install 'dcp-hf[megatron]'\n"
+    )
 
 
 def test_megatron_config_generation_without_transformers_names_the_hf_extra(monkeypatch):
     from dcp_hf.megatron.hf_config import hf_config
+
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(MissingExtraError, match=r"generating config.json from a Megatron model needs "
-                                                r"transformers.*dcp-hf\[hf\]"):
+    with pytest.raises(
+        MissingExtraError,
+        match=r"generating config.json from a Megatron model needs "
+        r"transformers.*dcp-hf\[hf\]",
+    ):
         hf_config(type("M", (), {"config": None})())

@@ -78,8 +78,7 @@ def test_a_hung_rank_fails_the_others_at_the_process_group_timeout(previous):
 def small_disk(tmp_path):
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
     yield mount
@@ -114,8 +113,12 @@ def test_disk_full_while_writing_the_index_keeps_the_old_checkpoint_and_names_th
     new = {k: v + 100 for k, v in old.items()}
 
     def save(state):
-        dcp.save(state, storage_writer=HFStorageWriter(path, max_shard_size=20_000, overwrite=True),
-                 planner=HFSavePlanner(), no_dist=True)
+        dcp.save(
+            state,
+            storage_writer=HFStorageWriter(path, max_shard_size=20_000, overwrite=True),
+            planner=HFSavePlanner(),
+            no_dist=True,
+        )
 
     def load():
         out = {k: torch.zeros_like(v) for k, v in old.items()}

@@ -25,7 +25,7 @@ def _file(header: dict | bytes, data: bytes = b"", raw_len: int | None = None) -
 
 
 def _parse(blob: bytes):
-    return read_header(lambda off, n: blob[off:off + n], "ckpt/model.safetensors", len(blob))
+    return read_header(lambda off, n: blob[off : off + n], "ckpt/model.safetensors", len(blob))
 
 
 def test_header_round_trip_is_padded_and_tagged():
@@ -45,19 +45,42 @@ BAD_FILES = {
     "not_json": (_file(b"{not json", b""), "not valid JSON"),
     "not_object": (_file([1, 2]), "not a JSON object"),
     "metadata_not_strings": (_file({"__metadata__": {"a": 1}}), "must map strings to strings"),
-    "unknown_dtype": (_file({"x": {"dtype": "F17", "shape": [1], "data_offsets": [0, 1]}}, bytes(1)), "unknown safetensors dtype"),
+    "unknown_dtype": (
+        _file({"x": {"dtype": "F17", "shape": [1], "data_offsets": [0, 1]}}, bytes(1)),
+        "unknown safetensors dtype",
+    ),
     "negative_shape": (_file({"x": {"dtype": "U8", "shape": [-1], "data_offsets": [0, 1]}}, bytes(1)), "negative"),
-    "bool_shape": (_file({"x": {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}}, bytes(1)), "must be an integer"),
+    "bool_shape": (
+        _file({"x": {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}}, bytes(1)),
+        "must be an integer",
+    ),
     "huge_shape": (_file({"x": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, bytes(8)), "needs"),
     "offsets_vs_shape": (_file({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)), "needs 12"),
     "gap": (_file({"x": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}, bytes(2)), "gap of 1 bytes"),
-    "overlap": (_file({"x": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
-                       "y": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}}, bytes(3)), "overlaps"),
+    "overlap": (
+        _file(
+            {
+                "x": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                "y": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]},
+            },
+            bytes(3),
+        ),
+        "overlaps",
+    ),
     "trailing": (_file(GOOD, bytes(9)), "1 trailing bytes"),
     "short_data": (_file(GOOD, bytes(7)), "truncated"),
-    "duplicate_key": (_file(b'{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},'
-                            b'"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', bytes(1)), "duplicate key 'x'"),
-    "extra_field": (_file({"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "z": 1}}, bytes(1)), "expected exactly"),
+    "duplicate_key": (
+        _file(
+            b'{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},'
+            b'"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
+            bytes(1),
+        ),
+        "duplicate key 'x'",
+    ),
+    "extra_field": (
+        _file({"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "z": 1}}, bytes(1)),
+        "expected exactly",
+    ),
 }
 
 
@@ -80,10 +103,19 @@ def test_fuzzed_headers_raise_only_our_error(data):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.text(max_size=5), st.fixed_dictionaries({
-    "dtype": st.sampled_from(["F32", "U8", "BF16", "XX", 3]),
-    "shape": st.lists(st.integers(-2, 2**40), max_size=3) | st.none(),
-    "data_offsets": st.lists(st.integers(-1, 2**40), max_size=3)}), max_size=4))
+@given(
+    st.dictionaries(
+        st.text(max_size=5),
+        st.fixed_dictionaries(
+            {
+                "dtype": st.sampled_from(["F32", "U8", "BF16", "XX", 3]),
+                "shape": st.lists(st.integers(-2, 2**40), max_size=3) | st.none(),
+                "data_offsets": st.lists(st.integers(-1, 2**40), max_size=3),
+            }
+        ),
+        max_size=4,
+    )
+)
 def test_fuzzed_structured_headers_raise_only_our_error(header):
     try:
         _parse(_file(header, bytes(64)))
@@ -120,16 +152,19 @@ def test_files_are_grouped_and_named_like_huggingface_hub():
     ours = layout_files(specs, 2000)
     hub = split_torch_state_dict_into_shards(tensors, max_shard_size=2000)
     assert {f.name: sorted(f.offsets) for f in ours} == {
-        name: sorted(keys) for name, keys in hub.filename_to_tensors.items()}
+        name: sorted(keys) for name, keys in hub.filename_to_tensors.items()
+    }
     single = layout_files(specs, 10**9)
     assert [f.name for f in single] == ["model.safetensors"]
 
 
 def _runs_brute_force(shape, offsets, sizes, itemsize):
     """Byte offsets of the box's elements in C order, merged into (start, length) runs."""
-    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    starts = [sum((o + i) * s for o, i, s in zip(offsets, idx, strides)) * itemsize
-              for idx in itertools.product(*(range(n) for n in sizes))]
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    starts = [
+        sum((o + i) * s for o, i, s in zip(offsets, idx, strides)) * itemsize
+        for idx in itertools.product(*(range(n) for n in sizes))
+    ]
     runs = []
     for s in starts:
         if runs and runs[-1][0] + runs[-1][1] == s:
@@ -166,8 +201,10 @@ def test_box_runs_match_brute_force_and_split_reassembles(box, max_bytes):
         for i, s in enumerate(g.starts()):
             rebuilt.append((buf_off + i * g.run_len, s, g.run_len))
     byte_map = sorted((b + k, s + k) for b, s, n in rebuilt for k in range(n))
-    expected = [(i, s + k) for i, (s, k) in enumerate(
-        (s, k) for s, n in _runs_brute_force(shape, offsets, sizes, width) for k in range(n))]
+    expected = [
+        (i, s + k)
+        for i, (s, k) in enumerate((s, k) for s, n in _runs_brute_force(shape, offsets, sizes, width) for k in range(n))
+    ]
     assert byte_map == [(b, s) for b, s in expected]
 
 

@@ -16,8 +16,12 @@ def _files(fs, root):
 
 
 def _local_reference(tmp_path):
-    dcp.save(reference_state(), storage_writer=HFStorageWriter(tmp_path / "disk", max_shard_size=600),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        reference_state(),
+        storage_writer=HFStorageWriter(tmp_path / "disk", max_shard_size=600),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
     return {name: without_save_id((tmp_path / "disk" / name).read_bytes()) for name in os.listdir(tmp_path / "disk")}
 
 

@@ -8,8 +8,16 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dcp_hf import (HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter, Layout,
-                    MergedExperts, StateDictMismatchError, detect_layout)
+from dcp_hf import (
+    HFLoadPlanner,
+    HFSavePlanner,
+    HFStorageReader,
+    HFStorageWriter,
+    Layout,
+    MergedExperts,
+    StateDictMismatchError,
+    detect_layout,
+)
 from dcp_hf.convert import experts
 from dcp_hf.errors import CheckpointFormatError
 from dcp_hf.format import TensorSpec
@@ -22,9 +30,11 @@ STYLES = ["transformers", "mindspeed", "flat"]
 
 def _experts(E=3, F=4, H=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return ([torch.randn(F, H, generator=g) for _ in range(E)],
-             [torch.randn(F, H, generator=g) for _ in range(E)],
-             [torch.randn(H, F, generator=g) for _ in range(E)])
+    return (
+        [torch.randn(F, H, generator=g) for _ in range(E)],
+        [torch.randn(F, H, generator=g) for _ in range(E)],
+        [torch.randn(H, F, generator=g) for _ in range(E)],
+    )
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -32,8 +42,11 @@ def test_pieces_match_the_reference_math(style):
     gate, up, down = _experts()
     gate_up, down_m = reference_merge(gate, up, down, style)
     layout = Layout((MergedExperts(style, num_experts=3),))
-    hf = {f"l.experts.{e}.{n}.weight": t for e in range(3)
-          for n, t in (("gate_proj", gate[e]), ("up_proj", up[e]), ("down_proj", down[e]))}
+    hf = {
+        f"l.experts.{e}.{n}.weight": t
+        for e in range(3)
+        for n, t in (("gate_proj", gate[e]), ("up_proj", up[e]), ("down_proj", down[e]))
+    }
     for key, merged in (("l.experts.gate_up_proj", gate_up), ("l.experts.down_proj", down_m)):
         pieces = layout.pieces(key, tuple(merged.shape))
         assert len(pieces) == (6 if "gate_up" in key else 3)
@@ -50,8 +63,11 @@ def test_pieces_match_the_reference_math(style):
 
 def test_missing_expert_and_uncovered_keys_are_errors():
     gate, up, down = _experts()
-    specs = {f"l.experts.{e}.{n}.weight": TensorSpec(f"l.experts.{e}.{n}.weight", torch.float32, t.shape)
-             for e in (0, 2) for n, t in (("gate_proj", gate[e]), ("up_proj", up[e]), ("down_proj", down[e]))}
+    specs = {
+        f"l.experts.{e}.{n}.weight": TensorSpec(f"l.experts.{e}.{n}.weight", torch.float32, t.shape)
+        for e in (0, 2)
+        for n, t in (("gate_proj", gate[e]), ("up_proj", up[e]), ("down_proj", down[e]))
+    }
     with pytest.raises(CheckpointFormatError, match="'l.experts.1.gate_proj.weight' is missing"):
         Layout((MergedExperts(),)).memory_specs(specs)
     with pytest.raises(StateDictMismatchError, match="'x.weight': no rule of layout"):
@@ -90,8 +106,10 @@ def test_transformers_families_through_fused_experts(tmp_path, model_type):
     for name in ("config.json", "generation_config.json"):
         if (tmp_path / "hf" / name).exists():
             (tmp_path / "ours" / name).write_bytes((tmp_path / "hf" / name).read_bytes())
-    assert load_file(tmp_path / "ours" / "model.safetensors").keys() == load_file(
-        tmp_path / "hf" / "model.safetensors").keys()
+    assert (
+        load_file(tmp_path / "ours" / "model.safetensors").keys()
+        == load_file(tmp_path / "hf" / "model.safetensors").keys()
+    )
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     assert torch.equal(logits(reloaded), logits(source))
 
@@ -114,12 +132,14 @@ def test_qwen3_omni_thinker_prefix_on_disk(tmp_path):
     (tmp_path / "omni").mkdir()
     save_file(tensors, tmp_path / "omni" / "model.safetensors")
     text = json.loads((tmp_path / "thinker" / "config.json").read_text())["text_config"]
-    (tmp_path / "omni" / "config.json").write_text(json.dumps(
-        {"model_type": "qwen3_omni_moe", "thinker_config": {"text_config": text}}))
+    (tmp_path / "omni" / "config.json").write_text(
+        json.dumps({"model_type": "qwen3_omni_moe", "thinker_config": {"text_config": text}})
+    )
 
     layout = detect_layout(str(tmp_path / "omni"))
     reader = HFStorageReader(tmp_path / "omni")
     from dcp_hf.convert import hf_specs
+
     specs, outside = layout.memory_specs(hf_specs(reader))
     # In memory as in MindSpeed-MM's merged checkpoint: "thinker." dropped, the talker's names kept.
     assert outside == [] and "talker.codec_head.weight" in specs
@@ -127,8 +147,11 @@ def test_qwen3_omni_thinker_prefix_on_disk(tmp_path):
     # A thinker-only model in memory (MindSpeed-MM trains the thinker) loads the full checkpoint.
     state = {k: torch.zeros(s.shape, dtype=s.dtype) for k, s in specs.items() if not k.startswith("talker.")}
     _load(state, tmp_path / "omni", layout, allow_unexpected=["talker.*"])
-    e = [tensors[f"thinker.model.layers.0.mlp.experts.{i}.{n}_proj.weight"] for n in ("gate", "up", "down")
-         for i in range(4)]
+    e = [
+        tensors[f"thinker.model.layers.0.mlp.experts.{i}.{n}_proj.weight"]
+        for n in ("gate", "up", "down")
+        for i in range(4)
+    ]
     ref_gu, ref_down = reference_merge(e[0:4], e[4:8], e[8:12], "mindspeed")  # 3-D, not flattened
     assert torch.equal(state["model.layers.0.mlp.experts.gate_up_proj"], ref_gu)
     assert torch.equal(state["model.layers.0.mlp.experts.down_proj"], ref_down)
@@ -153,14 +176,18 @@ def test_loading_a_rule_whose_key_is_missing_names_it(tmp_path):
     del tensors["model.layers.1.mlp.experts.2.up_proj.weight"]
     save_file(tensors, tmp_path / "hf" / "model.safetensors")
     state = tiny_moe("qwen3_moe", seed=1).state_dict()
-    with pytest.raises(CheckpointException, match=r"'model.layers.1.mlp.experts.2.up_proj.weight \(for "
-                                                  r"model.layers.1.mlp.experts.gate_up_proj\)'"):
+    with pytest.raises(
+        CheckpointException,
+        match=r"'model.layers.1.mlp.experts.2.up_proj.weight \(for "
+        r"model.layers.1.mlp.experts.gate_up_proj\)'",
+    ):
         _load(state, tmp_path / "hf", detect_layout(str(tmp_path / "hf")))
 
 
 def test_fused_experts_sharded_over_four_ranks(tmp_path):
     from dcp_hf.testing import run_ranks
     from tests.workers import fused_experts_round_trip
+
     tiny_moe("qwen3_moe").save_pretrained(tmp_path / "hf")
     assert run_ranks(fused_experts_round_trip, 4, str(tmp_path / "hf"), str(tmp_path)) == [{}] * 4
     original = load_file(tmp_path / "hf" / "model.safetensors")
@@ -180,16 +207,18 @@ def test_split_in_bands_of_any_size_gives_the_experts_back(tmp_path, style):
     g = torch.Generator().manual_seed(7)
     x, weights = {}, {}
     for n in range(layers):
-        weights[n] = tuple([torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(E)]
-                           for shape in ((F, H), (F, H), (H, F)))
+        weights[n] = tuple(
+            [torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(E)] for shape in ((F, H), (F, H), (H, F))
+        )
         for e in range(E):
             for name, t in zip(("gate_proj", "up_proj", "down_proj"), weights[n]):
                 x[f"model.layers.{n}.mlp.experts.{e}.{name}.weight"] = t[e]
         x[f"model.layers.{n}.mlp.gate.weight"] = torch.randn(E, H, generator=g)
     (tmp_path / "hf").mkdir()
     save_file(x, tmp_path / "hf" / "model.safetensors")
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(
-        {"model_type": "qwen3_moe", "num_experts": E, "num_hidden_layers": layers}))
+    (tmp_path / "hf" / "config.json").write_text(
+        json.dumps({"model_type": "qwen3_moe", "num_experts": E, "num_hidden_layers": layers})
+    )
     experts("merge", str(tmp_path / "hf"), str(tmp_path / "merged"), style)
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     for n in range(layers):

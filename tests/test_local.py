@@ -12,8 +12,7 @@ from safetensors import safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 
-from dcp_hf import (HFLoadPlanner, HFSavePlanner,
-                    HFStorageReader, HFStorageWriter)
+from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
 from dcp_hf.format import INDEX_NAME
 from dcp_hf.models import pattern_tensor
 from tests.workers import bitwise_equal, reference_state
@@ -29,9 +28,24 @@ def load(sd, path, planner=None, **kw):
     return reader
 
 
-ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-              torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64,
-              torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64]
+ALL_DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.complex64,
+]
 
 
 def dtype_state():
@@ -48,7 +62,9 @@ def test_every_dtype_round_trips_and_reads_with_safetensors(tmp_path):
     with open(tmp_path / "model.safetensors", "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    assert n % 8 == 0 and header["__metadata__"]["format"] == "pt" and len(header["__metadata__"]["dcp_hf_save_id"]) == 12
+    assert (
+        n % 8 == 0 and header["__metadata__"]["format"] == "pt" and len(header["__metadata__"]["dcp_hf_save_id"]) == 12
+    )
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         for k in f.keys():
             if "uint16" in k or "uint32" in k or "uint64" in k or "complex" in k:
@@ -95,12 +111,19 @@ def _read_box(path, key, dest, storage_offsets, **reader_kw):
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import MetadataIndex
     from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
     reader = HFStorageReader(path, **reader_kw)
     md = reader.read_metadata()
     planner = DefaultLoadPlanner()
     planner.set_up_planner({key: dest}, md)
-    item = ReadItem(LoadItemType.TENSOR, MetadataIndex(key), torch.Size([0] * dest.dim()),
-                    MetadataIndex(key, [0] * dest.dim()), torch.Size(storage_offsets), dest.shape)
+    item = ReadItem(
+        LoadItemType.TENSOR,
+        MetadataIndex(key),
+        torch.Size([0] * dest.dim()),
+        MetadataIndex(key, [0] * dest.dim()),
+        torch.Size(storage_offsets),
+        dest.shape,
+    )
     reader.read_data(LoadPlan([item]), planner).wait()
     return reader
 
@@ -214,8 +237,11 @@ def test_progress_bar_is_opt_in(tmp_path, capsys):
 def test_unexpected_checkpoint_keys_are_an_error_unless_allowed(tmp_path):
     save(reference_state(), tmp_path)
     out = {"model.scale": torch.zeros(())}
-    with pytest.raises(CheckpointException, match=r"8 tensor\(s\) of the checkpoint are loaded by no rank: "
-                                                  r"'model.embed_tokens.weight', 'model.fp8'"):
+    with pytest.raises(
+        CheckpointException,
+        match=r"8 tensor\(s\) of the checkpoint are loaded by no rank: "
+        r"'model.embed_tokens.weight', 'model.fp8'",
+    ):
         load(out, tmp_path)
     assert out["model.scale"] == 0
     with pytest.raises(CheckpointException, match="loaded by no rank: 'model.fp8'"):
@@ -235,6 +261,7 @@ def test_non_tensor_values_are_an_error_unless_allowed_missing(tmp_path):
 
 def test_dcp_default_planners_work_too(tmp_path):
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
     sd = reference_state()
     dcp.save(sd, storage_writer=HFStorageWriter(tmp_path), no_dist=True)
     out = {k: torch.zeros_like(v) for k, v in sd.items()}
@@ -244,9 +271,14 @@ def test_dcp_default_planners_work_too(tmp_path):
 
 def test_inspect_escapes_names_that_would_drive_the_terminal(tmp_path):
     from dcp_hf.inspect import inspect_checkpoint
+
     name = "evil\x1b]0;owned\x07\x1b[2J\nname\u202e"
-    dcp.save({name: torch.ones(2), "fine.name": torch.ones(3)}, storage_writer=HFStorageWriter(tmp_path),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        {name: torch.ones(2), "fine.name": torch.ones(3)},
+        storage_writer=HFStorageWriter(tmp_path),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
     out = inspect_checkpoint(str(tmp_path), verbose=True)
     assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
     assert "  evil\\x1b]0;owned\\x07\\x1b[2J\\nname\\u202e  F32  [2]" in out

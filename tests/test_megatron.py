@@ -20,8 +20,14 @@ tf = pytest.importorskip("transformers")
 
 from dcp_hf.megatron.build import Parallel  # noqa: E402
 
-COMMON = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=48, max_position_embeddings=64)
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=64,
+)
 
 
 def tiny(family: str, **extra):
@@ -34,15 +40,34 @@ def tiny(family: str, **extra):
     elif family == "llama":
         cfg = tf.LlamaConfig(num_hidden_layers=2, **extra)
     elif family == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(**{"num_hidden_layers": 4, "head_dim": 8, "moe_intermediate_size": 16,
-                                   "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,
-                                   "mlp_only_layers": [0], **extra})
+        cfg = tf.Qwen3MoeConfig(
+            **{
+                "num_hidden_layers": 4,
+                "head_dim": 8,
+                "moe_intermediate_size": 16,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "norm_topk_prob": True,
+                "mlp_only_layers": [0],
+                **extra,
+            }
+        )
     elif family == "deepseek_v3":
-        cfg = tf.DeepseekV3Config(num_hidden_layers=3, moe_intermediate_size=16, n_routed_experts=4,
-                                  n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, qk_rope_head_dim=8,
-                                  qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
-                                  num_experts_per_tok=2, **{"num_nextn_predict_layers": 0, **extra,
-                                                             "num_key_value_heads": 4})
+        cfg = tf.DeepseekV3Config(
+            num_hidden_layers=3,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_group=1,
+            topk_group=1,
+            num_experts_per_tok=2,
+            **{"num_nextn_predict_layers": 0, **extra, "num_key_value_heads": 4},
+        )
     model = getattr(tf, type(cfg).__name__.replace("Config", "ForCausalLM"))(cfg).eval()
     with torch.no_grad():  # transformers initializes norms to ones and the expert bias to zeros
         for name, p in model.named_parameters():
@@ -73,8 +98,7 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def check_runs(tmp_path, family, layouts, *, experts="sequential", pad_vocab_to=None, oracle=True,
-               dtype=None, **extra):
+def check_runs(tmp_path, family, layouts, *, experts="sequential", pad_vocab_to=None, oracle=True, dtype=None, **extra):
     model = tiny(family, **extra)
     src = str(tmp_path / "src")
     model.save_pretrained(src)
@@ -96,23 +120,37 @@ def check_runs(tmp_path, family, layouts, *, experts="sequential", pad_vocab_to=
                 want = {k: v if k.endswith("e_score_correction_bias") else v.to(dtype) for k, v in want.items()}
             assert_same(rand, want, f"export at {p} vs the naive gather")
         if i:  # saved at the previous layout, loaded at this one, saved again: the same bytes
-            assert_same(read_hf(out / f"cross{i}"), read_hf(out / f"rand{i - 1}"),
-                        f"{layouts[i - 1]} -> {p}")
+            assert_same(read_hf(out / f"cross{i}"), read_hf(out / f"rand{i - 1}"), f"{layouts[i - 1]} -> {p}")
     return out
 
 
 def test_dense_qwen3_layouts(tmp_path):
     # TP4 with 2 query groups: a TP rank holds half a group's [q q | k | v] rows.
-    check_runs(tmp_path, "qwen3", [
-        Parallel(tp=2, pp=2), Parallel(pp=2, vpp=2), Parallel(pp=4), Parallel(tp=2, pp=2, first=1, last=3),
-        Parallel(tp=4),
-    ], pad_vocab_to=72)
+    check_runs(
+        tmp_path,
+        "qwen3",
+        [
+            Parallel(tp=2, pp=2),
+            Parallel(pp=2, vpp=2),
+            Parallel(pp=4),
+            Parallel(tp=2, pp=2, first=1, last=3),
+            Parallel(tp=4),
+        ],
+        pad_vocab_to=72,
+    )
 
 
 def test_moe_qwen3_layouts(tmp_path):
-    check_runs(tmp_path, "qwen3_moe", [
-        Parallel(tp=2, ep=2, etp=1), Parallel(ep=4), Parallel(tp=2, pp=2, ep=2, etp=1), Parallel(pp=2, ep=2),
-    ])
+    check_runs(
+        tmp_path,
+        "qwen3_moe",
+        [
+            Parallel(tp=2, ep=2, etp=1),
+            Parallel(ep=4),
+            Parallel(tp=2, pp=2, ep=2, etp=1),
+            Parallel(pp=2, ep=2),
+        ],
+    )
 
 
 def test_moe_legacy_grouped_experts(tmp_path):
@@ -120,13 +158,23 @@ def test_moe_legacy_grouped_experts(tmp_path):
     them out per expert and its merge puts them back after a load. (Not with PP: megatron-core
     0.16's GroupedMLP names the experts of a layer whose local and global numbers differ all
     alike; ``test_duplicate_sharded_keys_fail_clearly`` covers what dcp-hf does then.)"""
-    check_runs(tmp_path, "qwen3_moe", [Parallel(tp=2, ep=2, etp=1), Parallel(ep=4), Parallel(ep=2)],
-               experts="legacy_grouped", oracle=False)
+    check_runs(
+        tmp_path,
+        "qwen3_moe",
+        [Parallel(tp=2, ep=2, etp=1), Parallel(ep=4), Parallel(ep=2)],
+        experts="legacy_grouped",
+        oracle=False,
+    )
 
 
 def test_deepseek_v3_mla_layouts(tmp_path):
-    out = check_runs(tmp_path, "deepseek_v3", [Parallel(tp=2, ep=2), Parallel(pp=2, ep=2, etp=1, first=1, last=2)],
-                     dtype=torch.bfloat16, q_lora_rank=8)
+    out = check_runs(
+        tmp_path,
+        "deepseek_v3",
+        [Parallel(tp=2, ep=2), Parallel(pp=2, ep=2, etp=1, first=1, last=2)],
+        dtype=torch.bfloat16,
+        q_lora_rank=8,
+    )
     exported = read_hf(out / "rand0")  # bf16 export, expert bias kept fp32
     assert exported["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert exported["model.layers.1.self_attn.q_b_proj.weight"].dtype == torch.bfloat16
@@ -135,8 +183,9 @@ def test_deepseek_v3_mla_layouts(tmp_path):
 
 def test_qwen2_bias_and_llama_tied(tmp_path):
     check_runs(tmp_path / "qwen2", "qwen2", [Parallel(tp=2, pp=2), Parallel(tp=2)])
-    out = check_runs(tmp_path / "llama", "llama", [Parallel(tp=2, pp=2), Parallel(pp=2)],
-                     tie_word_embeddings=True, pad_vocab_to=80)
+    out = check_runs(
+        tmp_path / "llama", "llama", [Parallel(tp=2, pp=2), Parallel(pp=2)], tie_word_embeddings=True, pad_vocab_to=80
+    )
     assert "lm_head.weight" not in read_hf(out / "rt0")
 
 
@@ -146,8 +195,16 @@ def test_duplicate_sharded_keys_fail_clearly(tmp_path):
     src = tmp_path / "src"
     tiny("qwen3_moe").save_pretrained(src)
     with pytest.raises(RankFailure) as info:
-        run_ranks(mw.save_at, 4, str(src), str(tmp_path / "out"), Parallel(ep=2, pp=2), "legacy_grouped",
-                  timeout=300, pg_timeout=120)
+        run_ranks(
+            mw.save_at,
+            4,
+            str(src),
+            str(tmp_path / "out"),
+            Parallel(ep=2, pp=2),
+            "legacy_grouped",
+            timeout=300,
+            pg_timeout=120,
+        )
     assert not info.value.lost
     for rank, (ok, tb) in info.value.results.items():
         assert not ok and "two different shards under one key" in tb, (rank, tb[-600:])
@@ -173,10 +230,13 @@ def test_wrong_model_for_checkpoint_fails_on_every_rank(tmp_path):
         assert not ok and str(src) in tb and "has shape [48, 32] in the checkpoint but [64, 32]" in tb, tb[-600:]
 
 
-@pytest.mark.parametrize("family, extra, stacked", [
-    ("qwen3_moe", {"mlp_only_layers": []}, "decoder.layers.mlp.experts.experts.linear_fc1.weight"),
-    ("deepseek_v3", {"q_lora_rank": 8}, None),  # a dense first layer: one key per layer
-])
+@pytest.mark.parametrize(
+    "family, extra, stacked",
+    [
+        ("qwen3_moe", {"mlp_only_layers": []}, "decoder.layers.mlp.experts.experts.linear_fc1.weight"),
+        ("deepseek_v3", {"q_lora_rank": 8}, None),  # a dense first layer: one key per layer
+    ],
+)
 def test_export_torch_dist_offline(tmp_path, family, extra, stacked):
     """A torch_dist checkpoint written by megatron-core (vocab padded; layers and experts
     stacked on leading axes where all layers are alike) -> HF, without building the model: in
@@ -185,15 +245,29 @@ def test_export_torch_dist_offline(tmp_path, family, extra, stacked):
     model = tiny(family, **extra)
     model.save_pretrained(src)
     layout = Parallel(tp=2, pp=2, ep=2, etp=1) if family == "qwen3_moe" else Parallel(tp=2, ep=2)
-    run_ranks(mw.save_torch_dist, 4, str(src), str(tmp_path / "mcore"), layout, timeout=600,
-              daemon=False)
+    run_ranks(mw.save_torch_dist, 4, str(src), str(tmp_path / "mcore"), layout, timeout=600, daemon=False)
     from torch.distributed.checkpoint import FileSystemReader
 
     stored = FileSystemReader(str(tmp_path / "mcore")).read_metadata().state_dict_metadata
     assert stacked is None or len(stored[stacked].size) == 4  # [L, E, 2F, H]
-    done = subprocess.run([sys.executable, "-m", "dcp_hf", "export", "--from", "megatron", "--quiet",
-                           str(tmp_path / "mcore"), str(tmp_path / "hf1"), "--config", str(src)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dcp_hf",
+            "export",
+            "--from",
+            "megatron",
+            "--quiet",
+            str(tmp_path / "mcore"),
+            str(tmp_path / "hf1"),
+            "--config",
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "skipped: " in done.stdout  # the _extra_state objects
     assert_same(read_hf(tmp_path / "hf1"), read_hf(src), "export in one process")

@@ -26,24 +26,62 @@ from dcp_hf.megatron.build import Parallel  # noqa: E402
 
 MOE = dict(moe_intermediate_size=16, num_experts_per_tok=2)
 MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(num_hidden_layers=2, rope_parameters=LLAMA3_ROPE, **COMMON),  # Llama-3.1 RoPE
     "mistral": lambda: tf.MistralConfig(num_hidden_layers=2, head_dim=8, sliding_window=None, **COMMON),
-    "qwen2_moe": lambda: tf.Qwen2MoeConfig(num_hidden_layers=2, num_experts=4, shared_expert_intermediate_size=24,
-                                           norm_topk_prob=False, **MOE, **COMMON),
-    "mixtral": lambda: tf.MixtralConfig(num_hidden_layers=2, num_local_experts=4, head_dim=8,
-                                        **{**COMMON, "intermediate_size": 16}, num_experts_per_tok=2),
-    "glm4_moe": lambda: tf.Glm4MoeConfig(num_hidden_layers=3, head_dim=8, n_routed_experts=4, n_shared_experts=1,
-                                         first_k_dense_replace=1, attention_bias=True, use_qk_norm=True,
-                                         routed_scaling_factor=2.0, num_nextn_predict_layers=1, **MOE, **COMMON),
-    "deepseek_v2": lambda: tf.DeepseekV2Config(num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1,
-                                               first_k_dense_replace=1, q_lora_rank=None, routed_scaling_factor=1.5,
-                                               **MOE, **{**COMMON, **MLA}),
-    "deepseek_v3": lambda: tf.DeepseekV3Config(num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1,
-                                               first_k_dense_replace=1, q_lora_rank=8, n_group=1, topk_group=1,
-                                               num_nextn_predict_layers=1, **MOE, **{**COMMON, **MLA}),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(
+        num_hidden_layers=2, num_experts=4, shared_expert_intermediate_size=24, norm_topk_prob=False, **MOE, **COMMON
+    ),
+    "mixtral": lambda: tf.MixtralConfig(
+        num_hidden_layers=2,
+        num_local_experts=4,
+        head_dim=8,
+        **{**COMMON, "intermediate_size": 16},
+        num_experts_per_tok=2,
+    ),
+    "glm4_moe": lambda: tf.Glm4MoeConfig(
+        num_hidden_layers=3,
+        head_dim=8,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        attention_bias=True,
+        use_qk_norm=True,
+        routed_scaling_factor=2.0,
+        num_nextn_predict_layers=1,
+        **MOE,
+        **COMMON,
+    ),
+    "deepseek_v2": lambda: tf.DeepseekV2Config(
+        num_hidden_layers=3,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        routed_scaling_factor=1.5,
+        **MOE,
+        **{**COMMON, **MLA},
+    ),
+    "deepseek_v3": lambda: tf.DeepseekV3Config(
+        num_hidden_layers=3,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        q_lora_rank=8,
+        n_group=1,
+        topk_group=1,
+        num_nextn_predict_layers=1,
+        **MOE,
+        **{**COMMON, **MLA},
+    ),
 }
 MTP = ("glm4_moe", "deepseek_v3")  # built with their multi-token-prediction layer
 
@@ -74,7 +112,7 @@ def add_mtp_layers(folder, hf: dict) -> None:
     g = torch.Generator().manual_seed(5)
     for k, v in list(state.items()):
         if k.startswith(last):
-            state[base + k[len(last):]] = torch.randn(v.shape, generator=g, dtype=v.dtype)
+            state[base + k[len(last) :]] = torch.randn(v.shape, generator=g, dtype=v.dtype)
     for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
         state[base + name] = 1 + 0.1 * torch.randn(hidden, generator=g)
     state[base + "eh_proj.weight"] = torch.randn(hidden, 2 * hidden, generator=g)
@@ -82,8 +120,9 @@ def add_mtp_layers(folder, hf: dict) -> None:
     state[base + "shared_head.head.weight"] = state["lm_head.weight"].clone()
     for file in folder.glob("*.safetensors"):
         file.unlink()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
 
 
 def prepare(tmp_path, family):
@@ -139,9 +178,15 @@ def test_families_export_import(tmp_path):
     MTP on the last stage, on 4 processes); one set of processes runs all families."""
     prepared = {family: prepare(tmp_path, family) for family in CONFIGS}
     for world in (1, 4):
-        jobs = [(str(src), str(tmp_path / family / f"out{world}"),
-                 [Parallel()] if world == 1 else parallel_layouts(family), family in MTP)
-                for family, (model, src, hf) in prepared.items()]
+        jobs = [
+            (
+                str(src),
+                str(tmp_path / family / f"out{world}"),
+                [Parallel()] if world == 1 else parallel_layouts(family),
+                family in MTP,
+            )
+            for family, (model, src, hf) in prepared.items()
+        ]
         run_ranks(mw.run_families, world, jobs, timeout=900)
         for family, (model, src, hf) in prepared.items():
             check_family(tmp_path, family, model, src, hf, world, jobs[list(prepared).index(family)][2])
@@ -152,8 +197,10 @@ def test_refused_before_writing(tmp_path):
     export transformers would not load as written: an error on every rank, nothing written."""
     llama = tf.LlamaConfig(num_hidden_layers=2, **COMMON).to_dict()
     qwen3 = tf.Qwen3Config(num_hidden_layers=2, head_dim=8, **COMMON).to_dict()
-    partial = {**llama, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                            "partial_rotary_factor": 0.5}}
+    partial = {
+        **llama,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    }
     glm = CONFIGS["glm4_moe"]().to_dict()
     cases = [
         ("other_family", qwen3, dict(config=llama)),
@@ -196,16 +243,36 @@ def test_export_torch_dist_offline_families(tmp_path):
     layer; the family is the config's; a config of another family is refused before writing."""
     prepared = {family: prepare(tmp_path, family) for family in ("mixtral", "glm4_moe")}
     layouts = {"mixtral": Parallel(tp=2, ep=2), "glm4_moe": Parallel(tp=2, pp=2, ep=2, etp=1, first=1, last=2)}
-    jobs = [(str(src), str(tmp_path / family / "mcore"), layouts[family], family in MTP)
-            for family, (model, src, hf) in prepared.items()]
+    jobs = [
+        (str(src), str(tmp_path / family / "mcore"), layouts[family], family in MTP)
+        for family, (model, src, hf) in prepared.items()
+    ]
     run_ranks(mw.save_torch_dists, 4, jobs, timeout=600, daemon=False)
     from dcp_hf.megatron.export import export_torch_dist
 
-    export_torch_dist(str(tmp_path / "mixtral" / "mcore"), str(tmp_path / "mixtral" / "hf"), str(prepared["mixtral"][1]))
-    done = subprocess.run([sys.executable, "-m", "dcp_hf", "export", "--from", "megatron", "--quiet",
-                           str(tmp_path / "glm4_moe" / "mcore"), str(tmp_path / "glm4_moe" / "hf"),
-                           "--config", str(prepared["glm4_moe"][1]), "--family", "glm4_moe"],
-                          capture_output=True, text=True, timeout=300)
+    export_torch_dist(
+        str(tmp_path / "mixtral" / "mcore"), str(tmp_path / "mixtral" / "hf"), str(prepared["mixtral"][1])
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dcp_hf",
+            "export",
+            "--from",
+            "megatron",
+            "--quiet",
+            str(tmp_path / "glm4_moe" / "mcore"),
+            str(tmp_path / "glm4_moe" / "hf"),
+            "--config",
+            str(prepared["glm4_moe"][1]),
+            "--family",
+            "glm4_moe",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     for family, (model, src, hf) in prepared.items():
         exported = read_hf(tmp_path / family / "hf")

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A stand-in for InternVL3.5's remote-code config class (configuration_internvl_chat.py): the
 # LLM's config is a Qwen3MoeConfig under ``llm_config``.
-INTERNVL_CONFIG_PY = '''from transformers import PretrainedConfig, Qwen3MoeConfig
+INTERNVL_CONFIG_PY = """from transformers import PretrainedConfig, Qwen3MoeConfig
 
 
 class InternVLChatConfig(PretrainedConfig):
@@ -33,17 +33,23 @@ class InternVLChatConfig(PretrainedConfig):
         self.vision_config = vision_config or {}
         self.llm_config = Qwen3MoeConfig(**(llm_config or {}))
         self.template = template
-'''
-SIDE_FILES = {"generation_config.json": '{"do_sample": true}', "tokenizer_config.json": '{"model_max_length": 8}',
-              "tokenizer.json": '{"version": "1.0"}', "chat_template.jinja": "{{ messages }}",
-              "preprocessor_config.json": '{"patch_size": 14}', "assets/speakers.txt": "chelsie\n",
-              ".gitattributes": "*.safetensors filter=lfs\n"}
+"""
+SIDE_FILES = {
+    "generation_config.json": '{"do_sample": true}',
+    "tokenizer_config.json": '{"model_max_length": 8}',
+    "tokenizer.json": '{"version": "1.0"}',
+    "chat_template.jinja": "{{ messages }}",
+    "preprocessor_config.json": '{"patch_size": 14}',
+    "assets/speakers.txt": "chelsie\n",
+    ".gitattributes": "*.safetensors filter=lfs\n",
+}
 
 
 @pytest.fixture(autouse=True)
 def _remote_code_cache(tmp_path, monkeypatch):
     """AutoConfig copies InternVL's remote code into a module cache: keep it in tmp_path."""
     import transformers.dynamic_module_utils as dm
+
     monkeypatch.setattr(dm, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
 
 
@@ -67,11 +73,14 @@ def _write(path: Path, tensors: dict, config: dict | None = None):
     path.mkdir(parents=True, exist_ok=True)  # save_pretrained may have made it
     keys = sorted(tensors)
     names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
     for name, part in zip(names, halves):
         save_file({k: tensors[k] for k in part}, str(path / name), metadata={"format": "pt"})
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": 0}, "weight_map": {k: n for n, part in zip(names, halves) for k in part}}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"metadata": {"total_size": 0}, "weight_map": {k: n for n, part in zip(names, halves) for k in part}}
+        )
+    )
     if config is not None:
         (path / "config.json").write_text(json.dumps(config))
     for name, text in SIDE_FILES.items():
@@ -83,9 +92,18 @@ def qwen3_omni(path: Path, talker: bool = True) -> dict:
     E, F, H, layers = 4, 4, 8, 2  # noqa: N806 - gate_up [E, H, 2F] is square: a transpose keeps its shape
     tf = transformers
     tf.Qwen3OmniMoeConfig(
-        thinker_config={"text_config": {"num_hidden_layers": layers, "num_experts": E, "hidden_size": H,
-                                        "moe_intermediate_size": F, "vocab_size": 16}},
-        enable_audio_output=talker, architectures=["Qwen3OmniMoeForConditionalGeneration"]).save_pretrained(path)
+        thinker_config={
+            "text_config": {
+                "num_hidden_layers": layers,
+                "num_experts": E,
+                "hidden_size": H,
+                "moe_intermediate_size": F,
+                "vocab_size": 16,
+            }
+        },
+        enable_audio_output=talker,
+        architectures=["Qwen3OmniMoeForConditionalGeneration"],
+    ).save_pretrained(path)
     w = _Weights(1)
     w.add("thinker.model.embed_tokens.weight", 16, H)
     for n in range(layers):
@@ -110,9 +128,17 @@ def qwen3_omni(path: Path, talker: bool = True) -> dict:
 def glm45v(path: Path) -> dict:
     E, F, H, layers, dense = 4, 3, 8, 3, 1  # noqa: N806
     transformers.Glm4vMoeConfig(
-        text_config={"num_hidden_layers": layers, "n_routed_experts": E, "first_k_dense_replace": dense,
-                     "hidden_size": H, "moe_intermediate_size": F, "intermediate_size": 12, "vocab_size": 16},
-        architectures=["Glm4vMoeForConditionalGeneration"]).save_pretrained(path)
+        text_config={
+            "num_hidden_layers": layers,
+            "n_routed_experts": E,
+            "first_k_dense_replace": dense,
+            "hidden_size": H,
+            "moe_intermediate_size": F,
+            "intermediate_size": 12,
+            "vocab_size": 16,
+        },
+        architectures=["Glm4vMoeForConditionalGeneration"],
+    ).save_pretrained(path)
     w = _Weights(2)
     w.add("model.language_model.embed_tokens.weight", 16, H)
     for n in range(layers + 1):  # layer `layers` is an MTP layer past num_hidden_layers: left alone
@@ -135,14 +161,25 @@ def glm45v(path: Path) -> dict:
 
 def internvl35(path: Path) -> dict:
     E, F, H, layers = 4, 4, 6, 2  # noqa: N806
-    llm = transformers.Qwen3MoeConfig(num_hidden_layers=layers, num_experts=E, hidden_size=H,
-                                      moe_intermediate_size=F, vocab_size=16,
-                                      architectures=["Qwen3MoeForCausalLM"]).to_dict()
-    config = {"architectures": ["InternVLChatModel"],
-              "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-                           "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
-              "model_type": "internvl_chat", "llm_config": llm, "template": "internvl2_5",
-              "vision_config": {"architectures": ["InternVisionModel"], "hidden_size": 4}}
+    llm = transformers.Qwen3MoeConfig(
+        num_hidden_layers=layers,
+        num_experts=E,
+        hidden_size=H,
+        moe_intermediate_size=F,
+        vocab_size=16,
+        architectures=["Qwen3MoeForCausalLM"],
+    ).to_dict()
+    config = {
+        "architectures": ["InternVLChatModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+        },
+        "model_type": "internvl_chat",
+        "llm_config": llm,
+        "template": "internvl2_5",
+        "vision_config": {"architectures": ["InternVisionModel"], "hidden_size": 4},
+    }
     w = _Weights(3)
     w.add("language_model.model.embed_tokens.weight", 16, H, dtype=torch.float32)
     for n in range(layers):
@@ -205,8 +242,10 @@ def test_merge_and_split_equal_mindspeed_mm(tmp_path, model):
         # MindSpeed-MM's split puts "thinker." before every key, the talker's too ("thinker.talker.*"),
         # which no model loads; ours puts it back where merge took it off.
         assert any(k.startswith("thinker.talker.") for k in reference)
-        reference = {k.removeprefix("thinker.") if k.startswith(("thinker.talker.", "thinker.code2wav."))
-                     else k: v for k, v in reference.items()}
+        reference = {
+            k.removeprefix("thinker.") if k.startswith(("thinker.talker.", "thinker.code2wav.")) else k: v
+            for k, v in reference.items()
+        }
     assert_bit_equal(_read(tmp_path / "split"), reference)
 
 
@@ -228,15 +267,33 @@ def test_qwen3_omni_to_dcp_as_mindspeed_mm_and_back(tmp_path):
     """``convert --to dcp --prefix model.=`` saves what MindSpeed-MM's DCP converter saves;
     ``convert --to hf`` gives the per-expert checkpoint back."""
     source = qwen3_omni(tmp_path / "hf")
-    assert cli(["convert", "--to", "dcp", str(tmp_path / "hf"), str(tmp_path / "dcp"), "--prefix", "model.=",
-                "--quiet"]) == 0
+    assert (
+        cli(["convert", "--to", "dcp", str(tmp_path / "hf"), str(tmp_path / "dcp"), "--prefix", "model.=", "--quiet"])
+        == 0
+    )
     reader = dcp.FileSystemReader(str(tmp_path / "dcp"))
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
-             for k, m in reader.read_metadata().state_dict_metadata.items()}
+    state = {
+        k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in reader.read_metadata().state_dict_metadata.items()
+    }
     dcp.load(state, storage_reader=reader, no_dist=True)
     assert_bit_equal(state, mindspeed.merge_to_dcp(tmp_path / "hf"))
-    assert cli(["convert", "--to", "hf", str(tmp_path / "dcp"), str(tmp_path / "back"), "--prefix", "model.=",
-                "--config-from", str(tmp_path / "hf"), "--quiet"]) == 0
+    assert (
+        cli(
+            [
+                "convert",
+                "--to",
+                "hf",
+                str(tmp_path / "dcp"),
+                str(tmp_path / "back"),
+                "--prefix",
+                "model.=",
+                "--config-from",
+                str(tmp_path / "hf"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert_bit_equal(_read(tmp_path / "back"), source)
 
 
@@ -244,17 +301,33 @@ def test_merge_and_split_under_torchrun_two_ranks(tmp_path):
     runs = []
     for model, make in MODELS.items():
         make(tmp_path / model)
-        runs += [["experts", "merge", str(tmp_path / model), str(tmp_path / f"{model}-merged"), "--quiet"],
-                 ["experts", "split", str(tmp_path / f"{model}-merged"), str(tmp_path / f"{model}-split"), "--quiet"]]
+        runs += [
+            ["experts", "merge", str(tmp_path / model), str(tmp_path / f"{model}-merged"), "--quiet"],
+            ["experts", "split", str(tmp_path / f"{model}-merged"), str(tmp_path / f"{model}-split"), "--quiet"],
+        ]
     # Refused on every rank with the same message, nothing written: GLM-4.5V's merged output
     # holds no per-expert tensors to merge.
     runs.append(["experts", "merge", str(tmp_path / "glm45v-merged"), str(tmp_path / "refused"), "--quiet"])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(REPO / "tests" / "cli_driver.py"), json.dumps(runs)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(REPO / "tests" / "cli_driver.py"),
+            json.dumps(runs),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("experts merge: done") == 3  # once per command: rank 0 reports
     missing = "'model.language_model.layers.1.mlp.experts.0.gate_proj.weight' is missing"
@@ -290,15 +363,19 @@ def test_what_the_forms_cannot_hold_is_refused_before_writing(tmp_path):
     (hf / "config.json").write_text(json.dumps(config))
 
     # An MoE layer of the range without its experts (MindSpeed-MM: KeyError).
-    save_file({k: v for k, v in tensors.items() if ".layers.2.mlp.experts." not in k},
-              str(hf / "model-00001-of-00002.safetensors"))
+    save_file(
+        {k: v for k, v in tensors.items() if ".layers.2.mlp.experts." not in k},
+        str(hf / "model-00001-of-00002.safetensors"),
+    )
     (hf / "model-00002-of-00002.safetensors").unlink()
     (hf / "model.safetensors.index.json").unlink()
-    _refused(tmp_path, "merge", str(hf),
-             match=r"'model.language_model.layers.2.mlp.experts.0.gate_proj.weight' is missing")
+    _refused(
+        tmp_path, "merge", str(hf), match=r"'model.language_model.layers.2.mlp.experts.0.gate_proj.weight' is missing"
+    )
     # Fewer experts than the config says.
-    save_file({k: v for k, v in tensors.items() if ".experts.3." not in k},
-              str(hf / "model-00001-of-00002.safetensors"))
+    save_file(
+        {k: v for k, v in tensors.items() if ".experts.3." not in k}, str(hf / "model-00001-of-00002.safetensors")
+    )
     _refused(tmp_path, "merge", str(hf), match="3 experts in the checkpoint, the layout expects 4")
 
 
@@ -311,8 +388,9 @@ def test_qwen3_omni_names_and_forms_that_do_not_round_trip_are_refused(tmp_path)
     (hf / "model.safetensors.index.json").unlink()
     _refused(tmp_path, "merge", str(hf), match=r"no name for \['extra.weight'\]")
     # "thinker.talker.x" would become "talker.x", the name of another tensor.
-    save_file({**tensors, "thinker.talker.codec_head.weight": torch.zeros(2)},
-              str(hf / "model-00001-of-00002.safetensors"))
+    save_file(
+        {**tensors, "thinker.talker.codec_head.weight": torch.zeros(2)}, str(hf / "model-00001-of-00002.safetensors")
+    )
     _refused(tmp_path, "merge", str(hf), match="'thinker.talker.codec_head.weight'")
 
     # A merged checkpoint in the flat form (as dcp-hf wrote Qwen3-Omni before): not MindSpeed-MM's.
@@ -324,8 +402,14 @@ def test_qwen3_omni_names_and_forms_that_do_not_round_trip_are_refused(tmp_path)
     merged = _read(tmp_path / "flat")
     del merged["model.layers.1.mlp.experts.down_proj"]
     save_file(merged, str(tmp_path / "flat" / "model.safetensors"))
-    _refused(tmp_path, "split", str(tmp_path / "flat"), "--layout", "flat",
-             match="'thinker.model.layers.1.mlp.experts.down_proj' is missing")
+    _refused(
+        tmp_path,
+        "split",
+        str(tmp_path / "flat"),
+        "--layout",
+        "flat",
+        match="'thinker.model.layers.1.mlp.experts.down_proj' is missing",
+    )
 
 
 def test_merge_to_s3_and_split_back(tmp_path, s3, monkeypatch):

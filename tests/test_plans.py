@@ -16,8 +16,11 @@ from dcp_hf import StateDictMismatchError, TensorBox
 from dcp_hf.planners.keysets import decode_keys, encode_keys
 from dcp_hf.testing import simulate_save_plans
 
-KEY_PART = st.one_of(st.sampled_from(["model", "layers", "mlp", "experts", "w", "", "."]),
-                     st.integers(0, 300).map(str), st.sampled_from(["007", "0", "00", "#", "a1b2"]))
+KEY_PART = st.one_of(
+    st.sampled_from(["model", "layers", "mlp", "experts", "w", "", "."]),
+    st.integers(0, 300).map(str),
+    st.sampled_from(["007", "0", "00", "#", "a1b2"]),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -48,8 +51,13 @@ def shard0(shape, rank, world):
 
 def written(sim, world):
     """Every (key, offsets, sizes) written, by rank; each element must be written once."""
-    return {r: [(i.index.fqn, tuple(i.tensor_data.chunk.offsets), tuple(i.tensor_data.chunk.sizes))
-                for i in sim.final_items(r)] for r in range(world)}
+    return {
+        r: [
+            (i.index.fqn, tuple(i.tensor_data.chunk.offsets), tuple(i.tensor_data.chunk.sizes))
+            for i in sim.final_items(r)
+        ]
+        for r in range(world)
+    }
 
 
 def assert_written_once(out, shapes):
@@ -65,8 +73,12 @@ def assert_written_once(out, shapes):
 
 def test_fsdp_plans_stay_small_and_cover_every_tensor(tmp_path):
     world = 64
-    shapes = {f"model.layers.{i}.mlp.experts.{e}.{p}.weight": ((96, 16) if p != "down_proj" else (16, 96))
-              for i in range(4) for e in range(64) for p in ("gate_proj", "up_proj", "down_proj")}
+    shapes = {
+        f"model.layers.{i}.mlp.experts.{e}.{p}.weight": ((96, 16) if p != "down_proj" else (16, 96))
+        for i in range(4)
+        for e in range(64)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    }
     shapes["model.embed_tokens.weight"] = (1000, 16)
     shapes["model.norm.weight"] = (16,)  # fewer rows than ranks: ranks 16.. hold none
     states = [{k: b for k, s in shapes.items() if (b := shard0(s, r, world)) is not None} for r in range(world)]
@@ -103,19 +115,27 @@ def test_hybrid_shards_and_replicas(tmp_path):
 def test_overlapping_key_sets_of_replicas(tmp_path):
     """Ranks holding different but overlapping sets of whole tensors: each written once."""
     shapes = {f"t.{i}": (3,) for i in range(9)}
-    states = [{f"t.{i}": box((3,), (0,), (3,)) for i in range(0, 6)},
-              {f"t.{i}": box((3,), (0,), (3,)) for i in range(3, 9)},
-              {f"t.{i}": box((3,), (0,), (3,)) for i in range(2, 5)}]
+    states = [
+        {f"t.{i}": box((3,), (0,), (3,)) for i in range(0, 6)},
+        {f"t.{i}": box((3,), (0,), (3,)) for i in range(3, 9)},
+        {f"t.{i}": box((3,), (0,), (3,)) for i in range(2, 5)},
+    ]
     sim = simulate_save_plans(states, str(tmp_path / "out"), keep_planners=True)
     assert_written_once(written(sim, 3), shapes)
 
 
-@pytest.mark.parametrize("states, message", [
-    ([{"w": box((4, 2), (0, 0), (2, 2))}, {"w": box((4, 2), (1, 0), (3, 2))}], "overlaps chunk"),
-    ([{"w": box((4, 2), (0, 0), (2, 2))}, {"v": box((4, 2), (0, 0), (4, 2))}], "cover 4 of 8 elements"),
-    ([{"w": box((4, 2), (0, 0), (4, 2))}, {"w": box((4, 3), (0, 0), (4, 3))}], "ranks disagree on the tensor"),
-    ([{"w": box((4,), (0,), (4,), torch.float32)}, {"w": box((4,), (0,), (4,))}], "rank 0 has shape [4] torch.float32"),
-])
+@pytest.mark.parametrize(
+    "states, message",
+    [
+        ([{"w": box((4, 2), (0, 0), (2, 2))}, {"w": box((4, 2), (1, 0), (3, 2))}], "overlaps chunk"),
+        ([{"w": box((4, 2), (0, 0), (2, 2))}, {"v": box((4, 2), (0, 0), (4, 2))}], "cover 4 of 8 elements"),
+        ([{"w": box((4, 2), (0, 0), (4, 2))}, {"w": box((4, 3), (0, 0), (4, 3))}], "ranks disagree on the tensor"),
+        (
+            [{"w": box((4,), (0,), (4,), torch.float32)}, {"w": box((4,), (0,), (4,))}],
+            "rank 0 has shape [4] torch.float32",
+        ),
+    ],
+)
 def test_bad_chunks_name_the_key(tmp_path, states, message):
     with pytest.raises(StateDictMismatchError, match="'w'") as info:
         simulate_save_plans(states, str(tmp_path / "out"))
@@ -127,6 +147,7 @@ def test_replicas_from_different_tensors_fail(tmp_path):
     differently on each rank would do that): an error, not one of them silently kept."""
     from dcp_hf import Layout
     from dcp_hf.layouts import Rename
+
     states = [{"a.w": box((2,), (0,), (2,))}, {"b.w": box((2,), (0,), (2,))}]
     layout = Layout(renames=(Rename("a.", "x."), Rename("b.", "x.")))
     with pytest.raises(StateDictMismatchError, match="from different in-memory tensors"):
@@ -139,6 +160,7 @@ def test_load_plans_stay_small_and_unloaded_keys_are_found(tmp_path):
     from safetensors.torch import save_file
 
     from dcp_hf import HFLoadPlanner, HFStorageReader
+
     world = 32
     shapes = {f"model.layers.{i}.mlp.experts.{e}.w": (64, 8) for i in range(4) for e in range(32)}
     save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(tmp_path / "model.safetensors"))

@@ -14,8 +14,7 @@ from tests.strategies import shape_and_box
 
 def tensor_and_box():
     dtypes = st.sampled_from([torch.uint8, torch.bfloat16, torch.float32, torch.int64])
-    return st.tuples(shape_and_box(min_dims=1, max_dims=3, max_size=9), dtypes).map(
-        lambda t: (*t[0], t[1]))
+    return st.tuples(shape_and_box(min_dims=1, max_dims=3, max_size=9), dtypes).map(lambda t: (*t[0], t[1]))
 
 
 def _box(t, offsets, sizes):
@@ -40,8 +39,11 @@ def test_write_then_read_any_box_through_both_paths(tmp_path_factory, case, smal
     try:
         os.pwrite(fd, b"\xff" * (base + full.numel() * width), 0)
         posix.write_runs(fd, base, grid, posix.byte_view(chunk))
-        on_disk = torch.frombuffer(bytearray(os.pread(fd, full.numel() * width, base)),
-                                   dtype=torch.uint8).view(dtype).view(shape)
+        on_disk = (
+            torch.frombuffer(bytearray(os.pread(fd, full.numel() * width, base)), dtype=torch.uint8)
+            .view(dtype)
+            .view(shape)
+        )
         assert torch.equal(_box(on_disk, offsets, sizes), chunk)
         out = torch.zeros_like(chunk)
         posix.read_runs(fd, base, grid, posix.byte_view(out), str(path))

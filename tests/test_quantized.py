@@ -35,8 +35,7 @@ class _Recording(HFLoadPlanner):
     """Records each read: (HF key, offsets, sizes)."""
 
     def resolve_tensor(self, read_item):
-        self.reads.append((read_item.storage_index.fqn, tuple(read_item.storage_offsets),
-                           tuple(read_item.lengths)))
+        self.reads.append((read_item.storage_index.fqn, tuple(read_item.storage_offsets), tuple(read_item.lengths)))
         return super().resolve_tensor(read_item)
 
 
@@ -50,6 +49,7 @@ def _load(sd, path, layout=None, **kwargs):
 
 # -- FP8 block-scaled ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def fp8_ckpt(tmp_path_factory):
     """A 300x200 fp8 weight (partial edge blocks on both dims) whose scales sit in another
@@ -58,9 +58,14 @@ def fp8_ckpt(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     w, s = quantize_fp8(torch.randn(300, 200, generator=g) * 3)
     norm = torch.randn(200, generator=g).to(torch.bfloat16)
-    write_checkpoint(path, {"model-00001-of-00002.safetensors": {"a.weight": w, "a.norm": norm},
-                            "model-00002-of-00002.safetensors": {"a.weight_scale_inv": s}},
-                     {"model_type": "llama", "quantization_config": FP8_CONFIG})
+    write_checkpoint(
+        path,
+        {
+            "model-00001-of-00002.safetensors": {"a.weight": w, "a.norm": norm},
+            "model-00002-of-00002.safetensors": {"a.weight_scale_inv": s},
+        },
+        {"model_type": "llama", "quantization_config": FP8_CONFIG},
+    )
     return path, w, s, norm
 
 
@@ -76,19 +81,22 @@ def test_fp8_whole_equals_reference_and_torch_reader(fp8_ckpt, dtype):
     assert torch.equal(_bits(sd["a.weight"]), _bits(theirs["a.weight"]))
 
 
-@pytest.mark.parametrize("offsets,sizes", [
-    ((0, 0), (128, 200)),      # block-aligned rows
-    ((100, 0), (60, 200)),     # rows across a block edge
-    ((0, 150), (300, 50)),     # a column shard inside the partial edge block
-    ((130, 70), (170, 70)),    # both dims unaligned, up to the edges
-    ((299, 199), (1, 1)),      # one element of the last partial block
-])
+@pytest.mark.parametrize(
+    "offsets,sizes",
+    [
+        ((0, 0), (128, 200)),  # block-aligned rows
+        ((100, 0), (60, 200)),  # rows across a block edge
+        ((0, 150), (300, 50)),  # a column shard inside the partial edge block
+        ((130, 70), (170, 70)),  # both dims unaligned, up to the edges
+        ((299, 199), (1, 1)),  # one element of the last partial block
+    ],
+)
 def test_fp8_box_reads_only_its_rows_columns_and_scale_blocks(fp8_ckpt, offsets, sizes):
     path, w, s, _ = fp8_ckpt
     local = torch.full(sizes, float("nan"), dtype=torch.bfloat16)
     reads = _load({"a.weight": TensorBox(local, offsets, (300, 200))}, path, allow_unexpected=["a.norm"])
     (r, c), (n, m) = offsets, sizes
-    want = dequantize_fp8(w, s, torch.bfloat16)[r:r + n, c:c + m]
+    want = dequantize_fp8(w, s, torch.bfloat16)[r : r + n, c : c + m]
     assert torch.equal(_bits(local), _bits(want))
     # Exactly the weight box and the scale blocks that cover it.
     blocks = ((r // 128, c // 128), ((r + n - 1) // 128 - r // 128 + 1, (c + m - 1) // 128 - c // 128 + 1))
@@ -99,8 +107,11 @@ def test_fp8_transposed_destination_and_hand_built_layout(tmp_path, fp8_ckpt):
     """A layout built by hand (no config.json); the destination is a view of another tensor."""
     path, w, s, _ = fp8_ckpt
     (tmp_path / "x").mkdir()
-    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                 "model.safetensors.index.json"):
+    for name in (
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ):
         (tmp_path / "x" / name).write_bytes(open(f"{path}/{name}", "rb").read())
     base = torch.zeros(200, 300, dtype=torch.float32)
     sd = {"a.weight": base.t()}
@@ -111,41 +122,60 @@ def test_fp8_transposed_destination_and_hand_built_layout(tmp_path, fp8_ckpt):
 def test_fp8_raw_destination_and_layout_specs(fp8_ckpt):
     """An fp8 destination gets the stored values as they are; memory_specs shows the logical tensor."""
     path, w, s, norm = fp8_ckpt
-    sd = {"a.weight": torch.zeros(300, 200, dtype=FP8), "a.weight_scale_inv": torch.zeros(3, 2),
-          "a.norm": torch.zeros(200, dtype=torch.bfloat16)}
+    sd = {
+        "a.weight": torch.zeros(300, 200, dtype=FP8),
+        "a.weight_scale_inv": torch.zeros(3, 2),
+        "a.norm": torch.zeros(200, dtype=torch.bfloat16),
+    }
     _load(sd, path)
     assert torch.equal(_bits(sd["a.weight"]), _bits(w)) and torch.equal(sd["a.weight_scale_inv"], s)
     from dcp_hf.format import TensorSpec
-    specs, _ = detect_layout(path).memory_specs({
-        "a.weight": TensorSpec("a.weight", FP8, (300, 200)),
-        "a.weight_scale_inv": TensorSpec("a.weight_scale_inv", torch.float32, (3, 2)),
-        "a.norm": TensorSpec("a.norm", torch.bfloat16, (200,))})
-    assert specs == {"a.weight": TensorSpec("a.weight", torch.bfloat16, (300, 200)),
-                     "a.norm": TensorSpec("a.norm", torch.bfloat16, (200,))}
+
+    specs, _ = detect_layout(path).memory_specs(
+        {
+            "a.weight": TensorSpec("a.weight", FP8, (300, 200)),
+            "a.weight_scale_inv": TensorSpec("a.weight_scale_inv", torch.float32, (3, 2)),
+            "a.norm": TensorSpec("a.norm", torch.bfloat16, (200,)),
+        }
+    )
+    assert specs == {
+        "a.weight": TensorSpec("a.weight", torch.bfloat16, (300, 200)),
+        "a.norm": TensorSpec("a.norm", torch.bfloat16, (200,)),
+    }
 
 
 def test_fp8_errors(tmp_path):
     g = torch.Generator().manual_seed(1)
     w, s = quantize_fp8(torch.randn(130, 64, generator=g))
-    write_checkpoint(str(tmp_path / "noscale"), {"model.safetensors": {"a.weight": w}},
-                     {"quantization_config": FP8_CONFIG})
+    write_checkpoint(
+        str(tmp_path / "noscale"), {"model.safetensors": {"a.weight": w}}, {"quantization_config": FP8_CONFIG}
+    )
     with pytest.raises(CheckpointException, match="'a.weight'.*no 'a.weight_scale_inv'"):
         _load({"a.weight": torch.zeros(130, 64)}, str(tmp_path / "noscale"))
-    write_checkpoint(str(tmp_path / "badscale"), {"model.safetensors": {"a.weight": w,
-                                                                        "a.weight_scale_inv": s[:1]}},
-                     {"quantization_config": FP8_CONFIG})
+    write_checkpoint(
+        str(tmp_path / "badscale"),
+        {"model.safetensors": {"a.weight": w, "a.weight_scale_inv": s[:1]}},
+        {"quantization_config": FP8_CONFIG},
+    )
     with pytest.raises(CheckpointException, match="'a.weight_scale_inv' has shape \\[1, 1\\]"):
         _load({"a.weight": torch.zeros(130, 64)}, str(tmp_path / "badscale"))
-    write_checkpoint(str(tmp_path / "good"), {"model.safetensors": {"a.weight": w, "a.weight_scale_inv": s}},
-                     {"quantization_config": FP8_CONFIG})
+    write_checkpoint(
+        str(tmp_path / "good"),
+        {"model.safetensors": {"a.weight": w, "a.weight_scale_inv": s}},
+        {"quantization_config": FP8_CONFIG},
+    )
     with pytest.raises(CheckpointException, match="'a.weight' is quantized.*not torch.int32"):
         _load({"a.weight": torch.zeros(130, 64, dtype=torch.int32)}, str(tmp_path / "good"))
     with pytest.raises(CheckpointException, match="'a.weight'.*shape \\[130, 64\\].*\\[64, 130\\]"):
         _load({"a.weight": torch.zeros(64, 130)}, str(tmp_path / "good"))
     # Without the quantization in the layout, even a reader that casts refuses (no silent cast).
     with pytest.raises(CheckpointException, match="'a.weight' is torch.float8_e4m3fn with block scales"):
-        dcp.load({"a.weight": torch.zeros(130, 64)}, storage_reader=HFStorageReader(
-            str(tmp_path / "good"), allow_dtype_cast=True), planner=HFLoadPlanner(), no_dist=True)
+        dcp.load(
+            {"a.weight": torch.zeros(130, 64)},
+            storage_reader=HFStorageReader(str(tmp_path / "good"), allow_dtype_cast=True),
+            planner=HFLoadPlanner(),
+            no_dist=True,
+        )
     (tmp_path / "awq").mkdir()
     (tmp_path / "awq" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
     with pytest.raises(ValueError, match="quant_method 'awq' is not supported"):
@@ -153,6 +183,7 @@ def test_fp8_errors(tmp_path):
 
 
 # -- MXFP4 (GPT-OSS) -------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def mxfp4_ckpt(tmp_path_factory):
@@ -162,21 +193,26 @@ def mxfp4_ckpt(tmp_path_factory):
     E, F, H = 3, 64, 96
     t = {}
     for name, rows, cols in (("gate_up_proj", 2 * F, H), ("down_proj", H, F)):
-        t[f"model.layers.0.mlp.experts.{name}_blocks"] = torch.randint(0, 256, (E, rows, cols // 32, 16),
-                                                                      dtype=torch.uint8, generator=g)
-        t[f"model.layers.0.mlp.experts.{name}_scales"] = torch.randint(118, 136, (E, rows, cols // 32),
-                                                                      dtype=torch.uint8, generator=g)
+        t[f"model.layers.0.mlp.experts.{name}_blocks"] = torch.randint(
+            0, 256, (E, rows, cols // 32, 16), dtype=torch.uint8, generator=g
+        )
+        t[f"model.layers.0.mlp.experts.{name}_scales"] = torch.randint(
+            118, 136, (E, rows, cols // 32), dtype=torch.uint8, generator=g
+        )
         t[f"model.layers.0.mlp.experts.{name}_bias"] = torch.randn(E, rows, generator=g)
     blocks = {k: v for k, v in t.items() if not k.endswith("_scales")}
     scales = {k: v for k, v in t.items() if k.endswith("_scales")}
-    write_checkpoint(path, {"model-00001-of-00002.safetensors": blocks,
-                            "model-00002-of-00002.safetensors": scales},
-                     {"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}})
+    write_checkpoint(
+        path,
+        {"model-00001-of-00002.safetensors": blocks, "model-00002-of-00002.safetensors": scales},
+        {"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}},
+    )
     return path, t
 
 
 def _transformers_dequant(t, name, dtype):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
     p = f"model.layers.0.mlp.experts.{name}"
     return convert_moe_packed_tensors(t[p + "_blocks"], t[p + "_scales"], dtype=dtype)
 
@@ -186,16 +222,21 @@ def test_mxfp4_gpt_oss_equals_transformers(mxfp4_ckpt, dtype):
     """detect_layout of a GPT-OSS release: transformers' experts [E, H, 2F] / [E, F, H]."""
     path, t = mxfp4_ckpt
     p = "model.layers.0.mlp.experts."
-    sd = {p + "gate_up_proj": torch.zeros(3, 96, 128, dtype=dtype), p + "down_proj": torch.zeros(3, 64, 96, dtype=dtype),
-          p + "gate_up_proj_bias": torch.zeros(3, 128), p + "down_proj_bias": torch.zeros(3, 96)}
+    sd = {
+        p + "gate_up_proj": torch.zeros(3, 96, 128, dtype=dtype),
+        p + "down_proj": torch.zeros(3, 64, 96, dtype=dtype),
+        p + "gate_up_proj_bias": torch.zeros(3, 128),
+        p + "down_proj_bias": torch.zeros(3, 96),
+    }
     _load(sd, path)
     for name in ("gate_up_proj", "down_proj"):
         assert torch.equal(_bits(sd[p + name]), _bits(_transformers_dequant(t, name, dtype))), name
     assert torch.equal(sd[p + "down_proj_bias"], t[p + "down_proj_bias"])
 
 
-@pytest.mark.parametrize("offsets,sizes", [((1, 0, 0), (1, 96, 128)), ((0, 20, 7), (3, 50, 60)),
-                                           ((2, 95, 127), (1, 1, 1))])
+@pytest.mark.parametrize(
+    "offsets,sizes", [((1, 0, 0), (1, 96, 128)), ((0, 20, 7), (3, 50, 60)), ((2, 95, 127), (1, 1, 1))]
+)
 def test_mxfp4_boxes_read_only_their_groups(mxfp4_ckpt, offsets, sizes):
     path, t = mxfp4_ckpt
     p = "model.layers.0.mlp.experts.gate_up_proj"
@@ -217,17 +258,18 @@ def test_mxfp4_stored_orientation_equals_torch_reader(mxfp4_ckpt):
     p = "model.layers.0.mlp.experts."
     ours = {p + "gate_up_proj": torch.zeros(3, 128, 96, dtype=torch.bfloat16)}
     _load(ours, path, Layout(quantization=MXFP4()), allow_unexpected=True)
-    assert torch.equal(_bits(ours[p + "gate_up_proj"].transpose(1, 2)),
-                       _bits(_transformers_dequant(t, "gate_up_proj", torch.bfloat16)))
+    assert torch.equal(
+        _bits(ours[p + "gate_up_proj"].transpose(1, 2)), _bits(_transformers_dequant(t, "gate_up_proj", torch.bfloat16))
+    )
     theirs = {p + "gate_up_proj_blocks": torch.full((3, 128, 96), float("nan"), dtype=torch.bfloat16)}
-    dcp.load(theirs, storage_reader=QuantizedHuggingFaceStorageReader(path, target_dtype=torch.bfloat16),
-             no_dist=True)
+    dcp.load(theirs, storage_reader=QuantizedHuggingFaceStorageReader(path, target_dtype=torch.bfloat16), no_dist=True)
     written = ~theirs[p + "gate_up_proj_blocks"].isnan()
     assert written.any()
     assert torch.equal(_bits(ours[p + "gate_up_proj"][written]), _bits(theirs[p + "gate_up_proj_blocks"][written]))
 
 
 # -- DeepSeek-V3-shaped release, multi-process -------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def dsv3(tmp_path_factory):
@@ -236,12 +278,28 @@ def dsv3(tmp_path_factory):
     quantization_config. Returns the path and the reference: the in-memory (fused experts)
     tensors dequantized block by block, and the shapes of the fp8 HF weights."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
     root = tmp_path_factory.mktemp("dsv3")
-    cfg = DeepseekV3Config(vocab_size=100, hidden_size=192, intermediate_size=320, moe_intermediate_size=160,
-                           n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
-                           topk_group=1, num_hidden_layers=2, first_k_dense_replace=1, q_lora_rank=96,
-                           kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
-                           num_attention_heads=4, num_key_value_heads=4)
+    cfg = DeepseekV3Config(
+        vocab_size=100,
+        hidden_size=192,
+        intermediate_size=320,
+        moe_intermediate_size=160,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        q_lora_rank=96,
+        kv_lora_rank=64,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     torch.manual_seed(0)
     memory = {k: v.to(torch.bfloat16) for k, v in DeepseekV3ForCausalLM(cfg).state_dict().items()}
     hf = {}
@@ -256,8 +314,11 @@ def dsv3(tmp_path_factory):
                 hf[key.replace("down_proj", f"{e}.down_proj.weight")] = v[e]
         else:
             hf[key] = v
-    files = {"model-00001-of-00003.safetensors": {}, "model-00002-of-00003.safetensors": {},
-             "model-00003-of-00003.safetensors": {}}
+    files = {
+        "model-00001-of-00003.safetensors": {},
+        "model-00002-of-00003.safetensors": {},
+        "model-00003-of-00003.safetensors": {},
+    }
     deq = {}
     for i, (key, v) in enumerate(sorted(hf.items())):
         if DSV3_QUANTIZED.fullmatch(key):
@@ -273,12 +334,19 @@ def dsv3(tmp_path_factory):
     expected = {}
     for key in memory:
         if key.endswith("experts.gate_up_proj"):
-            expected[key] = torch.stack([torch.cat([deq[key.replace("gate_up_proj", f"{e}.gate_proj.weight")],
-                                                    deq[key.replace("gate_up_proj", f"{e}.up_proj.weight")]])
-                                         for e in range(4)])
+            expected[key] = torch.stack(
+                [
+                    torch.cat(
+                        [
+                            deq[key.replace("gate_up_proj", f"{e}.gate_proj.weight")],
+                            deq[key.replace("gate_up_proj", f"{e}.up_proj.weight")],
+                        ]
+                    )
+                    for e in range(4)
+                ]
+            )
         elif key.endswith("experts.down_proj"):
-            expected[key] = torch.stack([deq[key.replace("down_proj", f"{e}.down_proj.weight")]
-                                         for e in range(4)])
+            expected[key] = torch.stack([deq[key.replace("down_proj", f"{e}.down_proj.weight")] for e in range(4)])
         else:
             expected[key] = deq[key]
     assert len([k for k in hf if DSV3_QUANTIZED.fullmatch(k)]) == 2 * 5 + 3 + 3 + 3 * 4
@@ -298,11 +366,13 @@ def test_dsv3_fp8_release_into_fsdp2_shards(dsv3, world, kinds):
 
 # -- Save quantized ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def saved_fp8(tmp_path_factory):
     """save_state saved quantized on 2 ranks, Shard(0) and Shard(1): rows 0-149 / 150-299 and
     columns 0-99 / 100-199 split blocks between the ranks."""
     from tests.quant_workers import save_quantized
+
     root = tmp_path_factory.mktemp("saved")
     run_ranks(save_quantized, 2, str(root), ["shard0", "shard1"], timeout=240)
     return root
@@ -315,6 +385,7 @@ def test_save_fp8_equals_blockwise_reference_and_round_trips(saved_fp8, kind):
     from safetensors.torch import load_file
 
     from tests.quant_workers import save_state
+
     path = saved_fp8 / kind
     stored = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -337,8 +408,10 @@ def test_save_fp8_equals_blockwise_reference_and_round_trips(saved_fp8, kind):
 
 # -- inspect, convert --------------------------------------------------------------------------
 
+
 def test_inspect_shows_logical_tensors(fp8_ckpt, mxfp4_ckpt):
     from dcp_hf.inspect import inspect_checkpoint
+
     text = inspect_checkpoint(fp8_ckpt[0], verbose=True)
     assert "quantized: 1 tensors load dequantized" in text and "  a.weight  BF16  [300, 200]" in text
     text = inspect_checkpoint(mxfp4_ckpt[0], verbose=True)
@@ -353,6 +426,7 @@ def test_convert_dequantize(tmp_path, fp8_ckpt, mxfp4_ckpt, which):
 
     from dcp_hf.cli import main
     from dcp_hf.convert import dequantize
+
     src = fp8_ckpt[0] if which == "fp8" else mxfp4_ckpt[0]
     if which == "fp8":  # through the command line
         assert main(["convert", "--to", "dequantized", src, str(tmp_path / "out"), "--quiet"]) == 0
@@ -369,7 +443,9 @@ def test_convert_dequantize(tmp_path, fp8_ckpt, mxfp4_ckpt, which):
     else:
         _, t = mxfp4_ckpt
         p = "model.layers.0.mlp.experts."
-        assert sorted(out) == sorted(p + n for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"))
+        assert sorted(out) == sorted(
+            p + n for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+        )
         for name in ("gate_up_proj", "down_proj"):
             assert torch.equal(_bits(out[p + name]), _bits(_transformers_dequant(t, name, torch.bfloat16)))
     config = json.load(open(tmp_path / "out" / "config.json"))
@@ -385,11 +461,28 @@ def test_dsv3_fp8_release_into_megatron_tp2_ep2(tmp_path):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     from tests.quant_workers import megatron_load
-    cfg = DeepseekV3Config(vocab_size=64, hidden_size=160, intermediate_size=192, moe_intermediate_size=144,
-                           num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
-                           first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-                           n_group=1, topk_group=1, q_lora_rank=96, kv_lora_rank=32, qk_rope_head_dim=8,
-                           qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=64)
+
+    cfg = DeepseekV3Config(
+        vocab_size=64,
+        hidden_size=160,
+        intermediate_size=192,
+        moe_intermediate_size=144,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=96,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(3)
     DeepseekV3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     source = {}
@@ -418,9 +511,11 @@ def test_export_dtype_keeps_block_scales_in_float32(tmp_path):
     from safetensors import safe_open
 
     from dcp_hf import HFSavePlanner, HFStorageWriter
+
     state = {"layer.weight": torch.randn(4, 4), "layer.weight_scale_inv": torch.rand(1, 1) + 0.5}
-    dcp.save(state, storage_writer=HFStorageWriter(tmp_path, dtype=torch.bfloat16),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        state, storage_writer=HFStorageWriter(tmp_path, dtype=torch.bfloat16), planner=HFSavePlanner(), no_dist=True
+    )
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert f.get_slice("layer.weight").get_dtype() == "BF16"
         assert f.get_slice("layer.weight_scale_inv").get_dtype() == "F32"

@@ -20,8 +20,9 @@ def uploaded(s3, tmp_path_factory):
     """Our multi-file checkpoint and a plain safetensors.save_file one, uploaded by boto3."""
     root = tmp_path_factory.mktemp("s3src")
     sd = reference_state()
-    dcp.save(sd, storage_writer=HFStorageWriter(root / "ours", max_shard_size=600),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        sd, storage_writer=HFStorageWriter(root / "ours", max_shard_size=600), planner=HFSavePlanner(), no_dist=True
+    )
     (root / "plain").mkdir()
     save_file(sd, root / "plain" / "model.safetensors")
     bucket = s3.bucket("dcp-hf-read")
@@ -44,8 +45,13 @@ def test_load_from_s3_resharded(s3, uploaded, kind, world):
 
 def test_inspect_an_s3_checkpoint_with_the_standard_credential_chain(s3, uploaded):
     env = {**os.environ, **s3.env}
-    out = subprocess.run([sys.executable, "-m", "dcp_hf", "inspect", "-v", uploaded["ours"]],
-                         capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "dcp_hf", "inspect", "-v", uploaded["ours"]],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     assert "model.embed_tokens.weight  BF16  [37, 16]" in out
     assert "total: 9 tensors in" in out
     assert s3.env["AWS_SECRET_ACCESS_KEY"] not in out
@@ -54,14 +60,22 @@ def test_inspect_an_s3_checkpoint_with_the_standard_credential_chain(s3, uploade
 def test_missing_object_named_by_the_index_is_an_error(s3, uploaded):
     bucket, prefix = uploaded["ours"].removeprefix("s3://").split("/", 1)
     import json
+
     index = json.loads(s3.client.get_object(Bucket=bucket, Key=f"{prefix}/model.safetensors.index.json")["Body"].read())
     victim = index["weight_map"]["model.scale"]
-    s3.client.copy_object(Bucket=bucket, Key=f"broken/{victim}x", CopySource={"Bucket": bucket, "Key": f"{prefix}/{victim}"})
+    s3.client.copy_object(
+        Bucket=bucket, Key=f"broken/{victim}x", CopySource={"Bucket": bucket, "Key": f"{prefix}/{victim}"}
+    )
     s3.client.put_object(Bucket=bucket, Key="broken/model.safetensors.index.json", Body=json.dumps(index).encode())
-    with pytest.raises(CheckpointException, match=f"s3://{bucket}/broken/{victim}: named by model.safetensors.index.json but missing"):
-        dcp.load({"model.scale": torch.zeros(())}, storage_reader=HFStorageReader(
-            f"s3://{bucket}/broken", storage_options=s3.storage_options),
-            planner=HFLoadPlanner(allow_unexpected=True), no_dist=True)
+    with pytest.raises(
+        CheckpointException, match=f"s3://{bucket}/broken/{victim}: named by model.safetensors.index.json but missing"
+    ):
+        dcp.load(
+            {"model.scale": torch.zeros(())},
+            storage_reader=HFStorageReader(f"s3://{bucket}/broken", storage_options=s3.storage_options),
+            planner=HFLoadPlanner(allow_unexpected=True),
+            no_dist=True,
+        )
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -72,6 +86,7 @@ def _objects(s3, bucket, prefix):
 
 def _download(s3, bucket, prefix):
     from safetensors.torch import load
+
     tensors = {}
     for name in _objects(s3, bucket, prefix):
         if name.endswith(".safetensors"):
@@ -94,26 +109,36 @@ def s3_env(s3, monkeypatch):
 def test_save_to_s3_in_one_process(s3):
     bucket = s3.bucket("dcp-hf-one")
     sd = reference_state()
-    dcp.save(sd, storage_writer=HFStorageWriter(f"s3://{bucket}/ckpt", storage_options=s3.storage_options),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        sd,
+        storage_writer=HFStorageWriter(f"s3://{bucket}/ckpt", storage_options=s3.storage_options),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
     assert _objects(s3, bucket, "ckpt") == ["model.safetensors"]
     got = _download(s3, bucket, "ckpt")
     assert all(bitwise_equal(got[k], sd[k]) for k in sd)
     with pytest.raises(CheckpointException, match="already holds a checkpoint"):
-        dcp.save(sd, storage_writer=HFStorageWriter(f"s3://{bucket}/ckpt", storage_options=s3.storage_options),
-                 planner=HFSavePlanner(), no_dist=True)
+        dcp.save(
+            sd,
+            storage_writer=HFStorageWriter(f"s3://{bucket}/ckpt", storage_options=s3.storage_options),
+            planner=HFSavePlanner(),
+            no_dist=True,
+        )
 
 
 @pytest.mark.parametrize("kind,world", [("shard0", 3), ("shard1", 3), ("replicate", 2), ("mixed", 2)])
 def test_save_to_s3_from_every_rank(s3_env, kind, world):
     from tests.workers import save_to_url
+
     s3 = s3_env
     bucket = s3.bucket(f"dcp-hf-{kind}")
     run_ranks(save_to_url, world, f"s3://{bucket}/ckpt", kind, {"max_shard_size": 600}, None)
     names = _objects(s3, bucket, "ckpt")
     n = len(names) - 1
     assert names == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] + [
-        "model.safetensors.index.json"]
+        "model.safetensors.index.json"
+    ]
     sd, got = reference_state(), _download(s3, bucket, "ckpt")
     assert got.keys() == sd.keys() and all(bitwise_equal(got[k], sd[k]) for k in sd)
     assert _open_uploads(s3, bucket) == []
@@ -125,10 +150,10 @@ def test_save_to_s3_from_every_rank(s3_env, kind, world):
 def test_multipart_parts_over_several_rounds(s3_env, kind):
     """A 12 MB tensor in 5 MiB parts, with a round budget that forces several exchanges."""
     from tests.workers import save_big_to_url
+
     s3 = s3_env
     bucket = s3.bucket(f"dcp-hf-parts-{kind}")
-    run_ranks(save_big_to_url, 3, f"s3://{bucket}/big", kind, 12_000_000,
-              {"part_size": "5MiB", "round_bytes": "6MiB"})
+    run_ranks(save_big_to_url, 3, f"s3://{bucket}/big", kind, 12_000_000, {"part_size": "5MiB", "round_bytes": "6MiB"})
     got = _download(s3, bucket, "big")["big"]
     assert torch.equal(got, torch.arange(got.numel(), dtype=torch.float32).view(-1, 64))
     assert _open_uploads(s3, bucket) == []
@@ -136,6 +161,7 @@ def test_multipart_parts_over_several_rounds(s3_env, kind):
 
 def test_failed_save_to_s3_leaves_no_object_and_no_upload(s3_env):
     from tests.workers import save_with_fault
+
     s3 = s3_env
     bucket = s3.bucket("dcp-hf-fail")
     results = run_ranks(save_with_fault, 3, f"s3://{bucket}/ckpt", "raise", 0, False)
@@ -148,6 +174,7 @@ def test_failed_save_to_s3_leaves_no_object_and_no_upload(s3_env):
 def test_fused_experts_to_s3_through_a_layout(s3_env, tmp_path):
     from tests.moe_models import tiny_moe
     from tests.workers import fused_experts_round_trip
+
     s3 = s3_env
     bucket = s3.bucket("dcp-hf-experts")
     tiny_moe("qwen3_moe").save_pretrained(tmp_path / "hf")
@@ -160,6 +187,7 @@ def test_fused_experts_to_s3_through_a_layout(s3_env, tmp_path):
 
 def load_file_dict(path):
     from safetensors.torch import load_file
+
     return load_file(path)
 
 
@@ -168,6 +196,7 @@ def test_s3_server_stopped_mid_upload(monkeypatch):
     could not abort (the server was gone) are aborted by the next save into the same path."""
     from tests.s3_server import SeaweedS3
     from tests.workers import save_to_url, save_while_server_dies
+
     server = SeaweedS3()
     try:
         for k, v in server.env.items():
@@ -188,6 +217,7 @@ def test_s3_server_stopped_mid_upload(monkeypatch):
 
 def _through_proxy(s3, monkeypatch, rule):
     from tests.throttle_proxy import ThrottlingProxy
+
     proxy = ThrottlingProxy(s3.endpoint, rule)
     for k, v in {**s3.env, "AWS_ENDPOINT_URL": proxy.url}.items():
         monkeypatch.setenv(k, v)  # spawned ranks inherit the environment
@@ -199,6 +229,7 @@ def test_throttled_server_save_and_load_succeed(s3, monkeypatch):
     index and headers, and the resharded ranged reads retry with backoff; bit-exact results."""
     from tests.throttle_proxy import every
     from tests.workers import save_to_url
+
     bucket = s3.bucket("dcp-hf-throttled")
     proxy = _through_proxy(s3, monkeypatch, every(4))
     try:
@@ -216,6 +247,7 @@ def test_throttling_that_never_ends_fails_every_rank_cleanly(s3, monkeypatch):
     """Every part upload refused: every rank fails with the reason, and the save leaves no
     object and no open multipart upload."""
     from tests.workers import save_with_fault
+
     bucket = s3.bucket("dcp-hf-always-throttled")
     proxy = _through_proxy(s3, monkeypatch, lambda method, path, query: method == "PUT" and "partNumber" in query)
     try:

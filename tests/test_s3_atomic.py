@@ -23,15 +23,19 @@ SHARDED, SINGLE = 3200, 10**9  # 3 files of two tensors, or one file
 
 
 def save(url, state, options, max_shard_size=SHARDED, overwrite=True):
-    dcp.save(state, storage_writer=HFStorageWriter(url, max_shard_size=max_shard_size, overwrite=overwrite,
-                                                   storage_options=options),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        state,
+        storage_writer=HFStorageWriter(
+            url, max_shard_size=max_shard_size, overwrite=overwrite, storage_options=options
+        ),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
 
 
 def load(url, options) -> str:
     state = {k: torch.zeros_like(v) for k, v in A.items()}
-    dcp.load(state, storage_reader=HFStorageReader(url, storage_options=options), planner=HFLoadPlanner(),
-             no_dist=True)
+    dcp.load(state, storage_reader=HFStorageReader(url, storage_options=options), planner=HFLoadPlanner(), no_dist=True)
     return which(state)
 
 
@@ -76,8 +80,7 @@ def test_s3_save_killed_at_every_commit_step_leaves_old_new_or_refused(s3, b_siz
     urls = [f"s3://{bucket}/k{k}" for k in range(1, 9)]  # more kill points than commit steps
     for url in urls:
         save(url, A, options, overwrite=False)
-    codes = save_b_in_children([(url, options, b_size, {"DCP_HF_KILL_AT": str(k)})
-                                for k, url in enumerate(urls, 1)])
+    codes = save_b_in_children([(url, options, b_size, {"DCP_HF_KILL_AT": str(k)}) for k, url in enumerate(urls, 1)])
     steps = codes.count(-9)
     assert steps >= 4 and codes == [-9] * steps + [0] * (len(urls) - steps), codes
     outcomes = []
@@ -87,8 +90,11 @@ def test_s3_save_killed_at_every_commit_step_leaves_old_new_or_refused(s3, b_siz
         except CheckpointException as e:
             ((error, _),) = e.failures.values()
             assert isinstance(error, DcpHfError), repr(error)
-            assert ("written by save" in str(error) and f"{url}/model-" in str(error)
-                    or "files of different saves: model-" in str(error)), error
+            assert (
+                "written by save" in str(error)
+                and f"{url}/model-" in str(error)
+                or "files of different saves: model-" in str(error)
+            ), error
             outcomes.append("refused")
         save(url, B, options, b_size)  # the next save commits whatever was left
         assert load(url, options) == "B"
@@ -110,6 +116,7 @@ def test_an_object_replaced_after_its_header_was_read_is_refused(s3):
     data[-1] ^= 0xFF  # the same header, one data byte changed: only the ETag pin can tell
     s3.client.put_object(Bucket=bucket, Key=f"a/{victim}", Body=bytes(data))
     from tests.test_consistency import load_from
+
     with pytest.raises(DcpHfError, match=f"s3://{bucket}/a/{victim}: replaced while being read"):
         load_from(reader)
 
@@ -151,6 +158,7 @@ def _in_thread(fn):
             box["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - returned to the test
             box["error"] = e
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(180)
@@ -162,8 +170,12 @@ def _in_thread(fn):
 def test_a_frozen_server_is_an_error_naming_the_url_not_a_hang():
     server = FrozenServer()
     try:
-        options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": server.url},
-                   "config_kwargs": {"connect_timeout": 1, "read_timeout": 1, "retries": {"max_attempts": 2}}}
+        options = {
+            "key": "k",
+            "secret": "s",
+            "client_kwargs": {"endpoint_url": server.url},
+            "config_kwargs": {"connect_timeout": 1, "read_timeout": 1, "retries": {"max_attempts": 2}},
+        }
         for what in ("load", "save"):
             url = f"s3://frozen/{what}"
             if what == "load":

@@ -19,8 +19,12 @@ SHARDED = 600
 
 
 def save(path, overwrite=True):
-    dcp.save(STATE, storage_writer=HFStorageWriter(path, max_shard_size=SHARDED, overwrite=overwrite),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        STATE,
+        storage_writer=HFStorageWriter(path, max_shard_size=SHARDED, overwrite=overwrite),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
 
 
 def loads_whole(path) -> bool:

@@ -13,8 +13,12 @@ from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWrite
 
 def test_tensor_box_with_our_planners(tmp_path):
     full = torch.arange(12.0).view(4, 3)
-    dcp.save({"w": TensorBox(full[:4].clone(), (0, 0), (4, 3))},
-             storage_writer=HFStorageWriter(tmp_path), planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        {"w": TensorBox(full[:4].clone(), (0, 0), (4, 3))},
+        storage_writer=HFStorageWriter(tmp_path),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
     assert torch.equal(load_file(tmp_path / "model.safetensors")["w"], full)  # safetensors reads it
     box = TensorBox(torch.zeros(2, 3), (2, 0), (4, 3))
     dcp.load({"w": box}, storage_reader=HFStorageReader(tmp_path), planner=HFLoadPlanner(), no_dist=True)

@@ -17,8 +17,15 @@ from dcp_hf.models import LlamaShape  # noqa: E402
 
 def tiny_llama(seed):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -40,8 +47,12 @@ def test_save_pretrained_then_our_load_and_save_then_from_pretrained(tmp_path):
     assert torch.equal(logits(model), expected)
 
     out = tmp_path / "ours"
-    dcp.save(model.state_dict(), storage_writer=HFStorageWriter(out, max_shard_size="100KB"),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        model.state_dict(),
+        storage_writer=HFStorageWriter(out, max_shard_size="100KB"),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
     shutil.copy(tmp_path / "hf" / "config.json", out / "config.json")
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert torch.equal(logits(reloaded), expected)

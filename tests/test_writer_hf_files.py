@@ -18,8 +18,15 @@ from dcp_hf.testing import run_ranks  # noqa: E402
 
 
 def tiny_config(tied: bool) -> LlamaConfig:
-    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
 
 
 def tiny_llama(tied: bool, seed: int = 0) -> LlamaForCausalLM:
@@ -43,6 +50,7 @@ def load_as_is(path) -> LlamaForCausalLM:
 
 def saved_keys(path) -> set[str]:
     from safetensors import safe_open
+
     keys = set()
     for name in os.listdir(path):
         if name.endswith(".safetensors"):
@@ -54,8 +62,12 @@ def saved_keys(path) -> set[str]:
 @pytest.mark.parametrize("tied", [False, True])
 def test_one_process_save_loads_with_from_pretrained(tmp_path, tied):
     model = tiny_llama(tied)
-    dcp.save(model.state_dict(), storage_writer=HFStorageWriter(tmp_path / "out", config=model.config),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        model.state_dict(),
+        storage_writer=HFStorageWriter(tmp_path / "out", config=model.config),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
     assert torch.equal(logits(load_as_is(tmp_path / "out")), logits(model))
     model.save_pretrained(tmp_path / "theirs")
     assert saved_keys(tmp_path / "out") == saved_keys(tmp_path / "theirs")  # lm_head left out when tied
@@ -66,13 +78,15 @@ def _save_sharded(rank, world, path, tied):
     """Every parameter a DTensor Shard(0) over the ranks (tied ones: one DTensor, two keys)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
     mesh = init_device_mesh("cpu", (world,))
     model = tiny_llama(tied)
     shared = {}
-    state = {k: shared.setdefault(id(v), distribute_tensor(v.detach(), mesh, [Shard(0)]))
-             for k, v in model.state_dict().items()}
-    dcp.save(state, storage_writer=HFStorageWriter(path, config=model.config.to_dict()),
-             planner=HFSavePlanner())
+    state = {
+        k: shared.setdefault(id(v), distribute_tensor(v.detach(), mesh, [Shard(0)]))
+        for k, v in model.state_dict().items()
+    }
+    dcp.save(state, storage_writer=HFStorageWriter(path, config=model.config.to_dict()), planner=HFSavePlanner())
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -95,8 +109,12 @@ def test_copy_from_copies_config_generation_and_tokenizer_files(tmp_path):
     (tmp_path / "release" / "tokenizer.json").write_text('{"version": "1.0"}')
     (tmp_path / "release" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     (tmp_path / "release" / "pytorch_model.bin").write_bytes(b"old weights, not copied")
-    dcp.save(model.state_dict(), storage_writer=HFStorageWriter(tmp_path / "out", copy_from=tmp_path / "release"),
-             planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        model.state_dict(),
+        storage_writer=HFStorageWriter(tmp_path / "out", copy_from=tmp_path / "release"),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
     files = set(os.listdir(tmp_path / "out"))
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
     assert "pytorch_model.bin" not in files
@@ -115,17 +133,27 @@ def test_file_map_from_keeps_the_release_files(tmp_path):
     theirs = weight_map(tmp_path / "release")
     assert len(set(theirs.values())) > 2
     tuned = tiny_llama(False, seed=1)  # fine-tuned weights, same keys
-    dcp.save(tuned.state_dict(), storage_writer=HFStorageWriter(
-        tmp_path / "out", config=tuned.config, file_map_from=tmp_path / "release", max_shard_size="5GB"),
-        planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        tuned.state_dict(),
+        storage_writer=HFStorageWriter(
+            tmp_path / "out", config=tuned.config, file_map_from=tmp_path / "release", max_shard_size="5GB"
+        ),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
     assert weight_map(tmp_path / "out") == theirs
     assert torch.equal(logits(load_as_is(tmp_path / "out")), logits(tuned))
 
     # a key the release lacks goes in a file after the release's files
     state = dict(tuned.state_dict(), **{"extra.weight": torch.ones(3)})
-    dcp.save(state, storage_writer=HFStorageWriter(
-        tmp_path / "more", file_map_from=tmp_path / "release" / "model.safetensors.index.json"),
-        planner=HFSavePlanner(), no_dist=True)
+    dcp.save(
+        state,
+        storage_writer=HFStorageWriter(
+            tmp_path / "more", file_map_from=tmp_path / "release" / "model.safetensors.index.json"
+        ),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
     ours = weight_map(tmp_path / "more")
     n = len(set(theirs.values())) + 1
     assert ours.pop("extra.weight") == f"model-{n:05d}-of-{n:05d}.safetensors"
@@ -140,17 +168,28 @@ def test_torch_hf_writer_usage_is_a_one_line_import_change(tmp_path):
     mapping = {k: 1 + (i % 3) for i, k in enumerate(state)}
 
     def usage(HuggingFaceStorageWriter, HuggingFaceStorageReader, path):
-        dcp.save(state, storage_writer=HuggingFaceStorageWriter(
-            path=path, fqn_to_index_mapping=mapping, save_distributed=True, enable_consolidation=True,
-            thread_count=2, thread_count_consolidation=1), no_dist=True)
+        dcp.save(
+            state,
+            storage_writer=HuggingFaceStorageWriter(
+                path=path,
+                fqn_to_index_mapping=mapping,
+                save_distributed=True,
+                enable_consolidation=True,
+                thread_count=2,
+                thread_count_consolidation=1,
+            ),
+            no_dist=True,
+        )
         loaded = {k: torch.zeros_like(v) for k, v in state.items()}
         dcp.load(loaded, storage_reader=HuggingFaceStorageReader(path=path, thread_count=2), no_dist=True)
         return loaded
 
     from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+
     torch_loaded = usage(HuggingFaceStorageWriter, HuggingFaceStorageReader, str(tmp_path / "torch"))
     from dcp_hf import HFStorageReader as HuggingFaceStorageReader  # noqa: F811 - the one-line change
     from dcp_hf import HFStorageWriter as HuggingFaceStorageWriter  # noqa: F811
+
     ours_loaded = usage(HuggingFaceStorageWriter, HuggingFaceStorageReader, str(tmp_path / "ours"))
     for key, value in state.items():
         assert torch.equal(ours_loaded[key], value) and torch.equal(torch_loaded[key], value), key
@@ -175,8 +214,14 @@ def test_to_s3_with_config_copy_from_and_tied_weights(s3, tmp_path):
     model.save_pretrained(tmp_path / "release")
     (tmp_path / "release" / "tokenizer.json").write_text('{"version": "1.0"}')
     url = f"s3://{s3.bucket('dcp-hf-hf-files')}/tied"
-    dcp.save(model.state_dict(), planner=HFSavePlanner(), no_dist=True, storage_writer=HFStorageWriter(
-        url, storage_options=s3.storage_options, config=model.config, copy_from=tmp_path / "release"))
+    dcp.save(
+        model.state_dict(),
+        planner=HFSavePlanner(),
+        no_dist=True,
+        storage_writer=HFStorageWriter(
+            url, storage_options=s3.storage_options, config=model.config, copy_from=tmp_path / "release"
+        ),
+    )
     bucket, prefix = url.removeprefix("s3://").split("/", 1)
     listed = s3.client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")["Contents"]
     (tmp_path / "down").mkdir()
@@ -184,6 +229,7 @@ def test_to_s3_with_config_copy_from_and_tied_weights(s3, tmp_path):
         name = obj["Key"].rsplit("/", 1)[1]
         s3.client.download_file(bucket, obj["Key"], str(tmp_path / "down" / name))
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"} == set(
-        os.listdir(tmp_path / "down"))
+        os.listdir(tmp_path / "down")
+    )
     assert "lm_head.weight" not in saved_keys(tmp_path / "down")
     assert torch.equal(logits(load_as_is(tmp_path / "down")), logits(model))

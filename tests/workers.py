@@ -58,9 +58,12 @@ def sharded_state(kind: str, seed: int = 0, zeros: bool = False) -> dict[str, DT
             out[k] = distribute_tensor(v, mesh, pl, src_data_rank=None)
         return out
     mesh = init_device_mesh("cpu", (world,))
-    return {k: distribute_tensor(torch.zeros_like(v) if zeros else v, mesh,
-                                 placements_for(k, v.ndim, kind), src_data_rank=None)
-            for k, v in full.items()}
+    return {
+        k: distribute_tensor(
+            torch.zeros_like(v) if zeros else v, mesh, placements_for(k, v.ndim, kind), src_data_rank=None
+        )
+        for k, v in full.items()
+    }
 
 
 def save_sharded(rank, world, path, kind, writer_kwargs):
@@ -101,13 +104,18 @@ def sharded_tensor_two_chunks(rank: int, world: int, key: str, shape=(8, 6), zer
     from torch.distributed._shard.sharded_tensor import Shard as STShard
     from torch.distributed._shard.sharded_tensor import init_from_local_shards
     from torch.distributed._shard.metadata import ShardMetadata
+
     full = torch.arange(math.prod(shape), dtype=torch.float32).view(shape)
     rows = shape[0] // (2 * world)
     shards = []
     for c in (rank, rank + world):
-        local = full[c * rows:(c + 1) * rows].clone()
-        shards.append(STShard(torch.zeros_like(local) if zeros else local,
-                              ShardMetadata([c * rows, 0], [rows, shape[1]], f"rank:{rank}/cpu")))
+        local = full[c * rows : (c + 1) * rows].clone()
+        shards.append(
+            STShard(
+                torch.zeros_like(local) if zeros else local,
+                ShardMetadata([c * rows, 0], [rows, shape[1]], f"rank:{rank}/cpu"),
+            )
+        )
     return init_from_local_shards(shards, *shape), full
 
 
@@ -116,14 +124,20 @@ def save_cases(rank, world, root):
     an async save; then check the failures every rank must see."""
     import os
     from torch.distributed.checkpoint.api import CheckpointException
+
     for kind in ("shard0", "shard1", "mixed", "replicate"):
         save_sharded(rank, world, f"{root}/{kind}", kind, {"max_shard_size": 600})
     st, _ = sharded_tensor_two_chunks(rank, world, "st", shape=(8, 6))
-    dcp.save({"st": st, "x": torch.ones(3)},
-             storage_writer=HFStorageWriter(f"{root}/sharded_tensor"), planner=HFSavePlanner())
-    fut = dcp.async_save(sharded_state("shard1"),
-                         storage_writer=HFStorageWriter(f"{root}/async", max_shard_size=600),
-                         planner=HFSavePlanner())
+    dcp.save(
+        {"st": st, "x": torch.ones(3)},
+        storage_writer=HFStorageWriter(f"{root}/sharded_tensor"),
+        planner=HFSavePlanner(),
+    )
+    fut = dcp.async_save(
+        sharded_state("shard1"),
+        storage_writer=HFStorageWriter(f"{root}/async", max_shard_size=600),
+        planner=HFSavePlanner(),
+    )
     fut.result()
     errors = {}
     bad_cases = {
@@ -145,6 +159,7 @@ def load_cases(rank, world, root):
     import os
 
     from torch.distributed.checkpoint.api import CheckpointException
+
     bad = {}
     for saved in ("shard0", "shard1", "mixed", "replicate", "async"):
         for kind in ("shard0", "shard1", "mixed"):
@@ -154,13 +169,13 @@ def load_cases(rank, world, root):
     # The ShardedTensor checkpoint, read into a column-sharded DTensor.
     mesh = init_device_mesh("cpu", (world,))
     full = torch.arange(48, dtype=torch.float32).view(8, 6)
-    target = {"st": distribute_tensor(torch.zeros(8, 6), mesh, [Shard(1)], src_data_rank=None),
-              "x": torch.zeros(3)}
+    target = {"st": distribute_tensor(torch.zeros(8, 6), mesh, [Shard(1)], src_data_rank=None), "x": torch.zeros(3)}
     dcp.load(target, storage_reader=HFStorageReader(f"{root}/sharded_tensor"), planner=HFLoadPlanner())
     if local_mismatches({"st": target["st"]}, {"st": full}) or not torch.equal(target["x"], torch.ones(3)):
         bad["sharded_tensor"] = ["st"]
     # A corrupted header fails every rank, naming the file, before any destination changes.
     import shutil
+
     if rank == 0:
         shutil.copytree(f"{root}/shard0", f"{root}/corrupt")
         victim = sorted(f for f in os.listdir(f"{root}/corrupt") if f.endswith(".safetensors"))[0]
@@ -173,8 +188,11 @@ def load_cases(rank, world, root):
         dcp.load(state, storage_reader=HFStorageReader(f"{root}/corrupt"), planner=HFLoadPlanner())
         bad["corrupt"] = ["no error"]
     except CheckpointException as e:
-        if "model-00001-of-" not in str(e) or "header is not valid JSON" not in str(e) or any(
-                v.to_local().float().abs().sum() != 0 for v in state.values() if v.to_local().numel()):
+        if (
+            "model-00001-of-" not in str(e)
+            or "header is not valid JSON" not in str(e)
+            or any(v.to_local().float().abs().sum() != 0 for v in state.values() if v.to_local().numel())
+        ):
             bad["corrupt"] = [str(e)[-300:]]
     # A key the checkpoint lacks fails on every rank, before anything is read.
     target = {"st": torch.zeros(8, 6), "absent": torch.zeros(2)} if rank == 0 else {"st": torch.zeros(8, 6)}
@@ -211,15 +229,16 @@ def fused_experts_round_trip(rank, world, src, out_root):
             full[key] = files[key]
     bad = {}
     for kind in ("experts", "2d"):
-        if kind == "experts":
-            mesh = init_device_mesh("cpu", (world,))
-            place = lambda k, t: [Shard(0)] if ".experts." in k else [Replicate()]  # noqa: E731
-        else:
-            mesh = init_device_mesh("cpu", (2, world // 2))
-            place = lambda k, t: ([Shard(0), Shard(1 if "gate_up" in k else 2)] if ".experts." in k  # noqa: E731
-                                  else [Replicate(), Replicate()])
-        state = {k: distribute_tensor(torch.zeros_like(t), mesh, place(k, t), src_data_rank=None)
-                 for k, t in full.items()}
+        mesh = init_device_mesh("cpu", (world,) if kind == "experts" else (2, world // 2))
+
+        def place(k, t, kind=kind):
+            if ".experts." not in k:
+                return [Replicate()] * mesh.ndim
+            return [Shard(0)] if kind == "experts" else [Shard(0), Shard(1 if "gate_up" in k else 2)]
+
+        state = {
+            k: distribute_tensor(torch.zeros_like(t), mesh, place(k, t), src_data_rank=None) for k, t in full.items()
+        }
         dcp.load(state, storage_reader=HFStorageReader(src), planner=HFLoadPlanner(layout))
         wrong = local_mismatches(state, full)
         if wrong:
@@ -242,9 +261,11 @@ class FaultyPlanner(HFSavePlanner):
             if self.how == "kill":
                 import os
                 import signal
+
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.how == "hang":
                 import time
+
                 time.sleep(3600)
         return super().resolve_data(write_item)
 
@@ -253,20 +274,19 @@ def big_state(nbytes: int) -> dict[str, DTensor]:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     rows = nbytes // (64 * 4)
     full = torch.arange(rows * 64, dtype=torch.float32).view(rows, 64)
-    return {"big": distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None),
-            "small": torch.ones(4)}
+    return {"big": distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None), "small": torch.ones(4)}
 
 
 def save_with_fault(rank, world, path, how, state_bytes, overwrite):
     """Save with a fault injected on rank 1 (``how``: raise, kill, hang, none); report what this
     rank saw: ("ok", seconds) or ("error", message, seconds)."""
     import time
+
     state = big_state(state_bytes) if state_bytes else sharded_state("shard0")
     key = "big" if state_bytes else "model.embed_tokens.weight"
     t0 = time.monotonic()
     try:
-        dcp.save(state, storage_writer=HFStorageWriter(path, overwrite=overwrite),
-                 planner=FaultyPlanner(1, how, key))
+        dcp.save(state, storage_writer=HFStorageWriter(path, overwrite=overwrite), planner=FaultyPlanner(1, how, key))
         return ("ok", time.monotonic() - t0)
     except BaseException as e:  # CheckpointException derives from BaseException
         return ("error", f"{type(e).__name__}: {e}"[-3000:], time.monotonic() - t0)
@@ -275,14 +295,16 @@ def save_with_fault(rank, world, path, how, state_bytes, overwrite):
 def load_from_url(rank, world, url, kind, storage_options):
     """Load a remote checkpoint into a zeroed sharded state; return mismatching keys."""
     state = sharded_state(kind, zeros=True)
-    dcp.load(state, storage_reader=HFStorageReader(url, storage_options=storage_options),
-             planner=HFLoadPlanner())
+    dcp.load(state, storage_reader=HFStorageReader(url, storage_options=storage_options), planner=HFLoadPlanner())
     return local_mismatches(state, reference_state())
 
 
 def save_to_url(rank, world, url, kind, writer_kwargs, storage_options):
-    dcp.save(sharded_state(kind), storage_writer=HFStorageWriter(
-        url, storage_options=storage_options, **writer_kwargs), planner=HFSavePlanner())
+    dcp.save(
+        sharded_state(kind),
+        storage_writer=HFStorageWriter(url, storage_options=storage_options, **writer_kwargs),
+        planner=HFSavePlanner(),
+    )
     return True
 
 
@@ -307,6 +329,7 @@ class ServerKillingPlanner(HFSavePlanner):
         if dist.get_rank() == 1:
             import os
             import signal
+
             try:
                 os.kill(self.server_pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -316,10 +339,10 @@ class ServerKillingPlanner(HFSavePlanner):
 
 def save_while_server_dies(rank, world, url, server_pid):
     import time
+
     t0 = time.monotonic()
     try:
-        dcp.save(sharded_state("shard0"), storage_writer=HFStorageWriter(url),
-                 planner=ServerKillingPlanner(server_pid))
+        dcp.save(sharded_state("shard0"), storage_writer=HFStorageWriter(url), planner=ServerKillingPlanner(server_pid))
         return ("ok", "", time.monotonic() - t0)
     except BaseException as e:
         return ("error", f"{type(e).__name__}: {e}"[-2000:], time.monotonic() - t0)
@@ -329,4 +352,5 @@ def without_save_id(blob: bytes) -> bytes:
     """A file's bytes with the save's id (in headers and the index) zeroed: two saves of the
     same state are then byte-identical."""
     import re
+
     return re.sub(rb'("dcp_hf_save_id":\s*")[0-9a-f]{12}"', rb'\g<1>000000000000"', blob)

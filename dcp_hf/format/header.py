@@ -48,18 +48,18 @@ class FileHeader:
     metadata: dict[str, str] | None
 
 
-def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]],
-                  metadata: dict[str, str] | None = None) -> bytes:
+def encode_header(
+    entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]], metadata: dict[str, str] | None = None
+) -> bytes:
     """Header bytes (length prefix included) for entries (name, dtype, shape, begin, end),
     with begin/end relative to the data region. Padded with spaces so data starts 8-aligned."""
     header: dict[str, object] = {METADATA_KEY: dict(metadata or {"format": "pt"})}
     for name, dtype, shape, begin, end in entries:
         if name == METADATA_KEY:
             raise StateDictMismatchError(
-                f"tensor {name!r}: the name is reserved by safetensors for the file's metadata; "
-                f"rename the tensor")
-        header[name] = {"dtype": name_from_dtype(dtype, key=name), "shape": list(shape),
-                        "data_offsets": [begin, end]}
+                f"tensor {name!r}: the name is reserved by safetensors for the file's metadata; rename the tensor"
+            )
+        header[name] = {"dtype": name_from_dtype(dtype, key=name), "shape": list(shape), "data_offsets": [begin, end]}
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
     body += b" " * (-len(body) % 8)
     return struct.pack("<Q", len(body)) + body
@@ -72,10 +72,12 @@ def header_length(prefix: bytes, file: str, file_size: int) -> int:
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_SIZE:
         raise CheckpointFormatError(
-            f"{file}: header length {n} exceeds the safetensors limit of {MAX_HEADER_SIZE} bytes")
+            f"{file}: header length {n} exceeds the safetensors limit of {MAX_HEADER_SIZE} bytes"
+        )
     if 8 + n > file_size:
         raise CheckpointFormatError(
-            f"{file}: header length {n} is larger than the file ({file_size} bytes); truncated?")
+            f"{file}: header length {n} is larger than the file ({file_size} bytes); truncated?"
+        )
     return n
 
 
@@ -109,15 +111,16 @@ def decode_header(body: bytes, file: str, file_size: int) -> FileHeader:
         raise CheckpointFormatError(f"{file}: header is not a JSON object")
     metadata = raw.pop(METADATA_KEY, None)
     if metadata is not None and not (
-            isinstance(metadata, dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
         raise CheckpointFormatError(f"{file}: {METADATA_KEY} must map strings to strings")
 
     tensors: dict[str, TensorEntry] = {}
     for key, info in raw.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointFormatError(
-                f"{file}: tensor {key!r}: expected exactly dtype, shape and data_offsets, got {info!r:.200}")
+                f"{file}: tensor {key!r}: expected exactly dtype, shape and data_offsets, got {info!r:.200}"
+            )
         dtype = dtype_from_name(info["dtype"], where=f"{file}: tensor {key!r}: ")
         shape, offsets = info["shape"], info["data_offsets"]
         if not isinstance(shape, list):
@@ -130,7 +133,8 @@ def decode_header(body: bytes, file: str, file_size: int) -> FileHeader:
         if end < begin or end - begin != expected:
             raise CheckpointFormatError(
                 f"{file}: tensor {key!r}: data_offsets {offsets} hold {end - begin} bytes, "
-                f"shape {list(dims)} x {info['dtype']} needs {expected}")
+                f"shape {list(dims)} x {info['dtype']} needs {expected}"
+            )
         tensors[key] = TensorEntry(key, dtype, dims, data_start + begin, data_start + end)
 
     _check_tiling(tensors, file, data_start, file_size)
@@ -143,7 +147,8 @@ def _check_tiling(tensors: dict[str, TensorEntry], file: str, data_start: int, f
     for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
         if t.start > pos:
             raise CheckpointFormatError(
-                f"{file}: gap of {t.start - pos} bytes before tensor {t.name!r} in the data region")
+                f"{file}: gap of {t.start - pos} bytes before tensor {t.name!r} in the data region"
+            )
         if t.start < pos:
             raise CheckpointFormatError(f"{file}: tensor {t.name!r} overlaps tensor {prev!r}")
         pos, prev = t.end, t.name
@@ -151,7 +156,8 @@ def _check_tiling(tensors: dict[str, TensorEntry], file: str, data_start: int, f
         raise CheckpointFormatError(f"{file}: {file_size - pos} trailing bytes after the last tensor")
     if pos > file_size:
         raise CheckpointFormatError(
-            f"{file}: data region ends at byte {pos} but the file has {file_size} bytes; truncated?")
+            f"{file}: data region ends at byte {pos} but the file has {file_size} bytes; truncated?"
+        )
 
 
 def read_header(read_range: Callable[[int, int], bytes], file: str, file_size: int) -> FileHeader:
@@ -159,7 +165,7 @@ def read_header(read_range: Callable[[int, int], bytes], file: str, file_size: i
     a second only when the header is larger than it."""
     first = read_range(0, min(file_size, SPECULATIVE_HEADER_READ))
     n = header_length(first, file, file_size)
-    body = first[8:8 + n]
+    body = first[8 : 8 + n]
     if len(body) < n:
         body += read_range(len(first), 8 + n - len(first))
     if len(body) != n:

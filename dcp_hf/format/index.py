@@ -21,8 +21,18 @@ SAVE_ID_KEY = "dcp_hf_save_id"
 SINGLE_FILE_NAME = "model.safetensors"
 FILE_PATTERN = "model{suffix}.safetensors"
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -41,10 +51,16 @@ def parse_size(size: int | str) -> int:
 
 def check_file_name(name: object, where: str) -> str:
     """A file named by an index must be a plain file name inside the checkpoint folder."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
-            or "\\" in name or ":" in name or "\x00" in name):
-        raise CheckpointFormatError(
-            f"{where}: file name {name!r} is not a plain file name inside the checkpoint")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or ":" in name
+        or "\x00" in name
+    ):
+        raise CheckpointFormatError(f"{where}: file name {name!r} is not a plain file name inside the checkpoint")
     return name
 
 
@@ -122,10 +138,13 @@ def layout_files(specs: list[TensorSpec], max_shard_size: int, save_id: str | No
     ``__metadata__``."""
     by_key = {s.key: s for s in specs}
     split = split_state_dict_into_shards_factory(
-        by_key, get_storage_size=lambda s: s.nbytes, get_storage_id=lambda s: None,
-        filename_pattern=FILE_PATTERN, max_shard_size=max_shard_size)
-    return [lay_out_file(name, [by_key[k] for k in keys], save_id)
-            for name, keys in split.filename_to_tensors.items()]
+        by_key,
+        get_storage_size=lambda s: s.nbytes,
+        get_storage_id=lambda s: None,
+        filename_pattern=FILE_PATTERN,
+        max_shard_size=max_shard_size,
+    )
+    return [lay_out_file(name, [by_key[k] for k in keys], save_id) for name, keys in split.filename_to_tensors.items()]
 
 
 def lay_out_file(name: str, specs: list[TensorSpec], save_id: str | None = None) -> FileLayout:

@@ -95,13 +95,13 @@ class Rename:
         if self.prefix:
             if self.keep and key.startswith(self.keep):
                 return key
-            return self.hf + key[len(self.memory):] if key.startswith(self.memory) else key
+            return self.hf + key[len(self.memory) :] if key.startswith(self.memory) else key
         return key.replace(self.memory, self.hf) if self.memory else key
 
     def to_memory(self, key: str) -> str | None:
         if self.prefix:
             if key.startswith(self.hf):
-                return self.memory + key[len(self.hf):]
+                return self.memory + key[len(self.hf) :]
             return key if self.keep and key.startswith(self.keep) else None
         return key.replace(self.hf, self.memory) if self.hf else key
 
@@ -157,8 +157,7 @@ class Layout:
         for rule in self.rules:
             made.update(rule.collect(remaining))
         if self.strict and remaining:
-            raise StateDictMismatchError(
-                f"no rule of layout {self.name!r} covers {sorted(remaining)[:5]}")
+            raise StateDictMismatchError(f"no rule of layout {self.name!r} covers {sorted(remaining)[:5]}")
         made.update(remaining)
         out, outside, source = {}, [], {}
         for key, spec in made.items():
@@ -172,7 +171,8 @@ class Layout:
                 other = source.get(mem_key, self.to_hf_key(mem_key))
                 raise StateDictMismatchError(
                     f"layout {self.name!r} cannot name HF tensor {key!r} in memory: its in-memory "
-                    f"name {mem_key!r} is that of {other!r}")
+                    f"name {mem_key!r} is that of {other!r}"
+                )
             out[mem_key], source[mem_key] = TensorSpec(mem_key, spec.dtype, spec.shape), key
         return out, outside
 

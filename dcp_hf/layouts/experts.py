@@ -73,8 +73,11 @@ class MergedExperts:
         return f"{prefix}.{self.container}.{e}.{name}"
 
     def pieces(self, key: str, shape: tuple[int, ...]) -> list[Piece] | None:
-        m = re.fullmatch(rf"(?P<p>.+)\.{re.escape(self.container)}\.(?P<w>"
-                         rf"{re.escape(self.gate_up)}|{re.escape(self.down)})", key)
+        m = re.fullmatch(
+            rf"(?P<p>.+)\.{re.escape(self.container)}\.(?P<w>"
+            rf"{re.escape(self.gate_up)}|{re.escape(self.down)})",
+            key,
+        )
         if m is None or not self._owns(m.group("p")):
             return None
         prefix = m.group("p")
@@ -95,7 +98,8 @@ class MergedExperts:
         want = 2 if self.style == "flat" else 3
         if len(shape) != want:
             raise StateDictMismatchError(
-                f"{key!r}: merged experts in {self.style!r} style need a {want}-D tensor, got {list(shape)}")
+                f"{key!r}: merged experts in {self.style!r} style need a {want}-D tensor, got {list(shape)}"
+            )
         if self.style == "transformers":
             E, rows, cols = shape  # noqa: N806
         elif self.style == "mindspeed":
@@ -123,8 +127,9 @@ class MergedExperts:
 
     def collect(self, specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
         names = {self.hf_gate: "gate", self.hf_up: "up", self.hf_down: "down"}
-        pattern = re.compile(rf"(?P<p>.+)\.{re.escape(self.container)}\.(?P<e>\d+)\.(?P<w>"
-                             + "|".join(re.escape(n) for n in names) + ")")
+        pattern = re.compile(
+            rf"(?P<p>.+)\.{re.escape(self.container)}\.(?P<e>\d+)\.(?P<w>" + "|".join(re.escape(n) for n in names) + ")"
+        )
         groups: dict[str, dict[tuple[int, str], TensorSpec]] = {}
         for key, spec in specs.items():
             m = pattern.fullmatch(key)
@@ -135,20 +140,22 @@ class MergedExperts:
                 raise CheckpointFormatError(
                     f"expert tensor {self._hf_key(prefix, 0, self.hf_gate)!r} is missing from the "
                     f"checkpoint; layers {self.first_layer}..{self.num_layers - 1} of "
-                    f"{self.mlp_key!r} are MoE layers whose experts are merged")
+                    f"{self.mlp_key!r} are MoE layers whose experts are merged"
+                )
         out = {}
         for prefix, found in groups.items():
             E = max(e for e, _ in found) + 1  # noqa: N806
             if self.num_experts is not None and E != self.num_experts:
                 raise CheckpointFormatError(
-                    f"{prefix}.{self.container}: {E} experts in the checkpoint, the layout expects "
-                    f"{self.num_experts}")
+                    f"{prefix}.{self.container}: {E} experts in the checkpoint, the layout expects {self.num_experts}"
+                )
             for e in range(E):
                 for name, kind in names.items():
                     if (e, kind) not in found:
                         raise CheckpointFormatError(
                             f"expert tensor {self._hf_key(prefix, e, name)!r} is missing from the "
-                            f"checkpoint; every expert of a merged layer must be present")
+                            f"checkpoint; every expert of a merged layer must be present"
+                        )
             gate = found[0, "gate"]
             F, H = gate.shape  # noqa: N806
             for (e, kind), spec in found.items():
@@ -157,9 +164,13 @@ class MergedExperts:
                     raise CheckpointFormatError(
                         f"{self._hf_key(prefix, e, {v: k for k, v in names.items()}[kind])!r}: "
                         f"shape {list(spec.shape)} {spec.dtype}, expected {list(want)} {gate.dtype} "
-                        f"like the other experts")
-            shapes = {"transformers": ((E, 2 * F, H), (E, H, F)), "mindspeed": ((E, H, 2 * F), (E, F, H)),
-                      "flat": ((E * H, 2 * F), (E * F, H))}[self.style]
+                        f"like the other experts"
+                    )
+            shapes = {
+                "transformers": ((E, 2 * F, H), (E, H, F)),
+                "mindspeed": ((E, H, 2 * F), (E, F, H)),
+                "flat": ((E * H, 2 * F), (E * F, H)),
+            }[self.style]
             for merged, shape in zip(self.merged_keys(prefix), shapes):
                 out[merged] = TensorSpec(merged, gate.dtype, shape)
             for e in range(E):
@@ -170,8 +181,10 @@ class MergedExperts:
     def check_merged(self, shapes: dict[str, tuple[int, ...]]) -> int:
         """Before splitting the merged tensors among HF-named ``shapes``: every MLP of the
         layer range has its pair, every pair has one E, F and H. The number of pairs."""
-        pattern = re.compile(rf"(?P<p>.+)\.{re.escape(self.container)}\.(?:{re.escape(self.gate_up)}|"
-                             rf"{re.escape(self.down)})")
+        pattern = re.compile(
+            rf"(?P<p>.+)\.{re.escape(self.container)}\.(?:{re.escape(self.gate_up)}|"
+            rf"{re.escape(self.down)})"
+        )
         found = {m.group("p") for k in shapes if (m := pattern.fullmatch(k)) and self._owns(m.group("p"))}
         for prefix in sorted(found | set(self.layer_mlps())):
             gate_up, down = self.merged_keys(prefix)
@@ -183,7 +196,8 @@ class MergedExperts:
             if (E_down, H, 2 * F) != (E, cols, rows):
                 raise CheckpointFormatError(
                     f"{gate_up!r} {list(shapes[gate_up])} and {down!r} {list(shapes[down])} do not "
-                    f"agree on the number of experts, hidden and FFN sizes in the {self.style!r} form")
+                    f"agree on the number of experts, hidden and FFN sizes in the {self.style!r} form"
+                )
         return len(found)
 
 

@@ -128,10 +128,8 @@ class MegatronGPT:
         if self.attention not in ("gqa", "mla"):
             raise ValueError(f"attention must be 'gqa' or 'mla', not {self.attention!r}")
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"{self.num_attention_heads} heads do not split into "
-                             f"{self.num_query_groups} query groups")
-        object.__setattr__(self, "attention_table",
-                           GQA_ATTENTION if self.attention == "gqa" else MLA_ATTENTION)
+            raise ValueError(f"{self.num_attention_heads} heads do not split into {self.num_query_groups} query groups")
+        object.__setattr__(self, "attention_table", GQA_ATTENTION if self.attention == "gqa" else MLA_ATTENTION)
 
     # -- names ------------------------------------------------------------------------------
     def locate(self, key: str):
@@ -155,7 +153,7 @@ class MegatronGPT:
                 return "model.layers.{layer}." + MTP[rest], SAME, (), fixed
             if not rest.startswith("transformer_layer."):
                 return None
-            rest = rest[len("transformer_layer."):]
+            rest = rest[len("transformer_layer.") :]
         else:
             m = _LAYER.fullmatch(key)
             if m is None:
@@ -195,7 +193,7 @@ class MegatronGPT:
             return self._mlp_entry(base + self.moe_block + ".experts.{expert}.", e.group("rest"), self.expert_names)
         for container, hf in (("mlp.shared_experts.", f"mlp.{self.shared_experts}."), ("mlp.", "mlp.")):
             if rest.startswith(container):
-                return self._mlp_entry(base + hf, rest[len(container):], DENSE_NAMES)
+                return self._mlp_entry(base + hf, rest[len(container) :], DENSE_NAMES)
         return None
 
     @staticmethod
@@ -215,16 +213,14 @@ class MegatronGPT:
         names, kind, axes, fixed = found
         lead = len(axes)
         if len(shape) <= lead:
-            raise StateDictMismatchError(f"{key!r}: shape {list(shape)} lacks the stacked "
-                                         f"{'/'.join(axes)} axes")
+            raise StateDictMismatchError(f"{key!r}: shape {list(shape)} lacks the stacked {'/'.join(axes)} axes")
         inner = tuple(shape[lead:])
         pieces = []
         for index in product(*(range(n) for n in shape[:lead])):
             where = dict(fixed, **dict(zip(axes, index)))
             for hf_name, hf_shape, sizes, hf_off, mem_off in self._inner(key, names, kind, inner):
                 dims = tuple(range(lead, lead + len(inner)))
-                pieces.append(Piece(hf_name.format(**where), hf_shape, sizes, hf_off,
-                                    tuple(index) + mem_off, dims))
+                pieces.append(Piece(hf_name.format(**where), hf_shape, sizes, hf_off, tuple(index) + mem_off, dims))
         return pieces
 
     def _inner(self, key, names, kind, shape):
@@ -235,8 +231,7 @@ class MegatronGPT:
         if kind == VOCAB:
             rows = self.vocab_size if self.vocab_size is not None else shape[0]
             if rows > shape[0]:
-                raise StateDictMismatchError(
-                    f"{key!r}: {shape[0]} vocab rows, fewer than the HF vocab size {rows}")
+                raise StateDictMismatchError(f"{key!r}: {shape[0]} vocab rows, fewer than the HF vocab size {rows}")
             hf_shape = (rows,) + shape[1:]
             names = names if isinstance(names, tuple) else (names,)  # with MTP copies, several
             return [(n, hf_shape, hf_shape, zero, zero) for n in names]
@@ -244,8 +239,7 @@ class MegatronGPT:
             if shape[0] % 2:
                 raise StateDictMismatchError(f"{key!r}: {shape[0]} rows are not [gate; up] halves")
             half = (shape[0] // 2,) + shape[1:]
-            return [(names[0], half, half, zero, zero),
-                    (names[1], half, half, zero, (half[0],) + zero[1:])]
+            return [(names[0], half, half, zero, zero), (names[1], half, half, zero, (half[0],) + zero[1:])]
         return self._qkv(key, names, shape)
 
     def _qkv(self, key, names, shape):
@@ -254,7 +248,8 @@ class MegatronGPT:
         if shape[0] != groups * (per_group + 2) * d:
             raise StateDictMismatchError(
                 f"{key!r}: {shape[0]} rows, expected {groups} query groups x ({per_group} + 2) "
-                f"heads x {d} = {groups * (per_group + 2) * d}")
+                f"heads x {d} = {groups * (per_group + 2) * d}"
+            )
         rest, zero = shape[1:], (0,) * (len(shape) - 1)
         q_shape = (groups * per_group * d,) + rest
         kv_shape = (groups * d,) + rest
@@ -270,7 +265,8 @@ class MegatronGPT:
     def collect(self, specs):
         raise NotImplementedError(
             "an HF checkpoint cannot be turned into Megatron tensors without the model; build "
-            "the model and use dcp_hf.megatron.load_hf")
+            "the model and use dcp_hf.megatron.load_hf"
+        )
 
 
 def megatron_layout(rule: MegatronGPT) -> Layout:

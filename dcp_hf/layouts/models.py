@@ -38,18 +38,41 @@ class MindSpeedModel:
     thinker: bool = False  # Qwen3-Omni: the merged checkpoint drops ``thinker.`` (see THINKER)
 
 
-MINDSPEED_MODELS = {m.config_class: m for m in (
-    # transformers 5 writes a Qwen3MoeConfig's num_experts as num_local_experts
-    MindSpeedModel("InternVLChatConfig", ("llm_config",), ("num_experts", "num_local_experts"),
-                   "language_model.model.layers.{layer}.mlp", "flat"),
-    MindSpeedModel("Qwen3OmniMoeConfig", ("thinker_config", "text_config"), ("num_experts",),
-                   "thinker.model.layers.{layer}.mlp", "mindspeed", thinker=True),
-    MindSpeedModel("Glm4vMoeConfig", ("text_config",), ("n_routed_experts",),
-                   "model.language_model.layers.{layer}.mlp", "flat", first_moe_field="first_k_dense_replace"),
-)}
+MINDSPEED_MODELS = {
+    m.config_class: m
+    for m in (
+        # transformers 5 writes a Qwen3MoeConfig's num_experts as num_local_experts
+        MindSpeedModel(
+            "InternVLChatConfig",
+            ("llm_config",),
+            ("num_experts", "num_local_experts"),
+            "language_model.model.layers.{layer}.mlp",
+            "flat",
+        ),
+        MindSpeedModel(
+            "Qwen3OmniMoeConfig",
+            ("thinker_config", "text_config"),
+            ("num_experts",),
+            "thinker.model.layers.{layer}.mlp",
+            "mindspeed",
+            thinker=True,
+        ),
+        MindSpeedModel(
+            "Glm4vMoeConfig",
+            ("text_config",),
+            ("n_routed_experts",),
+            "model.language_model.layers.{layer}.mlp",
+            "flat",
+            first_moe_field="first_k_dense_replace",
+        ),
+    )
+}
 # The config classes of the model types above (InternVL3.5's is remote code, named in auto_map).
-CONFIG_CLASSES = {"internvl_chat": "InternVLChatConfig", "qwen3_omni_moe": "Qwen3OmniMoeConfig",
-                  "glm4v_moe": "Glm4vMoeConfig"}
+CONFIG_CLASSES = {
+    "internvl_chat": "InternVLChatConfig",
+    "qwen3_omni_moe": "Qwen3OmniMoeConfig",
+    "glm4v_moe": "Glm4vMoeConfig",
+}
 # Qwen3-Omni: MindSpeed-MM's merged checkpoint (and in-memory model) strips ``thinker.`` from
 # every key that has it; the other parts of the model keep their names.
 THINKER = Prefix("", "thinker.", keep=("talker.", "code2wav."))
@@ -78,15 +101,20 @@ def _int_field(model: MindSpeedModel, llm, names: tuple[str, ...], least: int) -
     got = f"got {found}" if found else "absent"
     raise CheckpointFormatError(
         f"config.json ({model.config_class}) needs {where}.{' or '.join(names)} (one integer "
-        f">= {least}) to place its merged experts; {got}")
+        f">= {least}) to place its merged experts; {got}"
+    )
 
 
 def _mindspeed_layout(model: MindSpeedModel, config: dict, style: str | None) -> Layout:
     llm = _get(config, *model.llm_config)
     first = _int_field(model, llm, (model.first_moe_field,), 0) if model.first_moe_field else 0
-    rule = MergedExperts(style or model.style, _int_field(model, llm, model.experts_fields, 1),
-                         mlp_key=model.mlp_key, first_layer=first,
-                         num_layers=_int_field(model, llm, ("num_hidden_layers",), 1))
+    rule = MergedExperts(
+        style or model.style,
+        _int_field(model, llm, model.experts_fields, 1),
+        mlp_key=model.mlp_key,
+        first_layer=first,
+        num_layers=_int_field(model, llm, ("num_hidden_layers",), 1),
+    )
     return Layout((rule,), (THINKER,) if model.thinker else (), name=model.config_class)
 
 
@@ -99,8 +127,7 @@ def layout_for_config(config: dict, style: str | None = None) -> Layout:
     rules = layout.rules
     if isinstance(quantization, MXFP4) and config.get("model_type") == "gpt_oss":
         rules = (GPT_OSS_EXPERTS,) + rules  # transformers' experts are the stored ones transposed
-    return replace(layout, rules=rules, quantization=quantization,
-                   name=f"{layout.name}, {type(quantization).__name__}")
+    return replace(layout, rules=rules, quantization=quantization, name=f"{layout.name}, {type(quantization).__name__}")
 
 
 def _family_layout(config: dict, style: str | None = None) -> Layout:
@@ -115,12 +142,17 @@ def _family_layout(config: dict, style: str | None = None) -> Layout:
         return _mindspeed_layout(model, config, style)
     if model_type == "mixtral":
         experts = config.get("num_local_experts")
-        return Layout((MergedExperts(style or "transformers", experts, hf_gate="w1.weight",
-                                     hf_up="w3.weight", hf_down="w2.weight"),),
-                      (Rename(".mlp.", ".block_sparse_moe."),), name="mixtral")
+        return Layout(
+            (
+                MergedExperts(
+                    style or "transformers", experts, hf_gate="w1.weight", hf_up="w3.weight", hf_down="w2.weight"
+                ),
+            ),
+            (Rename(".mlp.", ".block_sparse_moe."),),
+            name="mixtral",
+        )
     if model_type in TRANSFORMERS_MOE:
-        experts = (config.get("num_experts") or config.get("num_local_experts")
-                   or config.get("n_routed_experts"))
+        experts = config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts")
         return Layout((MergedExperts(style or "transformers", experts),), name=model_type)
     if style is not None:  # an unknown family with an explicit style: the common names
         return Layout((MergedExperts(style),), name=f"{style} experts")
@@ -130,6 +162,7 @@ def _family_layout(config: dict, style: str | None = None) -> Layout:
 def read_config(path: str) -> dict | None:
     """The folder's config.json (a local folder or a URL), or None without one."""
     from dcp_hf.storage.stores import is_url, open_store
+
     if is_url(path):
         store = open_store(path)
         return json.loads(store.read("config.json")) if store.exists("config.json") else None

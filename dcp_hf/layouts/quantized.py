@@ -31,8 +31,7 @@ from dcp_hf.layouts.core import Piece
 
 # Bytes of float32 temporaries a dequantization holds at once (it works in slabs of dim 0).
 SLAB_BYTES = 64 << 20
-FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
-              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn: scale = amax / FP8_MAX
 
@@ -66,8 +65,7 @@ class QuantizedTensor:
         """The boxes of (data, scale) that hold the logical box (offsets, sizes)."""
         return self.scheme.boxes(self, tuple(offsets), tuple(sizes))
 
-    def dequantize(self, data: torch.Tensor, scale: torch.Tensor, offsets, sizes,
-                   out: torch.Tensor) -> None:
+    def dequantize(self, data: torch.Tensor, scale: torch.Tensor, offsets, sizes, out: torch.Tensor) -> None:
         """Write the logical box (offsets, sizes) into ``out`` (any strides, its dtype) from the
         boxes of data and scale that :meth:`boxes` named."""
         if out.dim() == 1:  # one leading dim of extent 1, so the schemes work in slabs of dim 0
@@ -85,7 +83,8 @@ def _check_destination(where: str, key: str, data: StoredPart, dest_dtype: torch
     if not dest_dtype.is_floating_point or dest_dtype.itemsize < 2:
         raise StateDictMismatchError(
             f"{where}: {key!r} is quantized ({data.key!r} is {data.dtype}); it loads dequantized into "
-            f"a float16/bfloat16/float32 destination, not {dest_dtype}")
+            f"a float16/bfloat16/float32 destination, not {dest_dtype}"
+        )
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -111,8 +110,12 @@ class BlockFP8:
     def config(self) -> dict:
         """The ``quantization_config`` of config.json for checkpoints saved with this."""
         fmt = {v: k for k, v in FP8_FORMATS.items()}[self.dtype]
-        return {"quant_method": "fp8", "fmt": fmt, "weight_block_size": list(self.block),
-                "activation_scheme": "dynamic"}
+        return {
+            "quant_method": "fp8",
+            "fmt": fmt,
+            "weight_block_size": list(self.block),
+            "activation_scheme": "dynamic",
+        }
 
     def block_amax(self, box: torch.Tensor, offsets) -> torch.Tensor:
         """amax(|x|) (float32) of each block the box at ``offsets`` touches, over its part."""
@@ -121,22 +124,21 @@ class BlockFP8:
         n_cols = _ceil_div(lead + box.shape[1], b1)
         rows = []
         for i0 in range(-(r % b0), box.shape[0], b0):  # one block row at a time
-            part = box[max(i0, 0):i0 + b0].float().abs()
+            part = box[max(i0, 0) : i0 + b0].float().abs()
             padded = torch.zeros(part.shape[0], n_cols * b1)
-            padded[:, lead:lead + box.shape[1]] = part
+            padded[:, lead : lead + box.shape[1]] = part
             rows.append(padded.view(part.shape[0], n_cols, b1).amax(dim=(0, 2)))
         return torch.stack(rows)
 
     def quantize(self, box: torch.Tensor, scale: torch.Tensor, offsets) -> torch.Tensor:
         """The fp8 data of the box at ``offsets``: x.float() / the scale of its block (``scale``
         covers the blocks the box touches)."""
-        rows, cols = (torch.arange(o, o + n) // b - o // b
-                      for o, n, b in zip(offsets, box.shape, self.block))
+        rows, cols = (torch.arange(o, o + n) // b - o // b for o, n, b in zip(offsets, box.shape, self.block))
         out = torch.empty(box.shape, dtype=self.dtype)
         step = max(1, SLAB_BYTES // max(8 * box.shape[1], 1))
         for r0 in range(0, box.shape[0], step):
-            s = scale.index_select(0, rows[r0:r0 + step]).index_select(1, cols)
-            out[r0:r0 + step] = (box[r0:r0 + step].float() / s).to(self.dtype)
+            s = scale.index_select(0, rows[r0 : r0 + step]).index_select(1, cols)
+            out[r0 : r0 + step] = (box[r0 : r0 + step].float() / s).to(self.dtype)
         return out
 
     def stored_keys(self, key: str) -> tuple[str, ...]:
@@ -154,7 +156,8 @@ class BlockFP8:
         if scale_key not in stored:
             raise CheckpointFormatError(
                 f"{where}: {key!r} is {data.dtype} but the checkpoint has no {scale_key!r}: no "
-                f"block scales to dequantize it with")
+                f"block scales to dequantize it with"
+            )
         _check_destination(where, key, data, dest_dtype)
         scale = _part(stored, scale_key)
         want = tuple(_ceil_div(n, b) for n, b in zip(data.shape, self.block))
@@ -162,7 +165,8 @@ class BlockFP8:
             raise CheckpointFormatError(
                 f"{where}: {scale_key!r} has shape {list(scale.shape)}; {key!r} of shape "
                 f"{list(data.shape)} in {self.block[0]}x{self.block[1]} blocks needs a 2-D weight "
-                f"and scales of shape {list(want)}")
+                f"and scales of shape {list(want)}"
+            )
         return QuantizedTensor(key, data.shape, data, scale, self)
 
     def boxes(self, q: QuantizedTensor, offsets, sizes) -> tuple[Box, Box]:
@@ -209,15 +213,21 @@ class MXFP4:
         if scales_key not in stored:
             raise CheckpointFormatError(
                 f"{where}: the checkpoint has {blocks_key!r} but no {scales_key!r}: no MXFP4 scales "
-                f"to dequantize {key!r} with")
+                f"to dequantize {key!r} with"
+            )
         data, scale = _part(stored, blocks_key), _part(stored, scales_key)
         _check_destination(where, key, data, dest_dtype)
-        if (data.dtype != torch.uint8 or scale.dtype != torch.uint8 or len(data.shape) < 2
-                or data.shape[:-1] != scale.shape):
+        if (
+            data.dtype != torch.uint8
+            or scale.dtype != torch.uint8
+            or len(data.shape) < 2
+            or data.shape[:-1] != scale.shape
+        ):
             raise CheckpointFormatError(
                 f"{where}: {blocks_key!r} ({data.dtype} {list(data.shape)}) and {scales_key!r} "
                 f"({scale.dtype} {list(scale.shape)}) are not MXFP4 blocks [..., G, B] and scales "
-                f"[..., G] of uint8")
+                f"[..., G] of uint8"
+            )
         return QuantizedTensor(key, self.logical_shape(data.shape), data, scale, self)
 
     @staticmethod
@@ -238,7 +248,7 @@ class MXFP4:
         lut = torch.tensor(FP4_VALUES, dtype=out.dtype)
         step = max(1, SLAB_BYTES // max(4 * values * math.prod(data.shape[1:-1]), 1))
         for r0 in range(0, data.shape[0], step):
-            blk, exp = data[r0:r0 + step], scale[r0:r0 + step]
+            blk, exp = data[r0 : r0 + step], scale[r0 : r0 + step]
             # As transformers' convert_moe_packed_tensors (and OpenAI's reference): low nibble
             # first, then ldexp by the E8M0 exponent, in the destination dtype.
             tmp = torch.empty(*blk.shape[:-1], values, dtype=out.dtype)
@@ -246,12 +256,12 @@ class MXFP4:
             tmp[..., 1::2] = lut[(blk >> 4).to(torch.int)]
             torch.ldexp(tmp, (exp.to(torch.int32) - 127).unsqueeze(-1), out=tmp)
             flat = tmp.reshape(*tmp.shape[:-2], -1)
-            out[r0:r0 + step].copy_(flat[..., first:first + sizes[-1]])
+            out[r0 : r0 + step].copy_(flat[..., first : first + sizes[-1]])
 
     def collect(self, specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
         out = {}
         for key in [k for k in specs if k.endswith(self.blocks_suffix)]:
-            base = key[:-len(self.blocks_suffix)]
+            base = key[: -len(self.blocks_suffix)]
             if base + self.scales_suffix in specs and base not in specs:
                 spec = specs.pop(key)
                 specs.pop(base + self.scales_suffix)
@@ -299,13 +309,15 @@ def quantization_for_config(config: dict):
         fmt = qc.get("fmt", "e4m3")
         block = qc.get("weight_block_size")
         if fmt not in FP8_FORMATS or not block or len(block) != 2:
-            raise ValueError(f"quantization_config {qc}: dcp-hf reads FP8 {sorted(FP8_FORMATS)} with "
-                             f"2-D weight_block_size only")
+            raise ValueError(
+                f"quantization_config {qc}: dcp-hf reads FP8 {sorted(FP8_FORMATS)} with 2-D weight_block_size only"
+            )
         return BlockFP8(tuple(int(b) for b in block), FP8_FORMATS[fmt], logical_dtype=logical)
     if method == "mxfp4":
         return MXFP4(logical_dtype=logical)
-    raise ValueError(f"quantization_config: quant_method {method!r} is not supported by dcp-hf "
-                     f"(fp8 with weight_block_size, mxfp4)")
+    raise ValueError(
+        f"quantization_config: quant_method {method!r} is not supported by dcp-hf (fp8 with weight_block_size, mxfp4)"
+    )
 
 
 def save_config(path: str, quantization: BlockFP8, config: dict | None = None) -> dict:

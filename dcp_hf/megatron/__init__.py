@@ -42,18 +42,25 @@ KEEP_FP32 = ("*.e_score_correction_bias",)  # DeepSeek's expert bias stays fp32 
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def layout_of(config, family: Family, vocab_size: int | None = None, output: str = "lm_head.weight",
-              mtp_copies: int = 0) -> Layout:
+def layout_of(
+    config, family: Family, vocab_size: int | None = None, output: str = "lm_head.weight", mtp_copies: int = 0
+) -> Layout:
     """The layout of a Megatron GPT model of ``family`` (``config``: its TransformerConfig):
     Megatron sharded keys -> HF tensors. ``mtp_copies``: write the embedding and output layer
     also into that many MTP layers (on export)."""
     rule = MegatronGPT(
         num_attention_heads=config.num_attention_heads,
         num_query_groups=config.num_query_groups or config.num_attention_heads,
-        head_dim=config.kv_channels, vocab_size=vocab_size, attention=family.attention,
-        moe_block=family.moe_block, expert_names=family.expert_names,
-        shared_experts=family.shared_experts, num_layers=config.num_layers, mtp_copies=mtp_copies,
-        output=output)
+        head_dim=config.kv_channels,
+        vocab_size=vocab_size,
+        attention=family.attention,
+        moe_block=family.moe_block,
+        expert_names=family.expert_names,
+        shared_experts=family.shared_experts,
+        num_layers=config.num_layers,
+        mtp_copies=mtp_copies,
+        output=output,
+    )
     return megatron_layout(rule)
 
 
@@ -66,6 +73,7 @@ def export_dtype(dtype: torch.dtype | None, keep=KEEP_FP32):
         if not current.is_floating_point or any(fnmatch.fnmatchcase(key, p) for p in keep):
             return current
         return dtype
+
     return policy
 
 
@@ -114,11 +122,21 @@ def _checkpoint_config(path, storage_options: dict | None) -> dict | None:
         return None
 
 
-def save_hf(model, path, *, config: dict | str | os.PathLike | None = None, family: str | None = None,
-            vocab_size: int | None = None, dtype: torch.dtype | None = None,
-            max_shard_size: int | str = "5GB", overwrite: bool = False,
-            storage_options: dict | None = None, process_group=None, progress: bool = False,
-            write_config: bool = True) -> None:
+def save_hf(
+    model,
+    path,
+    *,
+    config: dict | str | os.PathLike | None = None,
+    family: str | None = None,
+    vocab_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+    process_group=None,
+    progress: bool = False,
+    write_config: bool = True,
+) -> None:
     """Save a Megatron GPT model (any TP/PP/VPP/EP/ETP/DP layout) as an HF checkpoint.
 
     Before anything is written, on every rank: the family is settled, the config.json checked
@@ -163,14 +181,29 @@ def save_hf(model, path, *, config: dict | str | os.PathLike | None = None, fami
     written = all_written(written, process_group)
     on_every_rank(lambda: check_against_transformers(hf, written, f"save_hf to {path}"), process_group)
     side = {"config.json": (json.dumps(hf, indent=2, sort_keys=True) + "\n").encode()} if write_config else {}
-    writer = HFStorageWriter(path, max_shard_size=max_shard_size, dtype=policy,
-                             overwrite=overwrite, storage_options=storage_options,
-                             process_group=process_group, progress=progress, side_files=side)
+    writer = HFStorageWriter(
+        path,
+        max_shard_size=max_shard_size,
+        dtype=policy,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        process_group=process_group,
+        progress=progress,
+        side_files=side,
+    )
     dcp.save(state, storage_writer=writer, planner=HFSavePlanner(layout), process_group=process_group)
 
 
-def load_hf(model, path, *, family: str | None = None, allow_dtype_cast: bool = True,
-            allow_unexpected=(), storage_options: dict | None = None, process_group=None) -> None:
+def load_hf(
+    model,
+    path,
+    *,
+    family: str | None = None,
+    allow_dtype_cast: bool = True,
+    allow_unexpected=(),
+    storage_options: dict | None = None,
+    process_group=None,
+) -> None:
     """Load an HF checkpoint into a Megatron GPT model's shards, each rank reading only its own.
 
     The family comes from the checkpoint's config.json (``family`` must agree), which must
@@ -203,8 +236,11 @@ def load_hf(model, path, *, family: str | None = None, allow_dtype_cast: bool = 
             except ValueError as e:
                 raise ValueError(f"{path}: config.json: {e}") from None
         unexpected.extend(f"model.layers.{c.num_layers + n}.*" for n in range(ours, theirs))
-        unexpected.extend(f"model.layers.{c.num_layers + n}.{name}" for n in range(ours)
-                          for name in ("embed_tokens.weight", "shared_head.head.weight"))
+        unexpected.extend(
+            f"model.layers.{c.num_layers + n}.{name}"
+            for n in range(ours)
+            for name in ("embed_tokens.weight", "shared_head.head.weight")
+        )
         stored = reader.read_metadata().state_dict_metadata
         embed = "model.embed_tokens.weight"
         vocab_size = stored[embed].size[0] if embed in stored else None
@@ -215,7 +251,7 @@ def load_hf(model, path, *, family: str | None = None, allow_dtype_cast: bool = 
             for key in VOCAB_KEYS:
                 if key in state:
                     box = state[key]
-                    box.local[max(0, vocab_size - box.offsets[0]):].zero_()
+                    box.local[max(0, vocab_size - box.offsets[0]) :].zero_()
         layout = layout_of(c, fam, vocab_size, output)
         quantization = quantization_for_config(given) if given else None
         if quantization is not None:  # a quantized release (FP8, MXFP4) loads dequantized
@@ -225,6 +261,10 @@ def load_hf(model, path, *, family: str | None = None, allow_dtype_cast: bool = 
     layout, sharded, state = on_every_rank(prepare, process_group)
     if getattr(chunks[0], "share_embeddings_and_output_weights", False):
         unexpected.append("lm_head.weight")
-    dcp.load(state, storage_reader=reader,
-             planner=HFLoadPlanner(layout, allow_unexpected=unexpected), process_group=process_group)
+    dcp.load(
+        state,
+        storage_reader=reader,
+        planner=HFLoadPlanner(layout, allow_unexpected=unexpected),
+        process_group=process_group,
+    )
     sharded.merge_loaded()

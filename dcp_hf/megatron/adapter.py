@@ -80,7 +80,8 @@ class ShardedModel:
             if st.flattened_range is not None:
                 raise StateDictMismatchError(
                     f"{st.key!r}: a flattened shard (distributed optimizer state); save the "
-                    f"model's parameters, not the optimizer's")
+                    f"model's parameters, not the optimizer's"
+                )
             local = st.data.detach()
             local = local.reshape((1,) * st.prepend_axis_num + tuple(local.shape))
             box = TensorBox(local, st.global_offset, st.global_shape)
@@ -89,7 +90,8 @@ class ShardedModel:
                 if not _same_memory(seen, box):
                     raise StateDictMismatchError(
                         f"{st.key!r}: two different shards under one key on this rank ({seen} and "
-                        f"{box}); the model's sharded_state_dict gives them the same key")
+                        f"{box}); the model's sharded_state_dict gives them the same key"
+                    )
                 continue  # one shard reached twice (tied embedding and output layer)
             out[st.key] = box
         return out
@@ -113,5 +115,9 @@ class ShardedModel:
 
 
 def _same_memory(a: TensorBox, b: TensorBox) -> bool:
-    return (tuple(a.offsets) == tuple(b.offsets) and a.local.shape == b.local.shape
-            and a.local.data_ptr() == b.local.data_ptr() and a.local.stride() == b.local.stride())
+    return (
+        tuple(a.offsets) == tuple(b.offsets)
+        and a.local.shape == b.local.shape
+        and a.local.data_ptr() == b.local.data_ptr()
+        and a.local.stride() == b.local.stride()
+    )

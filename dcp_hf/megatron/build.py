@@ -42,9 +42,12 @@ def init_parallel(p: Parallel) -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=p.vpp, expert_model_parallel_size=p.ep,
-        expert_tensor_parallel_size=p.etp)
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp,
+    )
     random.get_cuda_rng_tracker().reset()
 
 
@@ -68,9 +71,16 @@ def cpu_device():
         torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.synchronize = saved
 
 
-def build_gpt(hf: dict, p: Parallel, *, experts: str = "sequential", seed: int = 0,
-              params_dtype: torch.dtype = torch.float32, pad_vocab_to: int | None = None,
-              mtp: bool = False) -> list:
+def build_gpt(
+    hf: dict,
+    p: Parallel,
+    *,
+    experts: str = "sequential",
+    seed: int = 0,
+    params_dtype: torch.dtype = torch.float32,
+    pad_vocab_to: int | None = None,
+    mtp: bool = False,
+) -> list:
     """This rank's model chunks (one per virtual stage) for an HF config, randomly initialized
     (the same weights for the same ``seed`` at every layout's TP ranks). ``experts``:
     ``sequential`` (SequentialMLP) or ``legacy_grouped`` (GroupedMLP, built without the
@@ -87,20 +97,30 @@ def build_gpt(hf: dict, p: Parallel, *, experts: str = "sequential", seed: int =
     if experts not in ("sequential", "legacy_grouped"):
         raise ValueError(f"experts must be sequential or legacy_grouped, not {experts!r}")
     config, gpt = megatron_config(
-        hf, use_cpu_initialization=True, params_dtype=params_dtype, pipeline_dtype=params_dtype,
-        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=p.vpp, expert_model_parallel_size=p.ep,
+        hf,
+        use_cpu_initialization=True,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp if p.etp is not None else p.tp,
-        num_layers_in_first_pipeline_stage=p.first, num_layers_in_last_pipeline_stage=p.last,
-        sequence_parallel=False, moe_grouped_gemm=grouped, moe_use_legacy_grouped_gemm=grouped,
-        **({"mtp_num_layers": hf["num_nextn_predict_layers"]} if mtp else {}))
+        num_layers_in_first_pipeline_stage=p.first,
+        num_layers_in_last_pipeline_stage=p.last,
+        sequence_parallel=False,
+        moe_grouped_gemm=grouped,
+        moe_use_legacy_grouped_gemm=grouped,
+        **({"mtp_num_layers": hf["num_nextn_predict_layers"]} if mtp else {}),
+    )
     if pad_vocab_to:
         gpt["vocab_size"] = pad_vocab_to
     mla = getattr(config, "multi_latent_attention", False)
 
     def block_spec(vp_stage):  # per-layer specs: dense and MoE layers as moe_layer_freq says
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
-                                          normalization="RMSNorm", vp_stage=vp_stage)
+        spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage
+        )
         if mla:
             for layer in spec.layer_specs:
                 layer.submodules.self_attention.submodules.core_attention = _mla_core_attention()
@@ -112,11 +132,20 @@ def build_gpt(hf: dict, p: Parallel, *, experts: str = "sequential", seed: int =
         for vp in range(p.vpp or 1):
             vp_stage = vp if p.vpp else None
             spec = block_spec(vp_stage)
-            mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage) if mtp else None
-            chunks.append(GPTModel(
-                config, spec, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                vp_stage=vp_stage, mtp_block_spec=mtp_spec, **gpt))
+            mtp_spec = (
+                get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage) if mtp else None
+            )
+            chunks.append(
+                GPTModel(
+                    config,
+                    spec,
+                    pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                    vp_stage=vp_stage,
+                    mtp_block_spec=mtp_spec,
+                    **gpt,
+                )
+            )
     return chunks
 
 

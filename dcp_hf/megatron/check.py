@@ -46,40 +46,59 @@ def expected_tensors(hf: dict) -> dict[str, Expected]:
     if mtp:
         hidden, vocab = hf["hidden_size"], hf["vocab_size"]
         last = f"model.layers.{layers - 1}."
-        own = {"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
-               "shared_head.norm.weight": (hidden,), "shared_head.head.weight": (vocab, hidden),
-               "embed_tokens.weight": (vocab, hidden)}
+        own = {
+            "enorm.weight": (hidden,),
+            "hnorm.weight": (hidden,),
+            "eh_proj.weight": (hidden, 2 * hidden),
+            "shared_head.norm.weight": (hidden,),
+            "shared_head.head.weight": (vocab, hidden),
+            "embed_tokens.weight": (vocab, hidden),
+        }
         for n in range(mtp):
             base = f"model.layers.{layers + n}."
             for k, v in list(out.items()):
                 if k.startswith(last):
-                    out[base + k[len(last):]] = v
+                    out[base + k[len(last) :]] = v
             for k, shape in own.items():
                 out[base + k] = Expected(shape, frozenset({dtype}))
     return out
 
 
-def check_against_transformers(hf: dict, written: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                               where: str = "export") -> None:
+def check_against_transformers(
+    hf: dict, written: dict[str, tuple[tuple[int, ...], torch.dtype]], where: str = "export"
+) -> None:
     """Raise naming every difference between the tensors an export will write (name -> (shape,
     dtype)) and those transformers expects for ``hf``."""
     want = expected_tensors(hf)
     missing = sorted(set(want) - set(written), key=_natural)
     extra = sorted(set(written) - set(want), key=_natural)
-    shapes = [f"{k}: {list(written[k][0])} written, {list(want[k].shape)} expected"
-              for k in sorted(set(want) & set(written), key=_natural) if tuple(written[k][0]) != want[k].shape]
-    dtypes = [f"{k}: {written[k][1]} written, {' or '.join(sorted(map(str, want[k].dtypes)))} expected"
-              for k in sorted(set(want) & set(written), key=_natural) if written[k][1] not in want[k].dtypes]
+    shapes = [
+        f"{k}: {list(written[k][0])} written, {list(want[k].shape)} expected"
+        for k in sorted(set(want) & set(written), key=_natural)
+        if tuple(written[k][0]) != want[k].shape
+    ]
+    dtypes = [
+        f"{k}: {written[k][1]} written, {' or '.join(sorted(map(str, want[k].dtypes)))} expected"
+        for k in sorted(set(want) & set(written), key=_natural)
+        if written[k][1] not in want[k].dtypes
+    ]
     problems = []
     for what, keys, hint in (
-            ("missing", missing, ""), ("not in the model", extra, ""), ("of another shape", shapes, ""),
-            ("of another dtype", dtypes, " (pass dtype= to cast the export)")):
+        ("missing", missing, ""),
+        ("not in the model", extra, ""),
+        ("of another shape", shapes, ""),
+        ("of another dtype", dtypes, " (pass dtype= to cast the export)"),
+    ):
         if keys:
-            problems.append(f"{len(keys)} tensor(s) {what}{hint}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+            problems.append(
+                f"{len(keys)} tensor(s) {what}{hint}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+            )
     if problems:
         arch = (hf.get("architectures") or [hf.get("model_type")])[0]
-        raise ValueError(f"{where}: the checkpoint would not be what transformers' {arch} expects "
-                         f"for this config.json; nothing written. " + "; ".join(problems))
+        raise ValueError(
+            f"{where}: the checkpoint would not be what transformers' {arch} expects "
+            f"for this config.json; nothing written. " + "; ".join(problems)
+        )
 
 
 def _natural(key: str):

@@ -24,8 +24,18 @@ from dcp_hf.storage import HFStorageWriter
 NOT_MODEL = ("optimizer.*", "rng_state*", "*._extra_state*")  # training state, not weights
 
 
-def export_torch_dist(src: str, dst: str, config: str | dict, *, family: str | None = None, exclude=(),
-                      dtype=None, max_shard_size="5GB", overwrite=False, progress=False) -> dict:
+def export_torch_dist(
+    src: str,
+    dst: str,
+    config: str | dict,
+    *,
+    family: str | None = None,
+    exclude=(),
+    dtype=None,
+    max_shard_size="5GB",
+    overwrite=False,
+    progress=False,
+) -> dict:
     """Export the model tensors of the ``torch_dist`` checkpoint ``src`` to an HF checkpoint in
     ``dst`` (folder or ``s3://``). ``config``: the model's HF config (dict, config.json, or an HF
     folder whose tokenizer and other side files are copied too); it gives the attention shape
@@ -49,8 +59,11 @@ def export_torch_dist(src: str, dst: str, config: str | dict, *, family: str | N
     fam = family_of_hf(config)
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)
-    mtp = {k.split(".")[2] for k in specs if k.startswith("mtp.layers.")
-           and not any(fnmatch.fnmatchcase(k, p) for p in (*NOT_MODEL, *exclude))}
+    mtp = {
+        k.split(".")[2]
+        for k in specs
+        if k.startswith("mtp.layers.") and not any(fnmatch.fnmatchcase(k, p) for p in (*NOT_MODEL, *exclude))
+    }
     layout = layout_of(megatron_config(config)[0], fam, config["vocab_size"], mtp_copies=len(mtp))
     rule = layout.rules[0]
     model, unknown = {}, []
@@ -62,13 +75,21 @@ def export_torch_dist(src: str, dst: str, config: str | dict, *, family: str | N
         else:
             model[key] = spec
     if unknown:
-        raise ValueError(f"{src}: {len(unknown)} tensor(s) the Megatron layout does not cover: "
-                         f"{sorted(unknown)[:10]} (pass exclude patterns to leave them out)")
+        raise ValueError(
+            f"{src}: {len(unknown)} tensor(s) the Megatron layout does not cover: "
+            f"{sorted(unknown)[:10]} (pass exclude patterns to leave them out)"
+        )
     written = hf_tensors(layout, {k: (s.shape, s.dtype) for k, s in model.items()}, export_dtype(dtype))
     check_against_transformers(config, written, f"export of {src}")
     side = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
-    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, dtype=export_dtype(dtype),
-                             overwrite=overwrite, progress=progress, side_files=side)
+    writer = HFStorageWriter(
+        dst,
+        max_shard_size=max_shard_size,
+        dtype=export_dtype(dtype),
+        overwrite=overwrite,
+        progress=progress,
+        side_files=side,
+    )
     stream(model, reader, IDENTITY, writer, layout)
     copied = copy_side_files(folder, dst) if folder and is_main() and "://" not in dst else []
     return {"tensors_in": len(model), "skipped": len(skipped), "copied": copied}

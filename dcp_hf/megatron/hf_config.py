@@ -75,13 +75,15 @@ def family_of_hf(hf: dict) -> Family:
     """The family of an HF config dict: its ``model_type``, checked against ``architectures``."""
     model_type = hf.get("model_type")
     if model_type not in BY_NAME:
-        raise ValueError(f"HF config model_type {model_type!r} is not a family dcp-hf maps to "
-                         f"Megatron; one of {FAMILIES}")
+        raise ValueError(
+            f"HF config model_type {model_type!r} is not a family dcp-hf maps to Megatron; one of {FAMILIES}"
+        )
     fam = BY_NAME[model_type]
     archs = hf.get("architectures") or []
     if archs and fam.architecture not in archs:
-        raise ValueError(f"HF config: model_type {model_type!r} is built as {fam.architecture}, "
-                         f"but architectures says {archs}")
+        raise ValueError(
+            f"HF config: model_type {model_type!r} is built as {fam.architecture}, but architectures says {archs}"
+        )
     return fam
 
 
@@ -108,8 +110,10 @@ def resolve_family(model, hf: dict | None = None, family: str | None = None) -> 
     if len(fits) == 1:
         return fits[0]
     if fits:
-        raise ValueError(f"the Megatron config fits several HF families: {[f.name for f in fits]}; pass "
-                         f"config= (the HF config.json) or family= to say which")
+        raise ValueError(
+            f"the Megatron config fits several HF families: {[f.name for f in fits]}; pass "
+            f"config= (the HF config.json) or family= to say which"
+        )
     why = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
     raise ValueError(f"no HF family expresses this Megatron config ({why})")
 
@@ -142,8 +146,9 @@ class _Refusals:
             raise UnexpressibleError(f"the {self.family} HF config cannot express: " + "; ".join(self.reasons))
 
 
-def hf_config(model, family: str | None = None, vocab_size: int | None = None,
-              dtype: torch.dtype | None = None) -> dict:
+def hf_config(
+    model, family: str | None = None, vocab_size: int | None = None, dtype: torch.dtype | None = None
+) -> dict:
     """The HF config dict of ``model`` (a GPTModel: its ``config``, ``max_sequence_length``,
     ``rotary_base``, ``rotary_percent``, rope scaling and ``share_embeddings_and_output_weights``)
     for ``family`` (default: inferred, see ``resolve_family``). Raises UnexpressibleError naming
@@ -151,8 +156,9 @@ def hf_config(model, family: str | None = None, vocab_size: int | None = None,
     _transformers()  # before anything else: a missing extra is named, not an AttributeError
     fam = family_named(family) if family else resolve_family(model)
     kw = _settings(model, fam)
-    kw.update(vocab_size=vocab_size or model.vocab_size,
-              dtype=str(dtype or model.config.params_dtype).removeprefix("torch."))
+    kw.update(
+        vocab_size=vocab_size or model.vocab_size, dtype=str(dtype or model.config.params_dtype).removeprefix("torch.")
+    )
     out = _config_class(fam)(**kw).to_dict()
     out["architectures"] = [fam.architecture]
     return out
@@ -160,6 +166,7 @@ def hf_config(model, family: str | None = None, vocab_size: int | None = None,
 
 def _transformers():
     from dcp_hf.extras import require
+
     return require("transformers", "hf", "generating config.json from a Megatron model")
 
 
@@ -189,24 +196,36 @@ def _settings(model, fam: Family) -> dict:
 
 def _common(model, fam: Family, no: _Refusals) -> dict:
     c = model.config
-    no.need(c.gated_linear_unit and c.activation_func is F.silu,
-            "an MLP other than SwiGLU (gated_linear_unit=True, activation_func=F.silu)")
+    no.need(
+        c.gated_linear_unit and c.activation_func is F.silu,
+        "an MLP other than SwiGLU (gated_linear_unit=True, activation_func=F.silu)",
+    )
     no.need(c.normalization == "RMSNorm", f"normalization={c.normalization!r} (RMSNorm only)")
     no.need(not c.add_bias_linear, "add_bias_linear=True (linear biases)")
     no.need(not c.layernorm_zero_centered_gamma, "layernorm_zero_centered_gamma=True")
     no.need(not c.apply_residual_connection_post_layernorm, "apply_residual_connection_post_layernorm=True")
     no.need(c.window_size is None, f"window_size={c.window_size} (sliding-window attention)")
     no.need(not c.rotary_interleaved, "rotary_interleaved=True")
-    no.need(getattr(model, "position_embedding_type", "rope") == "rope",
-            f"position_embedding_type={getattr(model, 'position_embedding_type', None)!r} (rope only)")
-    no.need(getattr(getattr(model, "rotary_pos_emb", None), "seq_len_interpolation_factor", None) is None,
-            "seq_len_interpolation_factor (linear RoPE interpolation)")
+    no.need(
+        getattr(model, "position_embedding_type", "rope") == "rope",
+        f"position_embedding_type={getattr(model, 'position_embedding_type', None)!r} (rope only)",
+    )
+    no.need(
+        getattr(getattr(model, "rotary_pos_emb", None), "seq_len_interpolation_factor", None) is None,
+        "seq_len_interpolation_factor (linear RoPE interpolation)",
+    )
     mtp = getattr(c, "mtp_num_layers", None) or 0
     no.need(fam.mtp or not mtp, f"mtp_num_layers={mtp} (multi-token prediction layers)")
-    out = dict(hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size, num_hidden_layers=c.num_layers,
-               num_attention_heads=c.num_attention_heads, max_position_embeddings=model.max_sequence_length,
-               rms_norm_eps=c.layernorm_epsilon,
-               tie_word_embeddings=bool(model.share_embeddings_and_output_weights), hidden_act="silu")
+    out = dict(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.ffn_hidden_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_attention_heads,
+        max_position_embeddings=model.max_sequence_length,
+        rms_norm_eps=c.layernorm_epsilon,
+        tie_word_embeddings=bool(model.share_embeddings_and_output_weights),
+        hidden_act="silu",
+    )
     if fam.mtp:
         out["num_nextn_predict_layers"] = mtp
         no.need(not mtp or not out["tie_word_embeddings"], "multi-token prediction with tied embeddings")
@@ -219,8 +238,10 @@ def _gqa(model, fam: Family, no: _Refusals) -> dict:
     groups = c.num_query_groups or heads
     out = dict(num_key_value_heads=groups)
     if fam.name in ("qwen2", "qwen2_moe"):  # no head_dim setting: hidden / heads
-        no.need(c.kv_channels * heads == c.hidden_size,
-                f"kv_channels={c.kv_channels} other than hidden_size / heads ({c.hidden_size // heads})")
+        no.need(
+            c.kv_channels * heads == c.hidden_size,
+            f"kv_channels={c.kv_channels} other than hidden_size / heads ({c.hidden_size // heads})",
+        )
     else:
         out["head_dim"] = c.kv_channels
     bias = c.add_qkv_bias
@@ -270,8 +291,13 @@ def _llama3_rope(model) -> dict:
             smooth = (original / wavelen - low) / (high - low)
             factor = (1 - smooth) * b / (s - smooth * b)
             break
-    return dict(rope_type="llama3", factor=round(factor, 3), low_freq_factor=low, high_freq_factor=high,
-                original_max_position_embeddings=original)
+    return dict(
+        rope_type="llama3",
+        factor=round(factor, 3),
+        low_freq_factor=low,
+        high_freq_factor=high,
+        original_max_position_embeddings=original,
+    )
 
 
 def _check_rope(model, fam: Family, cfg, no: _Refusals) -> None:
@@ -282,8 +308,11 @@ def _check_rope(model, fam: Family, cfg, no: _Refusals) -> None:
     theirs = rotary.inv_freq.double()
     ours = model.rotary_pos_emb.inv_freq.double().cpu()
     same = theirs.shape == ours.shape and torch.allclose(theirs, ours, rtol=1e-5, atol=0)
-    no.need(same, f"the rotary frequencies (transformers computes {list(theirs.shape)} from "
-                  f"{cfg.rope_parameters}, Megatron has {list(ours.shape)} other values)")
+    no.need(
+        same,
+        f"the rotary frequencies (transformers computes {list(theirs.shape)} from "
+        f"{cfg.rope_parameters}, Megatron has {list(ours.shape)} other values)",
+    )
     no.need(getattr(rotary, "attention_scaling", 1.0) == 1.0, "RoPE attention scaling")
 
 
@@ -294,15 +323,27 @@ def _mla(c, fam: Family, no: _Refusals) -> dict:
     rope_type = getattr(c, "rope_type", "rope")
     rope = dict(rope_type="default", rope_theta=float(c.rotary_base))
     if rope_type == "yarn":
-        rope.update(rope_type="yarn", factor=c.rotary_scaling_factor, beta_fast=c.beta_fast,
-                    beta_slow=c.beta_slow, mscale=c.mscale, mscale_all_dim=c.mscale_all_dim,
-                    original_max_position_embeddings=c.original_max_position_embeddings)
+        rope.update(
+            rope_type="yarn",
+            factor=c.rotary_scaling_factor,
+            beta_fast=c.beta_fast,
+            beta_slow=c.beta_slow,
+            mscale=c.mscale,
+            mscale_all_dim=c.mscale_all_dim,
+            original_max_position_embeddings=c.original_max_position_embeddings,
+        )
     else:
         no.need(rope_type == "rope", f"rope_type={rope_type!r}")
     no.need(c.rotary_percent == 1.0, f"rotary_percent={c.rotary_percent} with MLA")
-    out = dict(num_key_value_heads=c.num_attention_heads, q_lora_rank=c.q_lora_rank,
-               kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_head_dim,
-               qk_rope_head_dim=c.qk_pos_emb_head_dim, v_head_dim=c.v_head_dim, rope_parameters=rope)
+    out = dict(
+        num_key_value_heads=c.num_attention_heads,
+        q_lora_rank=c.q_lora_rank,
+        kv_lora_rank=c.kv_lora_rank,
+        qk_nope_head_dim=c.qk_head_dim,
+        qk_rope_head_dim=c.qk_pos_emb_head_dim,
+        v_head_dim=c.v_head_dim,
+        rope_parameters=rope,
+    )
     if fam.name == "deepseek_v3":
         out["rope_interleave"] = True  # Megatron's MLA rotates de-interleaved pairs, as HF's interleave
     return out
@@ -333,24 +374,37 @@ def _moe(c, fam: Family, no: _Refusals) -> dict:
         no.need(not factor or factor == 1.0, f"moe_router_topk_scaling_factor={factor}")
         no.need(not groups or groups == 1, f"group-limited routing (moe_router_num_groups={groups})")
     if name in ("glm4_moe", "deepseek_v2", "deepseek_v3"):
-        no.need(moe == [False] * dense + [True] * (len(moe) - dense),
-                f"moe_layer_freq {c.moe_layer_freq}: not dense layers followed by MoE layers only")
-        no.need(shared > 0 and shared % c.moe_ffn_hidden_size == 0,
-                f"moe_shared_expert_intermediate_size={shared or None} (a positive multiple of "
-                f"moe_ffn_hidden_size={c.moe_ffn_hidden_size})")
-        out.update(n_routed_experts=experts, first_k_dense_replace=dense,
-                   n_shared_experts=shared // c.moe_ffn_hidden_size, routed_scaling_factor=factor or 1.0,
-                   n_group=groups or 1, topk_group=group_topk or 1)
+        no.need(
+            moe == [False] * dense + [True] * (len(moe) - dense),
+            f"moe_layer_freq {c.moe_layer_freq}: not dense layers followed by MoE layers only",
+        )
+        no.need(
+            shared > 0 and shared % c.moe_ffn_hidden_size == 0,
+            f"moe_shared_expert_intermediate_size={shared or None} (a positive multiple of "
+            f"moe_ffn_hidden_size={c.moe_ffn_hidden_size})",
+        )
+        out.update(
+            n_routed_experts=experts,
+            first_k_dense_replace=dense,
+            n_shared_experts=shared // c.moe_ffn_hidden_size,
+            routed_scaling_factor=factor or 1.0,
+            n_group=groups or 1,
+            topk_group=group_topk or 1,
+        )
     if sigmoid:
         out["norm_topk_prob"] = True
         no.need(topk > 1, "top-1 sigmoid routing (Megatron does not renormalize a single score)")
-        no.need(not groups or groups == 1 or topk // group_topk == 2,
-                f"group scores from the top {topk // (group_topk or 1)} experts (transformers sums the top 2)")
+        no.need(
+            not groups or groups == 1 or topk // group_topk == 2,
+            f"group scores from the top {topk // (group_topk or 1)} experts (transformers sums the top 2)",
+        )
     if name == "deepseek_v2":  # softmax over all experts, no renormalization, then the scaling
         no.need(c.moe_router_pre_softmax, "moe_router_pre_softmax=False (top-k renormalized)")
         grouped = bool(groups and groups > 1)
-        no.need(not grouped or topk // group_topk == 1,
-                f"group scores from the top {topk // (group_topk or 1)} experts (transformers takes the max)")
+        no.need(
+            not grouped or topk // group_topk == 1,
+            f"group scores from the top {topk // (group_topk or 1)} experts (transformers takes the max)",
+        )
         out["topk_method"] = "group_limited_greedy" if grouped else "greedy"
     if name == "mixtral":
         no.need(moe == [True] * len(moe), f"dense layers (moe_layer_freq {c.moe_layer_freq})")
@@ -358,14 +412,19 @@ def _moe(c, fam: Family, no: _Refusals) -> dict:
         no.need(not shared, f"shared experts ({shared})")
         out.update(num_local_experts=experts, intermediate_size=out.pop("moe_intermediate_size"))
     if name in ("qwen2_moe", "qwen3_moe"):
-        out.update(num_experts=experts, decoder_sparse_step=1, norm_topk_prob=not c.moe_router_pre_softmax,
-                   mlp_only_layers=[i for i, m in enumerate(moe) if not m])
+        out.update(
+            num_experts=experts,
+            decoder_sparse_step=1,
+            norm_topk_prob=not c.moe_router_pre_softmax,
+            mlp_only_layers=[i for i, m in enumerate(moe) if not m],
+        )
     if name == "qwen3_moe":
         no.need(not shared, f"shared experts ({shared})")
     if name == "qwen2_moe":
-        no.need(shared > 0 and c.moe_shared_expert_gate,
-                "MoE without a gated shared expert (moe_shared_expert_intermediate_size and "
-                "moe_shared_expert_gate=True)")
+        no.need(
+            shared > 0 and c.moe_shared_expert_gate,
+            "MoE without a gated shared expert (moe_shared_expert_intermediate_size and moe_shared_expert_gate=True)",
+        )
         out["shared_expert_intermediate_size"] = shared
     return out
 
@@ -381,8 +440,7 @@ def check_given(given: dict, model, family: Family, loading: bool = False) -> No
     theirs = dict(given)
     if family.name in ("qwen2_moe", "qwen3_moe"):  # decoder_sparse_step and mlp_only_layers -> one list
         step, dense = theirs.get("decoder_sparse_step") or 1, set(theirs.get("mlp_only_layers") or [])
-        theirs["mlp_only_layers"] = [i for i in range(theirs["num_hidden_layers"])
-                                     if i in dense or (i + 1) % step]
+        theirs["mlp_only_layers"] = [i for i in range(theirs["num_hidden_layers"]) if i in dense or (i + 1) % step]
         theirs["decoder_sparse_step"] = 1
     ours, theirs = cls(**kw), cls.from_dict(theirs)  # attribute names and defaults as the class has them
     free = {"max_position_embeddings"}  # the training sequence length, not a model property
@@ -392,14 +450,16 @@ def check_given(given: dict, model, family: Family, loading: bool = False) -> No
             free.add("num_nextn_predict_layers")
     if family.name != "mixtral" and all(moe_layers(model.config)):
         free.add("intermediate_size")  # no dense layer uses it
-    differ = [f"{k}: {getattr(theirs, k, None)!r} given, {getattr(ours, k)!r} in the model" for k in kw
-              if k not in free and _unset(k, getattr(theirs, k, None)) != _unset(k, getattr(ours, k))]
+    differ = [
+        f"{k}: {getattr(theirs, k, None)!r} given, {getattr(ours, k)!r} in the model"
+        for k in kw
+        if k not in free and _unset(k, getattr(theirs, k, None)) != _unset(k, getattr(ours, k))
+    ]
     vocab = given.get("vocab_size")
     if vocab is not None and vocab > model.vocab_size:
         differ.append(f"vocab_size: {vocab} given, the model has {model.vocab_size} rows")
     if differ:
-        raise ValueError(f"the given {family.name} config does not describe this Megatron model: "
-                         + "; ".join(differ))
+        raise ValueError(f"the given {family.name} config does not describe this Megatron model: " + "; ".join(differ))
 
 
 UNSET_MEANS = {"n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0}  # None says the same
@@ -422,52 +482,88 @@ def megatron_config(hf: dict, **overrides):
         raise ValueError(f"hidden_act {hf['hidden_act']!r}: only SwiGLU (silu) maps to Megatron")
     heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
     rope = hf.get("rope_parameters") or {}
-    kw = dict(num_layers=layers, hidden_size=hf["hidden_size"], num_attention_heads=heads,
-              ffn_hidden_size=hf["intermediate_size"], normalization="RMSNorm",
-              layernorm_epsilon=hf["rms_norm_eps"], gated_linear_unit=True, activation_func=F.silu,
-              add_bias_linear=False, bias_activation_fusion=False, persist_layer_norm=False,
-              hidden_dropout=0.0, attention_dropout=0.0)
-    gpt = dict(vocab_size=hf["vocab_size"], max_sequence_length=hf["max_position_embeddings"],
-               position_embedding_type="rope",
-               rotary_base=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-               rotary_percent=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)),
-               share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)))
+    kw = dict(
+        num_layers=layers,
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=heads,
+        ffn_hidden_size=hf["intermediate_size"],
+        normalization="RMSNorm",
+        layernorm_epsilon=hf["rms_norm_eps"],
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        persist_layer_norm=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    gpt = dict(
+        vocab_size=hf["vocab_size"],
+        max_sequence_length=hf["max_position_embeddings"],
+        position_embedding_type="rope",
+        rotary_base=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rotary_percent=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)),
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+    )
     if rope.get("rope_type", "default") == "llama3":
         gpt.update(rope_scaling=True, rope_scaling_factor=rope["factor"])
     if fam.attention == "gqa":
-        kw.update(num_query_groups=hf.get("num_key_value_heads") or heads,
-                  kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
-                  add_qkv_bias=family in ("qwen2", "qwen2_moe") or bool(hf.get("attention_bias")),
-                  qk_layernorm=family.startswith("qwen3") or bool(hf.get("use_qk_norm")))
-    moe = dict(moe_ffn_hidden_size=hf.get("moe_intermediate_size"), moe_router_topk=hf.get("num_experts_per_tok"),
-               moe_aux_loss_coeff=0.0)
+        kw.update(
+            num_query_groups=hf.get("num_key_value_heads") or heads,
+            kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+            add_qkv_bias=family in ("qwen2", "qwen2_moe") or bool(hf.get("attention_bias")),
+            qk_layernorm=family.startswith("qwen3") or bool(hf.get("use_qk_norm")),
+        )
+    moe = dict(
+        moe_ffn_hidden_size=hf.get("moe_intermediate_size"),
+        moe_router_topk=hf.get("num_experts_per_tok"),
+        moe_aux_loss_coeff=0.0,
+    )
     if family in ("qwen2_moe", "qwen3_moe"):
-        sparse = [i not in set(hf.get("mlp_only_layers") or []) and (i + 1) % hf.get("decoder_sparse_step", 1) == 0
-                  for i in range(layers)]
-        kw.update(moe, num_moe_experts=hf.get("num_experts") or hf["num_local_experts"], moe_layer_freq=_moe_layer_freq(sparse),
-                  moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
+        sparse = [
+            i not in set(hf.get("mlp_only_layers") or []) and (i + 1) % hf.get("decoder_sparse_step", 1) == 0
+            for i in range(layers)
+        ]
+        kw.update(
+            moe,
+            num_moe_experts=hf.get("num_experts") or hf["num_local_experts"],
+            moe_layer_freq=_moe_layer_freq(sparse),
+            moe_router_pre_softmax=not hf.get("norm_topk_prob", False),
+        )
         if family == "qwen2_moe":
-            kw.update(moe_shared_expert_intermediate_size=hf["shared_expert_intermediate_size"],
-                      moe_shared_expert_gate=True)
+            kw.update(
+                moe_shared_expert_intermediate_size=hf["shared_expert_intermediate_size"], moe_shared_expert_gate=True
+            )
     if family == "mixtral":
         kw.update(moe, num_moe_experts=hf["num_local_experts"], moe_ffn_hidden_size=hf["intermediate_size"])
     if family in ("glm4_moe", "deepseek_v2", "deepseek_v3"):
         dense = hf.get("first_k_dense_replace", 0)
         groups = hf.get("n_group") or 1
-        kw.update(moe, num_moe_experts=hf["n_routed_experts"],
-                  moe_layer_freq=_moe_layer_freq([False] * dense + [True] * (layers - dense)),
-                  moe_shared_expert_intermediate_size=(hf.get("n_shared_experts") or 0) * hf["moe_intermediate_size"] or None,
-                  moe_router_topk_scaling_factor=hf.get("routed_scaling_factor"),
-                  moe_router_num_groups=groups if groups > 1 else None,
-                  moe_router_group_topk=hf.get("topk_group") if groups > 1 else None, moe_router_dtype="fp32")
+        kw.update(
+            moe,
+            num_moe_experts=hf["n_routed_experts"],
+            moe_layer_freq=_moe_layer_freq([False] * dense + [True] * (layers - dense)),
+            moe_shared_expert_intermediate_size=(hf.get("n_shared_experts") or 0) * hf["moe_intermediate_size"] or None,
+            moe_router_topk_scaling_factor=hf.get("routed_scaling_factor"),
+            moe_router_num_groups=groups if groups > 1 else None,
+            moe_router_group_topk=hf.get("topk_group") if groups > 1 else None,
+            moe_router_dtype="fp32",
+        )
         if family in SIGMOID_ROUTER:
             kw.update(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
         else:
             kw.update(moe_router_pre_softmax=True)
     if fam.attention == "mla":
-        kw.update(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
-                  qk_head_dim=hf["qk_nope_head_dim"], qk_pos_emb_head_dim=hf["qk_rope_head_dim"],
-                  v_head_dim=hf["v_head_dim"], rope_type="rope", qk_layernorm=True, rotary_base=gpt["rotary_base"])
+        kw.update(
+            q_lora_rank=hf.get("q_lora_rank"),
+            kv_lora_rank=hf["kv_lora_rank"],
+            qk_head_dim=hf["qk_nope_head_dim"],
+            qk_pos_emb_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"],
+            rope_type="rope",
+            qk_layernorm=True,
+            rotary_base=gpt["rotary_base"],
+        )
     kw.update(overrides)
     cls = MLATransformerConfig if fam.attention == "mla" else TransformerConfig
     return cls(**kw), gpt

@@ -11,9 +11,9 @@ from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.format import TensorSpec
 
 
-def tensor_specs(plans: list[SavePlan],
-                 export_dtype: Callable[[str, torch.dtype], torch.dtype] = lambda k, d: d
-                 ) -> dict[str, TensorSpec]:
+def tensor_specs(
+    plans: list[SavePlan], export_dtype: Callable[[str, torch.dtype], torch.dtype] = lambda k, d: d
+) -> dict[str, TensorSpec]:
     """key -> (dtype, global shape), checking that every rank agrees on both."""
     specs: dict[str, TensorSpec] = {}
     first_rank: dict[str, int] = {}
@@ -29,5 +29,6 @@ def tensor_specs(plans: list[SavePlan],
                 raise StateDictMismatchError(
                     f"{key!r}: ranks disagree on the tensor: rank {first_rank[key]} has shape "
                     f"{list(known.shape)} {known.dtype}, rank {rank} has shape {list(spec.shape)} "
-                    f"{spec.dtype}")
+                    f"{spec.dtype}"
+                )
     return specs

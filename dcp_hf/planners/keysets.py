@@ -47,8 +47,7 @@ def encode_keys(keys: Iterable[str]) -> KeyCode:
     for key in keys:
         template, numbers = _split(key)
         by_template.setdefault(template, set()).add(numbers)
-    return tuple((template, _trie(sorted(numbers), 0))
-                 for template, numbers in sorted(by_template.items()))
+    return tuple((template, _trie(sorted(numbers), 0)) for template, numbers in sorted(by_template.items()))
 
 
 def _expand(trie: Trie, depth: int) -> list[tuple[int, ...]]:

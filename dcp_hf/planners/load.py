@@ -64,11 +64,14 @@ class HFLoadPlanner(DefaultLoadPlanner):
             ``True``: any (a partial load).
     """
 
-    def __init__(self, layout: Layout | None = None, *,
-                 allow_missing: Iterable[str] | bool = (),
-                 allow_unexpected: Iterable[str] | bool = ()):
-        super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True,
-                         allow_partial_load=True)
+    def __init__(
+        self,
+        layout: Layout | None = None,
+        *,
+        allow_missing: Iterable[str] | bool = (),
+        allow_unexpected: Iterable[str] | bool = (),
+    ):
+        super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, allow_partial_load=True)
         self.layout = layout or IDENTITY
         # Read items need no box arithmetic (quantized tensors are planned apart).
         self._identity = dataclasses.replace(self.layout, quantization=None) == IDENTITY
@@ -80,8 +83,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         self._dequant: dict[ReadItem, tuple[_Dequantization, int]] = {}
         self._local_items: list[ReadItem] | None = None
 
-    def set_up_planner(self, state_dict, metadata: Metadata | None = None,
-                       is_coordinator: bool = False) -> None:
+    def set_up_planner(self, state_dict, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
         # DCP's set-up replaces values it does not know with None: keep TensorBox values out.
         boxes = {k: v for k, v in state_dict.items() if isinstance(v, TensorBox)}
         for k in boxes:
@@ -116,7 +118,8 @@ class HFLoadPlanner(DefaultLoadPlanner):
                     continue
                 raise StateDictMismatchError(
                     f"{where}: {key!r} is a {type(value).__name__}, not a tensor; an HF checkpoint "
-                    f"holds tensors only (list it in allow_missing to leave it as it is)")
+                    f"holds tensors only (list it in allow_missing to leave it as it is)"
+                )
             for piece in self._pieces[key]:
                 q = quantization and quantization.find(piece.hf_key, stored, value.dtype, where)
                 if q:
@@ -124,7 +127,8 @@ class HFLoadPlanner(DefaultLoadPlanner):
                         raise StateDictMismatchError(
                             f"{where}: {piece.hf_key!r} (stored as {q.data.key!r} + {q.scale.key!r}) "
                             f"has shape {list(q.shape)} but {list(piece.hf_shape)} in the state dict"
-                            + ("" if piece.hf_key == key else f" (from {key!r})"))
+                            + ("" if piece.hf_key == key else f" (from {key!r})")
+                        )
                     self._quantized[key, piece.hf_key] = q
                     continue
                 if piece.hf_key not in stored:
@@ -139,24 +143,32 @@ class HFLoadPlanner(DefaultLoadPlanner):
                     part = "" if piece.hf_key == key else f" (from {key!r} of shape {list(value.size())})"
                     raise StateDictMismatchError(
                         f"{where}: {piece.hf_key!r} has shape {list(md_t.size)} in the checkpoint but "
-                        f"{list(piece.hf_shape)} in the state dict{part}")
-                if (md_t.properties.dtype != value.dtype and md_t.properties.dtype.itemsize == 1
-                        and md_t.properties.dtype.is_floating_point and piece.hf_key + "_scale_inv" in stored):
+                        f"{list(piece.hf_shape)} in the state dict{part}"
+                    )
+                if (
+                    md_t.properties.dtype != value.dtype
+                    and md_t.properties.dtype.itemsize == 1
+                    and md_t.properties.dtype.is_floating_point
+                    and piece.hf_key + "_scale_inv" in stored
+                ):
                     # A cast would drop the block scales: a silently wrong load.
                     raise StateDictMismatchError(
                         f"{where}: {piece.hf_key!r} is {md_t.properties.dtype} with block scales "
                         f"{piece.hf_key + '_scale_inv'!r}; load it dequantized with a layout that knows "
                         f"the quantization (detect_layout(path) reads config.json's quantization_config, "
-                        f"or Layout(quantization=BlockFP8()))")
+                        f"or Layout(quantization=BlockFP8()))"
+                    )
                 if md_t.properties.dtype != value.dtype and not cast_ok:
                     part = "" if piece.hf_key == key else f" (as part of {key!r})"
                     raise StateDictMismatchError(
                         f"{where}: {piece.hf_key!r} is {md_t.properties.dtype} in the checkpoint but "
-                        f"{value.dtype} in the state dict{part} (pass allow_dtype_cast=True to the reader)")
+                        f"{value.dtype} in the state dict{part} (pass allow_dtype_cast=True to the reader)"
+                    )
         if missing:
             raise StateDictMismatchError(
                 f"{where}: missing {len(missing)} key(s) the state dict needs: "
-                f"{', '.join(repr(k) for k in missing[:10])}{' ...' if len(missing) > 10 else ''}")
+                f"{', '.join(repr(k) for k in missing[:10])}{' ...' if len(missing) > 10 else ''}"
+            )
 
         items = []
         self._views, self._dequant, self._local_items = {}, {}, None
@@ -184,14 +196,16 @@ class HFLoadPlanner(DefaultLoadPlanner):
             loaded = {item.storage_index.fqn for plan in global_plan for item in plan.items}
             for code in {plan.planner_data for plan in global_plan if plan.planner_data is not None}:
                 loaded.update(decode_keys(code))
-            unexpected = [k for k in sorted(self.metadata.state_dict_metadata)
-                          if k not in loaded and not self.allow_unexpected(k)]
+            unexpected = [
+                k for k in sorted(self.metadata.state_dict_metadata) if k not in loaded and not self.allow_unexpected(k)
+            ]
             if unexpected:
                 where = getattr(self.metadata, "checkpoint", "") or "checkpoint"
                 raise StateDictMismatchError(
                     f"{where}: {len(unexpected)} tensor(s) of the checkpoint are loaded by no rank: "
                     f"{', '.join(repr(k) for k in unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}"
-                    f" (pass allow_unexpected=[...patterns] or True to HFLoadPlanner for a partial load)")
+                    f" (pass allow_unexpected=[...patterns] or True to HFLoadPlanner for a partial load)"
+                )
         return super().create_global_plan(global_plan)
 
     def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
@@ -206,10 +220,14 @@ class HFLoadPlanner(DefaultLoadPlanner):
             if 0 in c_size and 0 not in md_t.size:  # an empty chunk of a non-empty tensor
                 return []
             dims = tuple(range(len(c_off)))
-            item = ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(key, c_off),
-                            dest_offsets=torch.Size([0] * len(c_off)),
-                            storage_index=MetadataIndex(key, md_t.chunks[0].offsets),
-                            storage_offsets=torch.Size(c_off), lengths=torch.Size(c_size))
+            item = ReadItem(
+                type=LoadItemType.TENSOR,
+                dest_index=MetadataIndex(key, c_off),
+                dest_offsets=torch.Size([0] * len(c_off)),
+                storage_index=MetadataIndex(key, md_t.chunks[0].offsets),
+                storage_offsets=torch.Size(c_off),
+                lengths=torch.Size(c_size),
+            )
             self._views[item] = (dims, (0,) * len(c_off), c_size)
             return [item]
         hit = piece.intersect(c_off, c_size)
@@ -227,11 +245,14 @@ class HFLoadPlanner(DefaultLoadPlanner):
                 mem_lo[m] += o_lo[i] - hf_off[i]
                 mem_size[m] = o_size[i]
             local_lo = tuple(a - b for a, b in zip(mem_lo, c_off))
-            item = ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(key, c_off),
-                            dest_offsets=torch.Size(local_lo),
-                            storage_index=MetadataIndex(piece.hf_key, sc.offsets),
-                            storage_offsets=torch.Size(a - b for a, b in zip(o_lo, sc.offsets)),
-                            lengths=torch.Size(o_size))
+            item = ReadItem(
+                type=LoadItemType.TENSOR,
+                dest_index=MetadataIndex(key, c_off),
+                dest_offsets=torch.Size(local_lo),
+                storage_index=MetadataIndex(piece.hf_key, sc.offsets),
+                storage_offsets=torch.Size(a - b for a, b in zip(o_lo, sc.offsets)),
+                lengths=torch.Size(o_size),
+            )
             self._views[item] = (piece.mem_dims, local_lo, tuple(mem_size))
             items.append(item)
         return items
@@ -243,14 +264,19 @@ class HFLoadPlanner(DefaultLoadPlanner):
             return []
         lo, size, hf_off, hf_size = hit
         local_lo = tuple(a - b for a, b in zip(lo, c_off))
-        job = _Dequantization(q, hf_off, hf_size, MetadataIndex(key, c_off),
-                              (piece.mem_dims, local_lo, size), [None, None])
+        job = _Dequantization(
+            q, hf_off, hf_size, MetadataIndex(key, c_off), (piece.mem_dims, local_lo, size), [None, None]
+        )
         items = []
         for slot, (part, (b_off, b_size)) in enumerate(zip(q.parts, q.boxes(hf_off, hf_size))):
-            item = ReadItem(type=LoadItemType.TENSOR, dest_index=job.dest_index,
-                            dest_offsets=torch.Size(local_lo),
-                            storage_index=MetadataIndex(part.key, (0,) * len(part.shape)),
-                            storage_offsets=torch.Size(b_off), lengths=torch.Size(b_size))
+            item = ReadItem(
+                type=LoadItemType.TENSOR,
+                dest_index=job.dest_index,
+                dest_offsets=torch.Size(local_lo),
+                storage_index=MetadataIndex(part.key, (0,) * len(part.shape)),
+                storage_offsets=torch.Size(b_off),
+                lengths=torch.Size(b_size),
+            )
             self._dequant[item] = (job, slot)
             items.append(item)
         return items

@@ -9,8 +9,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint._sharded_tensor_utils import _flatten_sharded_tensors
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
-                                                   StorageMeta, TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import _create_write_items
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -45,10 +51,14 @@ class HFSavePlanner(DefaultSavePlanner):
     thousands of ranks. With another storage writer it makes DCP's usual item plans.
     """
 
-    def __init__(self, layout: Layout | None = None, *, flatten_state_dict: bool = True,
-                 dedup_save_to_lowest_rank: bool = False):
-        super().__init__(flatten_state_dict=flatten_state_dict, flatten_sharded_tensors=True,
-                         dedup_save_to_lowest_rank=dedup_save_to_lowest_rank)
+    def __init__(
+        self, layout: Layout | None = None, *, flatten_state_dict: bool = True, dedup_save_to_lowest_rank: bool = False
+    ):
+        super().__init__(
+            flatten_state_dict=flatten_state_dict,
+            flatten_sharded_tensors=True,
+            dedup_save_to_lowest_rank=dedup_save_to_lowest_rank,
+        )
         self.layout = layout or IDENTITY
         self.compact = False
         # HF write index -> (in-memory index, piece's mem dims, box offsets in the local chunk, box sizes)
@@ -59,8 +69,7 @@ class HFSavePlanner(DefaultSavePlanner):
         # of the blocks the data box touches, its offsets) for the fp8 data.
         self._quantized: dict[tuple, object] = {}
 
-    def set_up_planner(self, state_dict, storage_meta: StorageMeta | None = None,
-                       is_coordinator: bool = False) -> None:
+    def set_up_planner(self, state_dict, storage_meta: StorageMeta | None = None, is_coordinator: bool = False) -> None:
         if self.flatten_state_dict and all(not isinstance(v, (Mapping, list, tuple)) for v in state_dict.values()):
             # Already flat (the common case): DCP's flattening would copy it to the same thing.
             self.state_dict, self.mappings = dict(state_dict), {k: (k,) for k in state_dict}
@@ -77,8 +86,9 @@ class HFSavePlanner(DefaultSavePlanner):
         chunks, others = [], []
         for fqn, value in self.state_dict.items():
             if isinstance(value, TensorBox):
-                chunks.append((fqn, tuple(value.global_shape), value.dtype, tuple(value.offsets),
-                               tuple(value.local.shape)))
+                chunks.append(
+                    (fqn, tuple(value.global_shape), value.dtype, tuple(value.offsets), tuple(value.local.shape))
+                )
             elif type(value) is torch.Tensor or type(value) is torch.nn.Parameter:
                 chunks.append((fqn, tuple(value.shape), value.dtype, (0,) * value.dim(), tuple(value.shape)))
             elif isinstance(value, DTensor) and value.device_mesh.get_coordinate() is None:
@@ -89,8 +99,9 @@ class HFSavePlanner(DefaultSavePlanner):
                         others.append(item)
                         continue
                     td = item.tensor_data
-                    chunks.append((fqn, tuple(td.size), td.properties.dtype, tuple(td.chunk.offsets),
-                                   tuple(td.chunk.sizes)))
+                    chunks.append(
+                        (fqn, tuple(td.size), td.properties.dtype, tuple(td.chunk.offsets), tuple(td.chunk.sizes))
+                    )
         return chunks, others
 
     def _pieces(self):
@@ -99,8 +110,10 @@ class HFSavePlanner(DefaultSavePlanner):
         chunks, others = self._chunks()
         entries, seen = [], {}
         if self.layout == IDENTITY:  # each chunk is its own piece
-            return [(fqn, shape, dtype, offsets, sizes, fqn, offsets, tuple(range(len(shape))),
-                     (0,) * len(shape), sizes) for fqn, shape, dtype, offsets, sizes in chunks], others
+            return [
+                (fqn, shape, dtype, offsets, sizes, fqn, offsets, tuple(range(len(shape))), (0,) * len(shape), sizes)
+                for fqn, shape, dtype, offsets, sizes in chunks
+            ], others
         for fqn, shape, dtype, offsets, sizes in chunks:
             for piece in self.layout.pieces(fqn, shape):
                 hit = piece.intersect(offsets, sizes)
@@ -110,11 +123,13 @@ class HFSavePlanner(DefaultSavePlanner):
                 if (piece.hf_key, hf_off) in seen:
                     raise StateDictMismatchError(
                         f"HF tensor {piece.hf_key!r} at {list(hf_off)} would be saved from both "
-                        f"{seen[piece.hf_key, hf_off]!r} and {fqn!r}")
+                        f"{seen[piece.hf_key, hf_off]!r} and {fqn!r}"
+                    )
                 seen[piece.hf_key, hf_off] = fqn
                 local_lo = tuple(a - b for a, b in zip(lo, offsets))
-                entries.append((piece.hf_key, piece.hf_shape, dtype, hf_off, hf_size, fqn, offsets,
-                                piece.mem_dims, local_lo, size))
+                entries.append(
+                    (piece.hf_key, piece.hf_shape, dtype, hf_off, hf_size, fqn, offsets, piece.mem_dims, local_lo, size)
+                )
         if hasattr(self.layout.quantization, "quantizes"):
             entries = self._quantize(entries)
         return entries, others
@@ -135,9 +150,10 @@ class HFSavePlanner(DefaultSavePlanner):
                 box = mem_view(self.lookup_object(MetadataIndex(fqn, offsets)), local_lo, size, mem_dims)
                 amax = q.block_amax(box, hf_off)
                 lo = tuple(o // b for o, b in zip(hf_off, q.block))
-                whole = [torch.tensor([o <= i * b and min((i + 1) * b, n) <= o + m
-                                       for i in range(low, low + k)])
-                         for o, m, b, n, low, k in zip(hf_off, hf_size, q.block, hf_shape, lo, amax.shape)]
+                whole = [
+                    torch.tensor([o <= i * b and min((i + 1) * b, n) <= o + m for i in range(low, low + k)])
+                    for o, m, b, n, low, k in zip(hf_off, hf_size, q.block, hf_shape, lo, amax.shape)
+                ]
                 split = (~(whole[0][:, None] & whole[1][None, :])).nonzero().tolist()
                 for i, j in split:
                     k = (hf_key, lo[0] + i, lo[1] + j)
@@ -169,10 +185,13 @@ class HFSavePlanner(DefaultSavePlanner):
             own_n = tuple(-(-(o + m) // b) - ol for o, m, b, ol in zip(hf_off, hf_size, q.block, own_lo))
             if 0 not in own_n:
                 scale_key = hf_key + q.scale_suffix
-                own = scale[own_lo[0] - lo[0]:own_lo[0] - lo[0] + own_n[0],
-                            own_lo[1] - lo[1]:own_lo[1] - lo[1] + own_n[1]]
-                out.append((scale_key, tuple(-(-n // b) for n, b in zip(hf_shape, q.block)), torch.float32,
-                            own_lo, own_n) + e[5:])
+                own = scale[
+                    own_lo[0] - lo[0] : own_lo[0] - lo[0] + own_n[0], own_lo[1] - lo[1] : own_lo[1] - lo[1] + own_n[1]
+                ]
+                out.append(
+                    (scale_key, tuple(-(-n // b) for n, b in zip(hf_shape, q.block)), torch.float32, own_lo, own_n)
+                    + e[5:]
+                )
                 self._quantized[scale_key, own_lo] = own.contiguous()
         return out
 
@@ -181,9 +200,15 @@ class HFSavePlanner(DefaultSavePlanner):
         hf_key, hf_shape, dtype, hf_off, hf_size, fqn, offsets, mem_dims, local_lo, size = entry
         index = MetadataIndex(hf_key, hf_off)
         self._sources[index] = (MetadataIndex(fqn, offsets), mem_dims, local_lo, size)
-        return WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-            chunk=ChunkStorageMetadata(torch.Size(hf_off), torch.Size(hf_size)),
-            properties=TensorProperties(dtype=dtype), size=torch.Size(hf_shape)))
+        return WriteItem(
+            index=index,
+            type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(torch.Size(hf_off), torch.Size(hf_size)),
+                properties=TensorProperties(dtype=dtype),
+                size=torch.Size(hf_shape),
+            ),
+        )
 
     def create_local_plan(self) -> SavePlan:
         entries, others = self._pieces()
@@ -197,8 +222,7 @@ class HFSavePlanner(DefaultSavePlanner):
             return self.plan
         items = [self._item(e) for e in entries]
         origin = {(e[0], torch.Size(e[3])): e[5] for e in entries}
-        self.plan = SavePlan(items + others, planner_data=(
-            self.mappings if self.flatten_state_dict else None, origin))
+        self.plan = SavePlan(items + others, planner_data=(self.mappings if self.flatten_state_dict else None, origin))
         return self.plan
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
@@ -212,7 +236,8 @@ class HFSavePlanner(DefaultSavePlanner):
                 if first[0] != fqn:
                     raise StateDictMismatchError(
                         f"HF tensor {box[0]!r} at {list(box[1])} is saved from {first[0]!r} on rank "
-                        f"{first[1]} and from {fqn!r} on rank {rank}: two different tensors map to one key")
+                        f"{first[1]} and from {fqn!r} on rank {rank}: two different tensors map to one key"
+                    )
         all_plans = [dataclasses.replace(p, planner_data=p.planner_data[0]) for p in all_plans]
         return super().create_global_plan(all_plans)
 
@@ -222,9 +247,16 @@ class HFSavePlanner(DefaultSavePlanner):
             raise StateDictMismatchError("every rank must save with an HFSavePlanner")
         merged = MergedPlan(summaries, lowest_rank=self.dedup_save_to_lowest_rank)
         # The checkpoint holds each HF tensor whole, in one file: one chunk each.
-        metadata = Metadata({key: TensorStorageMetadata(
-            TensorProperties(dtype=dtype), torch.Size(shape), [ChunkStorageMetadata(
-                torch.Size([0] * len(shape)), torch.Size(shape))]) for key, (shape, dtype) in merged.table.items()})
+        metadata = Metadata(
+            {
+                key: TensorStorageMetadata(
+                    TensorProperties(dtype=dtype),
+                    torch.Size(shape),
+                    [ChunkStorageMetadata(torch.Size([0] * len(shape)), torch.Size(shape))],
+                )
+                for key, (shape, dtype) in merged.table.items()
+            }
+        )
         plans = [dataclasses.replace(p, planner_data=merged.assignment(rank)) for rank, p in enumerate(all_plans)]
         self.global_plan, self.metadata = plans, metadata
         return plans, metadata
@@ -233,9 +265,11 @@ class HFSavePlanner(DefaultSavePlanner):
         if not self.compact:
             return super().finish_plan(new_plan)
         assignment: RankAssignment = new_plan.planner_data
-        items = [self._item(self._entries[key, block.offsets])
-                 for b, (block, keys) in enumerate(zip(self.plan.planner_data.blocks, self._block_keys))
-                 for key in assignment.keeps(b, keys)]
+        items = [
+            self._item(self._entries[key, block.offsets])
+            for b, (block, keys) in enumerate(zip(self.plan.planner_data.blocks, self._block_keys))
+            for key in assignment.keeps(b, keys)
+        ]
         return dataclasses.replace(new_plan, items=items)
 
     def resolve_data(self, write_item: WriteItem):

@@ -50,8 +50,9 @@ class LocalSummary:
     blocks: list[Block]
 
 
-def summarize(entries: Iterable[tuple[str, tuple, torch.dtype, tuple, tuple, str]]
-              ) -> tuple[LocalSummary, list[list[str]]]:
+def summarize(
+    entries: Iterable[tuple[str, tuple, torch.dtype, tuple, tuple, str]],
+) -> tuple[LocalSummary, list[list[str]]]:
     """Group (key, shape, dtype, offsets, sizes, source) entries into blocks; also return each
     block's keys (sorted). Chunks with no elements are left out unless the whole tensor is
     empty (it must still be saved)."""
@@ -66,10 +67,12 @@ def summarize(entries: Iterable[tuple[str, tuple, torch.dtype, tuple, tuple, str
         for (a, _), (b, _) in zip(members, members[1:]):
             if a == b:
                 raise StateDictMismatchError(f"{a!r}: two chunks at offsets {list(offsets)} on one rank")
-        digest = b"" if all(k == s for k, s in members) else hashlib.sha1(
-            "\n".join(s for _, s in members).encode()).digest()[:8]
-        blocks.append(Block(encode_keys(k for k, _ in members), len(members), shape, dtype,
-                            offsets, sizes, digest))
+        digest = (
+            b""
+            if all(k == s for k, s in members)
+            else hashlib.sha1("\n".join(s for _, s in members).encode()).digest()[:8]
+        )
+        blocks.append(Block(encode_keys(k for k, _ in members), len(members), shape, dtype, offsets, sizes, digest))
         keys.append([k for k, _ in members])
     return LocalSummary(blocks), keys
 
@@ -137,8 +140,9 @@ class MergedPlan:
                 if kid is None:
                     keys = sorted(decode_keys(block.keys), key=natural_key)
                     if len(keys) != block.count:
-                        raise StateDictMismatchError(f"rank {rank}: a block of {block.count} keys "
-                                                     f"decodes to {len(keys)}")
+                        raise StateDictMismatchError(
+                            f"rank {rank}: a block of {block.count} keys decodes to {len(keys)}"
+                        )
                     kid = ids[block.keys] = len(self.key_lists)
                     self.key_lists.append(keys)
                 self.block_set[rank, b] = kid
@@ -164,7 +168,8 @@ class MergedPlan:
                     if known != spec:
                         raise StateDictMismatchError(
                             f"{key!r}: ranks disagree on the tensor: rank {rank} has shape "
-                            f"{list(known[0])} {known[1]}, rank {h.rank} has shape {list(spec[0])} {spec[1]}")
+                            f"{list(known[0])} {known[1]}, rank {h.rank} has shape {list(spec[0])} {spec[1]}"
+                        )
         return table
 
     def _assign(self, holders: dict[int, list[_Holder]], lowest_rank: bool) -> None:
@@ -185,8 +190,7 @@ class MergedPlan:
             for hs in by_box.values():
                 hs.sort(key=lambda h: (h.rank, h.block))
             shape = self.table[keys[0]][0]
-            check_exact_cover(keys[0], shape, [(off, size, f"rank {hs[0].rank}")
-                                               for (off, size), hs in by_box.items()])
+            check_exact_cover(keys[0], shape, [(off, size, f"rank {hs[0].rank}") for (off, size), hs in by_box.items()])
             writers: dict[Box, list] = {}
             n = len(keys)
             for i, (box, hs) in enumerate(sorted(by_box.items())):
@@ -197,8 +201,11 @@ class MergedPlan:
                 # Replicas split the keys: the j-th slice goes to holder (i + j) mod R, so
                 # every replica writes, also where there are fewer keys than replicas.
                 r = len(hs)
-                writers[box] = [(hs[(i + j) % r], slice(j * n // r, (j + 1) * n // r))
-                                for j in range(r) if (j + 1) * n // r > j * n // r]
+                writers[box] = [
+                    (hs[(i + j) % r], slice(j * n // r, (j + 1) * n // r))
+                    for j in range(r)
+                    if (j + 1) * n // r > j * n // r
+                ]
             gid = len(self.groups)
             self.groups.append(_Group(keys, writers))
             for key in keys:
@@ -214,7 +221,8 @@ class MergedPlan:
             if other.entry.sources != h.entry.sources:
                 raise StateDictMismatchError(
                     f"HF tensor {key!r} at {list(box[0])} is saved by rank {other.rank} and rank "
-                    f"{h.rank} from different in-memory tensors: two different tensors map to one key")
+                    f"{h.rank} from different in-memory tensors: two different tensors map to one key"
+                )
 
     def _rank_rules(self) -> dict[int, dict[int, object]]:
         """Per rank, per block that does not write all its keys: DROP or the keys it keeps."""
@@ -269,6 +277,5 @@ def encode_table(specs: Iterable[TensorSpec]) -> dict[tuple, KeyCode]:
 
 def decode_table(table: dict[tuple, KeyCode]) -> list[TensorSpec]:
     """The tensors of an encoded table, in natural key order."""
-    specs = [TensorSpec(key, dtype, shape) for (shape, dtype), code in table.items()
-             for key in decode_keys(code)]
+    specs = [TensorSpec(key, dtype, shape) for (shape, dtype), code in table.items() for key in decode_keys(code)]
     return sorted(specs, key=lambda s: natural_key(s.key))

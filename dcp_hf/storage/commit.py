@@ -96,8 +96,7 @@ def open_created(path: str, ident: FileId) -> int:
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) != (ident.dev, ident.ino) or not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise DcpHfError(f"{path}: not the file this save created (replaced during the save); "
-                         f"not writing through it")
+        raise DcpHfError(f"{path}: not the file this save created (replaced during the save); not writing through it")
     return fd
 
 
@@ -111,7 +110,7 @@ def write_new_file(folder: str, name: str, data: bytes) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -162,8 +161,7 @@ def prepare(path: str, save_id: str) -> Destination:
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise StorageError(e.errno, f"creating {work}: {e.strerror}") from e
-            logger.warning("cannot create %s (%s): committing the files of %s one by one",
-                           work, e.strerror, real)
+            logger.warning("cannot create %s (%s): committing the files of %s one by one", work, e.strerror, real)
         else:
             os.close(create_file(os.path.join(work, MARKER))[0])
             return Destination(real, work)
@@ -174,9 +172,14 @@ def prepare(path: str, save_id: str) -> Destination:
 def _entries_to_carry(path: str, work: str) -> list[str]:
     """The folder's entries that are not part of a checkpoint: they go to the new folder."""
     taken = set(os.listdir(work))
-    return [n for n in os.listdir(path)
-            if n not in taken and not _CHECKPOINT_FILE.match(n) and not _OWN_HIDDEN.match(n)
-            and n not in (MARKER, LOCK_INSIDE)]
+    return [
+        n
+        for n in os.listdir(path)
+        if n not in taken
+        and not _CHECKPOINT_FILE.match(n)
+        and not _OWN_HIDDEN.match(n)
+        and n not in (MARKER, LOCK_INSIDE)
+    ]
 
 
 def _renameat2(src: str, dst: str, flags: int) -> None:
@@ -193,8 +196,14 @@ def _renameat2(src: str, dst: str, flags: int) -> None:
         if number is None:
             raise OSError(errno.ENOSYS, "renameat2 is not available")
         libc.syscall.restype = ctypes.c_long
-        rc = libc.syscall(ctypes.c_long(number), ctypes.c_int(at_fdcwd), ctypes.c_char_p(os.fsencode(src)),
-                          ctypes.c_int(at_fdcwd), ctypes.c_char_p(os.fsencode(dst)), ctypes.c_uint(flags))
+        rc = libc.syscall(
+            ctypes.c_long(number),
+            ctypes.c_int(at_fdcwd),
+            ctypes.c_char_p(os.fsencode(src)),
+            ctypes.c_int(at_fdcwd),
+            ctypes.c_char_p(os.fsencode(dst)),
+            ctypes.c_uint(flags),
+        )
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -295,8 +304,13 @@ def remove_old(old: str, path: str, replaced: set[str]) -> None:
             other = os.lstat(dst)
         except FileNotFoundError:
             other = None
-        if _CHECKPOINT_FILE.match(name) or _OWN_HIDDEN.match(name) or name in replaced or name == MARKER or (
-                other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)):
+        if (
+            _CHECKPOINT_FILE.match(name)
+            or _OWN_HIDDEN.match(name)
+            or name in replaced
+            or name == MARKER
+            or (other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino))
+        ):
             if stat.S_ISDIR(st.st_mode):
                 kept.append(name)
                 continue
@@ -308,8 +322,7 @@ def remove_old(old: str, path: str, replaced: set[str]) -> None:
         else:
             kept.append(name)
     if kept:
-        logger.warning("%s: kept %s (not in %s under the same name); remove it by hand", old,
-                       ", ".join(kept), path)
+        logger.warning("%s: kept %s (not in %s under the same name); remove it by hand", old, ", ".join(kept), path)
         return
     step("remove old folder")
     os.rmdir(old)
@@ -325,13 +338,17 @@ def clean_leftovers(path: str) -> None:
         entries = os.listdir(parent)
     except FileNotFoundError:
         return
-    leftovers = [(m.group("kind"), os.path.join(parent, e)) for e in sorted(entries)
-                 if (m := _SIBLING.match(e)) and m.group("name") == name]
+    leftovers = [
+        (m.group("kind"), os.path.join(parent, e))
+        for e in sorted(entries)
+        if (m := _SIBLING.match(e)) and m.group("name") == name
+    ]
     if not os.path.lexists(real):
         for kind, folder in leftovers:
             if kind == "old":
-                logger.warning("%s: an interrupted save left the previous checkpoint at %s; "
-                               "putting it back", real, folder)
+                logger.warning(
+                    "%s: an interrupted save left the previous checkpoint at %s; putting it back", real, folder
+                )
                 os.rename(folder, real)
                 break
     replaced = _written(real)  # a commit killed between its exchange and its clean-up
@@ -389,7 +406,8 @@ def acquire_lock(path: str, save_id: str) -> str:
                     f"{os.path.realpath(path)}: another save into this folder is running (pid "
                     f"{owner.get('pid')} on {owner.get('host')}, since "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('since', 0)))}; "
-                    f"lock {lock}). If it is not, remove the lock file") from None
+                    f"lock {lock}). If it is not, remove the lock file"
+                ) from None
             try:
                 os.unlink(lock)
             except FileNotFoundError:

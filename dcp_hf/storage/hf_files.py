@@ -20,8 +20,18 @@ from dcp_hf.format.index import FILE_PATTERN, lay_out_file, layout_files
 
 CONFIG_NAME = "config.json"
 # Weights in any format, and what only describes them: never copied from ``copy_from``.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
-                    ".index.json", ".distcp")
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".index.json",
+    ".distcp",
+)
 # The torch writer's keywords that describe how it works, not what it writes: every rank
 # writes its own bytes into the final files here, so there is nothing to consolidate.
 TORCH_NO_OPS = ("save_distributed", "enable_consolidation", "thread_count_consolidation")
@@ -52,8 +62,7 @@ def config_dict(config) -> dict:
 def ties_embeddings(config: dict) -> bool:
     """Whether the config ties the output embedding to the input one (also a VLM's text part)."""
     text = config.get("text_config")
-    return bool(config.get("tie_word_embeddings")) or (
-        isinstance(text, dict) and bool(text.get("tie_word_embeddings")))
+    return bool(config.get("tie_word_embeddings")) or (isinstance(text, dict) and bool(text.get("tie_word_embeddings")))
 
 
 def tied_source(key: str, keys) -> str | None:
@@ -66,7 +75,8 @@ def tied_source(key: str, keys) -> str | None:
         raise StateDictMismatchError(
             f"config.json ties {key!r} to the input embedding, but the state dict has "
             f"{len(sources)} '*embed_tokens.weight' tensors ({sources[:3]}); save with "
-            f"tie_word_embeddings false in the config")
+            f"tie_word_embeddings false in the config"
+        )
     return sources[0]
 
 
@@ -75,9 +85,11 @@ def side_files_of(folder: str) -> list[str]:
     generation config, tokenizer, processor, chat template, remote code...)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such folder (copy_from=)")
-    return sorted(n for n in os.listdir(folder)
-                  if os.path.isfile(os.path.join(folder, n)) and not n.startswith(".")
-                  and not n.endswith(_WEIGHT_SUFFIXES))
+    return sorted(
+        n
+        for n in os.listdir(folder)
+        if os.path.isfile(os.path.join(folder, n)) and not n.startswith(".") and not n.endswith(_WEIGHT_SUFFIXES)
+    )
 
 
 def read_file_map(source) -> dict[str, str]:
@@ -85,6 +97,7 @@ def read_file_map(source) -> dict[str, str]:
     (or URL) as HFStorageReader reads it."""
     from dcp_hf.storage.reader import HFStorageReader
     from dcp_hf.storage.stores import open_store
+
     path = os.fspath(source)
     try:
         if path.endswith(".json"):
@@ -107,8 +120,9 @@ class HFFiles:
     groups: dict[str, int] | None = None
 
     @classmethod
-    def from_options(cls, config=None, copy_from=None, file_map_from=None,
-                     fqn_to_index_mapping: dict[str, int] | None = None) -> "HFFiles":
+    def from_options(
+        cls, config=None, copy_from=None, file_map_from=None, fqn_to_index_mapping: dict[str, int] | None = None
+    ) -> "HFFiles":
         if file_map_from is not None and fqn_to_index_mapping is not None:
             raise ValueError("give file_map_from or fqn_to_index_mapping, not both")
         copy_from = os.fspath(copy_from) if copy_from is not None else None
@@ -141,8 +155,9 @@ class HFFiles:
         if not dropped:
             return plan
         tied = self.tied([*kept, *{i.index.fqn for i in dropped}])
-        mine = {(i.index.fqn, tuple(i.tensor_data.chunk.offsets), tuple(i.tensor_data.chunk.sizes)): i
-                for i in plan.items}
+        mine = {
+            (i.index.fqn, tuple(i.tensor_data.chunk.offsets), tuple(i.tensor_data.chunk.sizes)): i for i in plan.items
+        }
         for item in dropped:
             key, chunk = item.index.fqn, item.tensor_data.chunk
             source = tied.get(key)
@@ -154,13 +169,15 @@ class HFFiles:
                     f"{key!r} is tied to {source!r} by config.json (tie_word_embeddings), but this "
                     f"rank writes its box at {list(chunk.offsets)} without the same box of {source!r}, "
                     f"so their equality cannot be checked; save them sharded alike, or with "
-                    f"tie_word_embeddings false in the config")
+                    f"tie_word_embeddings false in the config"
+                )
             a, b = planner.resolve_data(item), planner.resolve_data(twin)
             if not (a.shape == b.shape and torch.equal(a.to(b.dtype), b)):
                 raise StateDictMismatchError(
                     f"{key!r} differs from {source!r} at {list(chunk.offsets)}, but config.json ties "
                     f"them (tie_word_embeddings): the saved model would not be this one; save with "
-                    f"tie_word_embeddings false in the config")
+                    f"tie_word_embeddings false in the config"
+                )
         return dataclasses.replace(plan, items=[i for i in plan.items if i.index.fqn in kept])
 
     # -- files --------------------------------------------------------------------------------
@@ -183,8 +200,10 @@ class HFFiles:
         if len(groups) == 1:
             return [lay_out_file(SINGLE_FILE_NAME, groups[0], save_id)]
         total = len(groups)
-        return [lay_out_file(FILE_PATTERN.format(suffix=f"-{n + 1:05d}-of-{total:05d}"), group, save_id)
-                for n, group in enumerate(groups)]
+        return [
+            lay_out_file(FILE_PATTERN.format(suffix=f"-{n + 1:05d}-of-{total:05d}"), group, save_id)
+            for n, group in enumerate(groups)
+        ]
 
     def side_files(self) -> dict[str, bytes]:
         """config.json and the files of ``copy_from`` (read on the coordinator at plan time)."""

@@ -36,8 +36,13 @@ class Part:
     round: int
 
 
-def plan_parts(sizes: list[int], spans: list[list[tuple[int, int, int]]], part_size: int,
-               round_bytes: int, whole_files: bool = False) -> list[Part]:
+def plan_parts(
+    sizes: list[int],
+    spans: list[list[tuple[int, int, int]]],
+    part_size: int,
+    round_bytes: int,
+    whole_files: bool = False,
+) -> list[Part]:
     """Parts of every file, each owned by the rank whose chunks overlap it most (with
     ``whole_files``: every part of a file by the rank that holds most of the file).
 
@@ -94,14 +99,16 @@ class S3Target:
 
     def call(self, method: str, name: str | None, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
+
         key = {"Key": self.key(name)} if name is not None else {}
         where = self.store.where(name) if name is not None else self.store.url
         try:
             return getattr(self.store.client(), method)(Bucket=self.bucket, **key, **kwargs)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
-                raise StorageError(f"{where}: the bucket {self.bucket!r} does not exist (create it "
-                                   f"first, or check the endpoint)") from None
+                raise StorageError(
+                    f"{where}: the bucket {self.bucket!r} does not exist (create it first, or check the endpoint)"
+                ) from None
             raise StorageError(f"{where}: {method}: {e}") from e
         except BotoCoreError as e:
             raise StorageError(f"{where}: {method}: {e}") from e
@@ -113,8 +120,12 @@ class S3Target:
         return self.call("upload_part", name, UploadId=upload_id, PartNumber=number, Body=data)["ETag"]
 
     def complete(self, name: str, upload_id: str, etags: list[tuple[int, str]], size: int | None = None) -> None:
-        self.call("complete_multipart_upload", name, UploadId=upload_id, MultipartUpload={
-            "Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(etags)]})
+        self.call(
+            "complete_multipart_upload",
+            name,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(etags)]},
+        )
 
     def abort(self, name: str, upload_id: str) -> None:
         self.call("abort_multipart_upload", name, UploadId=upload_id)
@@ -133,12 +144,11 @@ class S3Target:
         listing = self.call("list_multipart_uploads", None, Prefix=prefix)
         aborted = []
         for upload in listing.get("Uploads", []):
-            name = upload["Key"][len(prefix):]
+            name = upload["Key"][len(prefix) :]
             if "/" not in name:  # only this folder's objects
                 self.call("abort_multipart_upload", name, UploadId=upload["UploadId"])
                 aborted.append(upload["Key"])
         return aborted
-
 
     def close_local(self) -> None:
         pass
@@ -237,7 +247,7 @@ def clip_runs(file: int, base: int, grid: RunGrid, tensor: torch.Tensor, lo: int
         a, b = max(base + start, lo), min(base + start + n, hi)
         if a < b:
             s = i * n + a - (base + start)
-            yield Contribution(file, a, src[s:s + b - a], tensor)
+            yield Contribution(file, a, src[s : s + b - a], tensor)
 
 
 def exchange(outgoing: dict[int, list[Contribution]], group, world: int) -> list[Contribution]:
@@ -253,21 +263,21 @@ def exchange(outgoing: dict[int, list[Contribution]], group, world: int) -> list
     counts_in = torch.empty_like(counts)
     dist.all_to_all_single(counts_in, counts, group=group)
     meta_in = torch.empty(int(counts_in[:, 0].sum()), dtype=torch.int64)
-    dist.all_to_all_single(meta_in, torch.tensor(meta_out, dtype=torch.int64), counts_in[:, 0].tolist(),
-                           counts[:, 0].tolist(), group=group)
+    dist.all_to_all_single(
+        meta_in, torch.tensor(meta_out, dtype=torch.int64), counts_in[:, 0].tolist(), counts[:, 0].tolist(), group=group
+    )
     data_send = torch.empty(int(counts[:, 1].sum()), dtype=torch.uint8)
     at = 0
     view = byte_view(data_send)
     for chunk in data_out:
-        view[at:at + len(chunk)] = chunk
+        view[at : at + len(chunk)] = chunk
         at += len(chunk)
     data_in = torch.empty(int(counts_in[:, 1].sum()), dtype=torch.uint8)
-    dist.all_to_all_single(data_in, data_send, counts_in[:, 1].tolist(), counts[:, 1].tolist(),
-                           group=group)
+    dist.all_to_all_single(data_in, data_send, counts_in[:, 1].tolist(), counts[:, 1].tolist(), group=group)
     received, at, triples = [], 0, meta_in.view(-1, 3).tolist()
     data_view = byte_view(data_in)
     for f, off, n in triples:
-        received.append(Contribution(f, off, data_view[at:at + n], data_in))
+        received.append(Contribution(f, off, data_view[at : at + n], data_in))
         at += n
     return received
 
@@ -280,14 +290,16 @@ def assemble(part: Part, header: bytes, pieces: list[Contribution]) -> bytearray
     filled = 0
     if part.lo < len(header):
         n = min(len(header), part.hi) - part.lo
-        view[:n] = header[part.lo:part.lo + n]
+        view[:n] = header[part.lo : part.lo + n]
         filled += n
     for c in pieces:
-        view[c.offset - part.lo:c.offset - part.lo + len(c.data)] = c.data
+        view[c.offset - part.lo : c.offset - part.lo + len(c.data)] = c.data
         filled += len(c.data)
     if filled != len(buf):
-        raise RuntimeError(f"part {part.number} of file {part.file}: {filled} of {len(buf)} bytes "
-                           f"arrived; not uploading an incomplete part")
+        raise RuntimeError(
+            f"part {part.number} of file {part.file}: {filled} of {len(buf)} bytes "
+            f"arrived; not uploading an incomplete part"
+        )
     return buf
 
 
@@ -301,8 +313,7 @@ class Uploader:
     rounds; at most ``max_bytes`` of parts are in flight (``submit`` waits for room). The first
     failed upload is raised by the next ``submit`` or by ``etags``."""
 
-    def __init__(self, target, names: dict[int, str], uploads: dict[int, str], threads: int,
-                 max_bytes: int):
+    def __init__(self, target, names: dict[int, str], uploads: dict[int, str], threads: int, max_bytes: int):
         self.target, self.names, self.uploads, self.max_bytes = target, names, uploads, max_bytes
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="dcp-hf-upload")
         self.room = threading.Condition()

@@ -75,7 +75,8 @@ def _write_mapped(fd: int, base: int, grid: RunGrid, src: memoryview) -> bool:
     map_off = lo - lo % _PAGE
     with mmap.mmap(fd, hi - map_off, offset=map_off) as m:
         dst = torch.frombuffer(m, dtype=torch.uint8).as_strided(
-            grid.counts + (grid.run_len,), grid.strides + (1,), lo - map_off)
+            grid.counts + (grid.run_len,), grid.strides + (1,), lo - map_off
+        )
         dst.copy_(torch.frombuffer(src, dtype=torch.uint8).view(dst.shape))
         del dst  # release the exported buffer before the mapping closes
     return True
@@ -92,14 +93,14 @@ def write_runs(fd: int, base: int, grid: RunGrid, src: memoryview) -> None:
         if all(g.counts for g, _ in pieces):
             done = 0
             for g, off in pieces:
-                if not _write_mapped(fd, base, g, src[off:off + g.nbytes]):
+                if not _write_mapped(fd, base, g, src[off : off + g.nbytes]):
                     break
                 done += 1
             else:
                 return
             pieces = pieces[done:]
         for g, off in pieces:
-            _pwrite_grid(fd, base, g, src[off:off + g.nbytes])
+            _pwrite_grid(fd, base, g, src[off : off + g.nbytes])
         return
     _pwrite_grid(fd, base, grid, src)
 
@@ -107,7 +108,7 @@ def write_runs(fd: int, base: int, grid: RunGrid, src: memoryview) -> None:
 def _pwrite_grid(fd: int, base: int, grid: RunGrid, src: memoryview) -> None:
     n = grid.run_len
     for i, start in enumerate(grid.starts()):
-        pwrite_all(fd, src[i * n:(i + 1) * n], base + start)
+        pwrite_all(fd, src[i * n : (i + 1) * n], base + start)
 
 
 def read_runs(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) -> int:
@@ -121,9 +122,9 @@ def read_runs(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) -> 
         per_payload = max(n, int(MAP_SPAN * grid.nbytes / (hi - lo)))
         pieces = grid.split(per_payload)
         buffer = torch.empty(max(grid_span(g)[1] - grid_span(g)[0] for g, _ in pieces), dtype=torch.uint8)
-        return sum(_read_span(fd, base, g, dst[off:off + g.nbytes], file, buffer) for g, off in pieces)
+        return sum(_read_span(fd, base, g, dst[off : off + g.nbytes], file, buffer) for g, off in pieces)
     for i, start in enumerate(grid.starts()):
-        pread_into(fd, dst[i * n:(i + 1) * n], base + start, file)
+        pread_into(fd, dst[i * n : (i + 1) * n], base + start, file)
     return grid.nbytes
 
 
@@ -133,9 +134,9 @@ def _read_span(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str, bu
     if not grid.counts or grid.run_len >= _PAGE or hi - lo > 4 * grid.nbytes + SMALL_RUN:
         n = grid.run_len
         for i, start in enumerate(grid.starts()):
-            pread_into(fd, dst[i * n:(i + 1) * n], base + start, file)
+            pread_into(fd, dst[i * n : (i + 1) * n], base + start, file)
         return grid.nbytes
-    span = buffer[:hi - lo]
+    span = buffer[: hi - lo]
     pread_into(fd, byte_view(span), base + lo, file)
     src = span.as_strided(grid.counts + (grid.run_len,), grid.strides + (1,), 0)
     torch.frombuffer(dst, dtype=torch.uint8).view(src.shape).copy_(src)

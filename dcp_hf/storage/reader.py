@@ -20,17 +20,34 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, StorageMeta,
-                                                   TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, LoadItemType, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcp_hf.boxes import box_runs
-from dcp_hf.errors import (CheckpointFormatError, CheckpointNotFoundError, DcpHfError, MixedCheckpointError,
-                           StateDictMismatchError)
-from dcp_hf.format import (INDEX_NAME, SAVE_ID_KEY, SINGLE_FILE_NAME, FileHeader, TensorEntry,
-                           decode_index_and_id, read_header)
+from dcp_hf.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    DcpHfError,
+    MixedCheckpointError,
+    StateDictMismatchError,
+)
+from dcp_hf.format import (
+    INDEX_NAME,
+    SAVE_ID_KEY,
+    SINGLE_FILE_NAME,
+    FileHeader,
+    TensorEntry,
+    decode_index_and_id,
+    read_header,
+)
 from dcp_hf.format.dtypes import itemsize
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.posix import byte_view
@@ -63,9 +80,10 @@ class _LazyTensorMetadata(Mapping):
     def __getitem__(self, key: str) -> TensorStorageMetadata:
         e = self._reader.entry(key)
         return TensorStorageMetadata(
-            properties=TensorProperties(dtype=e.dtype), size=torch.Size(e.shape),
-            chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * len(e.shape)),
-                                         sizes=torch.Size(e.shape))])
+            properties=TensorProperties(dtype=e.dtype),
+            size=torch.Size(e.shape),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * len(e.shape)), sizes=torch.Size(e.shape))],
+        )
 
     def __contains__(self, key: object) -> bool:
         return key in self._reader.weight_map
@@ -78,8 +96,7 @@ class _LazyTensorMetadata(Mapping):
 
     def prefetch(self, keys: Iterable[str]) -> None:
         """Read the headers of the files holding ``keys``, concurrently."""
-        self._reader.load_headers({self._reader.weight_map[k] for k in keys
-                                   if k in self._reader.weight_map})
+        self._reader.load_headers({self._reader.weight_map[k] for k in keys if k in self._reader.weight_map})
 
 
 class _FailedMetadata(Mapping):
@@ -114,9 +131,16 @@ class HFStorageReader(StorageReader):
             estimated as the coordinator's times the number of ranks).
     """
 
-    def __init__(self, path: str | os.PathLike, *, allow_dtype_cast: bool = False,
-                 storage_options: dict | None = None, thread_count: int | None = None,
-                 io_chunk_bytes: int | None = None, progress: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        allow_dtype_cast: bool = False,
+        storage_options: dict | None = None,
+        thread_count: int | None = None,
+        io_chunk_bytes: int | None = None,
+        progress: bool = False,
+    ):
         super().__init__()
         self.progress = progress
         self.path = os.fspath(path)
@@ -177,9 +201,12 @@ class HFStorageReader(StorageReader):
                 # (set_up_storage_reader) lets DCP report it as it is, on every rank.
                 self._metadata_error = e
                 return HFMetadata(state_dict_metadata=_FailedMetadata(e), checkpoint=self.path)
-        return HFMetadata(state_dict_metadata=_LazyTensorMetadata(self),
-                          storage_meta=StorageMeta(checkpoint_id=self.path),
-                          checkpoint=self.path, allow_dtype_cast=self.allow_dtype_cast)
+        return HFMetadata(
+            state_dict_metadata=_LazyTensorMetadata(self),
+            storage_meta=StorageMeta(checkpoint_id=self.path),
+            checkpoint=self.path,
+            allow_dtype_cast=self.allow_dtype_cast,
+        )
 
     _metadata_error: DcpHfError | None = None
 
@@ -203,7 +230,8 @@ class HFStorageReader(StorageReader):
             raise MixedCheckpointError(
                 f"{self.store.where(INDEX_NAME)}: this rank read save {self.save_id}, the "
                 f"coordinator save {check.save_id}: the checkpoint was overwritten during the "
-                f"load; load again")
+                f"load; load again"
+            )
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         start = time.perf_counter()
@@ -224,8 +252,7 @@ class HFStorageReader(StorageReader):
         work = []
         for item in sorted(plan.items, key=lambda i: (self._file_of(i), self.entry(i.storage_index.fqn).start)):
             if item.type == LoadItemType.BYTE_IO:
-                raise StateDictMismatchError(
-                    f"{item.dest_index.fqn!r}: an HF checkpoint holds tensors only")
+                raise StateDictMismatchError(f"{item.dest_index.fqn!r}: an HF checkpoint holds tensors only")
             entry = self.entry(item.storage_index.fqn)
             dest = planner.resolve_tensor(item).detach()
             self._check_destination(item, entry, dest)
@@ -235,8 +262,12 @@ class HFStorageReader(StorageReader):
             file = self.weight_map[entry.name]
             tasks += self._slab_tasks(item, entry, dest, self._handle(file), file)
         own = sum(math.prod(i.lengths) * itemsize(e.dtype) for i, e, _ in work)
-        progress = Progress(self.progress and getattr(self, "is_coordinator", False),
-                            own * getattr(self, "world_size", 1), "dcp-hf load", own=own)
+        progress = Progress(
+            self.progress and getattr(self, "is_coordinator", False),
+            own * getattr(self, "world_size", 1),
+            "dcp-hf load",
+            own=own,
+        )
         with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
             for nread in pool.map(lambda task: task(), tasks):
                 self.bytes_read += nread
@@ -249,28 +280,29 @@ class HFStorageReader(StorageReader):
     # -- metadata -----------------------------------------------------------------------------
     def _read_weight_map(self) -> dict[str, str]:
         if self.store.exists(INDEX_NAME):
-            weight_map, self.save_id = decode_index_and_id(self.store.read(INDEX_NAME),
-                                                           self.store.where(INDEX_NAME))
+            weight_map, self.save_id = decode_index_and_id(self.store.read(INDEX_NAME), self.store.where(INDEX_NAME))
             return weight_map
         if not self.store.is_folder():
             raise CheckpointNotFoundError(f"{self.path}: no such checkpoint folder{self.store.missing_hint()}")
         files = [n for n in self.store.list() if n.endswith(".safetensors") and not n.startswith(".")]
         if not files:
             raise CheckpointNotFoundError(
-                f"{self.path}: no {INDEX_NAME} and no .safetensors file; not an HF checkpoint")
+                f"{self.path}: no {INDEX_NAME} and no .safetensors file; not an HF checkpoint"
+            )
         self.load_headers(files)
         ids = {f: (self.headers[f].metadata or {}).get(SAVE_ID_KEY) for f in sorted(files)}
         if len(set(ids.values())) > 1:
             raise MixedCheckpointError(
-                f"{self.path}: files of different saves: " + ", ".join(f"{f} (save {i})" for f, i in ids.items())
-                + "; the checkpoint was overwritten while being read, or a save into it was interrupted")
+                f"{self.path}: files of different saves: "
+                + ", ".join(f"{f} (save {i})" for f, i in ids.items())
+                + "; the checkpoint was overwritten while being read, or a save into it was interrupted"
+            )
         self.save_id = next(iter(ids.values()))
         weight_map: dict[str, str] = {}
         for file in files:
             for key in self.headers[file].tensors:
                 if key in weight_map:
-                    raise CheckpointFormatError(
-                        f"{self.path}: key {key!r} is in both {weight_map[key]} and {file}")
+                    raise CheckpointFormatError(f"{self.path}: key {key!r} is in both {weight_map[key]} and {file}")
                 weight_map[key] = file
         return weight_map
 
@@ -303,11 +335,9 @@ class HFStorageReader(StorageReader):
         except CheckpointFormatError as e:
             if "missing from the checkpoint" not in str(e):
                 raise
-            raise CheckpointFormatError(
-                f"{path}: named by {INDEX_NAME} but missing from the checkpoint") from None
+            raise CheckpointFormatError(f"{path}: named by {INDEX_NAME} but missing from the checkpoint") from None
         try:
-            header = read_header(lambda off, n: self.store.read_range(handle, off, n), path,
-                                 self.store.size(handle))
+            header = read_header(lambda off, n: self.store.read_range(handle, off, n), path, self.store.size(handle))
             if self.weight_map:
                 self._check_save_id(header, path)
                 self._check_index_agrees(header, file, path)
@@ -327,8 +357,10 @@ class HFStorageReader(StorageReader):
         with self._lock:
             if header != self.headers[file]:
                 self.store.close(handle)
-                raise MixedCheckpointError(f"{self.store.where(file)}: changed since its header was "
-                                           f"read (the checkpoint was overwritten); load again")
+                raise MixedCheckpointError(
+                    f"{self.store.where(file)}: changed since its header was "
+                    f"read (the checkpoint was overwritten); load again"
+                )
             if file in self._handles:
                 self.store.close(handle)
             else:
@@ -340,12 +372,11 @@ class HFStorageReader(StorageReader):
         for key in header.tensors:
             if self.weight_map.get(key) != file:
                 raise CheckpointFormatError(
-                    f"{path}: holds {key!r}, but {INDEX_NAME} maps it to "
-                    f"{self.weight_map.get(key)!r}")
+                    f"{path}: holds {key!r}, but {INDEX_NAME} maps it to {self.weight_map.get(key)!r}"
+                )
         for key, f in self.weight_map.items():
             if f == file and key not in header.tensors:
-                raise CheckpointFormatError(
-                    f"{path}: {INDEX_NAME} maps {key!r} to this file, but its header lacks it")
+                raise CheckpointFormatError(f"{path}: {INDEX_NAME} maps {key!r} to this file, but its header lacks it")
 
     def _check_save_id(self, header: FileHeader, path: str) -> None:
         got = (header.metadata or {}).get(SAVE_ID_KEY)
@@ -353,7 +384,8 @@ class HFStorageReader(StorageReader):
             raise MixedCheckpointError(
                 f"{path}: written by save {got}, but {INDEX_NAME} is of save {self.save_id}: the "
                 f"checkpoint was overwritten while being read, or a save into it was interrupted "
-                f"(files of two saves); load again, or save the checkpoint again")
+                f"(files of two saves); load again, or save the checkpoint again"
+            )
 
     def entry(self, key: str) -> TensorEntry:
         try:
@@ -371,16 +403,20 @@ class HFStorageReader(StorageReader):
         where = f"{self.store.where(self.weight_map[entry.name])}: {entry.name!r}"
         if tuple(dest.shape) != tuple(item.lengths):
             raise StateDictMismatchError(
-                f"{where}: destination of shape {list(dest.shape)} for a read of {list(item.lengths)}")
+                f"{where}: destination of shape {list(dest.shape)} for a read of {list(item.lengths)}"
+            )
         if dest.dtype != entry.dtype and not self.allow_dtype_cast:
             raise StateDictMismatchError(
                 f"{where}: checkpoint dtype {entry.dtype} but destination dtype {dest.dtype} "
-                f"(pass allow_dtype_cast=True to HFStorageReader to cast)")
+                f"(pass allow_dtype_cast=True to HFStorageReader to cast)"
+            )
         if any(o + n > d for o, n, d in zip(item.storage_offsets, item.lengths, entry.shape)) or (
-                len(item.storage_offsets) != len(entry.shape)):
+            len(item.storage_offsets) != len(entry.shape)
+        ):
             raise StateDictMismatchError(
                 f"{where}: read at {list(item.storage_offsets)} of {list(item.lengths)} is outside "
-                f"the stored shape {list(entry.shape)}")
+                f"the stored shape {list(entry.shape)}"
+            )
 
     def _slab_tasks(self, item: ReadItem, entry: TensorEntry, dest: torch.Tensor, handle, file: str):
         sizes, offsets = tuple(item.lengths), tuple(item.storage_offsets)
@@ -400,6 +436,7 @@ class HFStorageReader(StorageReader):
                 if not direct:
                     out.copy_(buf)
                 return nread
+
             return run
 
         return [task(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
@@ -407,4 +444,5 @@ class HFStorageReader(StorageReader):
 
 def _world_size() -> int:
     import torch.distributed as dist
+
     return dist.get_world_size() if dist.is_initialized() else 1

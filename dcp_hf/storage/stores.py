@@ -70,9 +70,16 @@ class LocalStore:
 
     def missing_hint(self) -> str:
         from dcp_hf.storage.commit import moved_aside
+
         old = moved_aside(self.root)
-        return (f" (an interrupted save left the previous checkpoint at {old}; the next save "
-                f"into {self.root} puts it back)") if old else ""
+        return (
+            (
+                f" (an interrupted save left the previous checkpoint at {old}; the next save "
+                f"into {self.root} puts it back)"
+            )
+            if old
+            else ""
+        )
 
     def list(self) -> list[str]:
         return sorted(os.listdir(self.root))
@@ -103,9 +110,13 @@ class LocalStore:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
-            kind = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
-                    stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}.get(
-                        stat.S_IFMT(mode), "not a regular file")
+            kind = {
+                stat.S_IFDIR: "a folder",
+                stat.S_IFIFO: "a FIFO",
+                stat.S_IFSOCK: "a socket",
+                stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device",
+            }.get(stat.S_IFMT(mode), "not a regular file")
             raise CheckpointFormatError(f"{path}: is {kind}, not a regular file; not reading it")
         os.set_blocking(fd, True)
         return fd
@@ -136,6 +147,7 @@ class FsspecStore:
 
     def __init__(self, url: str, storage_options: dict[str, Any]):
         import fsspec
+
         options = dict(storage_options)
         if url.startswith(("s3://", "s3a://")):
             config = options["config_kwargs"] = dict(options.get("config_kwargs") or {})
@@ -177,7 +189,7 @@ class FsspecStore:
                     raise StorageError(f"{what}: no answer from the server ({e})") from e
                 if attempt == self.attempts - 1:
                     raise StorageError(f"{what}: {e}") from e
-                time.sleep(min(8.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))
+                time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
 
     def is_folder(self) -> bool:
         return self._retry(self.url, self.fs.isdir, self.root)
@@ -230,16 +242,23 @@ class FsspecStore:
         for (lo, hi, first, last), blob in zip(ranges, blobs):
             if len(blob) != hi - lo:
                 raise CheckpointFormatError(
-                    f"{self.where(name)}: short read at bytes {lo}-{hi} ({len(blob)}); truncated?")
+                    f"{self.where(name)}: short read at bytes {lo}-{hi} ({len(blob)}); truncated?"
+                )
             view = memoryview(blob)
             for i in range(first, last):
                 at = base + starts[i] - lo
-                dst[i * n:(i + 1) * n] = view[at:at + n]
+                dst[i * n : (i + 1) * n] = view[at : at + n]
         return sum(r[1] - r[0] for r in ranges)
 
     def _fetch(self, handle, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return self._retry(self.where(name), self.fs.cat_ranges, [handle[0]] * len(ranges),
-                           [a for a, _ in ranges], [b for _, b in ranges], on_error="raise")
+        return self._retry(
+            self.where(name),
+            self.fs.cat_ranges,
+            [handle[0]] * len(ranges),
+            [a for a, _ in ranges],
+            [b for _, b in ranges],
+            on_error="raise",
+        )
 
     def _fetch_into(self, handle, name: str, a: int, b: int, dst: memoryview) -> None:
         blob = self._fetch(handle, name, [(a, b)])[0]
@@ -268,23 +287,35 @@ class S3Store(FsspecStore):
         if self._client is None:
             opts = self.storage_options
             client_kwargs = dict(opts.get("client_kwargs") or {})
-            endpoint = (client_kwargs.pop("endpoint_url", None) or opts.get("endpoint_url")
-                        or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
-            ident = (endpoint, opts.get("key"), opts.get("secret"), opts.get("token"),
-                     client_kwargs.get("region_name"))
+            endpoint = (
+                client_kwargs.pop("endpoint_url", None)
+                or opts.get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL")
+            )
+            ident = (endpoint, opts.get("key"), opts.get("secret"), opts.get("token"), client_kwargs.get("region_name"))
             timeouts = self.options["config_kwargs"]
             ident += (timeouts["connect_timeout"], timeouts["read_timeout"], repr(timeouts["retries"]))
             with _CLIENTS_LOCK:
                 if ident not in _CLIENTS:
                     import botocore.config
                     import botocore.session
+
                     config = botocore.config.Config(
-                        max_pool_connections=64, connect_timeout=timeouts["connect_timeout"],
-                        read_timeout=timeouts["read_timeout"], retries=timeouts["retries"])
+                        max_pool_connections=64,
+                        connect_timeout=timeouts["connect_timeout"],
+                        read_timeout=timeouts["read_timeout"],
+                        retries=timeouts["retries"],
+                    )
                     _CLIENTS[ident] = botocore.session.get_session().create_client(
-                        "s3", endpoint_url=endpoint, aws_access_key_id=ident[1], aws_secret_access_key=ident[2],
-                        aws_session_token=ident[3], config=config,
-                        **({"region_name": ident[4]} if ident[4] else {}))
+                        "s3",
+                        endpoint_url=endpoint,
+                        aws_access_key_id=ident[1],
+                        aws_secret_access_key=ident[2],
+                        aws_session_token=ident[3],
+                        config=config,
+                        **({"region_name": ident[4]} if ident[4] else {}),
+                    )
                 self._client = _CLIENTS[ident]
         return self._client
 
@@ -307,6 +338,7 @@ class S3Store(FsspecStore):
 
     def _client_call(self, name: str, what: str, fn, etag: str | None = None, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
+
         try:  # botocore already retries throttling, dropped connections and timeouts
             return fn(**kwargs, **({"IfMatch": etag} if etag else {}))
         except ClientError as e:
@@ -316,7 +348,8 @@ class S3Store(FsspecStore):
             if code in ("PreconditionFailed", "412"):
                 raise MixedCheckpointError(
                     f"{self.where(name)}: replaced while being read (its ETag is no longer {etag}): "
-                    f"the checkpoint was overwritten during the load; load again") from None
+                    f"the checkpoint was overwritten during the load; load again"
+                ) from None
             raise StorageError(f"{self.where(name)}: {what}: {e}") from e
         except BotoCoreError as e:
             raise StorageError(f"{self.where(name)}: {what}: {e}") from e
@@ -326,18 +359,28 @@ class S3Store(FsspecStore):
         client = self.client()
 
         def get(a: int, b: int) -> bytes:
-            return self._client_call(name, f"bytes {a}-{b}", client.get_object, handle[2], Bucket=bucket,
-                                     Key=key, Range=f"bytes={a}-{b - 1}")["Body"].read()
+            return self._client_call(
+                name, f"bytes {a}-{b}", client.get_object, handle[2], Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}"
+            )["Body"].read()
+
         return [get(a, b) for a, b in ranges]
 
     def _fetch_into(self, handle, name: str, a: int, b: int, dst: memoryview) -> None:
         """One ranged GET read straight into ``dst``: from the socket through http.client's
         ``readinto`` (urllib3's own ``readinto`` reads into a new bytes object and copies)."""
         from botocore.exceptions import BotoCoreError
+
         bucket, _, key = handle[0].partition("/")
         try:
-            body = self._client_call(name, f"bytes {a}-{b}", self.client().get_object, handle[2], Bucket=bucket,
-                                     Key=key, Range=f"bytes={a}-{b - 1}")["Body"]
+            body = self._client_call(
+                name,
+                f"bytes {a}-{b}",
+                self.client().get_object,
+                handle[2],
+                Bucket=bucket,
+                Key=key,
+                Range=f"bytes={a}-{b - 1}",
+            )["Body"]
             response = body._raw_stream  # urllib3's response; S3 objects carry no content encoding
             fp = getattr(response, "_fp", None) or response
             got = 0

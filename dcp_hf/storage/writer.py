@@ -79,7 +79,8 @@ def resolve_chunk(planner: SavePlanner, item) -> torch.Tensor:
     sizes = tuple(item.tensor_data.chunk.sizes)
     if tuple(tensor.shape) != sizes:
         raise StateDictMismatchError(
-            f"{key!r}: the planner returned shape {list(tensor.shape)} for a chunk of shape {list(sizes)}")
+            f"{key!r}: the planner returned shape {list(tensor.shape)} for a chunk of shape {list(sizes)}"
+        )
     return tensor.detach()
 
 
@@ -146,15 +147,29 @@ class HFStorageWriter(StorageWriter):
             do: every rank writes its bytes into the final files.
     """
 
-    def __init__(self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-                 dtype: DtypePolicy = None, overwrite: bool = False, progress: bool = False,
-                 thread_count: int | None = None, io_chunk_bytes: int = 64 << 20,
-                 storage_options: dict | None = None, process_group=None,
-                 part_size: int | str = "16MiB", round_bytes: int | str = "128MiB",
-                 side_files: dict[str, bytes] | None = None, config=None,
-                 copy_from: str | os.PathLike | None = None, file_map_from: str | os.PathLike | None = None,
-                 fqn_to_index_mapping: dict[str, int] | None = None, save_distributed: bool | None = None,
-                 enable_consolidation: bool | None = None, thread_count_consolidation: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        max_shard_size: int | str = "5GB",
+        dtype: DtypePolicy = None,
+        overwrite: bool = False,
+        progress: bool = False,
+        thread_count: int | None = None,
+        io_chunk_bytes: int = 64 << 20,
+        storage_options: dict | None = None,
+        process_group=None,
+        part_size: int | str = "16MiB",
+        round_bytes: int | str = "128MiB",
+        side_files: dict[str, bytes] | None = None,
+        config=None,
+        copy_from: str | os.PathLike | None = None,
+        file_map_from: str | os.PathLike | None = None,
+        fqn_to_index_mapping: dict[str, int] | None = None,
+        save_distributed: bool | None = None,
+        enable_consolidation: bool | None = None,
+        thread_count_consolidation: int | None = None,
+    ):
         super().__init__()
         self.hf_files = HFFiles.from_options(config, copy_from, file_map_from, fqn_to_index_mapping)
         self.side_files = dict(side_files or {})
@@ -231,10 +246,22 @@ class HFStorageWriter(StorageWriter):
             return data.merged
         if isinstance(data, LocalSummary):
             raise StateDictMismatchError("compact save plans reached the writer unmerged")
-        return MergedPlan([summarize(
-            (i.index.fqn, tuple(i.tensor_data.size), i.tensor_data.properties.dtype,
-             tuple(i.tensor_data.chunk.offsets), tuple(i.tensor_data.chunk.sizes), i.index.fqn)
-            for i in p.items)[0] for p in plans])
+        return MergedPlan(
+            [
+                summarize(
+                    (
+                        i.index.fqn,
+                        tuple(i.tensor_data.size),
+                        i.tensor_data.properties.dtype,
+                        tuple(i.tensor_data.chunk.offsets),
+                        tuple(i.tensor_data.chunk.sizes),
+                        i.index.fqn,
+                    )
+                    for i in p.items
+                )[0]
+                for p in plans
+            ]
+        )
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         merged = self._merged(plans)
@@ -265,12 +292,24 @@ class HFStorageWriter(StorageWriter):
             commit.release_lock(self._lock, save_id)
             raise
         # Each file's header is written by the rank that writes the file's first data bytes.
-        header_owner = {n: merged.writer_of(key, (0,) * len(f.specs[key].shape))
-                        for n, f in enumerate(files) for key in list(f.offsets)[:1]}
-        return [dataclasses.replace(plan, storage_data=_RankPlan(
-            save_id=save_id, table=table, headers={n for n, r in header_owner.items() if r == rank},
-            work=self._dest.work, created=created))
-            for rank, plan in enumerate(plans)]
+        header_owner = {
+            n: merged.writer_of(key, (0,) * len(f.specs[key].shape))
+            for n, f in enumerate(files)
+            for key in list(f.offsets)[:1]
+        }
+        return [
+            dataclasses.replace(
+                plan,
+                storage_data=_RankPlan(
+                    save_id=save_id,
+                    table=table,
+                    headers={n for n, r in header_owner.items() if r == rank},
+                    work=self._dest.work,
+                    created=created,
+                ),
+            )
+            for rank, plan in enumerate(plans)
+        ]
 
     def _create_files(self, files: list[FileLayout], save_id: str) -> dict[int, commit.FileId]:
         """The coordinator creates every file (``O_EXCL|O_NOFOLLOW``); ranks open them checked."""
@@ -306,8 +345,9 @@ class HFStorageWriter(StorageWriter):
                 lo, hi = grid_span(box_runs(spec.shape, offsets, sizes, itemsize(spec.dtype)))
                 mine.append((n, offset + lo, offset + hi))
             spans.append(mine)
-        parts = plan_parts([f.size for f in files], spans, self.part_size, self.round_bytes,
-                           whole_files=self.target.sequential)
+        parts = plan_parts(
+            [f.size for f in files], spans, self.part_size, self.round_bytes, whole_files=self.target.sequential
+        )
         self._uploads = {}
         try:
             for n, f in enumerate(files):
@@ -316,10 +356,19 @@ class HFStorageWriter(StorageWriter):
             self._abort_uploads()
             raise
         first = {p.file: p.owner for p in parts if p.lo == 0}
-        return [dataclasses.replace(plan, storage_data=_RankPlan(
-            save_id=save_id, table=table, uploads=dict(self._uploads),
-            headers={n for n, owner in first.items() if owner == rank}, parts=parts))
-            for rank, plan in enumerate(plans)]
+        return [
+            dataclasses.replace(
+                plan,
+                storage_data=_RankPlan(
+                    save_id=save_id,
+                    table=table,
+                    uploads=dict(self._uploads),
+                    headers={n for n, owner in first.items() if owner == rank},
+                    parts=parts,
+                ),
+            )
+            for rank, plan in enumerate(plans)
+        ]
 
     def _abort_uploads(self) -> None:
         for n, upload_id in list(self._uploads.items()):
@@ -344,8 +393,9 @@ class HFStorageWriter(StorageWriter):
         fds: dict[int, int] = {}
         try:
             for n in sorted({self._where[item.index.fqn][0] for item in plan.items} | rp.headers):
-                fds[n] = commit.open_created(os.path.join(rp.work, partial_name(files[n].name, rp.save_id)),
-                                             rp.created[n])
+                fds[n] = commit.open_created(
+                    os.path.join(rp.work, partial_name(files[n].name, rp.save_id)), rp.created[n]
+                )
             for n in rp.headers:
                 pwrite_all(fds[n], memoryview(files[n].header), 0)
             tasks, total = [], 0
@@ -354,8 +404,12 @@ class HFStorageWriter(StorageWriter):
                 dtype = files[n].specs[item.index.fqn].dtype
                 tasks += self._slab_tasks(item, planner, dtype, fds[n], offset, files[n].name)
                 total += item.tensor_data.chunk.sizes.numel() * itemsize(dtype)
-            progress = Progress(self.progress and self.is_coordinator,
-                                sum(f.size - len(f.header) for f in files), "dcp-hf save", own=total)
+            progress = Progress(
+                self.progress and self.is_coordinator,
+                sum(f.size - len(f.header) for f in files),
+                "dcp-hf save",
+                own=total,
+            )
             with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-write") as pool:
                 for done in pool.map(lambda task: task(), tasks):
                     progress.update(done)
@@ -372,8 +426,7 @@ class HFStorageWriter(StorageWriter):
                 os.close(fd)
         return self._result(total)
 
-    def _slab_tasks(self, item, planner: SavePlanner, dtype: torch.dtype, fd: int, offset: int,
-                    file: str):
+    def _slab_tasks(self, item, planner: SavePlanner, dtype: torch.dtype, fd: int, offset: int, file: str):
         """Tasks that each write up to ``io_chunk_bytes`` of the item's chunk, slicing it along
         dim 0 (a dtype conversion or copy to CPU is done one slab at a time). The chunk's data
         is resolved by its first task and released after its last, so a planner that produces
@@ -397,11 +450,13 @@ class HFStorageWriter(StorageWriter):
                     grid = box_runs(shape, box_off, box_size, width)
                     write_runs(fd, offset, grid, byte_view(src))
                 except OSError as e:
-                    raise StorageError(e.errno, f"writing {key!r} to {os.path.join(self.path, file)}: "
-                                           f"{e.strerror}") from e
+                    raise StorageError(
+                        e.errno, f"writing {key!r} to {os.path.join(self.path, file)}: {e.strerror}"
+                    ) from e
                 finally:
                     chunk.release()
                 return grid.nbytes
+
             return run
 
         return [task(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
@@ -428,11 +483,16 @@ class HFStorageWriter(StorageWriter):
             touched = [p for p in by_file[n] if p.lo < offset + hi and offset + lo < p.hi]
             jobs.append((item, n, offset, dtype, grid, touched, {p.round for p in touched}))
             total += grid.nbytes
-        progress = Progress(self.progress and self.is_coordinator, sum(p.hi - p.lo for p in rp.parts),
-                            "dcp-hf upload", own=sum(p.hi - p.lo for p in rp.parts if p.owner == me))
+        progress = Progress(
+            self.progress and self.is_coordinator,
+            sum(p.hi - p.lo for p in rp.parts),
+            "dcp-hf upload",
+            own=sum(p.hi - p.lo for p in rp.parts if p.owner == me),
+        )
         failure, cache = None, {}
-        uploader = Uploader(self.target, names, rp.uploads, 1 if self.target.sequential else self.thread_count,
-                            self.round_bytes)
+        uploader = Uploader(
+            self.target, names, rp.uploads, 1 if self.target.sequential else self.thread_count, self.round_bytes
+        )
         try:
             for r in range(rounds):
                 outgoing: dict[int, list] = {}
@@ -479,8 +539,9 @@ class HFStorageWriter(StorageWriter):
             if group is not None:
                 dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
             if int(failed):
-                raise failure or RuntimeError("another rank failed while uploading (see its error); "
-                                              "every upload of this save was aborted")
+                raise failure or RuntimeError(
+                    "another rank failed while uploading (see its error); every upload of this save was aborted"
+                )
         except BaseException:
             uploader.close()
             self.target.discard_local()
@@ -526,8 +587,10 @@ class HFStorageWriter(StorageWriter):
             except FileNotFoundError:
                 size = None
             if size != f.size:
-                raise StorageError(f"{os.path.join(dest.path, f.name)}: expected {f.size} bytes after all "
-                              f"ranks wrote, found {size}; not committing the checkpoint")
+                raise StorageError(
+                    f"{os.path.join(dest.path, f.name)}: expected {f.size} bytes after all "
+                    f"ranks wrote, found {size}; not committing the checkpoint"
+                )
         for name, data in self.side_files.items():
             commit.write_new_file(work, name, data)
         old = set(self._old) if not dest.staged else set()
@@ -601,7 +664,8 @@ class HFStorageWriter(StorageWriter):
         if existing and not self.overwrite:
             raise CheckpointExistsError(
                 f"{self.path} already holds a checkpoint ({', '.join(sorted(existing)[:3])}...); "
-                f"pass overwrite=True to HFStorageWriter to replace it")
+                f"pass overwrite=True to HFStorageWriter to replace it"
+            )
         if self.target is None:
             for name in names:
                 if _PARTIAL.match(name):
