@@ -370,7 +370,10 @@ def copy_side_files(src: str, dst: str, recursive: bool = False) -> list[str]:
 def read_side_files(src: str) -> dict[str, bytes]:
     """The top-level side files of an HF folder, local or at a URL (see ``copy_side_files``)."""
     store = open_store(src)
-    return {name: store.read(name) for name in store.list() if _is_side_file(name) and store.exists(name)}
+    names = [name for name in store.list() if _is_side_file(name)]
+    if not is_url(src):  # files only: a local folder's subfolders are not side files here
+        names = [name for name in names if os.path.isfile(os.path.join(src, name))]
+    return {name: store.read(name) for name in names if store.exists(name)}
 
 
 def is_main() -> bool:

@@ -3,8 +3,11 @@ tiny per-expert checkpoints shaped like InternVL3.5, Qwen3-Omni and GLM-4.5V, co
 transformers (or InternVL's remote code) writes it, compared key for key and bit for bit, at one
 process and under torchrun with 2 ranks."""
 
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -332,7 +335,8 @@ def test_merge_and_split_under_torchrun_two_ranks(tmp_path):
     assert done.stdout.count("experts merge: done") == 3  # once per command: rank 0 reports
     missing = "'model.language_model.layers.1.mlp.experts.0.gate_proj.weight' is missing"
     for rank in (0, 1):
-        assert f"rank {rank}: dcp-hf experts: expert tensor {missing}" in done.stdout, done.stdout[-2000:]
+        assert f"rank {rank}: exit 1" in done.stdout, done.stdout[-2000:]
+    assert done.stderr.count(f"dcp-hf experts merge: expert tensor {missing}") == 1, done.stderr[-2000:]
     assert not (tmp_path / "refused").exists()
     for model in MODELS:
         assert_bit_equal(_read(tmp_path / f"{model}-merged"), mindspeed.merge(tmp_path / model))
@@ -341,9 +345,12 @@ def test_merge_and_split_under_torchrun_two_ranks(tmp_path):
 
 
 def _refused(tmp_path, *argv, match):
+    """The command fails with one message matching ``match`` (exit 1) and writes nothing."""
     dst = tmp_path / "out"
-    with pytest.raises(SystemExit, match=match):
-        cli(["experts", *argv[:2], str(dst), *argv[2:], "--quiet"])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli(["experts", *argv[:2], str(dst), *argv[2:], "--quiet"])
+    assert code == 1 and re.search(match, err.getvalue()), err.getvalue()
     assert not dst.exists() or not any(dst.iterdir()), "nothing may be written"
 
 
