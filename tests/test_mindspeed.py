@@ -425,7 +425,7 @@ def test_merge_to_s3_and_split_back(tmp_path, s3, monkeypatch):
     for k, v in s3.env.items():  # the standard AWS chain, as a user of the command line has it
         monkeypatch.setenv(k, v)
     source = glm45v(tmp_path / "hf")
-    url = f"s3://{s3.bucket('dcp-hf-experts')}/merged"
+    url = f"s3://{s3.bucket('dcp-hf-mindspeed')}/merged"
     _cli("merge", str(tmp_path / "hf"), url)
     _cli("split", url, str(tmp_path / "split"))
     assert_bit_equal(_read(tmp_path / "split"), source)
