@@ -225,15 +225,12 @@ def _cmd_convert(args) -> int:
     if args.to == "dcp":
         info = hf_to_dcp(args.src, args.dst, style=_style(args), prefixes=prefixes, progress=not args.quiet)
     elif args.to == "dequantized":
-        import torch
-
         from dcp_hf.convert import dequantize
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         info = dequantize(
             args.src,
             args.dst,
-            dtype,
+            _torch_dtype(args.dtype),
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
             progress=not args.quiet,
@@ -259,7 +256,6 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    import torch
 
     from dcp_hf.megatron.export import export_torch_dist
 
@@ -276,7 +272,7 @@ def _cmd_export(args) -> int:
         raise UsageError(f"--config {args.config}: no such config.json or HF folder")
     require_free(args.dst, args.overwrite)
     _init_distributed()
-    dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = _torch_dtype(args.dtype)
     try:
         info = export_torch_dist(
             args.src,
@@ -296,6 +292,13 @@ def _cmd_export(args) -> int:
 
 
 # -- argument parser --------------------------------------------------------------------------
+def _torch_dtype(name: str):
+    """A ``--dtype`` choice as a torch dtype (``keep``: None)."""
+    import torch
+
+    return {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
