@@ -8,39 +8,20 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter  # noqa: E402
 from dcp_hf.demo import run_demo  # noqa: E402
 from dcp_hf.models import LlamaShape  # noqa: E402
-
-
-def tiny_llama(seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def logits(model):
-    ids = torch.arange(24).view(2, 12) % model.config.vocab_size
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+from tests.test_writer_hf_files import logits, tiny_llama  # noqa: E402
 
 
 def test_save_pretrained_then_our_load_and_save_then_from_pretrained(tmp_path):
-    source = tiny_llama(0)
+    source = tiny_llama(False, seed=0)
     source.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
     expected = logits(source)
 
-    model = tiny_llama(1)  # different weights, to be overwritten by the load
+    model = tiny_llama(False, seed=1)  # different weights, to be overwritten by the load
     assert not torch.equal(logits(model), expected)
     state = model.state_dict()
     dcp.load(state, storage_reader=HFStorageReader(tmp_path / "hf"), planner=HFLoadPlanner(), no_dist=True)
