@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 
+import torch
+
 from dcp_hf.errors import StateDictMismatchError
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy; keep ``t`` alive)."""
+    if not (t.is_contiguous() and t.device.type == "cpu"):
+        raise ValueError("byte_view needs a contiguous CPU tensor")
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,11 @@ class RunGrid:
     @property
     def nbytes(self) -> int:
         return self.num_runs * self.run_len
+
+    def span(self) -> tuple[int, int]:
+        """First and one-past-last byte the grid touches (relative to the tensor start)."""
+        last = self.start + sum((c - 1) * s for c, s in zip(self.counts, self.strides))
+        return self.start, last + self.run_len
 
     def starts(self) -> list[int]:
         starts = [self.start]

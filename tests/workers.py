@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
-from dcp_hf.storage.posix import byte_view
+from dcp_hf.boxes import byte_view
 
 
 def reference_state(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -10,19 +10,9 @@ import os
 
 import torch
 
-from dcp_hf.boxes import RunGrid
+from dcp_hf.boxes import RunGrid, byte_view
 from dcp_hf.errors import CheckpointFormatError
 from dcp_hf.storage.commit import fsync_dir, write_new_file  # noqa: F401 - fsync_dir re-exported
-
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (no copy; keep ``t`` alive)."""
-    if not (t.is_contiguous() and t.device.type == "cpu"):
-        raise ValueError("byte_view needs a contiguous CPU tensor")
-    n = t.numel() * t.element_size()
-    if n == 0:
-        return memoryview(bytearray())
-    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -61,14 +51,8 @@ def _fallocate(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
-def grid_span(grid: RunGrid) -> tuple[int, int]:
-    """First and one-past-last byte the grid touches (relative to the tensor start)."""
-    last = grid.start + sum((c - 1) * s for c, s in zip(grid.counts, grid.strides))
-    return grid.start, last + grid.run_len
-
-
 def _write_mapped(fd: int, base: int, grid: RunGrid, src: memoryview) -> bool:
-    lo, hi = grid_span(grid)
+    lo, hi = grid.span()
     lo, hi = base + lo, base + hi
     if not _fallocate(fd, lo, hi - lo):
         return False
@@ -87,7 +71,7 @@ def write_runs(fd: int, base: int, grid: RunGrid, src: memoryview) -> None:
     must be open for reading and writing (small runs go through a mapping)."""
     n = grid.run_len
     if n < SMALL_RUN and grid.num_runs > 1 and n > 0:
-        lo, hi = grid_span(grid)
+        lo, hi = grid.span()
         per_payload = max(n, int(MAP_SPAN * grid.nbytes / (hi - lo)))
         pieces = grid.split(per_payload)
         if all(g.counts for g, _ in pieces):
@@ -118,10 +102,10 @@ def read_runs(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) -> 
     copied out with one strided copy. Returns the bytes of the file read."""
     n = grid.run_len
     if n < SMALL_RUN and grid.num_runs > 1:
-        lo, hi = grid_span(grid)
+        lo, hi = grid.span()
         per_payload = max(n, int(MAP_SPAN * grid.nbytes / (hi - lo)))
         pieces = grid.split(per_payload)
-        buffer = torch.empty(max(grid_span(g)[1] - grid_span(g)[0] for g, _ in pieces), dtype=torch.uint8)
+        buffer = torch.empty(max(g.span()[1] - g.span()[0] for g, _ in pieces), dtype=torch.uint8)
         return sum(_read_span(fd, base, g, dst[off : off + g.nbytes], file, buffer) for g, off in pieces)
     for i, start in enumerate(grid.starts()):
         pread_into(fd, dst[i * n : (i + 1) * n], base + start, file)
@@ -129,7 +113,7 @@ def read_runs(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str) -> 
 
 
 def _read_span(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str, buffer: torch.Tensor) -> int:
-    lo, hi = grid_span(grid)
+    lo, hi = grid.span()
     # Runs of a page or more, or sparse ones: one read each, straight into dst.
     if not grid.counts or grid.run_len >= _PAGE or hi - lo > 4 * grid.nbytes + SMALL_RUN:
         n = grid.run_len

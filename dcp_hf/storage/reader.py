@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, LoadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from dcp_hf.boxes import box_runs
+from dcp_hf.boxes import box_runs, byte_view
 from dcp_hf.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -50,7 +50,6 @@ from dcp_hf.format import (
 )
 from dcp_hf.format.dtypes import itemsize
 from dcp_hf.progress import Progress, log_throughput
-from dcp_hf.storage.posix import byte_view
 from dcp_hf.storage.stores import open_store
 
 

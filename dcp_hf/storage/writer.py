@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from dcp_hf.boxes import box_runs
+from dcp_hf.boxes import box_runs, byte_view
 from dcp_hf.errors import CheckpointExistsError, StateDictMismatchError, StorageError, not_a_tensor
 from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, parse_size
 from dcp_hf.storage import commit
@@ -40,8 +40,9 @@ from dcp_hf.planners.save import COMPACT_PLANS
 from dcp_hf.planners.summary import LocalSummary, MergedPlan, RankAssignment, decode_table, encode_table, summarize
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.hf_files import HFFiles
-from dcp_hf.storage.multipart import Part, Uploader, assemble, clip_runs, exchange, make_target, part_of, plan_parts
-from dcp_hf.storage.posix import byte_view, fsync_dir, grid_span, pwrite_all, write_runs
+from dcp_hf.storage.exchange import Part, assemble, clip_runs, exchange, part_of, plan_parts
+from dcp_hf.storage.multipart import Uploader, make_target
+from dcp_hf.storage.posix import fsync_dir, pwrite_all, write_runs
 from dcp_hf.storage.stores import open_store
 
 logger = logging.getLogger("dcp_hf")
@@ -342,7 +343,7 @@ class HFStorageWriter(StorageWriter):
                     continue
                 n, offset = self._where[key]
                 spec = files[n].specs[key]
-                lo, hi = grid_span(box_runs(spec.shape, offsets, sizes, itemsize(spec.dtype)))
+                lo, hi = box_runs(spec.shape, offsets, sizes, itemsize(spec.dtype)).span()
                 mine.append((n, offset + lo, offset + hi))
             spans.append(mine)
         parts = plan_parts(
@@ -479,7 +480,7 @@ class HFStorageWriter(StorageWriter):
             td = item.tensor_data
             dtype = self._files[n].specs[item.index.fqn].dtype
             grid = box_runs(tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes), itemsize(dtype))
-            lo, hi = grid_span(grid)
+            lo, hi = grid.span()
             touched = [p for p in by_file[n] if p.lo < offset + hi and offset + lo < p.hi]
             jobs.append((item, n, offset, dtype, grid, touched, {p.round for p in touched}))
             total += grid.nbytes
