@@ -54,6 +54,48 @@ class RunGrid:
             starts = [s + i * stride for s in starts for i in range(count)]
         return starts
 
+    def clip(self, lo: int, hi: int) -> list[tuple["RunGrid", int]]:
+        """The grid's bytes inside [lo, hi) (positions relative to the tensor start, as
+        ``start``), as a few sub-grids, each with the offset of its bytes in the box's buffer:
+        the outer rows wholly inside as one sub-grid, the rows cut by ``lo`` or ``hi``
+        clipped recursively (so at most 2 x dims + 1 pieces, whatever the number of runs)."""
+        first, last = self.span()
+        if last <= lo or first >= hi or self.nbytes == 0:
+            return []
+        if not self.counts:
+            a, b = max(first, lo), min(last, hi)
+            return [(RunGrid(a, b - a), a - first)]
+        count, stride = self.counts[0], self.strides[0]
+        inner = RunGrid(self.start, self.run_len, self.counts[1:], self.strides[1:])
+        in_lo, in_hi = inner.span()
+        # Rows i whose span [in_lo + i*stride, in_hi + i*stride) overlaps / lies inside [lo, hi).
+        touch0 = max(0, -(-(lo - in_hi + 1) // stride))
+        touch1 = min(count, -(-(hi - in_lo) // stride))
+        whole0 = max(0, -(-(lo - in_lo) // stride))
+        whole1 = min(count, (hi - in_hi) // stride + 1)
+        pieces = []
+        if whole0 >= whole1:
+            whole0 = whole1 = touch1
+        for i in range(touch0, whole0):
+            shifted = RunGrid(self.start + i * stride, self.run_len, inner.counts, inner.strides)
+            pieces += [(g, i * inner.nbytes + o) for g, o in shifted.clip(lo, hi)]
+        if whole1 > whole0:
+            pieces.append(
+                (
+                    RunGrid(
+                        self.start + whole0 * stride,
+                        self.run_len,
+                        (whole1 - whole0,) + inner.counts,
+                        (stride,) + inner.strides,
+                    ),
+                    whole0 * inner.nbytes,
+                )
+            )
+        for i in range(max(whole1, touch0), touch1):
+            shifted = RunGrid(self.start + i * stride, self.run_len, inner.counts, inner.strides)
+            pieces += [(g, i * inner.nbytes + o) for g, o in shifted.clip(lo, hi)]
+        return pieces
+
     def split(self, max_bytes: int) -> list[tuple["RunGrid", int]]:
         """Pieces of at most ``max_bytes`` (a single run larger than that is cut too), each
         with the offset of its bytes in the box's buffer."""

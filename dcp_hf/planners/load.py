@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 
+from dcp_hf.contract import LoadSource
 from dcp_hf.boxes import overlap
 from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.layouts import IDENTITY, Layout, Piece, mem_view
@@ -97,7 +98,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         for key, value in self.state_dict.items():
             if hasattr(value, "size") and callable(value.size):
                 self._pieces[key] = self.layout.pieces(key, tuple(value.size()))
-        prefetch = getattr(metadata.state_dict_metadata, "prefetch", None)
+        prefetch = LoadSource.of(metadata).prefetch
         if prefetch is not None:
             keys = {p.hf_key for pieces in self._pieces.values() for p in pieces}
             if self.layout.quantization is not None:
@@ -106,8 +107,8 @@ class HFLoadPlanner(DefaultLoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         md = self.metadata
-        where = getattr(md, "checkpoint", "") or "checkpoint"
-        cast_ok = getattr(md, "allow_dtype_cast", True)
+        source = LoadSource.of(md)
+        where, cast_ok = source.checkpoint, source.allow_dtype_cast
         stored = md.state_dict_metadata
         quantization = self.layout.quantization
         self._quantized = {}
@@ -184,7 +185,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
                         items += self._dequant_items(key, c_off, c_size, piece, q)
                     elif piece.hf_key in stored:
                         items += self._read_items(key, c_off, c_size, piece, stored[piece.hf_key])
-        if getattr(md, "compact_plans", False):
+        if source.compact_plans:
             # With HFStorageReader the read items stay here (finish_plan): the coordinator only
             # needs which keys each rank loads, as a compact code, however many ranks there are.
             self._local_items = items
@@ -200,7 +201,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
                 k for k in sorted(self.metadata.state_dict_metadata) if k not in loaded and not self.allow_unexpected(k)
             ]
             if unexpected:
-                where = getattr(self.metadata, "checkpoint", "") or "checkpoint"
+                where = LoadSource.of(self.metadata).checkpoint
                 raise StateDictMismatchError(
                     f"{where}: {len(unexpected)} tensor(s) of the checkpoint are loaded by no rank: "
                     f"{', '.join(repr(k) for k in unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}"

@@ -22,19 +22,13 @@ from torch.distributed.checkpoint.planner_helpers import _create_write_items
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
+from dcp_hf.contract import takes_compact_plans
 from dcp_hf.errors import PeerRankError, StateDictMismatchError, not_a_tensor
 from dcp_hf.layouts import IDENTITY, Layout, mem_view
 from dcp_hf.layouts.quantized import FP8_MAX
 from dcp_hf.planners.checks import tensor_specs
 from dcp_hf.planners.summary import LocalSummary, MergedPlan, RankAssignment, summarize
 from dcp_hf.tensor_box import TensorBox, find_chunk
-
-# In ``StorageMeta.modules``: the storage writer takes compact plans (:mod:`.summary`).
-COMPACT_PLANS = "dcp_hf.compact_plans"
-
-
-def takes_compact_plans(storage_meta: StorageMeta | None) -> bool:
-    return storage_meta is not None and COMPACT_PLANS in (storage_meta.modules or [])
 
 
 class HFSavePlanner(DefaultSavePlanner):

@@ -257,14 +257,13 @@ class MergedPlan:
                         return h.rank
         raise KeyError(key)
 
-    def written_by(self, rank: int) -> Iterator[tuple[str, tuple[int, ...], tuple[int, ...]]]:
-        """(key, offsets, sizes) of every chunk ``rank`` writes."""
-        summary = self.summaries[rank]
-        rules = self._only.get(rank, {})
-        for b, block in enumerate(summary.blocks):
-            keys = self.key_lists[self.block_set[rank, b]]
-            for key in RankAssignment(rules).keeps(b, keys):
-                yield key, block.offsets, block.sizes
+    def writers(self) -> Iterator[tuple[list[str], tuple[int, ...], tuple[int, ...], int]]:
+        """(keys, offsets, sizes, rank) for every box written: ``rank`` writes that box of
+        each of ``keys`` (one entry per distinct box and writer, not per key)."""
+        for g in self.groups:
+            for (offsets, sizes), hs in g.writers.items():
+                for h, part in hs:
+                    yield g.keys[part], offsets, sizes, h.rank
 
 
 def encode_table(specs: Iterable[TensorSpec]) -> dict[tuple, KeyCode]:

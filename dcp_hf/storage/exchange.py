@@ -1,15 +1,20 @@
 """Moving bytes between ranks, shared by every storage back end.
 
-A save cuts byte ranges of its files into *parts*, each assembled by one rank (its owner: the
-rank holding most of its bytes); the other ranks send the owner their pieces of it over the
-process group, in rounds that bound the bytes a rank holds at once. Object stores need this
-(a multipart upload takes whole parts); on a file system it turns the short interleaved runs
-of column shards into long writes by one rank per range.
+A save cuts byte ranges of its files into *parts*, each assembled by one rank (its owner:
+the rank holding most of its bytes); the other ranks send the owner their pieces of it over
+the process group, in rounds that bound the bytes a rank holds at once. Object stores need
+this (a multipart upload takes whole parts); on a file system it turns the short interleaved
+runs of column shards into long writes, one rank per range.
+
+A piece is a sub-grid of a chunk's runs (see ``RunGrid.clip``), so a part gathers a few
+pieces per chunk however short the runs are, each placed with one strided copy.
 """
 
 from __future__ import annotations
 
 import bisect
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -17,96 +22,131 @@ import torch.distributed as dist
 
 from dcp_hf.boxes import RunGrid, byte_view
 
-MIN_PART = 5 << 20
-MAX_PARTS = 10_000
-
 
 @dataclass(frozen=True)
 class Part:
-    file: int  # file number
-    number: int  # 1-based part number
-    lo: int  # byte range [lo, hi) of the file
+    """Bytes [lo, hi) of file number ``file``, assembled and written by ``owner`` in ``round``;
+    ``number``: its 1-based number among the parts of its file (multipart part number)."""
+
+    file: int
+    number: int
+    lo: int
     hi: int
     owner: int
     round: int
 
 
-def plan_parts(
-    sizes: list[int],
-    spans: list[list[tuple[int, int, int]]],
-    part_size: int,
-    round_bytes: int,
-    whole_files: bool = False,
-) -> list[Part]:
-    """Parts of every file, each owned by the rank whose chunks overlap it most (with
-    ``whole_files``: every part of a file by the rank that holds most of the file).
+@dataclass(frozen=True)
+class Region:
+    """A byte range [lo, hi) of a file whose bytes go through parts of ``width`` bytes."""
 
-    ``sizes``: file sizes; ``spans[rank]``: (file, lo, hi) byte spans of that rank's chunks.
-    Rounds group consecutive parts so that no rank owns more than ``round_bytes`` in one."""
-    overlap: dict[tuple[int, int], dict[int, int]] = {}
-    widths = [max(part_size, MIN_PART, -(-size // MAX_PARTS)) for size in sizes]
-    for rank, rank_spans in enumerate(spans):
-        for f, lo, hi in rank_spans:
-            w = widths[f]
-            for k in range(lo // w, (max(hi, lo + 1) - 1) // w + 1):
-                bytes_in = min(hi, (k + 1) * w) - max(lo, k * w)
-                cell = overlap.setdefault((f, k), {})
-                cell[rank] = cell.get(rank, 0) + max(bytes_in, 0)
+    file: int
+    lo: int
+    hi: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A chunk ``rank`` writes: its byte span [lo, hi) of ``file`` and the bytes it holds there."""
+
+    rank: int
+    file: int
+    lo: int
+    hi: int
+    nbytes: int
+
+
+def plan_parts(
+    regions: list[Region], holdings: list[Holding], round_bytes: int, whole_files: bool = False
+) -> list[Part]:
+    """The parts of ``regions`` (in order), each owned by the rank holding most of its bytes;
+    ranks holding about as much (within 10%) share the parts by load. With ``whole_files``,
+    every part of a file goes to the rank holding most of the file (files written in order by
+    one rank). Rounds group consecutive parts so no rank owns more than ``round_bytes`` in one."""
+    cells: list[tuple[int, int, int]] = []  # (file, lo, hi) of every part
+    first_cell: list[int] = []
+    for region in regions:
+        first_cell.append(len(cells))
+        for lo in range(region.lo, max(region.hi, region.lo + 1), region.width):
+            cells.append((region.file, lo, min(region.hi, lo + region.width)))
+    votes: list[dict[int, float]] = [{} for _ in cells]
+    by_file: dict[int, list[int]] = {}
+    for i, region in enumerate(regions):
+        by_file.setdefault(region.file, []).append(i)
+    for h in holdings:
+        density = h.nbytes / max(h.hi - h.lo, 1)
+        for i in by_file.get(h.file, []):
+            region = regions[i]
+            if h.hi <= region.lo or h.lo >= region.hi:
+                continue
+            k0 = (max(h.lo, region.lo) - region.lo) // region.width
+            k1 = (min(h.hi, region.hi) - 1 - region.lo) // region.width
+            for k in range(k0, k1 + 1):
+                _, lo, hi = cells[first_cell[i] + k]
+                inside = min(h.hi, hi) - max(h.lo, lo)
+                if inside > 0:
+                    v = votes[first_cell[i] + k]
+                    v[h.rank] = v.get(h.rank, 0.0) + inside * density
     if whole_files:
-        for (f, _), votes in list(overlap.items()):
-            total = overlap.setdefault((f, -1), {})
-            for rank, n in votes.items():
-                total[rank] = total.get(rank, 0) + n
-    parts, round_no, load = [], 0, {}
-    for f, size in enumerate(sizes):
-        w = widths[f]
-        for k in range(max(1, -(-size // w))):
-            lo, hi = k * w, min(size, (k + 1) * w)
-            votes = overlap.get((f, -1 if whole_files else k), {0: 0})
-            owner = max(sorted(votes), key=lambda r: votes[r])
-            if load.get(owner, 0) + (hi - lo) > round_bytes and load:
-                round_no, load = round_no + 1, {}
-            load[owner] = load.get(owner, 0) + hi - lo
-            parts.append(Part(f, k + 1, lo, hi, owner, round_no))
+        file_votes: dict[int, dict[int, float]] = {}
+        for (f, _, _), v in zip(cells, votes):
+            total = file_votes.setdefault(f, {})
+            for rank, n in v.items():
+                total[rank] = total.get(rank, 0.0) + n
+        votes = [file_votes[f] for f, _, _ in cells]
+    parts, round_no, in_round, assigned, numbers = [], 0, {}, {}, {}
+    for (f, lo, hi), v in zip(cells, votes):
+        best = max(v.values(), default=0.0)
+        candidates = sorted(r for r, n in v.items() if n >= 0.9 * best) or [0]
+        owner = candidates[0] if whole_files else min(candidates, key=lambda r: (assigned.get(r, 0), r))
+        if in_round.get(owner, 0) + (hi - lo) > round_bytes and in_round:
+            round_no, in_round = round_no + 1, {}
+        in_round[owner] = in_round.get(owner, 0) + hi - lo
+        assigned[owner] = assigned.get(owner, 0) + hi - lo
+        numbers[f] = numbers.get(f, 0) + 1
+        parts.append(Part(f, numbers[f], lo, hi, owner, round_no))
     return parts
 
 
 @dataclass
-class Contribution:
-    """One run of bytes destined for a part: file byte offset and the bytes, a view into the
-    tensor ``keep`` (held here so the memory outlives the view)."""
+class Piece:
+    """Bytes for a part: the sub-grid ``grid`` of a tensor whose data starts at byte ``base``
+    of file ``file``; ``data`` holds the grid's bytes in order, a view into ``keep`` (held so
+    the memory outlives the view)."""
 
     file: int
-    offset: int
+    base: int
+    grid: RunGrid
     data: memoryview
-    keep: torch.Tensor
+    keep: object
+
+    @property
+    def offset(self) -> int:
+        """The file offset of the piece's first byte."""
+        return self.base + self.grid.start
 
 
-def clip_runs(file: int, base: int, grid: RunGrid, tensor: torch.Tensor, lo: int, hi: int):
-    """The pieces of the grid's runs (at file offset ``base``; bytes from the contiguous
-    ``tensor``) that fall inside [lo, hi)."""
-    n = grid.run_len
+def pieces_in(file: int, base: int, grid: RunGrid, tensor: torch.Tensor, lo: int, hi: int) -> list[Piece]:
+    """The pieces of a chunk (its runs ``grid`` at file offset ``base``, bytes from the
+    contiguous CPU ``tensor``) that fall inside file bytes [lo, hi)."""
     src = byte_view(tensor)
-    span_lo, span_hi = grid.span()
-    if base + span_hi <= lo or base + span_lo >= hi or n == 0:
-        return
-    for i, start in enumerate(grid.starts()):
-        a, b = max(base + start, lo), min(base + start + n, hi)
-        if a < b:
-            s = i * n + a - (base + start)
-            yield Contribution(file, a, src[s : s + b - a], tensor)
+    return [
+        Piece(file, base, g, src[at : at + g.nbytes], tensor) for g, at in grid.clip(lo - base, hi - base) if g.nbytes
+    ]
 
 
-def exchange(outgoing: dict[int, list[Contribution]], group, world: int) -> list[Contribution]:
-    """Send each owner its contributions; return those sent to this rank (one all-to-all for
-    the sizes, one for (file, offset, length) triples, one for the bytes)."""
+def exchange(outgoing: dict[int, list[Piece]], group, world: int) -> list[Piece]:
+    """Send each rank its pieces; return the pieces sent to this rank. Three all-to-alls: the
+    sizes, the pieces' descriptions, the bytes."""
     meta_out, data_out, counts = [], [], torch.zeros(world, 2, dtype=torch.int64)
     for rank in range(world):
         items = outgoing.get(rank, [])
-        counts[rank, 0] = 3 * len(items)
-        counts[rank, 1] = sum(len(c.data) for c in items)
-        meta_out += [v for c in items for v in (c.file, c.offset, len(c.data))]
-        data_out += [c.data for c in items]
+        described = [_describe(p) for p in items]
+        counts[rank, 0] = sum(len(d) for d in described)
+        counts[rank, 1] = sum(len(p.data) for p in items)
+        meta_out += [v for d in described for v in d]
+        data_out += [p.data for p in items]
     counts_in = torch.empty_like(counts)
     dist.all_to_all_single(counts_in, counts, group=group)
     meta_in = torch.empty(int(counts_in[:, 0].sum()), dtype=torch.int64)
@@ -114,42 +154,130 @@ def exchange(outgoing: dict[int, list[Contribution]], group, world: int) -> list
         meta_in, torch.tensor(meta_out, dtype=torch.int64), counts_in[:, 0].tolist(), counts[:, 0].tolist(), group=group
     )
     data_send = torch.empty(int(counts[:, 1].sum()), dtype=torch.uint8)
-    at = 0
-    view = byte_view(data_send)
+    view, at = byte_view(data_send), 0
     for chunk in data_out:
         view[at : at + len(chunk)] = chunk
         at += len(chunk)
     data_in = torch.empty(int(counts_in[:, 1].sum()), dtype=torch.uint8)
     dist.all_to_all_single(data_in, data_send, counts_in[:, 1].tolist(), counts[:, 1].tolist(), group=group)
-    received, at, triples = [], 0, meta_in.view(-1, 3).tolist()
+    received, meta, i, at = [], meta_in.tolist(), 0, 0
     data_view = byte_view(data_in)
-    for f, off, n in triples:
-        received.append(Contribution(f, off, data_view[at : at + n], data_in))
-        at += n
+    while i < len(meta):
+        file, base, start, run_len, ndim = meta[i : i + 5]
+        counts_, strides = tuple(meta[i + 5 : i + 5 + ndim]), tuple(meta[i + 5 + ndim : i + 5 + 2 * ndim])
+        grid = RunGrid(start, run_len, counts_, strides)
+        received.append(Piece(file, base, grid, data_view[at : at + grid.nbytes], data_in))
+        i, at = i + 5 + 2 * ndim, at + grid.nbytes
     return received
 
 
-def assemble(part: Part, header: bytes, pieces: list[Contribution]) -> bytearray:
-    """The part's bytes from the header and the pieces; every byte must be covered once (the
-    copy is needed: botocore sends bytes, not views)."""
+def _describe(p: Piece) -> list[int]:
+    g = p.grid
+    return [p.file, p.base, g.start, g.run_len, len(g.counts), *g.counts, *g.strides]
+
+
+def assemble(part: Part, header: bytes, pieces: list[Piece]) -> bytearray:
+    """The part's bytes from the file's header and the pieces; every byte must be covered once
+    (a bytearray: botocore sends bytes, not views)."""
     buf = bytearray(part.hi - part.lo)
-    view = memoryview(buf)
+    if not buf:
+        return buf
+    out = torch.frombuffer(buf, dtype=torch.uint8)
     filled = 0
     if part.lo < len(header):
         n = min(len(header), part.hi) - part.lo
-        view[:n] = header[part.lo : part.lo + n]
+        memoryview(buf)[:n] = header[part.lo : part.lo + n]
         filled += n
-    for c in pieces:
-        view[c.offset - part.lo : c.offset - part.lo + len(c.data)] = c.data
-        filled += len(c.data)
+    for p in pieces:
+        g = p.grid
+        dst = out.as_strided(g.counts + (g.run_len,), g.strides + (1,), p.offset - part.lo)
+        dst.copy_(torch.frombuffer(p.data, dtype=torch.uint8).view(dst.shape))
+        filled += g.nbytes
     if filled != len(buf):
         raise RuntimeError(
             f"part {part.number} of file {part.file}: {filled} of {len(buf)} bytes "
-            f"arrived; not uploading an incomplete part"
+            f"arrived; not writing an incomplete part"
         )
     return buf
 
 
-def part_of(parts_by_file: dict[int, list[Part]], file: int, offset: int) -> Part:
-    parts = parts_by_file[file]
-    return parts[bisect.bisect_right([p.lo for p in parts], offset) - 1]
+class PartIndex:
+    """The parts of a save by file and offset."""
+
+    def __init__(self, parts: list[Part]):
+        self.by_file: dict[int, list[Part]] = {}
+        for p in sorted(parts, key=lambda p: (p.file, p.lo)):
+            self.by_file.setdefault(p.file, []).append(p)
+        self.los = {f: [p.lo for p in ps] for f, ps in self.by_file.items()}
+
+    def of(self, file: int, offset: int) -> Part:
+        """The part that holds byte ``offset`` of ``file``."""
+        part = self.covering(file, offset)
+        if part is None:
+            raise KeyError(f"no part holds byte {offset} of file {file}")
+        return part
+
+    def covering(self, file: int, offset: int) -> Part | None:
+        parts = self.by_file.get(file)
+        if not parts:
+            return None
+        i = bisect.bisect_right(self.los[file], offset) - 1
+        return parts[i] if i >= 0 and parts[i].lo <= offset < parts[i].hi else None
+
+    def covers(self, file: int, offset: int) -> bool:
+        return self.covering(file, offset) is not None
+
+    def overlapping(self, file: int, lo: int, hi: int) -> list[Part]:
+        """The parts of ``file`` that overlap bytes [lo, hi)."""
+        parts = self.by_file.get(file, [])
+        i = max(0, bisect.bisect_right(self.los.get(file, []), lo) - 1)
+        out = []
+        while i < len(parts) and parts[i].lo < hi:
+            if parts[i].hi > lo:
+                out.append(parts[i])
+            i += 1
+        return out
+
+
+class PartWriter:
+    """Writes parts through ``write(part, data)`` from a pool of threads while the caller
+    assembles the next ones, across rounds; at most ``max_bytes`` of parts are in flight
+    (``submit`` waits for room). The first failure is raised by the next ``submit`` or by
+    ``receipts``."""
+
+    def __init__(self, write, threads: int, max_bytes: int):
+        self.write, self.max_bytes = write, max_bytes
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="dcp-hf-part")
+        self.room = threading.Condition()
+        self.in_flight = 0
+        self.error: BaseException | None = None
+        self.futures = []
+
+    def submit(self, part: Part, data) -> None:
+        n = len(data)
+        with self.room:
+            while self.error is None and self.in_flight and self.in_flight + n > self.max_bytes:
+                self.room.wait()
+            if self.error is not None:
+                raise self.error
+            self.in_flight += n
+        self.futures.append(self.pool.submit(self._write, part, data, n))
+
+    def _write(self, part: Part, data, n: int) -> tuple[int, int, str | None]:
+        try:
+            return part.file, part.number, self.write(part, data)
+        except BaseException as e:
+            with self.room:
+                self.error = self.error or e
+            raise
+        finally:
+            with self.room:
+                self.in_flight -= n
+                self.room.notify_all()
+
+    def receipts(self) -> list[tuple[int, int, str | None]]:
+        """Wait for every write; (file, part number, receipt) of each (an ETag on S3)."""
+        return [f.result() for f in self.futures]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

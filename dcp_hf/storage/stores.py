@@ -175,7 +175,7 @@ class FsspecStore:
     def missing_hint(self) -> str:
         return ""
 
-    def _path(self, name: str) -> str:
+    def path_of(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
 
     def _retry(self, what: str, fn, *args, **kwargs):
@@ -195,23 +195,23 @@ class FsspecStore:
         return self._retry(self.url, self.fs.isdir, self.root)
 
     def exists(self, name: str) -> bool:
-        return self._retry(self.where(name), self.fs.isfile, self._path(name))
+        return self._retry(self.where(name), self.fs.isfile, self.path_of(name))
 
     def list(self) -> list[str]:
         return sorted(p.rsplit("/", 1)[-1] for p in self._retry(self.url, self.fs.ls, self.root, detail=False))
 
     def read(self, name: str) -> bytes:
         try:
-            return self._retry(self.where(name), self.fs.cat_file, self._path(name))
+            return self._retry(self.where(name), self.fs.cat_file, self.path_of(name))
         except FileNotFoundError:
             raise CheckpointFormatError(f"{self.where(name)}: missing from the checkpoint") from None
 
     def open(self, name: str) -> tuple[str, int]:
         try:
-            size = self._retry(self.where(name), self.fs.size, self._path(name))
+            size = self._retry(self.where(name), self.fs.size, self.path_of(name))
         except FileNotFoundError:
             raise CheckpointFormatError(f"{self.where(name)}: missing from the checkpoint") from None
-        return self._path(name), size
+        return self.path_of(name), size
 
     def close(self, handle) -> None:
         pass
@@ -322,7 +322,7 @@ class S3Store(FsspecStore):
     def open(self, name: str) -> tuple[str, int, str]:
         """The object's size and ETag, from one HEAD; every later read of it is a ranged GET
         with ``If-Match`` on that ETag, so all bytes come from the same object version."""
-        path = self._path(name)
+        path = self.path_of(name)
         bucket, _, key = path.partition("/")
         try:
             head = self._client_call(name, "HEAD", self.client().head_object, Bucket=bucket, Key=key)

@@ -1,0 +1,80 @@
+"""What dcp-hf's planners and its storage layer tell each other, in one place both import.
+
+Save (``dcp.save``; ``C`` marks the coordinator only):
+  1. ``HFStorageWriter.storage_meta()`` lists :data:`COMPACT_PLANS` in ``StorageMeta.modules``:
+     the writer takes compact plans.
+  2. ``HFSavePlanner.set_up_planner(..., storage_meta)`` sees it (:func:`takes_compact_plans`)
+     and ``create_local_plan`` sends a ``LocalSummary`` as ``planner_data`` instead of items.
+  3. C: ``create_global_plan`` merges the summaries into a ``MergedPlan`` and gives each rank a
+     ``RankAssignment`` (which blocks it writes); the coordinator's copy carries the merge.
+  4. C: ``HFStorageWriter.prepare_global_plan`` reads the merge (:func:`merged_plan`; it makes
+     one from plain write items when another planner is used) and lays out the files.
+  5. ``write_data`` / C: ``finish``.
+Load (``dcp.load``):
+  1. ``HFStorageReader.read_metadata`` returns ``HFMetadata``; the load planner reads what it
+     needs of it through :class:`LoadSource` (DCP's own ``Metadata`` gives the defaults).
+  2. With ``compact_plans`` the read items stay on their rank; the coordinator gets a code of
+     the keys each rank loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan
+
+from dcp_hf.errors import StateDictMismatchError
+from dcp_hf.planners.summary import LocalSummary, MergedPlan, RankAssignment, summarize
+
+# In ``StorageMeta.modules``: the storage writer takes compact plans (:mod:`.planners.summary`).
+COMPACT_PLANS = "dcp_hf.compact_plans"
+
+
+def takes_compact_plans(storage_meta: StorageMeta | None) -> bool:
+    return storage_meta is not None and COMPACT_PLANS in (storage_meta.modules or [])
+
+
+def merged_plan(plans: list[SavePlan]) -> MergedPlan:
+    """The merge of every rank's chunks: HFSavePlanner's, or made here from item plans."""
+    data = plans[0].planner_data
+    if isinstance(data, RankAssignment) and data.merged is not None:
+        return data.merged
+    if isinstance(data, LocalSummary):
+        raise StateDictMismatchError("compact save plans reached the writer unmerged")
+    return MergedPlan(
+        [
+            summarize(
+                (
+                    i.index.fqn,
+                    tuple(i.tensor_data.size),
+                    i.tensor_data.properties.dtype,
+                    tuple(i.tensor_data.chunk.offsets),
+                    tuple(i.tensor_data.chunk.sizes),
+                    i.index.fqn,
+                )
+                for i in p.items
+            )[0]
+            for p in plans
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class LoadSource:
+    """What the load planner knows of the checkpoint it loads."""
+
+    checkpoint: str = "checkpoint"  # where, for error messages
+    allow_dtype_cast: bool = True  # DCP's own readers cast
+    compact_plans: bool = False  # the reader keeps read items on their rank
+    prefetch: Callable[[Iterable[str]], None] | None = None  # read the headers of these keys' files
+
+    @classmethod
+    def of(cls, metadata) -> "LoadSource":
+        return cls(
+            checkpoint=getattr(metadata, "checkpoint", "") or "checkpoint",
+            allow_dtype_cast=getattr(metadata, "allow_dtype_cast", True),
+            compact_plans=getattr(metadata, "compact_plans", False),
+            prefetch=getattr(metadata.state_dict_metadata, "prefetch", None),
+        )

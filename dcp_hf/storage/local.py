@@ -1,0 +1,173 @@
+"""The local/shared file system sink: ranks write straight into the final files with
+positional writes, in a hidden staging folder beside the destination, and the coordinator
+commits it with one atomic exchange of the whole folder (see :mod:`.commit`)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from dcp_hf.boxes import RunGrid
+from dcp_hf.errors import StorageError
+from dcp_hf.format import FileLayout
+from dcp_hf.storage import commit
+from dcp_hf.storage.exchange import Part
+from dcp_hf.storage.posix import fsync_dir, pwrite_all, write_runs
+
+_PARTIAL = re.compile(r"^\.(.+)\.([0-9a-f]{12})\.partial$")
+
+
+def partial_name(name: str, save_id: str) -> str:
+    return f".{name}.{save_id}.partial"
+
+
+@dataclass(frozen=True)
+class Created:
+    """What ranks need to open the files the coordinator created."""
+
+    work: str  # the folder the files are built in
+    ids: dict[int, commit.FileId]  # each file, as created
+
+
+class LocalSink:
+    direct = True
+    sequential = False
+    min_part = 1
+    max_parts = 1 << 62
+
+    def __init__(self, path: str):
+        self.path = path
+        self.save_id = ""
+        self.files: list[FileLayout] = []
+        self.lock: str | None = None
+        self.dest: commit.Destination | None = None
+        self.fds: dict[int, int] = {}
+        self.work = ""
+
+    # -- coordinator: before the ranks write -------------------------------------------------
+    def prepare(self, save_id: str) -> None:
+        self.save_id = save_id
+        self.lock = commit.acquire_lock(self.path, save_id)
+        try:
+            commit.clean_leftovers(self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def existing(self) -> list[str]:
+        try:
+            names = sorted(os.listdir(self.path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for name in names:  # partial files of an interrupted in-place save
+            if _PARTIAL.match(name):
+                os.unlink(os.path.join(self.path, name))
+        return [n for n in names if not _PARTIAL.match(n)]
+
+    def begin(self, files: list[FileLayout]) -> Created:
+        """Make the staging folder and create every file in it (``O_EXCL|O_NOFOLLOW``)."""
+        self.files = files
+        self.dest = commit.prepare(self.path, self.save_id)
+        ids = {}
+        for n, f in enumerate(files):
+            path = os.path.join(self.dest.work, partial_name(f.name, self.save_id))
+            try:
+                fd, ids[n] = commit.create_file(path)
+            except OSError as e:
+                raise StorageError(e.errno, f"creating {path}: {e.strerror}") from e
+            os.close(fd)
+        return Created(self.dest.work, ids)
+
+    # -- every rank ----------------------------------------------------------------------------
+    def open(self, opened: Created, files: list[FileLayout], save_id: str, numbers: set[int]) -> None:
+        self.files, self.save_id, self.work = files, save_id, opened.work
+        for n in sorted(numbers):
+            self.fds[n] = commit.open_created(self._partial(n), opened.ids[n])
+
+    def _partial(self, n: int) -> str:
+        return os.path.join(self.work, partial_name(self.files[n].name, self.save_id))
+
+    def _error(self, n: int, e: OSError, what: str) -> StorageError:
+        return StorageError(e.errno, f"{what} {os.path.join(self.path, self.files[n].name)}: {e.strerror}")
+
+    def write_runs(self, file: int, base: int, grid: RunGrid, src: memoryview) -> None:
+        try:
+            write_runs(self.fds[file], base, grid, src)
+        except OSError as e:
+            raise self._error(file, e, "writing") from e
+
+    def write_part(self, part: Part, data) -> None:
+        try:
+            pwrite_all(self.fds[part.file], memoryview(data), part.lo)
+        except OSError as e:
+            raise self._error(part.file, e, "writing") from e
+
+    def close(self) -> None:
+        try:
+            for n, fd in self.fds.items():
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    raise self._error(n, e, "syncing") from e
+        finally:
+            self._close_fds()
+
+    def discard(self) -> None:
+        for n in list(self.fds):
+            try:
+                os.unlink(self._partial(n))
+            except OSError:
+                pass
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        while self.fds:
+            os.close(self.fds.popitem()[1])
+
+    # -- coordinator: the commit ---------------------------------------------------------------
+    def complete(self, receipts) -> None:
+        """Every file has its full size: name them (still invisible when staged)."""
+        work = self.dest.work
+        for f in self.files:
+            try:
+                size = os.lstat(os.path.join(work, partial_name(f.name, self.save_id))).st_size
+            except FileNotFoundError:
+                size = None
+            if size != f.size:
+                raise StorageError(
+                    f"{os.path.join(self.dest.path, f.name)}: expected {f.size} bytes after all "
+                    f"ranks wrote, found {size}; not committing the checkpoint"
+                )
+        for f in self.files:
+            commit.step(f"rename {f.name}")
+            os.rename(os.path.join(work, partial_name(f.name, self.save_id)), os.path.join(work, f.name))
+        fsync_dir(work)
+
+    def put(self, name: str, data: bytes) -> None:
+        commit.write_new_file(self.dest.work, name, data)
+
+    def delete(self, name: str) -> None:
+        if not self.dest.staged:  # a staged save replaces the whole folder: nothing to delete
+            commit.step(f"remove {name}")
+            os.unlink(os.path.join(self.dest.work, name))
+
+    def publish(self, stale: set[str]) -> None:
+        """Make the folder the new checkpoint: one exchange of the staging folder, or (no
+        staging possible) remove the replaced files that the new save did not write again."""
+        if self.dest.staged:
+            commit.commit(self.dest, self.save_id)
+        else:
+            for name in sorted(stale):
+                self.delete(name)
+            fsync_dir(self.dest.work)
+        self._release()
+
+    def abort(self) -> None:
+        """A failed save: the staging folder is left marked (the next save removes it); the
+        destination is untouched. Release the lock."""
+        self._release()
+
+    def _release(self) -> None:
+        commit.release_lock(self.lock, self.save_id)
+        self.lock = None

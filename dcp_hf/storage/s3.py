@@ -1,0 +1,126 @@
+"""The S3 sink: each file is one multipart upload, created by the coordinator; parts come from
+any rank, in any order, uploaded concurrently through the store's thread-safe botocore client
+(which retries throttling and dropped connections). The coordinator completes the uploads
+(each object appears whole, atomically) and writes the index last; on failure it aborts every
+upload, so a failed save leaves no object and no open upload."""
+
+from __future__ import annotations
+
+import logging
+
+from dcp_hf.errors import StorageError
+from dcp_hf.format import FileLayout
+from dcp_hf.storage import commit
+from dcp_hf.storage.exchange import Part
+
+logger = logging.getLogger("dcp_hf")
+
+MIN_PART = 5 << 20
+MAX_PARTS = 10_000
+
+
+class S3Sink:
+    direct = False
+    sequential = False
+    min_part = MIN_PART
+    max_parts = MAX_PARTS
+
+    def __init__(self, store):
+        self.store = store
+        self.bucket, _, self.prefix = store.root.partition("/")
+        self.files: list[FileLayout] = []
+        self.uploads: dict[int, str] = {}  # file number -> upload id
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix.rstrip('/')}/{name}" if self.prefix else name
+
+    def call(self, method: str, name: str | None, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = {"Key": self.key(name)} if name is not None else {}
+        where = self.store.where(name) if name is not None else self.store.url
+        try:
+            return getattr(self.store.client(), method)(Bucket=self.bucket, **key, **kwargs)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                raise StorageError(
+                    f"{where}: the bucket {self.bucket!r} does not exist (create it first, or check the endpoint)"
+                ) from None
+            raise StorageError(f"{where}: {method}: {e}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"{where}: {method}: {e}") from e
+
+    # -- coordinator: before the ranks write -------------------------------------------------
+    def prepare(self, save_id: str) -> None:
+        """Abort the uploads still open under this checkpoint's prefix: leftovers of a save
+        whose own aborts could not reach the store (e.g. it was down). Saving into the same
+        path concurrently is not supported anyway."""
+        prefix = self.key("")
+        listing = self.call("list_multipart_uploads", None, Prefix=prefix)
+        for upload in listing.get("Uploads", []):
+            name = upload["Key"][len(prefix) :]
+            if "/" not in name:  # only this folder's objects
+                self.call("abort_multipart_upload", name, UploadId=upload["UploadId"])
+
+    def existing(self) -> list[str]:
+        try:
+            return self.store.list() if self.store.is_folder() else []
+        except FileNotFoundError:
+            return []
+
+    def begin(self, files: list[FileLayout]) -> dict[int, str]:
+        self.files = files
+        try:
+            for n, f in enumerate(files):
+                self.uploads[n] = self.call("create_multipart_upload", f.name)["UploadId"]
+        except BaseException:
+            self.abort()
+            raise
+        return dict(self.uploads)
+
+    # -- every rank ----------------------------------------------------------------------------
+    def open(self, opened: dict[int, str], files: list[FileLayout], save_id: str, numbers: set[int]) -> None:
+        self.files, self.uploads = files, dict(opened)
+
+    def write_runs(self, file, base, grid, src) -> None:
+        raise NotImplementedError("S3 takes whole parts")
+
+    def write_part(self, part: Part, data) -> str:
+        name = self.files[part.file].name
+        return self.call("upload_part", name, UploadId=self.uploads[part.file], PartNumber=part.number, Body=data)[
+            "ETag"
+        ]
+
+    def close(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+    # -- coordinator: the commit ---------------------------------------------------------------
+    def complete(self, receipts: dict[int, list[tuple[int, str]]]) -> None:
+        for n, f in enumerate(self.files):
+            commit.step(f"complete {f.name}")
+            parts = [{"PartNumber": number, "ETag": etag} for number, etag in sorted(receipts.get(n, []))]
+            self.call("complete_multipart_upload", f.name, UploadId=self.uploads[n], MultipartUpload={"Parts": parts})
+            del self.uploads[n]
+
+    def put(self, name: str, data: bytes) -> None:
+        commit.step(f"put {name}")
+        self.call("put_object", name, Body=data)
+
+    def delete(self, name: str) -> None:
+        commit.step(f"delete {name}")
+        self.call("delete_object", name)
+
+    def publish(self, stale: set[str]) -> None:
+        for name in sorted(stale):
+            self.delete(name)
+
+    def abort(self) -> None:
+        for n, upload_id in list(self.uploads.items()):
+            try:
+                self.call("abort_multipart_upload", self.files[n].name, UploadId=upload_id)
+            except Exception:  # best effort: report the original failure
+                logger.warning("could not abort the upload of %s", self.files[n].name, exc_info=True)
+            del self.uploads[n]
