@@ -288,6 +288,17 @@ def test_an_error_in_a_copy_is_raised_by_the_run_and_the_ring_recovers():
     within_timeout(check_save, stager, sources(6)[:-1], 1)
 
 
+def test_a_load_piece_of_an_ended_run_writes_nothing():
+    dest = torch.full((4, 4), -1.0)
+    stager = Stager(slots=2, slot_bytes=64, force=True)
+    old = next(iter(stager.load([Slab(dest, torch.float32)])))
+    old.host.fill_(7.0)
+    within_timeout(check_save, stager, sources(9), 1)  # a new run ends the abandoned one
+    old.finish()
+    old.finish()
+    assert torch.equal(dest, torch.full((4, 4), -1.0))
+
+
 def test_a_stager_pickles_without_its_buffers_and_works_after():
     stager = Stager(slots=2, slot_bytes=64, force=True)
     within_timeout(check_save, stager, sources(7), 1)

@@ -122,8 +122,8 @@ class Piece:
     def finish(self) -> None:
         """Save: the same as ``release``. Load: copy the filled bytes into the destination,
         then release the slot (once that copy has completed)."""
-        if not self._load or self._slot is None:
-            self.release()
+        if not self._load or self._slot is None or self._released or not self._stager._current(self._run):
+            self.release()  # nothing to copy, or already done, or its run was ended: no copy
             return
         try:
             handle = self._stager._copy(box_view(self._slab.tensor, self.offsets, self.sizes), self.host, self._after)
@@ -321,23 +321,28 @@ class Stager:
         what to wait for."""
         device = src.device if src.is_cuda else dst.device
         if device.type != "cuda":  # CPU (or another device, copied synchronously there)
-            if self._worker is None:
-                self._worker = cf.ThreadPoolExecutor(1, thread_name_prefix="dcp-hf-stage")
+            with self._cond:
+                if self._worker is None:
+                    self._worker = cf.ThreadPoolExecutor(1, thread_name_prefix="dcp-hf-stage")
             return self._worker.submit(dst.copy_, src)
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        with self._cond:
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device=device)
         with torch.cuda.device(device), torch.cuda.stream(stream):
             stream.wait_stream(after)  # the caller's earlier work on these tensors comes first
-            if src.is_cuda:  # save: cast and make contiguous on the device, then one DMA
-                dst.copy_(src.to(dst.dtype, memory_format=torch.contiguous_format), non_blocking=True)
-            elif dst.dtype == src.dtype and dst.is_contiguous():  # load, straight into the destination
-                dst.copy_(src, non_blocking=True)
-            else:  # load: DMA into a device buffer, then cast / scatter on the device
+            if src.dtype == dst.dtype and src.is_contiguous() and dst.is_contiguous():
+                dst.copy_(src, non_blocking=True)  # one DMA (a load: straight into the destination)
+            elif src.is_cuda:  # save: cast and gather on the device into a buffer, then one DMA
+                tmp = torch.empty(src.shape, dtype=dst.dtype, device=device)
+                tmp.copy_(src)
+                dst.copy_(tmp, non_blocking=True)
+            else:  # load: one DMA into a device buffer, then cast / scatter on the device
                 tmp = torch.empty(src.shape, dtype=src.dtype, device=device)
                 tmp.copy_(src, non_blocking=True)
                 dst.copy_(tmp)
-            # The tensors stay referenced (piece, slab) until this event is waited for.
+            # The tensors stay referenced (piece, slab) until this event is waited for; ``tmp``
+            # is freed on this stream, so the allocator reuses it only after these copies.
             event = torch.cuda.Event(blocking=True)
             event.record(stream)
         return event
@@ -349,6 +354,10 @@ class Stager:
             self._run += 1
             self._active = True
             return self._run
+
+    def _current(self, run: int) -> bool:
+        with self._cond:
+            return run == self._run and self._active
 
     def _check(self, run: int) -> None:
         if run != self._run or not self._active:
