@@ -140,8 +140,12 @@ def test_save_through_a_small_ring_with_a_slow_consumer_is_bit_exact(slots):
     assert stager._buffers.count(None) == 0 and not any(stager._held) and not stager._active
 
 
-def test_save_pieces_on_a_thread_pool_are_bit_exact():
-    stager = SlowCopies(slots=3, slot_bytes=200, force=True)
+@pytest.mark.parametrize("copies", ["slow", "3 threads"])
+def test_save_pieces_on_a_thread_pool_are_bit_exact(copies):
+    if copies == "slow":
+        stager = SlowCopies(slots=3, slot_bytes=200, force=True)
+    else:  # copies complete out of order
+        stager = Stager(slots=3, slot_bytes=200, force=True, cpu_threads=3)
     slabs = sources(2) + sources(3) + sources(4)
     by_tag = {s.tag: s for s in slabs}
     rng = random.Random(0)
@@ -206,12 +210,12 @@ def fill(piece, stored: torch.Tensor) -> int:
     return piece.nbytes
 
 
-@pytest.mark.parametrize("force", [True, False])
-def test_load_into_non_contiguous_and_cast_destinations_is_bit_exact(force):
+@pytest.mark.parametrize("force,threads", [(True, 1), (False, 1), (True, 3)])
+def test_load_into_non_contiguous_and_cast_destinations_is_bit_exact(force, threads):
     pairs = destinations(3) * 2
     oracle = [dest.clone().copy_(stored) for stored, dest in pairs]  # plain torch copies
     slabs = [Slab(dest, stored.dtype, stored) for stored, dest in pairs]
-    stager = SlowCopies(slots=2, slot_bytes=128, force=force)
+    stager = (SlowCopies if threads == 1 else Stager)(slots=2, slot_bytes=128, force=force, cpu_threads=threads)
 
     def load():
         with cf.ThreadPoolExecutor(3) as pool:

@@ -19,8 +19,8 @@ Each piece is a *box* of its slab (``offsets``, ``sizes``): how a slab is cut is
 use no slot: their ``host`` is a view of the tensor itself. Every other piece goes through a
 slot, and the copy runs on a side CUDA stream (CUDA tensors) or, for CPU tensors (a dtype
 cast, a non-contiguous view, or staging forced with ``force=True`` / ``DCP_HF_FORCE_STAGING=1``),
-on one worker thread that plays the stream's part: the same pipeline, so the CPU test suite
-exercises the ordering, slot reuse, cutting and error paths of the CUDA one.
+on ``cpu_threads`` worker threads that play the stream's part: the same pipeline, so the CPU
+test suite exercises the ordering, slot reuse, cutting and error paths of the CUDA one.
 
 Use ``with stager.save(slabs) as run:`` and ``with piece:`` (or :func:`pump`, which runs the
 pieces on a thread pool). A piece's exit releases its slot; on a normal exit a load piece is
@@ -146,10 +146,10 @@ class Stager:
     """A bounded ring of ``slots`` host buffers of ``slot_bytes`` each, allocated on first use
     and kept for later runs (``close`` frees them). See the module's docstring."""
 
-    def __init__(self, slots: int = 3, slot_bytes: int = 64 << 20, force: bool | None = None):
-        if slots < 1 or slot_bytes < 16:
+    def __init__(self, slots: int = 3, slot_bytes: int = 64 << 20, force: bool | None = None, cpu_threads: int = 1):
+        if slots < 1 or slot_bytes < 16 or cpu_threads < 1:
             raise ValueError(f"a staging ring needs at least 1 slot of 16 bytes, not {slots} of {slot_bytes}")
-        self.slots, self.slot_bytes = slots, slot_bytes
+        self.slots, self.slot_bytes, self.cpu_threads = slots, slot_bytes, cpu_threads
         self.force = os.environ.get(FORCE_ENV, "") == "1" if force is None else force
         self._reset()
 
@@ -166,7 +166,12 @@ class Stager:
         self._streams: dict[torch.device, Any] = {}
 
     def __getstate__(self):  # a writer travels to async_save's process: no buffers or threads
-        return {"slots": self.slots, "slot_bytes": self.slot_bytes, "force": self.force}
+        return {
+            "slots": self.slots,
+            "slot_bytes": self.slot_bytes,
+            "force": self.force,
+            "cpu_threads": self.cpu_threads,
+        }
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -323,7 +328,7 @@ class Stager:
         if device.type != "cuda":  # CPU (or another device, copied synchronously there)
             with self._cond:
                 if self._worker is None:
-                    self._worker = cf.ThreadPoolExecutor(1, thread_name_prefix="dcp-hf-stage")
+                    self._worker = cf.ThreadPoolExecutor(self.cpu_threads, thread_name_prefix="dcp-hf-stage")
             return self._worker.submit(dst.copy_, src)
         with self._cond:
             stream = self._streams.get(device)
