@@ -1,4 +1,4 @@
-"""python -m benchmarks [all|core|limits|layouts|megatron|s3|quantized|planning] [--size-gb G] [--repeat N]
+"""python -m benchmarks [all|core|limits|layouts|megatron|s3|quantized|planning|device] [--size-gb G] [--repeat N]
 
 Runs each case with ours and its baselines side by side in one run (same state, same
 processes, alternating), prints a table with ratios (baseline time / our time: > 1 means we
@@ -7,7 +7,8 @@ PNG plots. "written/state" is what the disk wrote (from /proc/diskstats, after a
 state's bytes; "read/state" is bytes through read syscalls or touched mappings; peak extra RSS
 is the peak above the RSS before the operation (largest rank). The default run ("all" at the
 default sizes) takes about 9 minutes on 2 cores; "planning --ranks 64,128,256,512,1024" is the
-full simulation at scale.
+full simulation at scale. "device" (CUDA state dicts at 4 GB or more, see benchmarks/device.py) needs a GPU;
+"all" includes it only where one is present.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from benchmarks.measure import machine, write_results
 from benchmarks.report import case_table, planning_read_text, planning_table, write_report
 
-SUITES = ["core", "limits", "layouts", "megatron", "s3", "quantized", "planning"]
+SUITES = ["core", "limits", "layouts", "megatron", "s3", "quantized", "planning", "device"]
 
 
 def main() -> None:
@@ -42,11 +43,16 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="scratch folder on the disk to measure")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
-    from benchmarks import core, layouts, limits, megatron, planning, quantized, s3
+    import torch
+
+    from benchmarks import core, device, layouts, limits, megatron, planning, quantized, s3
+
+    if args.suite == "device" and not torch.cuda.is_available():
+        parser.exit(1, "python -m benchmarks device: no CUDA device here; see python -m benchmarks.device --cpu\n")
 
     root = tempfile.mkdtemp(prefix="dcp-hf-bench-", dir=args.dir)
     print(f"dcp-hf benchmark '{args.suite}': {args.size_gb} GB, {args.repeat} repeats, scratch {root}")
-    wanted = SUITES if args.suite == "all" else [args.suite]
+    wanted = [s for s in SUITES if s != "device" or torch.cuda.is_available()] if args.suite == "all" else [args.suite]
     results, plans, headers = [], [], None
     suites = {
         "core": lambda: core.run(os.path.join(root, "core"), args.size_gb, args.repeat, args.cold),
@@ -57,6 +63,7 @@ def main() -> None:
         ),
         "s3": lambda: s3.run(os.path.join(root, "s3"), args.repeat, size_gb=min(max(args.size_gb / 2, 0.5), 1.0)),
         "quantized": lambda: quantized.run(os.path.join(root, "quantized"), args.repeat, size_gb=args.size_gb / 2),
+        "device": lambda: device.run(os.path.join(root, "device"), max(args.size_gb, 4.0), args.repeat),
     }
     for name in wanted:
         t0 = time.perf_counter()
