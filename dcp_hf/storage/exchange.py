@@ -176,29 +176,26 @@ def _describe(p: Piece) -> list[int]:
     return [p.file, p.base, g.start, g.run_len, len(g.counts), *g.counts, *g.strides]
 
 
-def assemble(part: Part, header: bytes, pieces: list[Piece]) -> bytearray:
-    """The part's bytes from the file's header and the pieces; every byte must be covered once
-    (a bytearray: botocore sends bytes, not views)."""
-    buf = bytearray(part.hi - part.lo)
-    if not buf:
-        return buf
-    out = torch.frombuffer(buf, dtype=torch.uint8)
+def assemble(part: Part, header: bytes, pieces: list[Piece]) -> torch.Tensor:
+    """The part's bytes (a uint8 tensor) from the file's header and the pieces; every byte
+    must be covered exactly once."""
+    out = torch.empty(part.hi - part.lo, dtype=torch.uint8)
     filled = 0
     if part.lo < len(header):
         n = min(len(header), part.hi) - part.lo
-        memoryview(buf)[:n] = header[part.lo : part.lo + n]
+        byte_view(out)[:n] = header[part.lo : part.lo + n]
         filled += n
     for p in pieces:
         g = p.grid
         dst = out.as_strided(g.counts + (g.run_len,), g.strides + (1,), p.offset - part.lo)
         dst.copy_(torch.frombuffer(p.data, dtype=torch.uint8).view(dst.shape))
         filled += g.nbytes
-    if filled != len(buf):
+    if filled != out.numel():
         raise RuntimeError(
-            f"part {part.number} of file {part.file}: {filled} of {len(buf)} bytes "
+            f"part {part.number} of file {part.file}: {filled} of {out.numel()} bytes "
             f"arrived; not writing an incomplete part"
         )
-    return buf
+    return out
 
 
 class PartIndex:
@@ -240,7 +237,7 @@ class PartIndex:
 
 
 class PartWriter:
-    """Writes parts through ``write(part, data)`` from a pool of threads while the caller
+    """Writes parts (uint8 tensors) through ``write(part, data)`` from a pool of threads while the caller
     assembles the next ones, across rounds; at most ``max_bytes`` of parts are in flight
     (``submit`` waits for room). The first failure is raised by the next ``submit`` or by
     ``receipts``."""
@@ -253,8 +250,8 @@ class PartWriter:
         self.error: BaseException | None = None
         self.futures = []
 
-    def submit(self, part: Part, data) -> None:
-        n = len(data)
+    def submit(self, part: Part, data: torch.Tensor) -> None:
+        n = data.numel()
         with self.room:
             while self.error is None and self.in_flight and self.in_flight + n > self.max_bytes:
                 self.room.wait()

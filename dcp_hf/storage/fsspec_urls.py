@@ -5,6 +5,9 @@ its owner closes it; the index is still written last, and a failed save removes 
 
 from __future__ import annotations
 
+import torch
+
+from dcp_hf.boxes import byte_view
 from dcp_hf.errors import StorageError
 from dcp_hf.format import FileLayout
 from dcp_hf.storage import commit
@@ -53,12 +56,12 @@ class FsspecSink:
     def write_runs(self, file, base, grid, src) -> None:
         raise NotImplementedError("fsspec files are written in order, by parts")
 
-    def write_part(self, part: Part, data) -> None:
+    def write_part(self, part: Part, data: torch.Tensor) -> None:
         name = self.files[part.file].name
         f = self.open_files.get(name)
         if f is None:
             f = self.open_files[name] = self._call(name, "open", self.store.fs.open, self.store.path_of(name), "wb")
-        self._call(name, "write", f.write, data)
+        self._call(name, "write", f.write, bytes(byte_view(data)))
 
     def close(self) -> None:
         """Close (commit) the files this rank wrote."""

@@ -8,7 +8,9 @@ import os
 import re
 from dataclasses import dataclass
 
-from dcp_hf.boxes import RunGrid
+import torch
+
+from dcp_hf.boxes import RunGrid, byte_view
 from dcp_hf.errors import StorageError
 from dcp_hf.format import FileLayout
 from dcp_hf.storage import commit
@@ -97,9 +99,9 @@ class LocalSink:
         except OSError as e:
             raise self._error(file, e, "writing") from e
 
-    def write_part(self, part: Part, data) -> None:
+    def write_part(self, part: Part, data: torch.Tensor) -> None:
         try:
-            pwrite_all(self.fds[part.file], memoryview(data), part.lo)
+            pwrite_all(self.fds[part.file], byte_view(data), part.lo)
         except OSError as e:
             raise self._error(part.file, e, "writing") from e
 

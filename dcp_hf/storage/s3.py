@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
+from dcp_hf.boxes import byte_view
 from dcp_hf.errors import StorageError
 from dcp_hf.format import FileLayout
 from dcp_hf.storage import commit
@@ -85,9 +88,9 @@ class S3Sink:
     def write_runs(self, file, base, grid, src) -> None:
         raise NotImplementedError("S3 takes whole parts")
 
-    def write_part(self, part: Part, data) -> str:
-        name = self.files[part.file].name
-        return self.call("upload_part", name, UploadId=self.uploads[part.file], PartNumber=part.number, Body=data)[
+    def write_part(self, part: Part, data: torch.Tensor) -> str:
+        name, body = self.files[part.file].name, bytes(byte_view(data))  # botocore sends bytes, not views
+        return self.call("upload_part", name, UploadId=self.uploads[part.file], PartNumber=part.number, Body=body)[
             "ETag"
         ]
 

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import re
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -32,9 +31,16 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from dcp_hf.boxes import RunGrid, box_runs, byte_view
+from dcp_hf.boxes import RunGrid, box_runs
 from dcp_hf.contract import COMPACT_PLANS, merged_plan
-from dcp_hf.errors import CheckpointExistsError, DcpHfError, PeerRankError, StateDictMismatchError, not_a_tensor
+from dcp_hf.errors import (
+    CheckpointExistsError,
+    DcpHfError,
+    PeerRankError,
+    StateDictMismatchError,
+    StorageError,
+    not_a_tensor,
+)
 from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, parse_size
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
 from dcp_hf.planners.summary import MergedPlan, decode_table, encode_table
@@ -52,6 +58,7 @@ from dcp_hf.storage.exchange import (
 )
 from dcp_hf.storage.hf_files import HFFiles
 from dcp_hf.storage.sink import Sink, open_sink
+from dcp_hf.storage.staging import Slab, Stager, pump
 from dcp_hf.storage.stores import open_store
 
 logger = logging.getLogger("dcp_hf")
@@ -107,27 +114,6 @@ def host_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
         tensor = tensor.to("cpu", dtype).contiguous()
     return tensor
-
-
-class _ResolvedOnce:
-    """An item's data, resolved by the planner on first use and dropped after ``uses`` uses."""
-
-    def __init__(self, planner: SavePlanner, item, uses: int):
-        self.planner, self.item, self.uses = planner, item, uses
-        self.tensor: torch.Tensor | None = None
-        self.lock = threading.Lock()
-
-    def acquire(self) -> torch.Tensor:
-        with self.lock:
-            if self.tensor is None:
-                self.tensor = resolve_chunk(self.planner, self.item)
-            return self.tensor
-
-    def release(self) -> None:
-        with self.lock:
-            self.uses -= 1
-            if self.uses == 0:
-                self.tensor = None
 
 
 class HFStorageWriter(StorageWriter):
@@ -216,6 +202,8 @@ class HFStorageWriter(StorageWriter):
         self.progress = progress
         self.thread_count = thread_count or (8 if self.store.remote else 2)
         self.io_chunk_bytes = io_chunk_bytes
+        # Host buffers that device tensors are staged through (pinned on first CUDA use).
+        self._stager = Stager(slots=self.thread_count + 2, slot_bytes=io_chunk_bytes, cpu_threads=self.thread_count)
         self.is_coordinator = False
         self._files: list[FileLayout] = []
         self._where: dict[str, tuple[int, int]] = {}  # key -> (file number, data offset)
@@ -429,39 +417,28 @@ class HFStorageWriter(StorageWriter):
         return bool(int(failed))
 
     def _write_direct(self, chunks: list[ChunkWrite], planner: SavePlanner, sink: Sink, progress: Progress) -> None:
-        tasks = [task for c in chunks for task in self._slab_tasks(c, planner, sink)]
+        """Write each chunk's runs, in pieces of at most ``io_chunk_bytes`` staged through the
+        writer's ring of host buffers (a device-to-host copy or dtype conversion overlaps the
+        writes); chunks are resolved one at a time as the stager reaches them."""
+
+        def slabs():
+            for c in chunks:
+                yield Slab(resolve_chunk(planner, c.item), c.dtype, c)
+
+        def write(piece) -> int:
+            c: ChunkWrite = piece.tag
+            td = c.item.tensor_data
+            box = tuple(o + p for o, p in zip(td.chunk.offsets, piece.offsets))
+            grid = box_runs(tuple(td.size), box, piece.sizes, itemsize(c.dtype))
+            try:
+                sink.write_runs(c.file, c.base, grid, piece.data)
+            except OSError as e:  # the sink names the file; name the tensor too
+                raise StorageError(e.errno, f"{c.item.index.fqn!r}: {e.strerror or e}") from e
+            return grid.nbytes
+
         with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-write") as pool:
-            for done in pool.map(lambda task: task(), tasks):
+            for done in pump(self._stager.save(slabs()), write, pool):
                 progress.update(done)
-
-    def _slab_tasks(self, c: ChunkWrite, planner: SavePlanner, sink: Sink):
-        """Tasks that each write up to ``io_chunk_bytes`` of the chunk, slicing it along dim 0
-        (a dtype conversion or copy to CPU is done one slab at a time). The chunk's data is
-        resolved by its first task and released after its last, so a planner that produces
-        data on demand holds only the items being written."""
-        td = c.item.tensor_data
-        shape, offsets, sizes = tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes)
-        width = itemsize(c.dtype)
-        rows = sizes[0] if sizes else 1
-        step = max(1, self.io_chunk_bytes // max(math.prod(sizes[1:]) * width, 1))
-        chunk = _ResolvedOnce(planner, c.item, -(-rows // step))
-
-        def task(r0: int, r1: int):
-            def run() -> int:
-                tensor = chunk.acquire()
-                try:
-                    src = host_bytes(tensor[r0:r1] if sizes else tensor, c.dtype)
-                    box_off = (offsets[0] + r0,) + offsets[1:] if sizes else ()
-                    box_size = (r1 - r0,) + sizes[1:] if sizes else ()
-                    grid = box_runs(shape, box_off, box_size, width)
-                    sink.write_runs(c.file, c.base, grid, byte_view(src))
-                finally:
-                    chunk.release()
-                return grid.nbytes
-
-            return run
-
-        return [task(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
     def _write_parts(
         self,
@@ -482,7 +459,14 @@ class HFStorageWriter(StorageWriter):
         }
         last_round = {id(c): max((p.round for p in touched[id(c)]), default=-1) for c in chunks}
         rounds = max(p.round for p in wp.parts) + 1
-        writer = PartWriter(sink.write_part, 1 if sink.sequential else self.thread_count, self.round_bytes)
+
+        def write_part(part: Part, data: torch.Tensor):
+            try:
+                return sink.write_part(part, data)
+            except OSError as e:  # the sink names the file; name the tensors in the part too
+                raise StorageError(e.errno, f"{', '.join(map(repr, self._keys_in(part)))}: {e.strerror or e}") from e
+
+        writer = PartWriter(write_part, 1 if sink.sequential else self.thread_count, self.round_bytes)
         held: dict[int, torch.Tensor] = {}
         receipts: list = []
         try:
@@ -562,6 +546,15 @@ class HFStorageWriter(StorageWriter):
         log_throughput("saved", nbytes, time.perf_counter() - self._start, self.path)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _keys_in(self, part: Part) -> list[str]:
+        """The tensors whose data overlaps the part (for error messages)."""
+        f = self._files[part.file]
+        return [
+            key
+            for key, base in f.offsets.items()
+            if base < part.hi and base + math.prod(f.specs[key].shape) * itemsize(f.specs[key].dtype) > part.lo
+        ]
+
     def _check_existing(self, names: list[str]) -> set[str]:
         """The HF checkpoint files already in the destination; refuse to replace them unless
         asked to."""
