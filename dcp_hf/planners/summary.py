@@ -263,7 +263,7 @@ class MergedPlan:
         for g in self.groups:
             for (offsets, sizes), hs in g.writers.items():
                 for h, part in hs:
-                    yield g.keys[part], offsets, sizes, h.rank
+                    yield g.keys if part == slice(None) else g.keys[part], offsets, sizes, h.rank
 
 
 def encode_table(specs: Iterable[TensorSpec]) -> dict[tuple, KeyCode]:

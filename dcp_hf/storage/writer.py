@@ -311,14 +311,21 @@ class HFStorageWriter(StorageWriter):
         model: the exchange costs a copy and a transfer, short interleaved writes cost far more)."""
         regions, holdings, exchanged = [], [], set()
         for keys, offsets, sizes, rank in merged.writers():
+            if sink.direct:  # one decision per box of keys of one shape (not per chunk: 10^7 at scale)
+                first = next((k for k in keys if k in self._where), None)  # tied weights are left out
+                if first is None:
+                    continue
+                n, _ = self._where[first]
+                spec = files[n].specs[first]
+                grid = box_runs(spec.shape, offsets, sizes, itemsize(spec.dtype))
+                if not (world > 1 and 0 < grid.run_len < self.exchange_below and grid.num_runs > 1):
+                    continue
             for key in keys:
-                if key not in self._where:  # a tied weight, left out
+                if key not in self._where:
                     continue
                 n, base = self._where[key]
                 spec = files[n].specs[key]
                 grid = box_runs(spec.shape, offsets, sizes, itemsize(spec.dtype))
-                if sink.direct and not (world > 1 and 0 < grid.run_len < self.exchange_below and grid.num_runs > 1):
-                    continue
                 lo, hi = grid.span()
                 holdings.append(Holding(rank, n, base + lo, base + hi, grid.nbytes))
                 exchanged.add(key)
