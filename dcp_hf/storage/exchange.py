@@ -155,9 +155,8 @@ def part_of(parts_by_file: dict[int, list[Part]], file: int, offset: int) -> Par
     return parts[bisect.bisect_right([p.lo for p in parts], offset) - 1]
 
 
-def exchange_bytes(send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], group) -> torch.Tensor:
+def exchange_bytes(send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], recv: torch.Tensor, group):
     """One all-to-all of bytes whose sizes both sides already know from a plan they share
-    (loads: ``storage.shared_reads``); ``send`` holds each rank's segment, in rank order."""
-    recv = torch.empty(sum(recv_sizes), dtype=torch.uint8)
+    (loads: ``storage.shared_reads``); ``send`` and ``recv`` hold each rank's segment, in rank
+    order."""
     dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
-    return recv

@@ -53,7 +53,7 @@ from dcp_hf.format import (
 from dcp_hf.format.dtypes import itemsize
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.exchange import exchange_bytes
-from dcp_hf.storage.shared_reads import Band, Need, plan_bands, read_bands
+from dcp_hf.storage.shared_reads import Band, BandPlan, Need, SharedMemory, plan_bands, read_bands, segment_sizes
 from dcp_hf.storage.stores import open_store
 
 # A box read in runs shorter than this, on a load of several ranks, is read in bands: each
@@ -172,7 +172,7 @@ class HFStorageReader(StorageReader):
         progress: bool = False,
         process_group=None,
         band_bytes: int = 16 << 20,
-        round_bytes: int = 256 << 20,
+        round_bytes: int = 64 << 20,
     ):
         super().__init__()
         self.progress = progress
@@ -361,6 +361,7 @@ class HFStorageReader(StorageReader):
         shared = bands.shared[me]
         direct = [w for w in work if not _short(w.grid())] + [w for i, w in enumerate(short) if i not in shared]
         progress = self._progress(work)
+        memory = _shared_memory(bands, me, world, group)
 
         def read() -> None:
             with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
@@ -377,7 +378,9 @@ class HFStorageReader(StorageReader):
                         {i: short[i].dest for i in shared},
                         self._read_band,
                         lambda tasks: _run_all(pool, tasks),
-                        lambda send, out, into: exchange_bytes(send, out, into, group),
+                        lambda send, out, into, recv: exchange_bytes(send, out, into, recv, group),
+                        lambda: dist.barrier(group=group),
+                        memory,
                     )
                 except Exception as e:  # noqa: BLE001
                     failure = failure or e
@@ -385,7 +388,11 @@ class HFStorageReader(StorageReader):
                     raise failure
             progress.update(sum(short[i].nbytes for i in shared))
 
-        on_every_rank(read, group)
+        try:
+            on_every_rank(read, group)
+        finally:
+            if memory is not None:
+                memory.close()
         progress.close()
         for w in work:
             planner.commit_tensor(w.item, w.dest)
@@ -559,6 +566,37 @@ class HFStorageReader(StorageReader):
             return run
 
         return [task(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _shared_memory(plan: BandPlan, me: int, world: int, group) -> SharedMemory | None:
+    """Shared memory segments for the rounds when every rank of the group sees every other's
+    (one host), else None (the bands go over the process group). Collective when there are
+    rounds (every rank knows it from the plan)."""
+    import secrets
+
+    import torch.distributed as dist
+
+    if not plan.rounds:
+        return None
+    sizes, memory = segment_sizes(plan, world), None
+    if SharedMemory.usable():
+        try:
+            memory = SharedMemory(f"dcp-hf-load-{secrets.token_hex(8)}-{me}", sizes[me])
+        except OSError:
+            memory = None
+    names: list = [None] * world
+    dist.all_gather_object(names, memory.name if memory else None, group=group)
+    seen = memory is not None and all(
+        r == me or (n is not None and memory.attach(r, n, sizes[r])) for r, n in enumerate(names)
+    )
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, seen, group=group)
+    if memory is not None:
+        memory.unlink()  # every rank that could open it has: nothing is left behind
+        if not all(everyone):
+            memory.close()
+            memory = None
+    return memory
 
 
 def _short(grid: RunGrid) -> bool:

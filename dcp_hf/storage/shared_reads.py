@@ -16,6 +16,8 @@ none): :func:`plan_bands` on the gathered needs, then :func:`read_bands`.
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ import torch
 
 from dcp_hf.boxes import byte_view
 
+_POPULATE = getattr(__import__("mmap"), "MAP_POPULATE", 0)  # map the pages at once, not one fault each
 ALIGN = 8  # pieces sit at multiples of the largest item size in the exchanged buffers
 
 
@@ -173,6 +176,84 @@ def _dest_rows(dest: torch.Tensor, need: Need, p: BandPiece) -> torch.Tensor:
     return dest[p.r0 - need.offsets[0] : p.r1 - need.offsets[0]]
 
 
+class SharedMemory:
+    """Ranks on one host exchange bands through shared memory: each owner reads its bands of
+    a round straight into its own segment (a file in /dev/shm, blocks reserved so a full
+    tmpfs is an error, never SIGBUS), and every rank copies its pieces out of the owners'
+    segments. One copy per byte after the read, no socket. The files are unlinked as soon as
+    every rank has opened them, so nothing is left behind."""
+
+    ROOT = "/dev/shm"
+
+    def __init__(self, name: str, size: int):
+        import mmap
+
+        self.name, self.size = name, size
+        path = os.path.join(self.ROOT, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if size:
+                os.posix_fallocate(fd, 0, size)
+            self.own = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE) if size else None
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        self.segments: dict[int, torch.Tensor] = {}
+        self._maps: list = [self.own] if self.own is not None else []
+
+    @classmethod
+    def usable(cls) -> bool:
+        return os.path.isdir(cls.ROOT) and hasattr(os, "posix_fallocate")
+
+    def attach(self, rank: int, name: str, size: int) -> bool:
+        """Map another rank's segment; False where it is not visible (another host)."""
+        import mmap
+
+        if not size:
+            return True
+        try:
+            fd = os.open(os.path.join(self.ROOT, name), os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            if os.fstat(fd).st_size != size:
+                return False
+            m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        self._maps.append(m)
+        self.segments[rank] = torch.frombuffer(m, dtype=torch.uint8)
+        return True
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(os.path.join(self.ROOT, self.name))
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self.unlink()
+        self.segments.clear()
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:  # a view still exported: the mapping goes with the last view
+                pass
+        self._maps = []
+
+
+def segment_sizes(plan: BandPlan, world: int) -> list[int]:
+    """Per rank: the largest sum of the bands it owns in one round (its shared segment)."""
+    sizes = [[0] * plan.rounds for _ in range(world)]
+    for b in plan.bands:
+        sizes[b.owner][b.round] += b.nbytes
+    return [max(s, default=0) for s in sizes]
+
+
 def read_bands(
     plan: BandPlan,
     needs: list[list[Need]],
@@ -180,44 +261,68 @@ def read_bands(
     dests: dict[int, torch.Tensor],
     read: Callable[[Band, memoryview], int],
     run: Callable[[list[Callable[[], int]]], list[int]],
-    exchange: Callable[[torch.Tensor, list[int], list[int]], torch.Tensor],
+    exchange: Callable[[torch.Tensor, list[int], list[int], torch.Tensor], None],
+    barrier: Callable[[], None],
+    shared: SharedMemory | None = None,
 ) -> int:
     """Deliver this rank's shared needs into ``dests`` (need index -> destination of the
     box's shape, any dtype the stored one casts to). ``read(band, out)`` reads a band's bytes,
-    ``run(tasks)`` runs tasks (concurrently), ``exchange(send, send_sizes, recv_sizes)`` is
-    the all-to-all. Returns the bytes this rank read. Every rank must call it with the same
-    plan: on a failure it raises only after the last round, having sent what it had."""
+    ``run(tasks)`` runs tasks (concurrently), ``exchange(send, send_sizes, recv_sizes, recv)`` is
+    the all-to-all, used unless the ranks share memory (``shared``: then ``barrier``
+    separates the rounds). Returns the bytes this rank read. Every rank must call it with the
+    same plan: on a failure it raises only after the last round, having taken part in all."""
     world, nread, failure = len(needs), 0, None
+    local = threading.local()  # each thread's band buffer, reused (fresh pages cost faults)
+    buffers: dict[str, torch.Tensor] = {}  # the send and receive buffers, reused
+
+    def reused(name: str, n: int) -> torch.Tensor:
+        if name not in buffers or buffers[name].numel() < n:
+            buffers[name] = torch.empty(n, dtype=torch.uint8)
+        return buffers[name][:n]
+
+    def band_rows(buf: torch.Tensor, band: Band) -> torch.Tensor:
+        return buf.view(band.need.dtype).view((band.r1 - band.r0,) + tuple(band.need.shape[1:]))
+
     for round_no in range(plan.rounds):
         bands = [b for b in plan.bands if b.round == round_no]
+        at_in_segment, segment_end = {}, [0] * world
+        for band in bands:
+            at_in_segment[band] = segment_end[band.owner]
+            segment_end[band.owner] += band.nbytes
         send_sizes, recv_sizes = [0] * world, [0] * world
         send_at: dict[BandPiece, int] = {}  # offset in the rank's segment
-        recvs: list[tuple[BandPiece, int, int]] = []  # (piece, owner, offset in the owner's segment)
+        recvs: list[tuple[Band, BandPiece, int]] = []  # (band, piece, offset in the owner's segment)
         for band in bands:
             for p in band.pieces:
                 n = _padded(needs[p.rank][p.index].rows_bytes(p.r1 - p.r0))
                 if band.owner == me and p.rank != me:
                     send_at[p] = send_sizes[p.rank]
-                    send_sizes[p.rank] += n
+                    send_sizes[p.rank] += 0 if shared else n
                 elif p.rank == me and band.owner != me:
-                    recvs.append((p, band.owner, recv_sizes[band.owner]))
-                    recv_sizes[band.owner] += n
+                    recvs.append((band, p, recv_sizes[band.owner]))
+                    recv_sizes[band.owner] += 0 if shared else n
         send_base = [sum(send_sizes[:r]) for r in range(world)]
-        send = torch.empty(sum(send_sizes), dtype=torch.uint8)
+        send = reused("send", sum(send_sizes))
 
         def take(band: Band) -> int:
-            """Read a band; copy this rank's pieces to their destinations, the others' to
-            the send buffer."""
-            buf = torch.empty(band.nbytes, dtype=torch.uint8)
+            """Read a band; copy this rank's pieces to their destinations, the others' to the
+            send buffer (or leave them in the shared segment)."""
+            if shared is not None:
+                at = at_in_segment[band]
+                buf = torch.frombuffer(shared.own, dtype=torch.uint8, count=band.nbytes, offset=at)
+            else:
+                if getattr(local, "buf", None) is None or local.buf.numel() < band.nbytes:
+                    local.buf = torch.empty(band.nbytes, dtype=torch.uint8)
+                buf = local.buf[: band.nbytes]
             got = read(band, byte_view(buf))
+            rows = band_rows(buf, band)
             dtype = band.need.dtype
-            rows = buf.view(dtype).view((band.r1 - band.r0,) + tuple(band.need.shape[1:]))
             for p in band.pieces:
                 need = needs[p.rank][p.index]
                 src = _band_box(rows, band, need, p)
                 if p.rank == me:
                     _dest_rows(dests[p.index], need, p).copy_(src)
-                else:
+                elif shared is None:
                     at = send_base[p.rank] + send_at[p]
                     send[at : at + src.numel() * dtype.itemsize].view(dtype).view(src.shape).copy_(src)
             return got
@@ -228,23 +333,34 @@ def read_bands(
             except Exception as e:  # noqa: BLE001 - raised after the last round
                 failure = e
         if not any(p.rank != b.owner for b in bands for p in b.pieces):
-            continue  # no rank sends anything this round (every rank knows it)
-        recv = exchange(send, send_sizes, recv_sizes)
-        if failure is not None:
-            continue
+            continue  # no rank needs another's band this round (every rank knows it)
+        if shared is not None:
+            barrier()  # every owner's bands of the round are in its segment
+            recv = None
+        else:
+            recv = reused("recv", sum(recv_sizes))
+            exchange(send, send_sizes, recv_sizes, recv)
         recv_base = [sum(recv_sizes[:r]) for r in range(world)]
 
-        def place(p: BandPiece, owner: int, at: int) -> int:
+        def place(band: Band, p: BandPiece, at: int) -> int:
             need = needs[me][p.index]
             dest = _dest_rows(dests[p.index], need, p)
-            at += recv_base[owner]
-            dest.copy_(recv[at : at + need.rows_bytes(p.r1 - p.r0)].view(need.dtype).view(dest.shape))
+            if shared is not None:
+                segment = shared.segments[band.owner]
+                off = at_in_segment[band]
+                dest.copy_(_band_box(band_rows(segment[off : off + band.nbytes], band), band, need, p))
+            else:
+                at += recv_base[band.owner]
+                dest.copy_(recv[at : at + need.rows_bytes(p.r1 - p.r0)].view(need.dtype).view(dest.shape))
             return 0
 
-        try:
-            run([lambda r=r: place(*r) for r in recvs])
-        except Exception as e:  # noqa: BLE001
-            failure = e
+        if failure is None:
+            try:
+                run([lambda r=r: place(*r) for r in recvs])
+            except Exception as e:  # noqa: BLE001
+                failure = e
+        if shared is not None:
+            barrier()  # every rank has copied its pieces: the segments may be reused
     if failure is not None:
         raise failure
     return nread
