@@ -295,7 +295,7 @@ class HFStorageReader(StorageReader):
         check = plan.storage_data
         if not (isinstance(check, _SaveCheck) and check.ranks > 1 and self.band_bytes > 0 and dist.is_initialized()):
             return None
-        group = self.process_group or dist.group.WORLD
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) == check.ranks else None
 
     def _checked_work(self, plan: LoadPlan, planner: LoadPlanner) -> list[_Work]:
