@@ -250,7 +250,7 @@ def segment_sizes(plan: BandPlan, world: int) -> list[int]:
     """Per rank: the largest sum of the bands it owns in one round (its shared segment)."""
     sizes = [[0] * plan.rounds for _ in range(world)]
     for b in plan.bands:
-        sizes[b.owner][b.round] += b.nbytes
+        sizes[b.owner][b.round] += _padded(b.nbytes)
     return [max(s, default=0) for s in sizes]
 
 
@@ -288,7 +288,7 @@ def read_bands(
         at_in_segment, segment_end = {}, [0] * world
         for band in bands:
             at_in_segment[band] = segment_end[band.owner]
-            segment_end[band.owner] += band.nbytes
+            segment_end[band.owner] += _padded(band.nbytes)
         send_sizes, recv_sizes = [0] * world, [0] * world
         send_at: dict[BandPiece, int] = {}  # offset in the rank's segment
         recvs: list[tuple[Band, BandPiece, int]] = []  # (band, piece, offset in the owner's segment)
