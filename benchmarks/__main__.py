@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--expert-layers", type=int, default=4, help="layers of the experts case")
     parser.add_argument("--ranks", default="64", help="simulated ranks of the planning case")
+    parser.add_argument(
+        "--only", default=None, help="run only the core/limits cases whose name contains this (e.g. 'load')"
+    )
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each load")
     parser.add_argument("--dir", default=None, help="scratch folder on the disk to measure")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -55,7 +58,7 @@ def main() -> None:
     wanted = [s for s in SUITES if s != "device" or torch.cuda.is_available()] if args.suite == "all" else [args.suite]
     results, plans, headers = [], [], None
     suites = {
-        "core": lambda: core.run(os.path.join(root, "core"), args.size_gb, args.repeat, args.cold),
+        "core": lambda: core.run(os.path.join(root, "core"), args.size_gb, args.repeat, args.cold, args.only),
         "limits": lambda: limits.run(os.path.join(root, "limits"), args.size_gb, args.repeat, args.cold),
         "layouts": lambda: layouts.run(os.path.join(root, "layouts"), args.repeat, layers=args.expert_layers),
         "megatron": lambda: megatron.run(

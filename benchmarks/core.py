@@ -220,7 +220,8 @@ def _write_reference(rank, world, shape, path):
     dcp.save(build_state(shape, "full"), storage_writer=HFStorageWriter(path, overwrite=True), planner=HFSavePlanner())
 
 
-def run(root: str, size_gb: float, repeat: int, cold: bool) -> list[dict]:
+def run(root: str, size_gb: float, repeat: int, cold: bool, only: str | None = None) -> list[dict]:
+    """``only``: run just the cases whose name contains it."""
     shape = scaled_shape(size_gb)
     cases = [("save, 1 process", "save", 1, "full", ["ours"] + SAVE_BASELINES_1)]
     cases += [
@@ -229,13 +230,18 @@ def run(root: str, size_gb: float, repeat: int, cold: bool) -> list[dict]:
     ]
     results = []
     for name, mode, world, layout, ops in cases:
+        if only and only not in name:
+            continue
         print(f"  running: {name} ...", flush=True)
         results.append(run_case(name, mode, world, shape, layout, ops, os.path.join(root, "save"), repeat))
         shutil.rmtree(os.path.join(root, "save"), ignore_errors=True)
-    write_reference_checkpoint(shape, root)
-    for name, world, layout in [("load full, 1 process", 1, "full")] + [
+    loads = [("load full, 1 process", 1, "full")] + [
         (f"load resharded, {world} ranks {name}", world, layout) for world, layout, name in SHARDINGS
-    ]:
+    ]
+    loads = [case for case in loads if not only or only in case[0]]
+    if loads:
+        write_reference_checkpoint(shape, root)
+    for name, world, layout in loads:
         print(f"  running: {name} ...", flush=True)
         results.append(run_case(name, "load", world, shape, layout, ["ours"] + LOAD_BASELINES, root, repeat, cold))
     shutil.rmtree(root, ignore_errors=True)

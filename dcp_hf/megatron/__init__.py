@@ -221,7 +221,9 @@ def load_hf(
     dequantized, each rank reading only its blocks and their scales.
     """
     chunks = model_chunks(model)
-    reader = HFStorageReader(path, allow_dtype_cast=allow_dtype_cast, storage_options=storage_options)
+    reader = HFStorageReader(
+        path, allow_dtype_cast=allow_dtype_cast, storage_options=storage_options, process_group=process_group
+    )
     c = chunks[0].config
     unexpected = list(allow_unexpected)
 

@@ -278,3 +278,10 @@ class PartWriter:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def exchange_bytes(send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], recv: torch.Tensor, group):
+    """One all-to-all of bytes whose sizes both sides already know from a plan they share
+    (loads: ``storage.shared_reads``); ``send`` and ``recv`` hold each rank's segment, in rank
+    order."""
+    dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)

@@ -15,9 +15,10 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -31,13 +32,14 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, LoadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from dcp_hf.boxes import box_runs, byte_view
+from dcp_hf.boxes import RunGrid, box_runs, byte_view
 from dcp_hf.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     DcpHfError,
     MixedCheckpointError,
     StateDictMismatchError,
+    on_every_rank,
 )
 from dcp_hf.format import (
     INDEX_NAME,
@@ -50,7 +52,13 @@ from dcp_hf.format import (
 )
 from dcp_hf.format.dtypes import itemsize
 from dcp_hf.progress import Progress, log_throughput
+from dcp_hf.storage.exchange import exchange_bytes
+from dcp_hf.storage.shared_reads import Band, BandPlan, Need, SharedMemory, plan_bands, read_bands, segment_sizes
 from dcp_hf.storage.stores import open_store
+
+# A box read in runs shorter than this, on a load of several ranks, is read in bands: each
+# byte once by one rank in long reads, then sent to the ranks that need it (shared_reads).
+SHORT_RUN = 256 << 10
 
 
 @dataclass
@@ -64,9 +72,28 @@ class HFMetadata(Metadata):
 
 @dataclass(frozen=True)
 class _SaveCheck:
-    """The coordinator's save id, sent to every rank with its load plan."""
+    """The coordinator's save id and the number of ranks loading, sent to every rank with its
+    load plan."""
 
     save_id: str | None
+    ranks: int = 1
+
+
+class _Work(NamedTuple):
+    """A checked read item and its destination."""
+
+    item: ReadItem
+    entry: TensorEntry
+    dest: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.item.lengths) * itemsize(self.entry.dtype)
+
+    def grid(self) -> RunGrid:
+        return box_runs(
+            self.entry.shape, tuple(self.item.storage_offsets), tuple(self.item.lengths), itemsize(self.entry.dtype)
+        )
 
 
 class _LazyTensorMetadata(Mapping):
@@ -128,6 +155,10 @@ class HFStorageReader(StorageReader):
             keeps one ranged GET of ``io_chunk_bytes`` in flight).
         progress: show a progress bar with bytes and GB/s on the coordinator (all ranks' bytes,
             estimated as the coordinator's times the number of ranks).
+        process_group: the group ``dcp.load`` runs on (default: the default group). Boxes that
+            lie in short runs (column shards, 2-D meshes) are read in bands of ``band_bytes``,
+            each by one rank, and sent to the ranks that need them, in rounds of at most about
+            ``round_bytes`` per rank; ``band_bytes=0`` makes every rank read its own boxes.
     """
 
     def __init__(
@@ -139,6 +170,9 @@ class HFStorageReader(StorageReader):
         thread_count: int | None = None,
         io_chunk_bytes: int | None = None,
         progress: bool = False,
+        process_group=None,
+        band_bytes: int = 16 << 20,
+        round_bytes: int = 64 << 20,
     ):
         super().__init__()
         self.progress = progress
@@ -149,6 +183,9 @@ class HFStorageReader(StorageReader):
         # Remote stores want many smaller requests in flight; local reads are copies.
         self.thread_count = thread_count or (16 if self.store.remote else 4)
         self.io_chunk_bytes = io_chunk_bytes or ((8 << 20) if self.store.remote else (32 << 20))
+        self.process_group = process_group
+        self.band_bytes, self.round_bytes = band_bytes, round_bytes
+        self.is_coordinator, self.world_size = False, 1  # set by set_up_storage_reader
         self.weight_map: dict[str, str] = {}
         self.headers: dict[str, FileHeader] = {}
         self.save_id: str | None = None  # of the index (or the files, without one)
@@ -220,7 +257,7 @@ class HFStorageReader(StorageReader):
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        check = _SaveCheck(self.save_id)
+        check = _SaveCheck(self.save_id, len(plans))
         return [dataclasses.replace(p, storage_data=check) for p in plans]
 
     def _check_same_save(self, plan: LoadPlan) -> None:
@@ -237,8 +274,11 @@ class HFStorageReader(StorageReader):
         with self._lock:
             self._reads += 1
         try:
-            self._check_same_save(plan)
-            needed = self._read_plan(plan, planner)
+            group = self._exchange_group(plan)
+            if group is None:
+                needed = self._read_plan(self._checked_work(plan, planner), planner)
+            else:
+                needed = self._read_plan_shared(plan, planner, group)
         finally:
             self.close(finished_read=True)
         log_throughput("loaded", needed, time.perf_counter() - start, self.path)
@@ -246,8 +286,21 @@ class HFStorageReader(StorageReader):
         fut.set_result(None)
         return fut
 
-    def _read_plan(self, plan: LoadPlan, planner: LoadPlanner) -> int:
-        # Check every item before reading anything, so a bad request modifies no destination.
+    def _exchange_group(self, plan: LoadPlan):
+        """The process group of a load of several ranks whose boxes may be read in bands, or
+        None. Only plans from ``prepare_global_plan`` (every rank of the group calls
+        ``read_data`` then) on a group of as many ranks as plans qualify."""
+        import torch.distributed as dist
+
+        check = plan.storage_data
+        if not (isinstance(check, _SaveCheck) and check.ranks > 1 and self.band_bytes > 0 and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) == check.ranks else None
+
+    def _checked_work(self, plan: LoadPlan, planner: LoadPlanner) -> list[_Work]:
+        """Every item checked before anything is read, so a bad request modifies no destination."""
+        self._check_same_save(plan)
         work = []
         for item in sorted(plan.items, key=lambda i: (self._file_of(i), self.entry(i.storage_index.fqn).start)):
             if item.type == LoadItemType.BYTE_IO:
@@ -255,26 +308,100 @@ class HFStorageReader(StorageReader):
             entry = self.entry(item.storage_index.fqn)
             dest = planner.resolve_tensor(item).detach()
             self._check_destination(item, entry, dest)
-            work.append((item, entry, dest))
-        tasks = []
-        for item, entry, dest in work:
-            file = self.weight_map[entry.name]
-            tasks += self._slab_tasks(item, entry, dest, self._handle(file), file)
-        own = sum(math.prod(i.lengths) * itemsize(e.dtype) for i, e, _ in work)
-        progress = Progress(
-            self.progress and getattr(self, "is_coordinator", False),
-            own * getattr(self, "world_size", 1),
-            "dcp-hf load",
-            own=own,
-        )
+            work.append(_Work(item, entry, dest))
+        return work
+
+    def _progress(self, work: list[_Work]) -> Progress:
+        own = sum(w.nbytes for w in work)
+        return Progress(self.progress and self.is_coordinator, own * self.world_size, "dcp-hf load", own=own)
+
+    def _read_plan(self, work: list[_Work], planner: LoadPlanner) -> int:
+        progress = self._progress(work)
         with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
-            for nread in pool.map(lambda task: task(), tasks):
-                self.bytes_read += nread
-                progress.update(nread)
+            self._read_direct(work, pool, progress)
         progress.close()
-        for item, _, dest in work:
-            planner.commit_tensor(item, dest)
-        return sum(math.prod(i.lengths) * itemsize(e.dtype) for i, e, _ in work)
+        for w in work:
+            planner.commit_tensor(w.item, w.dest)
+        return sum(w.nbytes for w in work)
+
+    def _read_direct(self, work: list[_Work], pool: ThreadPoolExecutor, progress: Progress) -> None:
+        """Each box read by this rank straight from storage."""
+        tasks = []
+        for w in work:
+            file = self.weight_map[w.entry.name]
+            tasks += self._slab_tasks(w.item, w.entry, w.dest, self._handle(file), file)
+        for nread in pool.map(lambda task: task(), tasks):
+            self.bytes_read += nread
+            progress.update(nread)
+
+    def _read_plan_shared(self, plan: LoadPlan, planner: LoadPlanner, group) -> int:
+        """A load of several ranks: boxes in short runs are read in bands (each byte once, by
+        one rank, then sent; see shared_reads), the others directly. Every rank takes part in
+        every collective; a failure on any rank makes every rank raise, after the rounds."""
+        import torch.distributed as dist
+
+        work = on_every_rank(lambda: self._checked_work(plan, planner), group)
+        me, world = dist.get_rank(group), dist.get_world_size(group)
+        short = [w for w in work if _short(w.grid())]
+        needs = [
+            Need(
+                w.entry.name,
+                self.weight_map[w.entry.name],
+                w.entry.start,
+                tuple(w.entry.shape),
+                w.entry.dtype,
+                tuple(w.item.storage_offsets),
+                tuple(w.item.lengths),
+            )
+            for w in short
+        ]
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, needs, group=group)
+        bands = plan_bands(gathered, self.band_bytes, self.round_bytes)
+        shared = bands.shared[me]
+        direct = [w for w in work if not _short(w.grid())] + [w for i, w in enumerate(short) if i not in shared]
+        progress = self._progress(work)
+        memory = _shared_memory(bands, me, world, group)
+
+        def read() -> None:
+            with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
+                failure = None
+                try:
+                    self._read_direct(direct, pool, progress)
+                except Exception as e:  # noqa: BLE001 - raised after the rounds
+                    failure = e
+                try:
+                    self.bytes_read += read_bands(
+                        bands,
+                        gathered,
+                        me,
+                        {i: short[i].dest for i in shared},
+                        self._read_band,
+                        lambda tasks: _run_all(pool, tasks),
+                        lambda send, out, into, recv: exchange_bytes(send, out, into, recv, group),
+                        lambda: dist.barrier(group=group),
+                        memory,
+                    )
+                except Exception as e:  # noqa: BLE001
+                    failure = failure or e
+                if failure is not None:
+                    raise failure
+            progress.update(sum(short[i].nbytes for i in shared))
+
+        try:
+            on_every_rank(read, group)
+        finally:
+            if memory is not None:
+                memory.close()
+        progress.close()
+        for w in work:
+            planner.commit_tensor(w.item, w.dest)
+        return sum(w.nbytes for w in work)
+
+    def _read_band(self, band: Band, out: memoryview) -> int:
+        """A band's rows: one long read (one ranged GET on object stores)."""
+        file = band.need.file
+        return self.store.read_grid(self._handle(file), file, band.offset, RunGrid(0, band.nbytes), out)
 
     # -- metadata -----------------------------------------------------------------------------
     def _read_weight_map(self) -> dict[str, str]:
@@ -439,6 +566,49 @@ class HFStorageReader(StorageReader):
             return run
 
         return [task(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _shared_memory(plan: BandPlan, me: int, world: int, group) -> SharedMemory | None:
+    """Shared memory segments for the rounds when every rank of the group sees every other's
+    (one host), else None (the bands go over the process group). Collective when there are
+    rounds (every rank knows it from the plan)."""
+    import secrets
+
+    import torch.distributed as dist
+
+    if not plan.rounds:
+        return None
+    sizes, memory = segment_sizes(plan, world), None
+    if SharedMemory.usable():
+        try:
+            memory = SharedMemory(f"dcp-hf-load-{secrets.token_hex(8)}-{me}", sizes[me])
+        except OSError:
+            memory = None
+    names: list = [None] * world
+    dist.all_gather_object(names, memory.name if memory else None, group=group)
+    seen = memory is not None and all(
+        r == me or (n is not None and memory.attach(r, n, sizes[r])) for r, n in enumerate(names)
+    )
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, seen, group=group)
+    if memory is not None:
+        memory.unlink()  # every rank that could open it has: nothing is left behind
+        if not all(everyone):
+            memory.close()
+            memory = None
+    return memory
+
+
+def _short(grid: RunGrid) -> bool:
+    return grid.num_runs > 1 and grid.run_len < SHORT_RUN
+
+
+def _run_all(pool: ThreadPoolExecutor, tasks: list[Callable[[], int]]) -> list[int]:
+    """Run the tasks on the pool; wait for all of them (even after one failed) so none still
+    writes into buffers the caller goes on to send."""
+    futures = [pool.submit(task) for task in tasks]
+    wait(futures)
+    return [f.result() for f in futures]
 
 
 def _world_size() -> int:
