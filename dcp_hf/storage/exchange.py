@@ -136,44 +136,70 @@ def pieces_in(file: int, base: int, grid: RunGrid, tensor: torch.Tensor, lo: int
     ]
 
 
-def exchange(outgoing: dict[int, list[Piece]], group, world: int) -> list[Piece]:
-    """Send each rank its pieces; return the pieces sent to this rank. Three all-to-alls: the
-    sizes, the pieces' descriptions, the bytes."""
+def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -> list[Piece]:
+    """Send each rank its pieces; return the pieces sent to this rank. An all-to-all of the
+    sizes, one of the pieces' descriptions, and the bytes: one more all-to-all, or, where the
+    ranks share a host (``shared``: a :class:`SharedMemory` every rank has attached), a copy
+    into this rank's segment that the receivers read in place (call :func:`end_round` before
+    the next exchange reuses the segments)."""
     meta_out, data_out, counts = [], [], torch.zeros(world, 2, dtype=torch.int64)
+    at = 0
     for rank in range(world):
         items = outgoing.get(rank, [])
-        described = [_describe(p) for p in items]
-        counts[rank, 0] = sum(len(d) for d in described)
+        for p in items:
+            meta_out += _describe(p, at)
+            data_out.append(p.data)
+            at += len(p.data)
         counts[rank, 1] = sum(len(p.data) for p in items)
-        meta_out += [v for d in described for v in d]
-        data_out += [p.data for p in items]
+        counts[rank, 0] = len(meta_out) - int(counts[:rank, 0].sum())
     counts_in = torch.empty_like(counts)
     dist.all_to_all_single(counts_in, counts, group=group)
+    if shared is not None:  # the bytes go to the segment before the descriptions leave
+        if at > shared.size:
+            raise RuntimeError(f"{at} bytes to send, but the shared segment holds {shared.size}")
+        segment = memoryview(shared.own) if at else memoryview(b"")
+        data_send = None
+    else:
+        data_send = torch.empty(at, dtype=torch.uint8)
+        segment = byte_view(data_send)
+    pos = 0
+    for chunk in data_out:
+        segment[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
     meta_in = torch.empty(int(counts_in[:, 0].sum()), dtype=torch.int64)
     dist.all_to_all_single(
         meta_in, torch.tensor(meta_out, dtype=torch.int64), counts_in[:, 0].tolist(), counts[:, 0].tolist(), group=group
     )
-    data_send = torch.empty(int(counts[:, 1].sum()), dtype=torch.uint8)
-    view, at = byte_view(data_send), 0
-    for chunk in data_out:
-        view[at : at + len(chunk)] = chunk
-        at += len(chunk)
-    data_in = torch.empty(int(counts_in[:, 1].sum()), dtype=torch.uint8)
-    dist.all_to_all_single(data_in, data_send, counts_in[:, 1].tolist(), counts[:, 1].tolist(), group=group)
-    received, meta, i, at = [], meta_in.tolist(), 0, 0
-    data_view = byte_view(data_in)
-    while i < len(meta):
-        file, base, start, run_len, ndim = meta[i : i + 5]
-        counts_, strides = tuple(meta[i + 5 : i + 5 + ndim]), tuple(meta[i + 5 + ndim : i + 5 + 2 * ndim])
-        grid = RunGrid(start, run_len, counts_, strides)
-        received.append(Piece(file, base, grid, data_view[at : at + grid.nbytes], data_in))
-        i, at = i + 5 + 2 * ndim, at + grid.nbytes
+    if shared is None:
+        data_in = torch.empty(int(counts_in[:, 1].sum()), dtype=torch.uint8)
+        dist.all_to_all_single(data_in, data_send, counts_in[:, 1].tolist(), counts[:, 1].tolist(), group=group)
+    received, meta, i, taken = [], meta_in.tolist(), 0, 0
+    for source in range(world):
+        end = i + int(counts_in[source, 0])
+        while i < end:
+            offset, file, base, start, run_len, ndim = meta[i : i + 6]
+            dims = meta[i + 6 : i + 6 + 2 * ndim]
+            grid = RunGrid(start, run_len, tuple(dims[:ndim]), tuple(dims[ndim:]))
+            if shared is not None:
+                keep = shared.segments[source]
+                data = byte_view(keep)[offset : offset + grid.nbytes]
+            else:
+                keep = data_in
+                data = byte_view(data_in)[taken : taken + grid.nbytes]
+            received.append(Piece(file, base, grid, data, keep))
+            i, taken = i + 6 + 2 * ndim, taken + grid.nbytes
     return received
 
 
-def _describe(p: Piece) -> list[int]:
+def end_round(group, shared) -> None:
+    """Where pieces were read from shared segments: wait until every rank has used them."""
+    if shared is not None:
+        dist.barrier(group=group)
+
+
+def _describe(p: Piece, offset: int) -> list[int]:
     g = p.grid
-    return [p.file, p.base, g.start, g.run_len, len(g.counts), *g.counts, *g.strides]
+    return [offset, p.file, p.base, g.start, g.run_len, len(g.counts), *g.counts, *g.strides]
 
 
 def assemble(part: Part, header: bytes, pieces: list[Piece]) -> torch.Tensor:
@@ -285,3 +311,32 @@ def exchange_bytes(send: torch.Tensor, send_sizes: list[int], recv_sizes: list[i
     (loads: ``storage.shared_reads``); ``send`` and ``recv`` hold each rank's segment, in rank
     order."""
     dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
+
+
+def open_shared(size: int, group, me: int, world: int, prefix: str):
+    """A shared memory segment of ``size`` bytes for this rank, with every other rank's
+    attached, when all ranks of the group share a host; else None on every rank (the bytes then
+    go over the process group). Collective."""
+    import secrets
+
+    from dcp_hf.storage.shared_reads import SharedMemory
+
+    memory = None
+    if SharedMemory.usable():
+        try:
+            memory = SharedMemory(f"{prefix}-{secrets.token_hex(8)}-{me}", size)
+        except OSError:
+            memory = None
+    names: list = [None] * world
+    dist.all_gather_object(names, (memory.name, size) if memory else None, group=group)
+    seen = memory is not None and all(
+        r == me or (n is not None and memory.attach(r, n[0], n[1])) for r, n in enumerate(names)
+    )
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, seen, group=group)
+    if memory is not None:
+        memory.unlink()  # every rank that could open it has: nothing is left behind
+        if not all(everyone):
+            memory.close()
+            memory = None
+    return memory

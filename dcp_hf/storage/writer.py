@@ -52,7 +52,9 @@ from dcp_hf.storage.exchange import (
     PartWriter,
     Region,
     assemble,
+    end_round,
     exchange,
+    open_shared,
     pieces_in,
     plan_parts,
 )
@@ -476,7 +478,15 @@ class HFStorageWriter(StorageWriter):
         writer = PartWriter(write_part, 1 if sink.sequential else self.thread_count, self.round_bytes)
         held: dict[int, torch.Tensor] = {}
         receipts: list = []
+        shared = None
         try:
+            if world > 1:  # ranks on one host pass the bytes through shared memory
+                sent = [0] * rounds
+                for c in chunks:
+                    for p in touched[id(c)]:
+                        if p.owner != me:
+                            sent[p.round] += sum(g.nbytes for g, _ in c.grid.clip(p.lo - c.base, p.hi - c.base))
+                shared = open_shared(max(sent), group, me, world, f"dcp-hf-save-{wp.save_id}")
             for r in range(rounds):
                 outgoing: dict[int, list] = {}
                 pieces: dict[Part, list] = {}
@@ -499,7 +509,7 @@ class HFStorageWriter(StorageWriter):
                                 del held[id(c)]
                     except Exception as e:  # noqa: BLE001 - keep taking part: the others wait on it
                         failure, outgoing = e, {}
-                received = exchange(outgoing, group, world) if group is not None else []
+                received = exchange(outgoing, group, world, shared) if group is not None else []
                 for piece in received:
                     pieces.setdefault(index.of(piece.file, piece.offset), []).append(piece)
                 if failure is None:
@@ -512,6 +522,7 @@ class HFStorageWriter(StorageWriter):
                         del pieces, received
                     except Exception as e:  # noqa: BLE001
                         failure = e
+                end_round(group, shared)
             if failure is None:
                 try:
                     receipts = writer.receipts()
@@ -519,6 +530,8 @@ class HFStorageWriter(StorageWriter):
                     failure = e
         finally:
             writer.close()
+            if shared is not None:
+                shared.close()
         return failure, receipts
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
