@@ -116,7 +116,7 @@ def _save_columns(rank, world, root, socket):
         "c.weight": distribute_tensor(full["c.weight"], mesh, [Shard(1)], src_data_rank=None),
         "d.weight": distribute_tensor(full["d.weight"], mesh2, [Shard(0), Shard(1)], src_data_rank=None),
     }
-    writer = HFStorageWriter(root, part_size=300, round_bytes=900, max_shard_size=20_000)
+    writer = HFStorageWriter(root, part_size=300, round_bytes=900, max_shard_size=20_000, exchange_below="1MiB")
     dcp.save(state, storage_writer=writer, planner=HFSavePlanner())
     return {k: (v.__create_chunk_list__()[0].offsets, v.to_local()) for k, v in state.items()}
 

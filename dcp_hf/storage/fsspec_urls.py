@@ -16,6 +16,7 @@ from dcp_hf.storage.exchange import Part
 
 class FsspecSink:
     direct = False
+    short_runs_cheap = False
     sequential = True
     min_part = 1
     max_parts = 1 << 62

@@ -15,7 +15,7 @@ from dcp_hf.errors import StorageError
 from dcp_hf.format import FileLayout
 from dcp_hf.storage import commit
 from dcp_hf.storage.exchange import Part
-from dcp_hf.storage.posix import fsync_dir, pwrite_all, write_runs
+from dcp_hf.storage.posix import fsync_dir, maps_short_runs, pwrite_all, write_runs
 
 _PARTIAL = re.compile(r"^\.(.+)\.([0-9a-f]{12})\.partial$")
 
@@ -35,6 +35,7 @@ class Created:
 class LocalSink:
     direct = True
     sequential = False
+    short_runs_cheap = True  # until ``begin`` finds the file system cannot map them
     min_part = 1
     max_parts = 1 << 62
 
@@ -78,6 +79,8 @@ class LocalSink:
                 fd, ids[n] = commit.create_file(path)
             except OSError as e:
                 raise StorageError(e.errno, f"creating {path}: {e.strerror}") from e
+            if n == 0:
+                self.short_runs_cheap = maps_short_runs(fd)
             os.close(fd)
         return Created(self.dest.work, ids)
 

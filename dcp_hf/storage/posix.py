@@ -38,12 +38,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _PAGE = mmap.ALLOCATIONGRANULARITY
 
 
-def _fallocate(fd: int, offset: int, length: int) -> bool:
+def _fallocate(fd: int, offset: int, length: int, mode: int = 0) -> bool:
     """Reserve blocks (so stores through a mapping cannot hit ENOSPC as SIGBUS). False where
     the file system cannot; never emulated, since emulation would race with other writers."""
     fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if fallocate(fd, 0, offset, length) == 0:
+    if fallocate(fd, mode, offset, length) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -64,6 +64,13 @@ def _write_mapped(fd: int, base: int, grid: RunGrid, src: memoryview) -> bool:
         dst.copy_(torch.frombuffer(src, dtype=torch.uint8).view(dst.shape))
         del dst  # release the exported buffer before the mapping closes
     return True
+
+
+def maps_short_runs(fd: int) -> bool:
+    """Whether short runs written to this file go through a shared mapping (the file system
+    reserves blocks): then ranks write their interleaved runs side by side at memory speed;
+    otherwise every run costs a ``pwrite`` (on a network file system, a round trip)."""
+    return _fallocate(fd, 0, 1, mode=1)  # FALLOC_FL_KEEP_SIZE: the size stays as it is
 
 
 def write_runs(fd: int, base: int, grid: RunGrid, src: memoryview) -> None:

@@ -24,6 +24,7 @@ MAX_PARTS = 10_000
 
 class S3Sink:
     direct = False
+    short_runs_cheap = False
     sequential = False
     min_part = MIN_PART
     max_parts = MAX_PARTS

@@ -7,6 +7,7 @@ coordinator, in ``prepare_global_plan``:
     ``prepare(save_id)``  take the destination (lock, finish interrupted saves, abort leftovers)
     ``existing()``        names already there (the writer refuses to replace them unless asked)
     ``begin(files)``      create the files or uploads; returns what ranks need to open them
+                          (and learns whether short runs are cheap to write there)
 every rank, in ``write_data``:
     ``open(opened, numbers)``, then ``write_runs`` (if ``direct``) and ``write_part``, then
     ``close()`` (durable), or ``discard()`` on failure
@@ -27,6 +28,7 @@ from dcp_hf.storage.exchange import Part
 class Sink(Protocol):
     direct: bool  # ranks may write their own runs at any offset of a file (else only parts)
     sequential: bool  # a file is written in order by one rank (all its parts have one owner)
+    short_runs_cheap: bool  # ranks write short interleaved runs at full speed (known after ``begin``)
     min_part: int  # smallest part (a file's last may be smaller)
     max_parts: int  # most parts per file
 

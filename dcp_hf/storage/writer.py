@@ -67,6 +67,7 @@ logger = logging.getLogger("dcp_hf")
 
 DtypePolicy = torch.dtype | Callable[[str, torch.dtype], torch.dtype] | None
 _SHARD_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+EXCHANGE_BELOW = 256 << 10  # runs shorter than this go through parts where short writes are costly
 RANK_RESULT = "__dcp_hf_rank__"  # each rank's one WriteResult: its bytes and part receipts
 
 
@@ -142,8 +143,10 @@ class HFStorageWriter(StorageWriter):
             chunks have runs shorter than ``exchange_below`` (column shards) do.
         round_bytes: the most bytes of parts a rank assembles at once.
         exchange_below: on a file system, chunks whose contiguous runs are shorter than this
-            are sent to the rank that writes their part, which writes it as one long run
-            (instead of every rank writing short runs into the same pages); 0 turns it off.
+            are sent to the rank that writes their part, which writes it as one long run.
+            Default: 256 KiB where the file system cannot map short runs (each would be one
+            ``pwrite``, a round trip on NFS), none where it can (a local disk: ranks store
+            their runs side by side through a shared mapping, at memory speed).
         side_files: small files (e.g. ``{"config.json": b"..."}``) the coordinator writes
             beside the weights, before the index commits the checkpoint.
         config: the model's HF config (dict, transformers ``PretrainedConfig``, config.json or
@@ -175,7 +178,7 @@ class HFStorageWriter(StorageWriter):
         process_group=None,
         part_size: int | str = "16MiB",
         round_bytes: int | str = "128MiB",
-        exchange_below: int | str = "256KiB",
+        exchange_below: int | str | None = None,
         side_files: dict[str, bytes] | None = None,
         config=None,
         copy_from: str | os.PathLike | None = None,
@@ -197,7 +200,7 @@ class HFStorageWriter(StorageWriter):
         self.process_group = process_group
         self.part_size = parse_size(part_size)
         self.round_bytes = parse_size(round_bytes)
-        self.exchange_below = parse_size(exchange_below)
+        self.exchange_below = None if exchange_below is None else parse_size(exchange_below)
         self.max_shard_size = parse_size(max_shard_size)
         self.dtype = dtype
         self.overwrite = overwrite
@@ -271,8 +274,8 @@ class HFStorageWriter(StorageWriter):
         sink.prepare(save_id)
         try:
             self._old = self._check_existing(sink.existing())
-            parts = self._plan_parts(merged, files, len(plans), sink)
             opened = sink.begin(files)
+            parts = self._plan_parts(merged, files, len(plans), sink)
         except BaseException:
             sink.abort()
             raise
@@ -311,6 +314,9 @@ class HFStorageWriter(StorageWriter):
         """The byte ranges that go through parts, and their owners: every file where the sink
         takes only parts; on a file system, the tensors whose chunks have short runs (a cost
         model: the exchange costs a copy and a transfer, short interleaved writes cost far more)."""
+        below = self.exchange_below
+        if below is None:  # local disks map short runs at memory speed; elsewhere each is a write
+            below = 0 if sink.short_runs_cheap else EXCHANGE_BELOW
         regions, holdings, exchanged = [], [], set()
         for keys, offsets, sizes, rank in merged.writers():
             if sink.direct:  # one decision per box of keys of one shape (not per chunk: 10^7 at scale)
@@ -320,7 +326,7 @@ class HFStorageWriter(StorageWriter):
                 n, _ = self._where[first]
                 spec = files[n].specs[first]
                 grid = box_runs(spec.shape, offsets, sizes, itemsize(spec.dtype))
-                if not (world > 1 and 0 < grid.run_len < self.exchange_below and grid.num_runs > 1):
+                if not (world > 1 and 0 < grid.run_len < below and grid.num_runs > 1):
                     continue
             for key in keys:
                 if key not in self._where:
