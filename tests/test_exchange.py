@@ -98,7 +98,7 @@ def _save_columns(rank, world, root, socket):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from dcp_hf import HFSavePlanner, HFStorageWriter
-    from dcp_hf.storage.shared_reads import SharedMemory
+    from dcp_hf.storage.exchange import SharedMemory
 
     SharedMemory.ROOT = "/nonexistent/dcp-hf-test" if socket else "/dev/shm"
     mesh = init_device_mesh("cpu", (world,))

@@ -20,7 +20,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from dcp_hf import HFLoadPlanner, HFStorageReader
-from dcp_hf.storage.shared_reads import Need, SharedMemory, plan_bands
+from dcp_hf.storage.exchange import SharedMemory
+from dcp_hf.storage.shared_reads import Need, plan_bands
 from dcp_hf.testing import run_ranks
 from tests.workers import bitwise_equal
 

@@ -5,6 +5,7 @@ for saves, ``dest.copy_(src)`` for loads."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import pickle
 import random
 import threading
@@ -13,7 +14,7 @@ import time
 import pytest
 import torch
 
-from dcp_hf.storage.staging import Slab, Stager, box_view, cut, pump
+from dcp_hf.storage.staging import FORCE_ENV, Slab, Stager, box_view, cut, pump
 
 TIMEOUT = 60  # seconds: a hang fails the test instead of stalling the suite
 
@@ -327,3 +328,51 @@ def test_cuda_save_and_load_through_pinned_slots():
             with piece:
                 fill(piece, stored)
     assert torch.equal(dest.cpu(), stored.float())
+
+
+def _save_and_load_staged(rank, world, root):
+    """With staging forced on CPU tensors: save fp32 row and column shards exported as bf16,
+    load them back into fp32 destinations (a cast) and into non-contiguous ones; return what
+    this rank holds after each step, for the oracle."""
+    os.environ[FORCE_ENV] = "1"
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(3)
+    full = {"rows.weight": torch.randn(67, 40, generator=g), "cols.weight": torch.randn(24, 90, generator=g)}
+    state = {
+        "rows.weight": distribute_tensor(full["rows.weight"], mesh, [Shard(0)], src_data_rank=None),
+        "cols.weight": distribute_tensor(full["cols.weight"], mesh, [Shard(1)], src_data_rank=None),
+    }
+    writer = HFStorageWriter(root, dtype=torch.bfloat16, io_chunk_bytes=1000)  # many small pieces
+    dcp.save(state, storage_writer=writer, planner=HFSavePlanner())
+    saved = {k: v.to_local().clone() for k, v in state.items()}
+    for v in state.values():
+        v.to_local().zero_()
+    reader = HFStorageReader(root, allow_dtype_cast=True, io_chunk_bytes=1000)
+    dcp.load(state, storage_reader=reader, planner=HFLoadPlanner())
+    loaded = {k: v.to_local().clone() for k, v in state.items()}
+    offsets = {k: tuple(v.__create_chunk_list__()[0].offsets) for k, v in state.items()}
+    return saved, loaded, offsets
+
+
+def test_save_and_load_through_forced_staging_on_two_ranks(tmp_path):
+    """The writer's and reader's pipelines with every piece staged (as CUDA tensors are): the
+    files hold each rank's chunk cast to bf16 (read with safetensors), and loading casts back."""
+    from safetensors.torch import load_file
+
+    from dcp_hf.testing import run_ranks
+
+    root = str(tmp_path / "ckpt")
+    results = run_ranks(_save_and_load_staged, 2, root)
+    files = load_file(os.path.join(root, "model.safetensors"))
+    for saved, loaded, offsets in results:
+        for key, local in saved.items():
+            box = tuple(slice(o, o + n) for o, n in zip(offsets[key], local.shape))
+            assert files[key].dtype == torch.bfloat16
+            assert torch.equal(files[key][box], local.to(torch.bfloat16)), key
+            assert torch.equal(loaded[key], local.to(torch.bfloat16).to(torch.float32)), key

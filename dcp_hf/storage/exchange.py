@@ -13,6 +13,8 @@ pieces per chunk however short the runs are, each placed with one strided copy.
 from __future__ import annotations
 
 import bisect
+import mmap
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +23,9 @@ import torch
 import torch.distributed as dist
 
 from dcp_hf.boxes import RunGrid, byte_view
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map the pages at once, not one fault each
 
 
 @dataclass(frozen=True)
@@ -313,13 +318,77 @@ def exchange_bytes(send: torch.Tensor, send_sizes: list[int], recv_sizes: list[i
     dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
 
 
+class SharedMemory:
+    """Ranks on one host exchange bands through shared memory: each owner reads its bands of
+    a round straight into its own segment (a file in /dev/shm, blocks reserved so a full
+    tmpfs is an error, never SIGBUS), and every rank copies its pieces out of the owners'
+    segments. One copy per byte after the read, no socket. The files are unlinked as soon as
+    every rank has opened them, so nothing is left behind."""
+
+    ROOT = "/dev/shm"
+
+    def __init__(self, name: str, size: int):
+        self.name, self.size = name, size
+        path = os.path.join(self.ROOT, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if size:
+                os.posix_fallocate(fd, 0, size)
+            self.own = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE) if size else None
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        self.segments: dict[int, torch.Tensor] = {}
+        self._maps: list = [self.own] if self.own is not None else []
+
+    @classmethod
+    def usable(cls) -> bool:
+        return os.path.isdir(cls.ROOT) and hasattr(os, "posix_fallocate")
+
+    def attach(self, rank: int, name: str, size: int) -> bool:
+        """Map another rank's segment; False where it is not visible (another host)."""
+        if not size:
+            return True
+        try:
+            fd = os.open(os.path.join(self.ROOT, name), os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            if os.fstat(fd).st_size != size:
+                return False
+            m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        self._maps.append(m)
+        self.segments[rank] = torch.frombuffer(m, dtype=torch.uint8)
+        return True
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(os.path.join(self.ROOT, self.name))
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self.unlink()
+        self.segments.clear()
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:  # a view still exported: the mapping goes with the last view
+                pass
+        self._maps = []
+
+
 def open_shared(size: int, group, me: int, world: int, prefix: str):
     """A shared memory segment of ``size`` bytes for this rank, with every other rank's
     attached, when all ranks of the group share a host; else None on every rank (the bytes then
     go over the process group). Collective."""
     import secrets
-
-    from dcp_hf.storage.shared_reads import SharedMemory
 
     memory = None
     if SharedMemory.usable():

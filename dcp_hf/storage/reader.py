@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, LoadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from dcp_hf.boxes import RunGrid, box_runs, byte_view
+from dcp_hf.boxes import RunGrid, box_runs
 from dcp_hf.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -52,8 +52,9 @@ from dcp_hf.format import (
 )
 from dcp_hf.format.dtypes import itemsize
 from dcp_hf.progress import Progress, log_throughput
-from dcp_hf.storage.exchange import exchange_bytes
-from dcp_hf.storage.shared_reads import Band, BandPlan, Need, SharedMemory, plan_bands, read_bands, segment_sizes
+from dcp_hf.storage.exchange import SharedMemory, exchange_bytes, open_shared
+from dcp_hf.storage.shared_reads import Band, BandPlan, Need, plan_bands, read_bands, segment_sizes
+from dcp_hf.storage.staging import Slab, Stager, pump
 from dcp_hf.storage.stores import open_store
 
 # A box read in runs shorter than this, on a load of several ranks, is read in bands: each
@@ -325,12 +326,21 @@ class HFStorageReader(StorageReader):
         return sum(w.nbytes for w in work)
 
     def _read_direct(self, work: list[_Work], pool: ThreadPoolExecutor, progress: Progress) -> None:
-        """Each box read by this rank straight from storage."""
-        tasks = []
-        for w in work:
+        """Each box read by this rank straight from storage into its destination, in pieces of
+        at most ``io_chunk_bytes``; destinations that are not contiguous CPU tensors of the
+        stored dtype (CUDA tensors, casts) go through a ring of (pinned) host buffers, copied
+        on while the next pieces are read. One stager per call: streaming conversions run
+        several reads of one reader at once."""
+
+        def read(piece) -> int:
+            w: _Work = piece.tag
             file = self.weight_map[w.entry.name]
-            tasks += self._slab_tasks(w.item, w.entry, w.dest, self._handle(file), file)
-        for nread in pool.map(lambda task: task(), tasks):
+            box = tuple(o + p for o, p in zip(w.item.storage_offsets, piece.offsets))
+            grid = box_runs(w.entry.shape, box, piece.sizes, itemsize(w.entry.dtype))
+            return self.store.read_grid(self._handle(file), file, w.entry.start, grid, piece.data)
+
+        stager = Stager(slots=self.thread_count + 2, slot_bytes=self.io_chunk_bytes)
+        for nread in pump(stager.load(Slab(w.dest, w.entry.dtype, w) for w in work), read, pool):
             self.bytes_read += nread
             progress.update(nread)
 
@@ -544,59 +554,14 @@ class HFStorageReader(StorageReader):
                 f"the stored shape {list(entry.shape)}"
             )
 
-    def _slab_tasks(self, item: ReadItem, entry: TensorEntry, dest: torch.Tensor, handle, file: str):
-        sizes, offsets = tuple(item.lengths), tuple(item.storage_offsets)
-        width = itemsize(entry.dtype)
-        rows = sizes[0] if sizes else 1
-        step = max(1, self.io_chunk_bytes // max(math.prod(sizes[1:]) * width, 1))
-        direct = dest.is_contiguous() and dest.device.type == "cpu" and dest.dtype == entry.dtype
-
-        def task(r0: int, r1: int):
-            def run() -> int:
-                box_off = (offsets[0] + r0,) + offsets[1:] if sizes else ()
-                box_size = (r1 - r0,) + sizes[1:] if sizes else ()
-                grid = box_runs(entry.shape, box_off, box_size, width)
-                out = dest[r0:r1] if sizes else dest
-                buf = out if direct else torch.empty(box_size, dtype=entry.dtype)
-                nread = self.store.read_grid(handle, file, entry.start, grid, byte_view(buf))
-                if not direct:
-                    out.copy_(buf)
-                return nread
-
-            return run
-
-        return [task(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-
 
 def _shared_memory(plan: BandPlan, me: int, world: int, group) -> SharedMemory | None:
     """Shared memory segments for the rounds when every rank of the group sees every other's
     (one host), else None (the bands go over the process group). Collective when there are
     rounds (every rank knows it from the plan)."""
-    import secrets
-
-    import torch.distributed as dist
-
     if not plan.rounds:
         return None
-    sizes, memory = segment_sizes(plan, world), None
-    if SharedMemory.usable():
-        try:
-            memory = SharedMemory(f"dcp-hf-load-{secrets.token_hex(8)}-{me}", sizes[me])
-        except OSError:
-            memory = None
-    names: list = [None] * world
-    dist.all_gather_object(names, memory.name if memory else None, group=group)
-    seen = memory is not None and all(
-        r == me or (n is not None and memory.attach(r, n, sizes[r])) for r, n in enumerate(names)
-    )
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, seen, group=group)
-    if memory is not None:
-        memory.unlink()  # every rank that could open it has: nothing is left behind
-        if not all(everyone):
-            memory.close()
-            memory = None
-    return memory
+    return open_shared(segment_sizes(plan, world)[me], group, me, world, "dcp-hf-load")
 
 
 def _short(grid: RunGrid) -> bool:

@@ -16,7 +16,6 @@ none): :func:`plan_bands` on the gathered needs, then :func:`read_bands`.
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from dcp_hf.boxes import byte_view
+from dcp_hf.storage.exchange import SharedMemory
 
-_POPULATE = getattr(__import__("mmap"), "MAP_POPULATE", 0)  # map the pages at once, not one fault each
 ALIGN = 8  # pieces sit at multiples of the largest item size in the exchanged buffers
 
 
@@ -174,76 +173,6 @@ def _band_box(rows: torch.Tensor, band: Band, need: Need, p: BandPiece) -> torch
 
 def _dest_rows(dest: torch.Tensor, need: Need, p: BandPiece) -> torch.Tensor:
     return dest[p.r0 - need.offsets[0] : p.r1 - need.offsets[0]]
-
-
-class SharedMemory:
-    """Ranks on one host exchange bands through shared memory: each owner reads its bands of
-    a round straight into its own segment (a file in /dev/shm, blocks reserved so a full
-    tmpfs is an error, never SIGBUS), and every rank copies its pieces out of the owners'
-    segments. One copy per byte after the read, no socket. The files are unlinked as soon as
-    every rank has opened them, so nothing is left behind."""
-
-    ROOT = "/dev/shm"
-
-    def __init__(self, name: str, size: int):
-        import mmap
-
-        self.name, self.size = name, size
-        path = os.path.join(self.ROOT, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            if size:
-                os.posix_fallocate(fd, 0, size)
-            self.own = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE) if size else None
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-        self.segments: dict[int, torch.Tensor] = {}
-        self._maps: list = [self.own] if self.own is not None else []
-
-    @classmethod
-    def usable(cls) -> bool:
-        return os.path.isdir(cls.ROOT) and hasattr(os, "posix_fallocate")
-
-    def attach(self, rank: int, name: str, size: int) -> bool:
-        """Map another rank's segment; False where it is not visible (another host)."""
-        import mmap
-
-        if not size:
-            return True
-        try:
-            fd = os.open(os.path.join(self.ROOT, name), os.O_RDWR)
-        except OSError:
-            return False
-        try:
-            if os.fstat(fd).st_size != size:
-                return False
-            m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-        self._maps.append(m)
-        self.segments[rank] = torch.frombuffer(m, dtype=torch.uint8)
-        return True
-
-    def unlink(self) -> None:
-        try:
-            os.unlink(os.path.join(self.ROOT, self.name))
-        except FileNotFoundError:
-            pass
-
-    def close(self) -> None:
-        self.unlink()
-        self.segments.clear()
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:  # a view still exported: the mapping goes with the last view
-                pass
-        self._maps = []
 
 
 def segment_sizes(plan: BandPlan, world: int) -> list[int]:
