@@ -32,9 +32,6 @@ _WEIGHT_SUFFIXES = (
     ".index.json",
     ".distcp",
 )
-# The torch writer's keywords that describe how it works, not what it writes: every rank
-# writes its own bytes into the final files here, so there is nothing to consolidate.
-TORCH_NO_OPS = ("save_distributed", "enable_consolidation", "thread_count_consolidation")
 
 
 def config_dict(config) -> dict:
