@@ -6,7 +6,6 @@ progress bars) run ``python -m dcp_hf`` as a process."""
 import io
 import json
 import os
-import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 
@@ -15,11 +14,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
+from tests.cli_driver import run_cli
+
 
 def cli_process(*args):
-    proc = subprocess.run(
-        [sys.executable, "-m", "dcp_hf", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+    """``dcp-hf ARGS`` as a process: exit code, stdout, stderr."""
+    proc = run_cli(*args)
     return proc.returncode, proc.stdout, proc.stderr
 
 
