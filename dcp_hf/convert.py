@@ -342,14 +342,13 @@ def with_prefixes(layout: Layout, prefixes) -> Layout:
     return dataclasses.replace(layout, renames=extra + layout.renames)
 
 
-def copy_side_files(src: str, dst: str, recursive: bool = False) -> list[str]:
-    """Copy what MindSpeed-MM's converters copy from an HF folder: every file but
-    ``*.safetensors`` (see ``is_side_file``), less the index and hidden names; with
-    ``recursive``, subfolders included."""
+def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copy what MindSpeed-MM's converters copy from an HF folder, subfolders included: every
+    file but ``*.safetensors`` (see ``is_side_file``), less the index and hidden names."""
     inside = os.path.realpath(dst) + os.sep  # DST may lie in SRC: not copied into itself
     copied = [
         n
-        for n in side_files_of(src, other_weights=True, recursive=recursive)
+        for n in side_files_of(src, other_weights=True, recursive=True)
         if not os.path.realpath(os.path.join(src, n)).startswith(inside)
     ]
     for name in copied:
@@ -458,11 +457,7 @@ def experts(
     )
     stream(plan.specs, plan.reader, plan.source_layout, writer, plan.dest_layout, band_bytes)
     # on every rank: no rank returns (say, to read DST's config) before the copy is done
-    copied = (
-        sorted(side)
-        if remote
-        else on_every_rank(lambda: copy_side_files(src, dst, recursive=True) if is_main() else [])
-    )
+    copied = sorted(side) if remote else on_every_rank(lambda: copy_side_files(src, dst) if is_main() else [])
     return {
         "layout": f"{plan.layout.name}, {plan.layout.rules[0].style}",
         "tensors_in": plan.tensors_in,
@@ -495,15 +490,18 @@ def dcp_to_hf(
     progress=False,
 ) -> dict:
     """A native DCP checkpoint -> an HF checkpoint, through ``layout`` (default: from
-    ``config_from``'s config.json, with the merged form read off the DCP tensors' shapes)."""
+    ``config_from``'s config.json, with the merged form read off the DCP tensors' shapes).
+    ``config_from``'s config.json and other side files (tokenizer, generation config; not its
+    weights, whatever their format) are committed with the weights, in one step."""
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)
     if layout is None:
         layout = with_prefixes(detect_layout(config_from or "", infer_style(specs)), prefixes)
-    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    writer = HFStorageWriter(
+        dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, copy_from=config_from
+    )
     stream(specs, reader, IDENTITY, writer, layout)
-    copied = copy_side_files(config_from, dst) if config_from and is_main() else []
-    return {"tensors": len(specs), "skipped_non_tensors": skipped, "copied": copied}
+    return {"tensors": len(specs), "skipped_non_tensors": skipped, "copied": sorted(writer.side_files)}
 
 
 def dequantize(
