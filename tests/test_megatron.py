@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dcp_hf.testing import RankFailure, run_ranks
+from dcp_hf.local_ranks import RankFailure, run_ranks
 from tests import megatron_workers as mw
 from tests.cli_driver import run_cli
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from dcp_hf.testing import run_ranks
+from dcp_hf.local_ranks import run_ranks
 from tests import megatron_workers as mw
 from tests.cli_driver import run_cli
 from tests.test_megatron import COMMON, assert_same, logits, read_hf

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
-from dcp_hf.testing import run_ranks
+from dcp_hf.local_ranks import run_ranks
 from tests.cli_driver import run_cli
 from tests.workers import bitwise_equal, load_from_url, reference_state
 
