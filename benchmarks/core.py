@@ -194,7 +194,7 @@ def run_case(
     cold: bool = False,
 ) -> dict:
     from benchmarks.measure import merge_ranks, summarize
-    from dcp_hf.testing import run_ranks
+    from dcp_hf.local_ranks import run_ranks
 
     per_rank = run_ranks(worker, world, mode, shape, layout, ops, root, repeat, cold, timeout=3600)
     nbytes = sum(math.prod(s) for s in shape.tensors().values()) * 2
@@ -207,7 +207,7 @@ def run_case(
 
 def write_reference_checkpoint(shape: LlamaShape, root: str) -> None:
     """One HF checkpoint (single file, as the baselines expect) for the load cases."""
-    from dcp_hf.testing import run_ranks
+    from dcp_hf.local_ranks import run_ranks
 
     run_ranks(_write_reference, 1, shape, os.path.join(root, "checkpoint"), timeout=3600)
 

@@ -90,7 +90,7 @@ def _worker(rank, world, op: str, direction: str, src: str, dst: str, layers: in
 def run(root: str, repeat: int, layers: int = 4, experts: int = 64, hidden: int = 1024, ffn: int = 512) -> list[dict]:
     """Each operation runs in a fresh process (its peak RSS is its own)."""
     from benchmarks.measure import summarize
-    from dcp_hf.testing import run_ranks
+    from dcp_hf.local_ranks import run_ranks
 
     src = os.path.join(root, "per-expert")
     nbytes = make_checkpoint(src, layers, experts, hidden, ffn)

@@ -276,7 +276,7 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
 
 def run(root: str, repeat: int, size_gb: float = 1.5) -> list[dict]:
     from benchmarks.measure import merge_ranks, summarize
-    from dcp_hf.testing import run_ranks
+    from dcp_hf.local_ranks import run_ranks
 
     hf = hf_config(size_gb)
     ops = ["ours", "gather_to_rank0"]

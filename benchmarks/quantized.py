@@ -165,7 +165,7 @@ def worker(rank: int, world: int, path: str, shapes, ops: list[str], repeat: int
 
 def run(root: str, repeat: int, size_gb: float = 0.25, worlds=(2, 4)) -> list[dict]:
     from benchmarks.measure import merge_ranks, summarize
-    from dcp_hf.testing import run_ranks
+    from dcp_hf.local_ranks import run_ranks
 
     path = os.path.join(root, "fp8")
     shapes = make_checkpoint(path, size_gb)

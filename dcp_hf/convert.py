@@ -25,13 +25,14 @@ from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import StorageReader
 
 from dcp_hf.errors import CheckpointFormatError, on_every_rank
-from dcp_hf.format import INDEX_NAME, TensorSpec
+from dcp_hf.format import TensorSpec
 from dcp_hf.layouts import IDENTITY, Layout, Prefix, detect_layout, infer_style, mem_view
 from dcp_hf.layouts.models import MINDSPEED_MODELS, TRANSFORMERS_MOE, mindspeed_model, read_config
 from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.progress import file_system_writer
 from dcp_hf.storage import HFStorageReader, HFStorageWriter
-from dcp_hf.storage.stores import is_url, open_store
+from dcp_hf.storage.hf_files import read_side_files, side_files_of
+from dcp_hf.storage.stores import is_url
 from dcp_hf.tensor_box import TensorBox
 
 
@@ -341,39 +342,20 @@ def with_prefixes(layout: Layout, prefixes) -> Layout:
     return dataclasses.replace(layout, renames=extra + layout.renames)
 
 
-def _is_side_file(name: str) -> bool:
-    return not (name.endswith(".safetensors") or name.startswith(".") or name == INDEX_NAME)
-
-
-def copy_side_files(src: str, dst: str, recursive: bool = False) -> list[str]:
-    """Copy what is not weights (config, tokenizer, processor, ...) from an HF folder: every
-    file but ``*.safetensors``, the index and hidden names (``.git``, ``.cache``); with
-    ``recursive``, also those in subfolders (as MindSpeed-MM's converters do)."""
-    copied = []
-    os.makedirs(dst, exist_ok=True)
-    inside = os.path.realpath(dst)  # DST may lie in SRC: not copied into itself
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(
-            d for d in dirs if recursive and not d.startswith(".") and os.path.realpath(os.path.join(root, d)) != inside
-        )
-        rel = os.path.relpath(root, src)
-        for name in sorted(files):
-            if not _is_side_file(name):
-                continue
-            target = os.path.normpath(os.path.join(dst, rel, name))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copy2(os.path.join(root, name), target)
-            copied.append(os.path.normpath(os.path.join(rel, name)))
+def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copy what MindSpeed-MM's converters copy from an HF folder, subfolders included: every
+    file but ``*.safetensors`` (see ``is_side_file``), less the index and hidden names."""
+    inside = os.path.realpath(dst) + os.sep  # DST may lie in SRC: not copied into itself
+    copied = [
+        n
+        for n in side_files_of(src, other_weights=True, recursive=True)
+        if not os.path.realpath(os.path.join(src, n)).startswith(inside)
+    ]
+    for name in copied:
+        target = os.path.join(dst, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(src, name), target)
     return copied
-
-
-def read_side_files(src: str) -> dict[str, bytes]:
-    """The top-level side files of an HF folder, local or at a URL (see ``copy_side_files``)."""
-    store = open_store(src)
-    names = [name for name in store.list() if _is_side_file(name)]
-    if not is_url(src):  # files only: a local folder's subfolders are not side files here
-        names = [name for name in names if os.path.isfile(os.path.join(src, name))]
-    return {name: store.read(name) for name in names if store.exists(name)}
 
 
 def is_main() -> bool:
@@ -469,17 +451,13 @@ def experts(
     # Side files: between local folders copied after the weights, subfolders too; where either
     # side is a URL, SRC's top-level ones are written by the writer before its index.
     remote = is_url(src) or is_url(dst)
-    side = on_every_rank(lambda: read_side_files(src) if remote and is_main() else {})
+    side = on_every_rank(lambda: read_side_files(src, other_weights=True) if remote and is_main() else {})
     writer = HFStorageWriter(
         dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, side_files=side
     )
     stream(plan.specs, plan.reader, plan.source_layout, writer, plan.dest_layout, band_bytes)
     # on every rank: no rank returns (say, to read DST's config) before the copy is done
-    copied = (
-        sorted(side)
-        if remote
-        else on_every_rank(lambda: copy_side_files(src, dst, recursive=True) if is_main() else [])
-    )
+    copied = sorted(side) if remote else on_every_rank(lambda: copy_side_files(src, dst) if is_main() else [])
     return {
         "layout": f"{plan.layout.name}, {plan.layout.rules[0].style}",
         "tensors_in": plan.tensors_in,
@@ -512,15 +490,18 @@ def dcp_to_hf(
     progress=False,
 ) -> dict:
     """A native DCP checkpoint -> an HF checkpoint, through ``layout`` (default: from
-    ``config_from``'s config.json, with the merged form read off the DCP tensors' shapes)."""
+    ``config_from``'s config.json, with the merged form read off the DCP tensors' shapes).
+    ``config_from``'s config.json and other side files (tokenizer, generation config; not its
+    weights, whatever their format) are committed with the weights, in one step."""
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)
     if layout is None:
         layout = with_prefixes(detect_layout(config_from or "", infer_style(specs)), prefixes)
-    writer = HFStorageWriter(dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    writer = HFStorageWriter(
+        dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, copy_from=config_from
+    )
     stream(specs, reader, IDENTITY, writer, layout)
-    copied = copy_side_files(config_from, dst) if config_from and is_main() else []
-    return {"tensors": len(specs), "skipped_non_tensors": skipped, "copied": copied}
+    return {"tensors": len(specs), "skipped_non_tensors": skipped, "copied": sorted(writer.side_files)}
 
 
 def dequantize(

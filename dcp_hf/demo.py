@@ -99,7 +99,7 @@ def verify_plain(path: str, shape: LlamaShape, dtype: torch.dtype) -> int:
 
 
 def run_demo(output: str, nproc: int, shape: LlamaShape, max_shard_size: str, progress: bool = False) -> None:
-    from dcp_hf.testing import run_ranks
+    from dcp_hf.local_ranks import run_ranks
 
     dtype = torch.bfloat16
     nbytes = sum(torch.Size(s).numel() for s in shape.tensors().values()) * dtype.itemsize

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 logger = logging.getLogger("dcp_hf")
 
@@ -29,7 +28,6 @@ class Progress:
             self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, dynamic_ncols=True)
         self._lock = threading.Lock()
         self._done = 0.0
-        self.start = time.perf_counter()
 
     def update(self, nbytes: int) -> None:
         if self._bar is not None:

@@ -273,7 +273,7 @@ def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential", mtp=
     from megatron.core import dist_checkpointing
 
     from dcp_hf import megatron as dmeg
-    from dcp_hf.megatron.build import build_gpt, cpu_device, init_parallel
+    from dcp_hf.megatron.build import build_gpt, cuda_calls_on_cpu, init_parallel
 
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf = json.load(f)
@@ -289,7 +289,7 @@ def save_torch_dist(rank, world, hf_dir, out, layout, experts="sequential", mtp=
     import torch.distributed as dist
 
     dist.barrier()
-    with cpu_device():
+    with cuda_calls_on_cpu():  # its checkpoint writer synchronizes CUDA
         dist_checkpointing.save(state, out)
 
 

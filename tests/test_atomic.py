@@ -85,10 +85,6 @@ def load_transformers(path) -> str:
     return which(model.state_dict())
 
 
-def visible(path):
-    return sorted(f for f in os.listdir(path) if not f.startswith("."))
-
-
 def count_steps(tmp_path, a_size, b_size) -> int:
     path, log = tmp_path / "count", tmp_path / "steps.log"
     save(path, A, a_size, overwrite=False)

@@ -6,7 +6,6 @@ progress bars) run ``python -m dcp_hf`` as a process."""
 import io
 import json
 import os
-import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 
@@ -15,11 +14,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
+from tests.cli_driver import run_cli
+
 
 def cli_process(*args):
-    proc = subprocess.run(
-        [sys.executable, "-m", "dcp_hf", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+    """``dcp-hf ARGS`` as a process: exit code, stdout, stderr."""
+    proc = run_cli(*args)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -133,6 +133,56 @@ def test_demo_nproc_zero_is_a_usage_error():
     rc, _, err = cli("demo", "--nproc", "0")
     assert rc == 2 and "Traceback" not in err
     assert "--nproc: expected a whole number of at least 1" in err
+
+
+def release_folder(path):
+    """The HF folder a DCP checkpoint was trained from: config, tokenizer, and weights in
+    another format (not to be copied)."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "vocab_size": 16}))
+    (path / "tokenizer.json").write_text('{"version": "1.0"}')
+    (path / "pytorch_model.bin").write_bytes(b"another checkpoint's weights")
+    return path
+
+
+def test_convert_to_hf_commits_config_from_files_with_the_weights(ckpts, tmp_path, monkeypatch):
+    """--config-from's config and tokenizer are in place when the writer's commit returns (not
+    copied after it, where a crash would leave weights without a config); its other weights
+    are not copied."""
+    from dcp_hf.storage import HFStorageWriter
+
+    release = release_folder(tmp_path / "release")
+    at_commit = []
+    finish = HFStorageWriter.finish
+
+    def finish_then_look(self, *args, **kwargs):
+        finish(self, *args, **kwargs)
+        at_commit.append(sorted(os.listdir(self.path)))
+
+    monkeypatch.setattr(HFStorageWriter, "finish", finish_then_look)
+    out = tmp_path / "out"
+    rc, _, err = cli("convert", "--to", "hf", ckpts / "dcp", out, "--config-from", release, "--quiet")
+    assert rc == 0, err
+    assert at_commit == [["config.json", "model.safetensors", "tokenizer.json"]]
+    assert json.loads((out / "config.json").read_text()) == json.loads((release / "config.json").read_text())
+    assert (out / "tokenizer.json").read_bytes() == (release / "tokenizer.json").read_bytes()
+
+
+def test_convert_to_hf_that_fails_before_its_commit_leaves_no_config(ckpts, tmp_path):
+    """The DCP source's data file cut short: the conversion fails while writing the weights,
+    and no config or tokenizer file is left in or beside the output folder."""
+    import shutil
+
+    src = tmp_path / "dcp"
+    shutil.copytree(ckpts / "dcp", src)
+    (data,) = src.glob("*.distcp")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    release = release_folder(tmp_path / "release")
+    (tmp_path / "out").mkdir()
+    rc, _, err = cli("convert", "--to", "hf", src, tmp_path / "out" / "hf", "--config-from", release, "--quiet")
+    assert rc == 1, err
+    left = [p.name for p in (tmp_path / "out").rglob("*")]
+    assert "config.json" not in left and "tokenizer.json" not in left, left
 
 
 def test_export_with_an_incomplete_config_names_the_missing_key(ckpts, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dcp_hf.testing import run_ranks
+from dcp_hf.local_ranks import run_ranks
 from tests.workers import bitwise_equal, load_cases, reference_state, save_cases, without_save_id
 
 

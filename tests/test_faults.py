@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_hf.format import INDEX_NAME
-from dcp_hf.testing import RankFailure, run_ranks
+from dcp_hf.local_ranks import RankFailure, run_ranks
 from tests.workers import bitwise_equal, reference_state, save_cases, save_with_fault
 
 

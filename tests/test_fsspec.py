@@ -7,7 +7,7 @@ import fsspec
 import torch.distributed.checkpoint as dcp
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
-from dcp_hf.testing import run_ranks
+from dcp_hf.local_ranks import run_ranks
 from tests.workers import bitwise_equal, load_from_url, reference_state, save_to_url, save_with_fault, without_save_id
 
 

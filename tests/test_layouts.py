@@ -185,7 +185,7 @@ def test_loading_a_rule_whose_key_is_missing_names_it(tmp_path):
 
 
 def test_fused_experts_sharded_over_four_ranks(tmp_path):
-    from dcp_hf.testing import run_ranks
+    from dcp_hf.local_ranks import run_ranks
     from tests.workers import fused_experts_round_trip
 
     tiny_moe("qwen3_moe").save_pretrained(tmp_path / "hf")

@@ -5,15 +5,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dcp_hf.testing import RankFailure, run_ranks
+from dcp_hf.local_ranks import RankFailure, run_ranks
 from tests import megatron_workers as mw
+from tests.cli_driver import run_cli
 
 pytest.importorskip("megatron.core")
 tf = pytest.importorskip("transformers")
@@ -250,24 +249,7 @@ def test_export_torch_dist_offline(tmp_path, family, extra, stacked):
 
     stored = FileSystemReader(str(tmp_path / "mcore")).read_metadata().state_dict_metadata
     assert stacked is None or len(stored[stacked].size) == 4  # [L, E, 2F, H]
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dcp_hf",
-            "export",
-            "--from",
-            "megatron",
-            "--quiet",
-            str(tmp_path / "mcore"),
-            str(tmp_path / "hf1"),
-            "--config",
-            str(src),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli("export", "--from", "megatron", "--quiet", tmp_path / "mcore", tmp_path / "hf1", "--config", src)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "skipped: " in done.stdout  # the _extra_state objects
     assert_same(read_hf(tmp_path / "hf1"), read_hf(src), "export in one process")

@@ -7,16 +7,15 @@ anything is written."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from dcp_hf.testing import run_ranks
+from dcp_hf.local_ranks import run_ranks
 from tests import megatron_workers as mw
+from tests.cli_driver import run_cli
 from tests.test_megatron import COMMON, assert_same, logits, read_hf
 
 pytest.importorskip("megatron.core")
@@ -253,25 +252,17 @@ def test_export_torch_dist_offline_families(tmp_path):
     export_torch_dist(
         str(tmp_path / "mixtral" / "mcore"), str(tmp_path / "mixtral" / "hf"), str(prepared["mixtral"][1])
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dcp_hf",
-            "export",
-            "--from",
-            "megatron",
-            "--quiet",
-            str(tmp_path / "glm4_moe" / "mcore"),
-            str(tmp_path / "glm4_moe" / "hf"),
-            "--config",
-            str(prepared["glm4_moe"][1]),
-            "--family",
-            "glm4_moe",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_cli(
+        "export",
+        "--from",
+        "megatron",
+        "--quiet",
+        tmp_path / "glm4_moe" / "mcore",
+        tmp_path / "glm4_moe" / "hf",
+        "--config",
+        prepared["glm4_moe"][1],
+        "--family",
+        "glm4_moe",
     )
     assert done.returncode == 0, done.stderr[-2000:]
     for family, (model, src, hf) in prepared.items():

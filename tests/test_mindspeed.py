@@ -44,6 +44,7 @@ SIDE_FILES = {
     "chat_template.jinja": "{{ messages }}",
     "preprocessor_config.json": '{"patch_size": 14}',
     "assets/speakers.txt": "chelsie\n",
+    "training_args.bin": "not safetensors: MindSpeed-MM copies it",
     ".gitattributes": "*.safetensors filter=lfs\n",
 }
 

@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.quantized_hf_storage import (
 
 from dcp_hf import HFLoadPlanner, HFStorageReader, Layout, TensorBox, detect_layout
 from dcp_hf.layouts.quantized import MXFP4, BlockFP8
-from dcp_hf.testing import run_ranks
+from dcp_hf.local_ranks import run_ranks
 from tests.quant_workers import (
     DSV3_QUANTIZED,
     FP8,

@@ -1,8 +1,6 @@
 """Reading HF checkpoints from a real S3 server (SeaweedFS on 127.0.0.1, started here)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,8 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
-from dcp_hf.testing import run_ranks
+from dcp_hf.local_ranks import run_ranks
+from tests.cli_driver import run_cli
 from tests.workers import bitwise_equal, load_from_url, reference_state
 
 
@@ -45,13 +44,9 @@ def test_load_from_s3_resharded(s3, uploaded, kind, world):
 
 def test_inspect_an_s3_checkpoint_with_the_standard_credential_chain(s3, uploaded):
     env = {**os.environ, **s3.env}
-    out = subprocess.run(
-        [sys.executable, "-m", "dcp_hf", "inspect", "-v", uploaded["ours"]],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    ).stdout
+    done = run_cli("inspect", "-v", uploaded["ours"], env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
     assert "model.embed_tokens.weight  BF16  [37, 16]" in out
     assert "total: 9 tensors in" in out
     assert s3.env["AWS_SECRET_ACCESS_KEY"] not in out

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from dcp_hf import HFSavePlanner, HFStorageReader, HFStorageWriter, StateDictMismatchError  # noqa: E402
-from dcp_hf.testing import run_ranks  # noqa: E402
+from dcp_hf.local_ranks import run_ranks  # noqa: E402
 
 
 def tiny_config(tied: bool) -> LlamaConfig:

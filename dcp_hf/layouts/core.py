@@ -55,11 +55,6 @@ class Piece:
         hf_size = tuple(size[m] for m in self.mem_dims)
         return tuple(lo), tuple(size), hf_off, hf_size
 
-    def view(self, local: torch.Tensor, lo: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
-        """The box (lo, size) of ``local`` (coordinates relative to ``local``) as a tensor in
-        HF dim order (a view: no copy)."""
-        return mem_view(local, lo, size, self.mem_dims)
-
 
 def mem_view(local: torch.Tensor, lo, size, mem_dims) -> torch.Tensor:
     t = local

@@ -1,5 +1,7 @@
-"""Build Megatron GPT models from HF configs at any parallel layout, on CPU too (tests, the
-benchmark, offline tools). Call inside an initialized process group."""
+"""Build Megatron GPT models from HF configs at any parallel layout, on CPU too, for the tests
+and benchmarks (and offline tools): ``save_hf``, ``load_hf`` and ``export`` never use it. Call
+inside an initialized process group. Where torch has no CUDA, megatron-core is run through
+:func:`cuda_calls_on_cpu`, which replaces torch.cuda functions while it is active."""
 
 from __future__ import annotations
 
@@ -52,12 +54,14 @@ def init_parallel(p: Parallel) -> None:
 
 
 @contextlib.contextmanager
-def cpu_device():
-    """Where torch has no CUDA, megatron-core still asks for it while building a model with
-    ``use_cpu_initialization``: the MoE router allocates on ``torch.cuda.current_device()``, tied
-    embeddings move to ``.cuda()`` to be all-reduced between the first and last stage, and its
-    checkpoint writer calls ``torch.cuda.synchronize()``. Point these at the CPU (gloo reduces
-    CPU tensors; there is nothing to synchronize)."""
+def cuda_calls_on_cpu():
+    """For megatron-core on a machine without CUDA (tests, CPU benchmarks), never in training:
+    it still asks for CUDA while building a model with ``use_cpu_initialization`` (the MoE
+    router allocates on ``torch.cuda.current_device()``, tied embeddings move to ``.cuda()`` to
+    be all-reduced between the first and last stage) and its checkpoint writer calls
+    ``torch.cuda.synchronize()``. While active, and only where torch has no CUDA, these three
+    are replaced process-wide by CPU stand-ins (gloo reduces CPU tensors; there is nothing to
+    synchronize)."""
     if torch.cuda.is_available():
         yield
         return
@@ -128,7 +132,7 @@ def build_gpt(
 
     torch.manual_seed(seed)
     chunks = []
-    with cpu_device(), _grouped_gemm_available(grouped), _mla_without_te(mla):
+    with cuda_calls_on_cpu(), _grouped_gemm_available(grouped), _mla_without_te(mla):
         for vp in range(p.vpp or 1):
             vp_stage = vp if p.vpp else None
             spec = block_spec(vp_stage)

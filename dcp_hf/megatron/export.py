@@ -14,7 +14,7 @@ import os
 
 import torch.distributed.checkpoint as dcp
 
-from dcp_hf.convert import copy_side_files, dcp_specs, is_main, stream
+from dcp_hf.convert import dcp_specs, stream
 from dcp_hf.layouts import IDENTITY
 from dcp_hf.megatron import export_dtype, hf_tensors, layout_of
 from dcp_hf.megatron.check import check_against_transformers
@@ -81,15 +81,15 @@ def export_torch_dist(
         )
     written = hf_tensors(layout, {k: (s.shape, s.dtype) for k, s in model.items()}, export_dtype(dtype))
     check_against_transformers(config, written, f"export of {src}")
-    side = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+    # config.json and the folder's tokenizer files are committed with the weights, in one step
     writer = HFStorageWriter(
         dst,
         max_shard_size=max_shard_size,
         dtype=export_dtype(dtype),
         overwrite=overwrite,
         progress=progress,
-        side_files=side,
+        config=config,
+        copy_from=folder,
     )
     stream(model, reader, IDENTITY, writer, layout)
-    copied = copy_side_files(folder, dst) if folder and is_main() and "://" not in dst else []
-    return {"tensors_in": len(model), "skipped": len(skipped), "copied": copied}
+    return {"tensors_in": len(model), "skipped": len(skipped), "copied": sorted(writer.side_files)}

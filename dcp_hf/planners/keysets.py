@@ -50,12 +50,12 @@ def encode_keys(keys: Iterable[str]) -> KeyCode:
     return tuple((template, _trie(sorted(numbers), 0)) for template, numbers in sorted(by_template.items()))
 
 
-def _expand(trie: Trie, depth: int) -> list[tuple[int, ...]]:
+def _expand(trie: Trie) -> list[tuple[int, ...]]:
     if not trie:
         return [()]
     out = []
     for start, stop, child in trie:
-        rest = _expand(child, depth + 1)
+        rest = _expand(child)
         out += [(v,) + r for v in range(start, stop) for r in rest]
     return out
 
@@ -64,7 +64,7 @@ def decode_keys(code: KeyCode) -> list[str]:
     """The keys of a code (in no particular order)."""
     out = []
     for template, trie in code:
-        for numbers in _expand(trie, 0):
+        for numbers in _expand(trie):
             parts = [template[0]]
             for n, literal in zip(numbers, template[1:]):
                 parts += [str(n), literal]

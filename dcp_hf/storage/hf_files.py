@@ -15,11 +15,11 @@ import torch
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 
 from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError
-from dcp_hf.format import SINGLE_FILE_NAME, FileLayout, TensorSpec, decode_index, natural_key
+from dcp_hf.format import INDEX_NAME, SINGLE_FILE_NAME, FileLayout, TensorSpec, decode_index, natural_key
 from dcp_hf.format.index import FILE_PATTERN, lay_out_file, layout_files
 
 CONFIG_NAME = "config.json"
-# Weights in any format, and what only describes them: never copied from ``copy_from``.
+# Weights in any format, and what only describes them: not side files (unless other_weights).
 _WEIGHT_SUFFIXES = (
     ".safetensors",
     ".bin",
@@ -32,9 +32,6 @@ _WEIGHT_SUFFIXES = (
     ".index.json",
     ".distcp",
 )
-# The torch writer's keywords that describe how it works, not what it writes: every rank
-# writes its own bytes into the final files here, so there is nothing to consolidate.
-TORCH_NO_OPS = ("save_distributed", "enable_consolidation", "thread_count_consolidation")
 
 
 def config_dict(config) -> dict:
@@ -80,16 +77,47 @@ def tied_source(key: str, keys) -> str | None:
     return sources[0]
 
 
-def side_files_of(folder: str) -> list[str]:
-    """What ``copy_from`` copies: every plain file of the folder that is not weights (config,
-    generation config, tokenizer, processor, chat template, remote code...)."""
+def is_side_file(name: str, other_weights: bool = False) -> bool:
+    """Whether a file of an HF folder goes beside weights written anew: not hidden (``.git``
+    and ``.cache`` folders can hold whole LFS copies of the weights), not the safetensors
+    weights or their index, and not weights in another format (``.bin``, ``.pt``, ``.gguf``,
+    ...) unless ``other_weights`` (MindSpeed-MM's converters leave out only ``*.safetensors``)."""
+    if name.startswith("."):
+        return False
+    if other_weights:
+        return not (name.endswith(".safetensors") or name == INDEX_NAME)
+    return not name.endswith(_WEIGHT_SUFFIXES)
+
+
+def side_files_of(folder: str, *, other_weights: bool = False, recursive: bool = False) -> list[str]:
+    """The side files of an HF folder, local or at a URL (see :func:`is_side_file`): config,
+    generation config, tokenizer, processor, chat template, remote code... as relative names;
+    with ``recursive``, those in subfolders too (local folders only), hidden folders left out."""
+    from dcp_hf.storage.stores import is_url, open_store
+
+    if is_url(folder):
+        store = open_store(folder)
+        return [n for n in store.list() if is_side_file(n, other_weights) and store.exists(n)]
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such folder (copy_from=)")
-    return sorted(
-        n
-        for n in os.listdir(folder)
-        if os.path.isfile(os.path.join(folder, n)) and not n.startswith(".") and not n.endswith(_WEIGHT_SUFFIXES)
-    )
+        raise FileNotFoundError(f"{folder}: no such folder")
+    names = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if recursive and not d.startswith("."))
+        rel = os.path.relpath(root, folder)
+        names += [
+            os.path.normpath(os.path.join(rel, n))
+            for n in files
+            if is_side_file(n, other_weights) and os.path.isfile(os.path.join(root, n))
+        ]
+    return sorted(names)
+
+
+def read_side_files(folder: str, *, other_weights: bool = False) -> dict[str, bytes]:
+    """The top-level side files of an HF folder, local or at a URL: name -> bytes."""
+    from dcp_hf.storage.stores import open_store
+
+    store = open_store(folder)
+    return {name: store.read(name) for name in side_files_of(folder, other_weights=other_weights)}
 
 
 def read_file_map(source) -> dict[str, str]:
@@ -127,7 +155,10 @@ class HFFiles:
             raise ValueError("give file_map_from or fqn_to_index_mapping, not both")
         copy_from = os.fspath(copy_from) if copy_from is not None else None
         if copy_from is not None:
-            side_files_of(copy_from)  # fail now, on every rank, not at commit
+            try:
+                side_files_of(copy_from)  # fail now, on every rank, not at commit
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"copy_from={copy_from!r}: {e}") from None
         if config is None and copy_from is not None and os.path.exists(os.path.join(copy_from, CONFIG_NAME)):
             config = os.path.join(copy_from, CONFIG_NAME)
         groups = None
@@ -207,11 +238,7 @@ class HFFiles:
 
     def side_files(self) -> dict[str, bytes]:
         """config.json and the files of ``copy_from`` (read on the coordinator at plan time)."""
-        out = {}
-        if self.copy_from is not None:
-            for name in side_files_of(self.copy_from):
-                with open(os.path.join(self.copy_from, name), "rb") as f:
-                    out[name] = f.read()
+        out = read_side_files(self.copy_from) if self.copy_from is not None else {}
         if self.config is not None:
             out[CONFIG_NAME] = (json.dumps(self.config, indent=2, sort_keys=True) + "\n").encode()
         return out

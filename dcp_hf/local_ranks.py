@@ -1,4 +1,5 @@
-"""Run a function on N local processes joined by a gloo process group (tests, demo, benchmarks)."""
+"""Run a function on N local processes joined by a gloo process group: the ranks of ``dcp-hf
+demo`` (and of the tests and benchmarks), without ``torchrun``."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import queue as queue_mod
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 
 class RankFailure(RuntimeError):
@@ -94,59 +94,3 @@ def run_ranks(
     if failures:
         raise RankFailure("\n".join(failures), results, lost)
     return [results[r][1] for r in range(world_size)]
-
-
-@dataclass
-class SimulatedSave:
-    """The plans of a save simulated in one process (see :func:`simulate_save_plans`)."""
-
-    local_plans: list  # what each rank sends to the coordinator
-    global_plans: list  # what the coordinator sends back to each rank
-    local_seconds: list[float]
-    global_seconds: float
-    coordinator: tuple  # (planner, writer) of rank 0
-    planners: list | None = None  # every rank's planner, when kept
-
-    def final_items(self, rank: int) -> list:
-        """The write items ``rank`` writes (its planner's finish_plan)."""
-        return self.planners[rank].finish_plan(self.global_plans[rank]).items
-
-
-def simulate_save_plans(
-    states: Iterable[dict], path: str, layout=None, keep_planners: bool = False, **writer_options
-) -> SimulatedSave:
-    """Plan a save of ``states`` (one state dict per simulated rank, e.g. of meta tensors in
-    TensorBoxes: no data is needed) exactly as ``dcp.save`` with HFSavePlanner and
-    HFStorageWriter would, in this process: every rank's local plan, then the coordinator's
-    global plan. Nothing is written. For tests, and for planning at scale without the ranks."""
-    import gc
-
-    from dcp_hf import HFSavePlanner, HFStorageWriter
-
-    local_plans, seconds, planners, coordinator = [], [], [], None
-    collect = gc.isenabled()
-    gc.disable()  # this process holds every rank's plan; a real rank holds one
-    try:
-        for rank, state in enumerate(states):
-            planner = HFSavePlanner(layout)
-            writer = HFStorageWriter(path, **writer_options)
-            t0 = time.perf_counter()
-            planner.set_up_planner(state, storage_meta=writer.storage_meta(), is_coordinator=rank == 0)
-            writer.set_up_storage_writer(rank == 0)
-            local_plans.append(writer.prepare_local_plan(planner.create_local_plan()))
-            seconds.append(time.perf_counter() - t0)
-            if rank == 0:
-                coordinator = (planner, writer)
-            if keep_planners:
-                planners.append(planner)
-        planner, writer = coordinator
-        t0 = time.perf_counter()
-        global_plans, _ = planner.create_global_plan(local_plans)
-        global_plans = writer.prepare_global_plan(global_plans)
-        global_seconds = time.perf_counter() - t0
-    finally:
-        if collect:
-            gc.enable()
-    return SimulatedSave(
-        local_plans, global_plans, seconds, global_seconds, coordinator, planners if keep_planners else None
-    )
