@@ -127,7 +127,7 @@ def test_column_shards_saved_through_parts_are_the_tensors(tmp_path, world, sock
     at its place in the files, read back with safetensors (the oracle), on both transports."""
     from safetensors import safe_open
 
-    from dcp_hf.testing import run_ranks
+    from dcp_hf.local_ranks import run_ranks
 
     root = str(tmp_path / "ckpt")
     results = run_ranks(_save_columns, world, root, socket)

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from dcp_hf import HFLoadPlanner, HFStorageReader
 from dcp_hf.storage.exchange import SharedMemory
 from dcp_hf.storage.shared_reads import Need, plan_bands
-from dcp_hf.testing import run_ranks
+from dcp_hf.local_ranks import run_ranks
 from tests.workers import bitwise_equal
 
 FILES = {

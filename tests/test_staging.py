@@ -365,7 +365,7 @@ def test_save_and_load_through_forced_staging_on_two_ranks(tmp_path):
     files hold each rank's chunk cast to bf16 (read with safetensors), and loading casts back."""
     from safetensors.torch import load_file
 
-    from dcp_hf.testing import run_ranks
+    from dcp_hf.local_ranks import run_ranks
 
     root = str(tmp_path / "ckpt")
     results = run_ranks(_save_and_load_staged, 2, root)
