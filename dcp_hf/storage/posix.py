@@ -51,6 +51,18 @@ def _fallocate(fd: int, offset: int, length: int, mode: int = 0) -> bool:
     raise OSError(err, os.strerror(err))
 
 
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: map every page writable in one call
+
+
+def _populate_for_write(m: mmap.mmap) -> None:
+    """Fault the mapping's pages in writable in one call instead of one fault per page (on a
+    column shard every rank touches every page). Best effort: older kernels refuse it."""
+    try:
+        m.madvise(_MADV_POPULATE_WRITE)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def _write_mapped(fd: int, base: int, grid: RunGrid, src: memoryview) -> bool:
     lo, hi = grid.span()
     lo, hi = base + lo, base + hi
@@ -58,6 +70,7 @@ def _write_mapped(fd: int, base: int, grid: RunGrid, src: memoryview) -> bool:
         return False
     map_off = lo - lo % _PAGE
     with mmap.mmap(fd, hi - map_off, offset=map_off) as m:
+        _populate_for_write(m)
         dst = torch.frombuffer(m, dtype=torch.uint8).as_strided(
             grid.counts + (grid.run_len,), grid.strides + (1,), lo - map_off
         )
