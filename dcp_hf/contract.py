@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan
 
 from dcp_hf.errors import StateDictMismatchError
-from dcp_hf.planners.summary import LocalSummary, MergedPlan, RankAssignment, summarize
+from dcp_hf.planners.summary import ChunkEntry, LocalSummary, MergedPlan, RankAssignment, summarize
 
 # In ``StorageMeta.modules``: the storage writer takes compact plans (:mod:`.planners.summary`).
 COMPACT_PLANS = "dcp_hf.compact_plans"
@@ -46,7 +46,7 @@ def merged_plan(plans: list[SavePlan]) -> MergedPlan:
     return MergedPlan(
         [
             summarize(
-                (
+                ChunkEntry(
                     i.index.fqn,
                     tuple(i.tensor_data.size),
                     i.tensor_data.properties.dtype,

@@ -187,8 +187,10 @@ class StreamingSavePlanner(HFSavePlanner):
         plan = super().finish_plan(new_plan)
 
         def position(item):
-            source, _, lo, _ = self._sources.get(item.index, (MetadataIndex(""), None, (), None))
-            return source.fqn, tuple(source.offset or ()), tuple(lo)
+            piece = self._sources.get(item.index)
+            if piece is None:
+                return "", (), ()
+            return piece.fqn, tuple(piece.chunk_offsets), tuple(piece.local_lo)
 
         items = sorted(plan.items, key=position)
         bands = self._plan_bands(items)
@@ -222,7 +224,8 @@ class StreamingSavePlanner(HFSavePlanner):
         for item in items:
             if item.index not in self._sources:
                 continue
-            source, _, lo, size = self._sources[item.index]
+            piece = self._sources[item.index]
+            source, lo, size = piece.source, piece.local_lo, piece.local_size
             if not size or 0 in size:
                 continue  # a scalar or an empty box: nothing to share
             box = (item.index, source, tuple(lo), tuple(size))
@@ -239,7 +242,8 @@ class StreamingSavePlanner(HFSavePlanner):
         band = self._band_of.get(write_item.index)
         if band is None:
             return _dense(super().resolve_data(write_item), fresh=False)
-        _, mem_dims, lo, size = self._sources[write_item.index]
+        piece = self._sources[write_item.index]
+        mem_dims, lo, size = piece.mem_dims, piece.local_lo, piece.local_size
         tensor = self._reader.take(band)
         try:
             box = mem_view(tensor, (lo[0] - band.lo,) + tuple(lo[1:]), size, mem_dims)

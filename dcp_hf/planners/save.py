@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,43 @@ from dcp_hf.errors import PeerRankError, StateDictMismatchError, not_a_tensor
 from dcp_hf.layouts import IDENTITY, Layout, mem_view
 from dcp_hf.layouts.quantized import FP8_MAX
 from dcp_hf.planners.checks import tensor_specs
-from dcp_hf.planners.summary import LocalSummary, MergedPlan, RankAssignment, summarize
+from dcp_hf.planners.summary import ChunkEntry, LocalSummary, MergedPlan, RankAssignment, summarize
 from dcp_hf.tensor_box import TensorBox, find_chunk
+
+
+class LocalChunk(NamedTuple):
+    """A chunk of an in-memory tensor on this rank."""
+
+    fqn: str
+    shape: tuple[int, ...]  # the global shape
+    dtype: torch.dtype
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+class SavePiece(NamedTuple):
+    """A box of an HF tensor this rank saves, and where its data is in memory: ``hf_*`` in HF
+    key space; ``fqn``/``chunk_offsets`` name the local chunk it comes from; the box is at
+    ``local_lo`` (size ``local_size``) of that chunk, in its in-memory dims ``mem_dims``."""
+
+    hf_key: str
+    hf_shape: tuple[int, ...]
+    dtype: torch.dtype
+    hf_offsets: tuple[int, ...]
+    hf_sizes: tuple[int, ...]
+    fqn: str
+    chunk_offsets: tuple[int, ...]
+    mem_dims: tuple[int, ...]
+    local_lo: tuple[int, ...]
+    local_size: tuple[int, ...]
+
+    @property
+    def source(self) -> MetadataIndex:
+        """The local chunk the piece's data comes from."""
+        return MetadataIndex(self.fqn, self.chunk_offsets)
+
+    def entry(self) -> ChunkEntry:
+        return ChunkEntry(self.hf_key, self.hf_shape, self.dtype, self.hf_offsets, self.hf_sizes, self.fqn)
 
 
 class HFSavePlanner(DefaultSavePlanner):
@@ -55,9 +91,8 @@ class HFSavePlanner(DefaultSavePlanner):
         )
         self.layout = layout or IDENTITY
         self.compact = False
-        # HF write index -> (in-memory index, piece's mem dims, box offsets in the local chunk, box sizes)
-        self._sources: dict[MetadataIndex, tuple] = {}
-        self._entries: dict[tuple, tuple] = {}  # (HF key, HF offsets) -> its piece (compact plans)
+        self._sources: dict[MetadataIndex, SavePiece] = {}  # HF write index -> where its data is
+        self._entries: dict[tuple, SavePiece] = {}  # (HF key, HF offsets) -> its piece (compact plans)
         self._block_keys: list[list[str]] = []
         # (HF key, HF offsets) -> what a quantized write item holds: its scales, or (the scales
         # of the blocks the data box touches, its offsets) for the fp8 data.
@@ -74,17 +109,18 @@ class HFSavePlanner(DefaultSavePlanner):
             super().set_up_planner(state_dict, storage_meta, is_coordinator)
         self.compact = takes_compact_plans(storage_meta)
 
-    def _chunks(self):
-        """(fqn, global shape, dtype, chunk offsets, chunk sizes) of every local chunk, and the
-        write items of values that are not tensors."""
+    def _chunks(self) -> tuple[list[LocalChunk], list[WriteItem]]:
+        """Every local chunk, and the write items of values that are not tensors."""
         chunks, others = [], []
         for fqn, value in self.state_dict.items():
             if isinstance(value, TensorBox):
                 chunks.append(
-                    (fqn, tuple(value.global_shape), value.dtype, tuple(value.offsets), tuple(value.local.shape))
+                    LocalChunk(
+                        fqn, tuple(value.global_shape), value.dtype, tuple(value.offsets), tuple(value.local.shape)
+                    )
                 )
             elif type(value) is torch.Tensor or type(value) is torch.nn.Parameter:
-                chunks.append((fqn, tuple(value.shape), value.dtype, (0,) * value.dim(), tuple(value.shape)))
+                chunks.append(LocalChunk(fqn, tuple(value.shape), value.dtype, (0,) * value.dim(), tuple(value.shape)))
             elif isinstance(value, DTensor) and value.device_mesh.get_coordinate() is None:
                 continue  # not on this rank's mesh (as DCP's own planner)
             else:
@@ -94,18 +130,21 @@ class HFSavePlanner(DefaultSavePlanner):
                         continue
                     td = item.tensor_data
                     chunks.append(
-                        (fqn, tuple(td.size), td.properties.dtype, tuple(td.chunk.offsets), tuple(td.chunk.sizes))
+                        LocalChunk(
+                            fqn, tuple(td.size), td.properties.dtype, tuple(td.chunk.offsets), tuple(td.chunk.sizes)
+                        )
                     )
         return chunks, others
 
-    def _pieces(self):
-        """Every local chunk's pieces in HF key space: (HF key, HF shape, dtype, HF offsets, HF
-        sizes, source fqn, source chunk offsets, mem dims, box offsets in the chunk, box sizes)."""
+    def _pieces(self) -> tuple[list[SavePiece], list[WriteItem]]:
+        """Every local chunk's pieces in HF key space."""
         chunks, others = self._chunks()
         entries, seen = [], {}
         if self.layout == IDENTITY:  # each chunk is its own piece
             return [
-                (fqn, shape, dtype, offsets, sizes, fqn, offsets, tuple(range(len(shape))), (0,) * len(shape), sizes)
+                SavePiece(
+                    fqn, shape, dtype, offsets, sizes, fqn, offsets, tuple(range(len(shape))), (0,) * len(shape), sizes
+                )
                 for fqn, shape, dtype, offsets, sizes in chunks
             ], others
         for fqn, shape, dtype, offsets, sizes in chunks:
@@ -122,7 +161,18 @@ class HFSavePlanner(DefaultSavePlanner):
                 seen[piece.hf_key, hf_off] = fqn
                 local_lo = tuple(a - b for a, b in zip(lo, offsets))
                 entries.append(
-                    (piece.hf_key, piece.hf_shape, dtype, hf_off, hf_size, fqn, offsets, piece.mem_dims, local_lo, size)
+                    SavePiece(
+                        piece.hf_key,
+                        piece.hf_shape,
+                        dtype,
+                        hf_off,
+                        hf_size,
+                        fqn,
+                        offsets,
+                        piece.mem_dims,
+                        local_lo,
+                        size,
+                    )
                 )
         if hasattr(self.layout.quantization, "quantizes"):
             entries = self._quantize(entries)
@@ -168,11 +218,11 @@ class HFSavePlanner(DefaultSavePlanner):
             for k, v in part.items():
                 merged[k] = max(merged.get(k, 0.0), v)
         for e, lo, amax, split in jobs:
-            hf_key, hf_shape, _, hf_off, hf_size = e[:5]
+            hf_key, hf_shape, hf_off, hf_size = e.hf_key, e.hf_shape, e.hf_offsets, e.hf_sizes
             for i, j in split:
                 amax[i, j] = merged[hf_key, lo[0] + i, lo[1] + j]
             scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones(()))
-            out.append((hf_key, hf_shape, q.dtype) + e[3:])
+            out.append(e._replace(dtype=q.dtype))
             self._quantized[hf_key, hf_off] = (scale, hf_off)
             # The blocks whose first element lies in this box: their scales are written from here.
             own_lo = tuple(-(-o // b) for o, b in zip(hf_off, q.block))
@@ -182,25 +232,26 @@ class HFSavePlanner(DefaultSavePlanner):
                 own = scale[
                     own_lo[0] - lo[0] : own_lo[0] - lo[0] + own_n[0], own_lo[1] - lo[1] : own_lo[1] - lo[1] + own_n[1]
                 ]
+                scale_shape = tuple(-(-n // b) for n, b in zip(hf_shape, q.block))
                 out.append(
-                    (scale_key, tuple(-(-n // b) for n, b in zip(hf_shape, q.block)), torch.float32, own_lo, own_n)
-                    + e[5:]
+                    e._replace(
+                        hf_key=scale_key, hf_shape=scale_shape, dtype=torch.float32, hf_offsets=own_lo, hf_sizes=own_n
+                    )
                 )
                 self._quantized[scale_key, own_lo] = own.contiguous()
         return out
 
-    def _item(self, entry) -> WriteItem:
+    def _item(self, entry: SavePiece) -> WriteItem:
         """The write item of a piece (and where resolve_data finds its data)."""
-        hf_key, hf_shape, dtype, hf_off, hf_size, fqn, offsets, mem_dims, local_lo, size = entry
-        index = MetadataIndex(hf_key, hf_off)
-        self._sources[index] = (MetadataIndex(fqn, offsets), mem_dims, local_lo, size)
+        index = MetadataIndex(entry.hf_key, entry.hf_offsets)
+        self._sources[index] = entry
         return WriteItem(
             index=index,
             type=WriteItemType.SHARD,
             tensor_data=TensorWriteData(
-                chunk=ChunkStorageMetadata(torch.Size(hf_off), torch.Size(hf_size)),
-                properties=TensorProperties(dtype=dtype),
-                size=torch.Size(hf_shape),
+                chunk=ChunkStorageMetadata(torch.Size(entry.hf_offsets), torch.Size(entry.hf_sizes)),
+                properties=TensorProperties(dtype=entry.dtype),
+                size=torch.Size(entry.hf_shape),
             ),
         )
 
@@ -210,12 +261,12 @@ class HFSavePlanner(DefaultSavePlanner):
         if self.compact:
             if others:
                 raise not_a_tensor(others[0].index.fqn)
-            self._entries = {(e[0], e[3]): e for e in entries}
-            summary, self._block_keys = summarize(e[:6] for e in entries)
+            self._entries = {(e.hf_key, e.hf_offsets): e for e in entries}
+            summary, self._block_keys = summarize(e.entry() for e in entries)
             self.plan = SavePlan([], planner_data=summary)
             return self.plan
         items = [self._item(e) for e in entries]
-        origin = {(e[0], torch.Size(e[3])): e[5] for e in entries}
+        origin = {(e.hf_key, torch.Size(e.hf_offsets)): e.fqn for e in entries}
         self.plan = SavePlan(items + others, planner_data=(self.mappings if self.flatten_state_dict else None, origin))
         return self.plan
 
@@ -269,11 +320,12 @@ class HFSavePlanner(DefaultSavePlanner):
     def resolve_data(self, write_item: WriteItem):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
-        source, mem_dims, lo, size = self._sources[write_item.index]
+        piece = self._sources[write_item.index]
         quantized = self._quantized.get((write_item.index.fqn, tuple(write_item.index.offset)))
         if isinstance(quantized, torch.Tensor):  # the scales of the blocks this rank writes
             return quantized
-        box = mem_view(self.fetch(source, lo, size), (0,) * len(size), size, mem_dims)
+        size = piece.local_size
+        box = mem_view(self.fetch(piece.source, piece.local_lo, size), (0,) * len(size), size, piece.mem_dims)
         if quantized is not None:
             scale, hf_off = quantized
             return self.layout.quantization.quantize(box, scale, hf_off)

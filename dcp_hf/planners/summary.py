@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 
@@ -50,12 +50,21 @@ class LocalSummary:
     blocks: list[Block]
 
 
-def summarize(
-    entries: Iterable[tuple[str, tuple, torch.dtype, tuple, tuple, str]],
-) -> tuple[LocalSummary, list[list[str]]]:
-    """Group (key, shape, dtype, offsets, sizes, source) entries into blocks; also return each
-    block's keys (sorted). Chunks with no elements are left out unless the whole tensor is
-    empty (it must still be saved)."""
+class ChunkEntry(NamedTuple):
+    """A chunk a rank saves: a box (``offsets``, ``sizes``) of HF tensor ``key`` (global
+    ``shape``, ``dtype``), taken from the in-memory tensor ``source``."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    source: str
+
+
+def summarize(entries: Iterable[ChunkEntry]) -> tuple[LocalSummary, list[list[str]]]:
+    """Group a rank's chunks into blocks; also return each block's keys (sorted). Chunks with
+    no elements are left out unless the whole tensor is empty (it must still be saved)."""
     groups: dict[tuple, list[tuple[str, str]]] = {}
     for key, shape, dtype, offsets, sizes, source in entries:
         if 0 in sizes and 0 not in shape:
