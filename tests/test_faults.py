@@ -50,6 +50,8 @@ def test_a_rank_that_raises_fails_every_rank_and_commits_nothing(tmp_path, previ
     fresh = tmp_path / "fresh"
     run_ranks(save_with_fault, 2, str(fresh), "raise", 0, False)
     assert _visible(fresh) == []  # no index, no shard: nothing that looks like a checkpoint
+    # the fresh folder was never made, and nothing is left beside it (no staging folder, no lock)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
 def test_a_killed_rank_fails_the_survivors_quickly(previous):

@@ -4,6 +4,7 @@ commits it with one atomic exchange of the whole folder (see :mod:`.commit`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from dcp_hf.storage import commit
 from dcp_hf.storage.exchange import Part
 from dcp_hf.storage.posix import fsync_dir, maps_short_runs, pwrite_all, write_runs
 
+logger = logging.getLogger("dcp_hf")
 _PARTIAL = re.compile(r"^\.(.+)\.([0-9a-f]{12})\.partial$")
 
 
@@ -169,9 +171,22 @@ class LocalSink:
         self._release()
 
     def abort(self) -> None:
-        """A failed save: the staging folder is left marked (the next save removes it); the
-        destination is untouched. Release the lock."""
-        self._release()
+        """A failed save: remove what it built (the staging folder, or this save's partial
+        files in place) and release the lock; the destination keeps its checkpoint. Best
+        effort: whatever is left, the next save into the folder removes first."""
+        try:
+            if self.dest is not None and self.dest.staged:
+                commit.clean_leftovers(self.path)
+            elif self.dest is not None:
+                for f in self.files:
+                    try:
+                        os.unlink(os.path.join(self.dest.work, partial_name(f.name, self.save_id)))
+                    except FileNotFoundError:
+                        pass
+        except OSError:
+            logger.warning("could not remove what a failed save left beside %s", self.path, exc_info=True)
+        finally:
+            self._release()
 
     def _release(self) -> None:
         commit.release_lock(self.lock, self.save_id)

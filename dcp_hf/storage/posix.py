@@ -145,9 +145,3 @@ def _read_span(fd: int, base: int, grid: RunGrid, dst: memoryview, file: str, bu
     src = span.as_strided(grid.counts + (grid.run_len,), grid.strides + (1,), 0)
     torch.frombuffer(dst, dtype=torch.uint8).view(src.shape).copy_(src)
     return hi - lo
-
-
-def write_file_atomic(path: str, data: bytes) -> None:
-    """Write a small file under an unpredictable temporary name (created ``O_EXCL|O_NOFOLLOW``),
-    fsync it, then rename it into place."""
-    write_new_file(os.path.dirname(path) or ".", os.path.basename(path), data)
