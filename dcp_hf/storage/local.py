@@ -16,7 +16,8 @@ from dcp_hf.errors import StorageError
 from dcp_hf.format import FileLayout
 from dcp_hf.storage import commit
 from dcp_hf.storage.exchange import Part
-from dcp_hf.storage.posix import fsync_dir, maps_short_runs, pwrite_all, write_runs
+from dcp_hf.storage.commit import fsync_dir
+from dcp_hf.storage.posix import maps_short_runs, pwrite_all, write_runs
 
 logger = logging.getLogger("dcp_hf")
 _PARTIAL = re.compile(r"^\.(.+)\.([0-9a-f]{12})\.partial$")

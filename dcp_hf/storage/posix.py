@@ -12,7 +12,6 @@ import torch
 
 from dcp_hf.boxes import RunGrid, byte_view
 from dcp_hf.errors import CheckpointFormatError
-from dcp_hf.storage.commit import fsync_dir, write_new_file  # noqa: F401 - fsync_dir re-exported
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
