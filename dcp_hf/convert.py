@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import shutil
 import threading
 from dataclasses import dataclass
@@ -270,7 +271,11 @@ class StreamingSavePlanner(HFSavePlanner):
         planner = HFLoadPlanner(self.source_layout)
         planner.set_up_planner({source.fqn: box}, self.source_metadata, True)
         plan = planner.finish_plan(planner.create_local_plan())
-        self.source.read_data(plan, planner).wait()
+        try:
+            self.source.read_data(plan, planner).wait()
+        except (EOFError, pickle.UnpicklingError) as e:  # DCP's own reader on a cut-short file
+            where = getattr(self.source, "path", "the source checkpoint")
+            raise CheckpointFormatError(f"{where}: {source.fqn!r}: its data ends early or is corrupt ({e})") from e
         return out
 
     def close(self) -> None:

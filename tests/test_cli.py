@@ -181,6 +181,8 @@ def test_convert_to_hf_that_fails_before_its_commit_leaves_no_config(ckpts, tmp_
     (tmp_path / "out").mkdir()
     rc, _, err = cli("convert", "--to", "hf", src, tmp_path / "out" / "hf", "--config-from", release, "--quiet")
     assert rc == 1, err
+    message = short_error(err, "convert")
+    assert str(src) in message and "ends early or is corrupt" in message and "unexpected" not in message, message
     left = [p.name for p in (tmp_path / "out").rglob("*")]
     assert "config.json" not in left and "tokenizer.json" not in left, left
 
