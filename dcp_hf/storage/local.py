@@ -32,7 +32,11 @@ class Created:
     """What ranks need to open the files the coordinator created."""
 
     work: str  # the folder the files are built in
-    ids: dict[int, commit.FileId]  # each file, as created
+    dev: int  # the device of the folder (every file's)
+    inodes: list[int]  # each file's inode, as created (compact: a plan goes to every rank)
+
+    def ident(self, n: int) -> commit.FileId:
+        return commit.FileId(self.dev, self.inodes[n])
 
 
 class LocalSink:
@@ -75,23 +79,26 @@ class LocalSink:
         """Make the staging folder and create every file in it (``O_EXCL|O_NOFOLLOW``)."""
         self.files = files
         self.dest = commit.prepare(self.path, self.save_id)
-        ids = {}
+        ids = []
         for n, f in enumerate(files):
             path = os.path.join(self.dest.work, partial_name(f.name, self.save_id))
             try:
-                fd, ids[n] = commit.create_file(path)
+                fd, ident = commit.create_file(path)
+                ids.append(ident)
             except OSError as e:
                 raise StorageError(e.errno, f"creating {path}: {e.strerror}") from e
             if n == 0:
                 self.short_runs_cheap = maps_short_runs(fd)
             os.close(fd)
-        return Created(self.dest.work, ids)
+        if len({i.dev for i in ids}) > 1:
+            raise StorageError(f"{self.dest.work}: its files are on different devices; not writing there")
+        return Created(self.dest.work, ids[0].dev if ids else 0, [i.ino for i in ids])
 
     # -- every rank ----------------------------------------------------------------------------
     def open(self, opened: Created, files: list[FileLayout], save_id: str, numbers: set[int]) -> None:
         self.files, self.save_id, self.work = files, save_id, opened.work
         for n in sorted(numbers):
-            self.fds[n] = commit.open_created(self._partial(n), opened.ids[n])
+            self.fds[n] = commit.open_created(self._partial(n), opened.ident(n))
 
     def _partial(self, n: int) -> str:
         return os.path.join(self.work, partial_name(self.files[n].name, self.save_id))
