@@ -67,6 +67,7 @@ logger = logging.getLogger("dcp_hf")
 
 DtypePolicy = torch.dtype | Callable[[str, torch.dtype], torch.dtype] | None
 _SHARD_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+STAGING_SLOT = 16 << 20
 EXCHANGE_BELOW = 256 << 10  # runs shorter than this go through parts where short writes are costly
 RANK_RESULT = "__dcp_hf_rank__"  # each rank's one WriteResult: its bytes and part receipts
 
@@ -207,8 +208,11 @@ class HFStorageWriter(StorageWriter):
         self.progress = progress
         self.thread_count = thread_count or (8 if self.store.remote else 2)
         self.io_chunk_bytes = io_chunk_bytes
-        # Host buffers that device tensors are staged through (pinned on first CUDA use).
-        self._stager = Stager(slots=self.thread_count + 2, slot_bytes=io_chunk_bytes, cpu_threads=self.thread_count)
+        # Host buffers that device tensors (and casts, strided views) are staged through,
+        # pinned on first CUDA use: a few slots of 16 MiB keep the copies ahead of the writes.
+        self._stager = Stager(
+            slots=self.thread_count + 2, slot_bytes=min(io_chunk_bytes, STAGING_SLOT), cpu_threads=self.thread_count
+        )
         self.is_coordinator = False
         self._files: list[FileLayout] = []
         self._where: dict[str, tuple[int, int]] = {}  # key -> (file number, data offset)
