@@ -54,7 +54,7 @@ from dcp_hf.format.dtypes import itemsize
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.exchange import SharedMemory, exchange_bytes, open_shared
 from dcp_hf.storage.shared_reads import Band, BandPlan, Need, plan_bands, read_bands, segment_sizes
-from dcp_hf.storage.staging import Slab, Stager, pump
+from dcp_hf.storage.staging import SLOT_BYTES, Slab, Stager, pump
 from dcp_hf.storage.stores import open_store
 
 # A box read in runs shorter than this, on a load of several ranks, is read in bands: each
@@ -339,7 +339,7 @@ class HFStorageReader(StorageReader):
             grid = box_runs(w.entry.shape, box, piece.sizes, itemsize(w.entry.dtype))
             return self.store.read_grid(self._handle(file), file, w.entry.start, grid, piece.data)
 
-        stager = Stager(slots=self.thread_count + 2, slot_bytes=self.io_chunk_bytes)
+        stager = Stager(slots=self.thread_count + 2, slot_bytes=min(self.io_chunk_bytes, SLOT_BYTES))
         for nread in pump(stager.load(Slab(w.dest, w.entry.dtype, w) for w in work), read, pool):
             self.bytes_read += nread
             progress.update(nread)

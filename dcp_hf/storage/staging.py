@@ -47,6 +47,7 @@ import torch
 from dcp_hf.boxes import byte_view
 
 FORCE_ENV = "DCP_HF_FORCE_STAGING"
+SLOT_BYTES = 16 << 20  # the slots the writer and reader use: a few keep the copies ahead of the I/O
 T = TypeVar("T")
 
 

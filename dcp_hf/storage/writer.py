@@ -60,14 +60,13 @@ from dcp_hf.storage.exchange import (
 )
 from dcp_hf.storage.hf_files import HFFiles
 from dcp_hf.storage.sink import Sink, open_sink
-from dcp_hf.storage.staging import Slab, Stager, pump
+from dcp_hf.storage.staging import SLOT_BYTES, Slab, Stager, pump
 from dcp_hf.storage.stores import open_store
 
 logger = logging.getLogger("dcp_hf")
 
 DtypePolicy = torch.dtype | Callable[[str, torch.dtype], torch.dtype] | None
 _SHARD_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
-STAGING_SLOT = 16 << 20
 EXCHANGE_BELOW = 256 << 10  # runs shorter than this go through parts where short writes are costly
 RANK_RESULT = "__dcp_hf_rank__"  # each rank's one WriteResult: its bytes and part receipts
 
@@ -211,7 +210,7 @@ class HFStorageWriter(StorageWriter):
         # Host buffers that device tensors (and casts, strided views) are staged through,
         # pinned on first CUDA use: a few slots of 16 MiB keep the copies ahead of the writes.
         self._stager = Stager(
-            slots=self.thread_count + 2, slot_bytes=min(io_chunk_bytes, STAGING_SLOT), cpu_threads=self.thread_count
+            slots=self.thread_count + 2, slot_bytes=min(io_chunk_bytes, SLOT_BYTES), cpu_threads=self.thread_count
         )
         self.is_coordinator = False
         self._files: list[FileLayout] = []
