@@ -350,12 +350,13 @@ def _save_and_load_staged(rank, world, root):
     }
     writer = HFStorageWriter(root, dtype=torch.bfloat16, io_chunk_bytes=1000)  # many small pieces
     dcp.save(state, storage_writer=writer, planner=HFSavePlanner())
-    saved = {k: v.to_local().clone() for k, v in state.items()}
+    # plain lists: tensors sent back through the result queue share memory with a process that exits
+    saved = {k: v.to_local().tolist() for k, v in state.items()}
     for v in state.values():
         v.to_local().zero_()
     reader = HFStorageReader(root, allow_dtype_cast=True, io_chunk_bytes=1000)
     dcp.load(state, storage_reader=reader, planner=HFLoadPlanner())
-    loaded = {k: v.to_local().clone() for k, v in state.items()}
+    loaded = {k: v.to_local().tolist() for k, v in state.items()}
     offsets = {k: tuple(v.__create_chunk_list__()[0].offsets) for k, v in state.items()}
     return saved, loaded, offsets
 
@@ -371,8 +372,9 @@ def test_save_and_load_through_forced_staging_on_two_ranks(tmp_path):
     results = run_ranks(_save_and_load_staged, 2, root)
     files = load_file(os.path.join(root, "model.safetensors"))
     for saved, loaded, offsets in results:
-        for key, local in saved.items():
+        for key, values in saved.items():
+            local = torch.tensor(values, dtype=torch.float32)
             box = tuple(slice(o, o + n) for o, n in zip(offsets[key], local.shape))
             assert files[key].dtype == torch.bfloat16
             assert torch.equal(files[key][box], local.to(torch.bfloat16)), key
-            assert torch.equal(loaded[key], local.to(torch.bfloat16).to(torch.float32)), key
+            assert torch.equal(torch.tensor(loaded[key]), local.to(torch.bfloat16).to(torch.float32)), key
