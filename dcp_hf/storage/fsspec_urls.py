@@ -39,10 +39,7 @@ class FsspecSink:
         pass
 
     def existing(self) -> list[str]:
-        try:
-            return self.store.list() if self.store.is_folder() else []
-        except FileNotFoundError:
-            return []
+        return self.store.names()
 
     def begin(self, files: list[FileLayout]) -> None:
         # The owner opens each file with its first part; the folder must exist for file

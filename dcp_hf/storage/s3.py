@@ -67,10 +67,7 @@ class S3Sink:
                 self.call("abort_multipart_upload", name, UploadId=upload["UploadId"])
 
     def existing(self) -> list[str]:
-        try:
-            return self.store.list() if self.store.is_folder() else []
-        except FileNotFoundError:
-            return []
+        return self.store.names()
 
     def begin(self, files: list[FileLayout]) -> dict[int, str]:
         self.files = files

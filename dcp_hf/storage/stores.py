@@ -200,6 +200,13 @@ class FsspecStore:
     def list(self) -> list[str]:
         return sorted(p.rsplit("/", 1)[-1] for p in self._retry(self.url, self.fs.ls, self.root, detail=False))
 
+    def names(self) -> list[str]:
+        """The folder's entries; none where there is no folder (yet)."""
+        try:
+            return self.list() if self.is_folder() else []
+        except FileNotFoundError:
+            return []
+
     def read(self, name: str) -> bytes:
         try:
             return self._retry(self.where(name), self.fs.cat_file, self.path_of(name))

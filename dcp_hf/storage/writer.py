@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import re
 import time
@@ -346,8 +345,7 @@ class HFStorageWriter(StorageWriter):
             for n, f in enumerate(files):
                 for key, base in f.offsets.items():
                     if key in exchanged:
-                        spec = f.specs[key]
-                        hi = base + math.prod(spec.shape) * itemsize(spec.dtype)
+                        hi = base + f.specs[key].nbytes
                         if regions and regions[-1].file == n and regions[-1].hi == base:
                             regions[-1] = dataclasses.replace(regions[-1], hi=hi)
                         else:
@@ -578,11 +576,7 @@ class HFStorageWriter(StorageWriter):
     def _keys_in(self, part: Part) -> list[str]:
         """The tensors whose data overlaps the part (for error messages)."""
         f = self._files[part.file]
-        return [
-            key
-            for key, base in f.offsets.items()
-            if base < part.hi and base + math.prod(f.specs[key].shape) * itemsize(f.specs[key].dtype) > part.lo
-        ]
+        return [key for key, base in f.offsets.items() if base < part.hi and base + f.specs[key].nbytes > part.lo]
 
     def _check_existing(self, names: list[str]) -> set[str]:
         """The HF checkpoint files already in the destination; refuse to replace them unless
