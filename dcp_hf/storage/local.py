@@ -111,9 +111,11 @@ class LocalSink:
             write_runs(self.fds[file], base, grid, src)
         except OSError as e:
             raise self._error(file, e, "writing") from e
+        # Also where other ranks' runs interleave with these (column shards): a page written
+        # again after its writeback is written twice, yet a 2-rank column save measured 1.25 s
+        # best with writeback of its own whole spans only and 0.87 s with this.
         lo, hi = grid.span()
-        if hi - lo == grid.nbytes:  # a span of this rank's alone (interleaved ones wait for fsync)
-            start_writeback(self.fds[file], base + lo, hi - lo)
+        start_writeback(self.fds[file], base + lo, hi - lo)
 
     def write_part(self, part: Part, data: torch.Tensor) -> None:
         try:
