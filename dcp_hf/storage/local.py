@@ -4,10 +4,13 @@ commits it with one atomic exchange of the whole folder (see :mod:`.commit`)."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +28,15 @@ _PARTIAL = re.compile(r"^\.(.+)\.([0-9a-f]{12})\.partial$")
 
 def partial_name(name: str, save_id: str) -> str:
     return f".{name}.{save_id}.partial"
+
+
+class _Span(NamedTuple):
+    """Bytes [lo, hi) of file number ``file``, stored once this rank had written ``written_by``."""
+
+    file: int
+    lo: int
+    hi: int
+    written_by: int
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,7 @@ class LocalSink:
     short_runs_cheap = True  # until ``begin`` finds the file system cannot map them
     min_part = 1
     max_parts = 1 << 62
+    WRITEBACK_LAG = 64 << 20
 
     def __init__(self, path: str):
         self.path = path
@@ -54,6 +67,9 @@ class LocalSink:
         self.dest: commit.Destination | None = None
         self.fds: dict[int, int] = {}
         self.work = ""
+        self.written = 0  # bytes this rank wrote into interleaved spans
+        self.behind: collections.deque[_Span] = collections.deque()
+        self.lock_behind = threading.Lock()
 
     # -- coordinator: before the ranks write -------------------------------------------------
     def prepare(self, save_id: str) -> None:
@@ -111,11 +127,26 @@ class LocalSink:
             write_runs(self.fds[file], base, grid, src)
         except OSError as e:
             raise self._error(file, e, "writing") from e
-        # Also where other ranks' runs interleave with these (column shards): a page written
-        # again after its writeback is written twice, yet a 2-rank column save measured 1.25 s
-        # best with writeback of its own whole spans only and 0.87 s with this.
         lo, hi = grid.span()
-        start_writeback(self.fds[file], base + lo, hi - lo)
+        if grid.nbytes == hi - lo:  # the span is this rank's alone
+            start_writeback(self.fds[file], base + lo, hi - lo)
+        else:
+            self._interleaved_written(file, base + lo, base + hi, grid.nbytes)
+
+    def _interleaved_written(self, file: int, lo: int, hi: int, nbytes: int) -> None:
+        """Start writeback of spans other ranks write into too (column shards) only once this
+        rank has written ``WRITEBACK_LAG`` bytes more: a page written back before every rank
+        stored its runs in it goes to disk twice (4-rank column save: 1.93x the bytes with no
+        lag). Ranks write the tensors in the same order at about the same pace, so by then
+        the others are done with it; the fsync at the end takes whatever is left."""
+        due = []
+        with self.lock_behind:  # the writer's threads
+            self.written += nbytes
+            self.behind.append(_Span(file, lo, hi, self.written))
+            while self.behind and self.behind[0].written_by + self.WRITEBACK_LAG <= self.written:
+                due.append(self.behind.popleft())
+        for span in due:
+            start_writeback(self.fds[span.file], span.lo, span.hi - span.lo)
 
     def write_part(self, part: Part, data: torch.Tensor) -> None:
         try:
@@ -143,6 +174,7 @@ class LocalSink:
         self._close_fds()
 
     def _close_fds(self) -> None:
+        self.behind.clear()
         while self.fds:
             os.close(self.fds.popitem()[1])
 

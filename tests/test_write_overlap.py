@@ -1,5 +1,6 @@
-"""The writer resolves chunks ahead of the one it writes (a transpose or cast of the next chunks
-runs beside the writes): the order, the errors and an early exit stay as without it."""
+"""What a save overlaps with its writes: the writer resolves chunks ahead of the one it writes
+(a transpose or cast of the next chunks runs beside the writes) with the order, the errors and an
+early exit as without it; the local sink hands finished spans to the disk as it goes."""
 
 import threading
 import time
@@ -72,3 +73,26 @@ def test_an_early_exit_cancels_what_has_not_started():
     gen.close()  # e.g. a write failed: the stager closes the run
     assert planner.running == 0  # running resolves were waited for
     assert len(planner.resolved) <= 1 + RESOLVE_AHEAD + 1
+
+
+def test_interleaved_spans_are_handed_to_the_disk_only_after_the_lag(monkeypatch):
+    """A column shard's span (other ranks' runs between this rank's) goes to writeback only once
+    this rank has written WRITEBACK_LAG bytes more, oldest first; a span of its own at once."""
+    from dcp_hf.boxes import RunGrid
+    from dcp_hf.storage import local
+
+    calls = []
+    monkeypatch.setattr(local, "start_writeback", lambda fd, lo, n: calls.append((lo, lo + n)))
+    monkeypatch.setattr(local, "write_runs", lambda *a: None)
+    sink = local.LocalSink("unused")
+    sink.WRITEBACK_LAG = 300
+    sink.fds = {0: -1}
+    strided = RunGrid(start=0, run_len=50, counts=(2,), strides=(100,))  # 100 bytes in [0, 150)
+    for i in range(4):
+        sink.write_runs(0, i * 1000, strided, memoryview(b""))
+    assert calls == [(0, 150)]  # written 400 bytes: only the first span is 300 behind
+    sink.write_runs(0, 9000, RunGrid(start=0, run_len=120), memoryview(b""))  # its own span
+    assert calls == [(0, 150), (9000, 9120)]
+    sink.write_runs(0, 5000, strided, memoryview(b""))
+    sink.write_runs(0, 6000, strided, memoryview(b""))
+    assert calls[2:] == [(1000, 1150), (2000, 2150)]
