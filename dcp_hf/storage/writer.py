@@ -108,11 +108,21 @@ def resolved_ahead(planner: SavePlanner, chunks: list) -> Iterator[tuple[Any, to
     chunks resolved on threads meanwhile (DCP's own writer also calls ``resolve_data`` from
     several threads). An error is raised when its chunk's turn comes; on an early exit the
     chunks not yet started are cancelled and the running ones waited for."""
+    # CUDA work the planner does (a cast) goes on the caller's stream, ordered after whatever
+    # the caller queued there, as if it were resolved on the caller's thread.
+    stream = torch.cuda.current_stream() if torch.cuda.is_initialized() else None
+
+    def resolve(item) -> torch.Tensor:
+        if stream is None:
+            return resolve_chunk(planner, item)
+        with torch.cuda.stream(stream):
+            return resolve_chunk(planner, item)
+
     pending: collections.deque = collections.deque()
     with ThreadPoolExecutor(RESOLVE_AHEAD, thread_name_prefix="dcp-hf-resolve") as pool:
         try:
             for c in chunks:
-                pending.append((c, pool.submit(resolve_chunk, planner, c.item)))
+                pending.append((c, pool.submit(resolve, c.item)))
                 if len(pending) > RESOLVE_AHEAD:
                     first, fut = pending.popleft()
                     yield first, fut.result()
@@ -463,7 +473,7 @@ class HFStorageWriter(StorageWriter):
     def _write_direct(self, chunks: list[ChunkWrite], planner: SavePlanner, sink: Sink, progress: Progress) -> None:
         """Write each chunk's runs, in pieces of at most ``io_chunk_bytes`` staged through the
         writer's ring of host buffers (a device-to-host copy or dtype conversion overlaps the
-        writes); chunks are resolved one at a time as the stager reaches them."""
+        writes); the next chunks are resolved on threads meanwhile (``resolved_ahead``)."""
 
         def slabs():
             for c, tensor in resolved_ahead(planner, chunks):
