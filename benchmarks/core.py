@@ -17,6 +17,8 @@ from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape
 SAVE_BASELINES_1 = ["safetensors_save_file", "torch_hf_writer"]
 SAVE_BASELINES_N = ["torch_hf_writer_consolidated", "dcp_filesystem_writer"]
 LOAD_BASELINES = ["safe_open_copy", "torch_hf_reader"]
+# Not a library: the floor of positional reads (what ours does) on one process, for reference.
+LOAD_FLOOR_1 = ["preadv_floor"]
 SHARDINGS = [
     (2, "shard0", "Shard(0)"),
     (2, "shard1", "Shard(1)"),
@@ -143,7 +145,31 @@ def _load_op(name: str, state, src: str):
                         dest.copy_(f.get_tensor(key))
 
         return run
+    if name == "preadv_floor":
+        return lambda: _preadv_floor(state, os.path.join(src, "model.safetensors"))
     raise ValueError(name)
+
+
+def _preadv_floor(state: dict[str, torch.Tensor], path: str, piece: int = 32 << 20) -> None:
+    """Full tensors read with ``os.preadv`` straight into their destinations, in pieces of
+    ``piece`` bytes on one thread per core: no planning, checks or metadata beyond the header."""
+    import json
+    import struct
+    from concurrent.futures import ThreadPoolExecutor
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        header = json.loads(os.pread(fd, n, 8))
+        jobs = []
+        for key, dest in state.items():
+            start, end = header[key]["data_offsets"]
+            mv = memoryview(dest.view(-1).view(torch.uint8).numpy())
+            jobs += [(mv[o : o + piece], 8 + n + start + o) for o in range(0, end - start, piece)]
+        with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+            list(pool.map(lambda job: os.preadv(fd, [job[0]], job[1]), jobs))
+    finally:
+        os.close(fd)
 
 
 def worker(
@@ -243,6 +269,7 @@ def run(root: str, size_gb: float, repeat: int, cold: bool, only: str | None = N
         write_reference_checkpoint(shape, root)
     for name, world, layout in loads:
         print(f"  running: {name} ...", flush=True)
-        results.append(run_case(name, "load", world, shape, layout, ["ours"] + LOAD_BASELINES, root, repeat, cold))
+        ops = ["ours"] + LOAD_BASELINES + (LOAD_FLOOR_1 if layout == "full" else [])
+        results.append(run_case(name, "load", world, shape, layout, ops, root, repeat, cold))
     shutil.rmtree(root, ignore_errors=True)
     return results
