@@ -147,3 +147,37 @@ def test_column_shards_saved_through_parts_are_the_tensors(tmp_path, world, sock
             local = torch.tensor(values, dtype=found[key].dtype)
             box = tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))
             assert torch.equal(found[key][box], local), key
+
+
+def _collective_devices(rank, world):
+    import torch.distributed as dist
+
+    from dcp_hf.errors import DcpHfError
+    from dcp_hf.storage.exchange import all_to_all, collective_device
+
+    cuda_only = dist.new_group(list(range(world)), backend="cuda:gloo")  # as an NCCL-only group
+    both = dist.new_group(list(range(world)), backend="cpu:gloo,cuda:gloo")
+    out = {"world": str(collective_device(None)), "both": str(collective_device(both))}
+    try:
+        out["cuda_only"] = str(collective_device(cuda_only))
+    except DcpHfError as e:
+        out["cuda_only"] = f"error: {e}"
+    got = torch.empty(world, dtype=torch.int64)
+    all_to_all(got, torch.full((world,), rank, dtype=torch.int64), None, None, both)
+    out["received"] = got.tolist()
+    return out
+
+
+def test_collectives_take_tensors_on_the_groups_device():
+    """CPU tensors where the group has a CPU backend; where it has none (an NCCL-only group: CPU
+    tensors fail there with 'No backend type associated with device type cpu'), its device, or
+    a clear error on a process without one."""
+    from dcp_hf.local_ranks import run_ranks
+
+    for rank, out in enumerate(run_ranks(_collective_devices, 2)):
+        assert out["world"] == out["both"] == "cpu"
+        assert out["received"] == [0, 1]
+        if torch.cuda.is_available():
+            assert out["cuda_only"].startswith("cuda:"), out
+        else:
+            assert out["cuda_only"].startswith("error: the process group (cuda:gloo) takes only cuda tensors"), out

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dcp_hf.boxes import RunGrid, byte_view
+from dcp_hf.errors import DcpHfError
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map the pages at once, not one fault each
@@ -158,7 +159,7 @@ def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -
         counts[rank, 1] = sum(len(p.data) for p in items)
         counts[rank, 0] = len(meta_out) - int(counts[:rank, 0].sum())
     counts_in = torch.empty_like(counts)
-    dist.all_to_all_single(counts_in, counts, group=group)
+    all_to_all(counts_in, counts, None, None, group)
     if shared is not None:  # the bytes go to the segment before the descriptions leave
         if at > shared.size:
             raise RuntimeError(f"{at} bytes to send, but the shared segment holds {shared.size}")
@@ -172,12 +173,12 @@ def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -
         segment[pos : pos + len(chunk)] = chunk
         pos += len(chunk)
     meta_in = torch.empty(int(counts_in[:, 0].sum()), dtype=torch.int64)
-    dist.all_to_all_single(
-        meta_in, torch.tensor(meta_out, dtype=torch.int64), counts_in[:, 0].tolist(), counts[:, 0].tolist(), group=group
+    all_to_all(
+        meta_in, torch.tensor(meta_out, dtype=torch.int64), counts_in[:, 0].tolist(), counts[:, 0].tolist(), group
     )
     if shared is None:
         data_in = torch.empty(int(counts_in[:, 1].sum()), dtype=torch.uint8)
-        dist.all_to_all_single(data_in, data_send, counts_in[:, 1].tolist(), counts[:, 1].tolist(), group=group)
+        all_to_all(data_in, data_send, counts_in[:, 1].tolist(), counts[:, 1].tolist(), group)
     received, meta, i, taken = [], meta_in.tolist(), 0, 0
     for source in range(world):
         end = i + int(counts_in[source, 0])
@@ -315,7 +316,35 @@ def exchange_bytes(send: torch.Tensor, send_sizes: list[int], recv_sizes: list[i
     """One all-to-all of bytes whose sizes both sides already know from a plan they share
     (loads: ``storage.shared_reads``); ``send`` and ``recv`` hold each rank's segment, in rank
     order."""
-    dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
+    all_to_all(recv, send, recv_sizes, send_sizes, group)
+
+
+def collective_device(group) -> torch.device:
+    """The device of the tensors the group's collectives take: the CPU where the group has a
+    CPU backend (gloo, or torch's default pair of gloo and NCCL), else the current device of its
+    accelerator (an NCCL-only group, as most training jobs create, rejects CPU tensors)."""
+    types = [d.type for d in getattr(group if group is not None else dist.group.WORLD, "_device_types", [])]
+    if not types or "cpu" in types:
+        return torch.device("cpu")
+    module = torch.get_device_module(types[0])
+    if not module.is_available():
+        raise DcpHfError(
+            f"the process group ({dist.get_backend(group)}) takes only {types[0]} tensors, and this process "
+            f"has no {types[0]} device: give it a CPU backend (e.g. init_process_group('cpu:gloo,cuda:nccl'))"
+        )
+    return torch.device(types[0], module.current_device())
+
+
+def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_sizes, in_sizes, group) -> None:
+    """``dist.all_to_all_single`` of CPU tensors on any group: through the group's device where
+    it has no CPU backend."""
+    device = collective_device(group)
+    if device.type == "cpu":
+        dist.all_to_all_single(out, inp, out_sizes, in_sizes, group=group)
+        return
+    staged = torch.empty_like(out, device=device)
+    dist.all_to_all_single(staged, inp.to(device), out_sizes, in_sizes, group=group)
+    out.copy_(staged)
 
 
 class SharedMemory:

@@ -52,6 +52,7 @@ from dcp_hf.storage.exchange import (
     PartWriter,
     Region,
     assemble,
+    collective_device,
     end_round,
     exchange,
     open_shared,
@@ -465,9 +466,10 @@ class HFStorageWriter(StorageWriter):
     @staticmethod
     def _any_failed(failure: BaseException | None, group) -> bool:
         """Whether any rank failed (all ranks learn it, so the coordinator aborts the save)."""
-        failed = torch.tensor([0 if failure is None else 1])
-        if group is not None:
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+        if group is None:
+            return failure is not None
+        failed = torch.tensor([0 if failure is None else 1], device=collective_device(group))
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
         return bool(int(failed))
 
     def _write_direct(self, chunks: list[ChunkWrite], planner: SavePlanner, sink: Sink, progress: Progress) -> None:
