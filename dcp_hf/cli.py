@@ -114,6 +114,7 @@ _DESCRIBE = {
     "file": "is a file, not a checkpoint folder",
     "other": "holds neither *.safetensors files nor a DCP .metadata file",
 }
+_LABEL = {"hf": "an HF checkpoint", "dcp": "a native DCP checkpoint"}
 
 
 def require(path: str, what: str, *kinds: str, hint: str = "") -> str:
@@ -142,9 +143,6 @@ def require_free(path: str, overwrite: bool, what: str = "DST", writes: str = "h
     if kind in ("file", "safetensors"):
         raise UsageError(f"{what} {path} {_DESCRIBE[kind]}; give a folder")
     require_writable(path, what)
-
-
-_LABEL = {"hf": "an HF checkpoint", "dcp": "a native DCP checkpoint"}
 
 
 def require_writable(path: str, what: str) -> None:
