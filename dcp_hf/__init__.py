@@ -7,7 +7,7 @@ from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.storage import HFStorageReader, HFStorageWriter
 from dcp_hf.tensor_box import TensorBox
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it)
 
 __all__ = [
     "CheckpointExistsError",

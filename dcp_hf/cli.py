@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import warnings
 
 DOC = __doc__
@@ -29,6 +30,39 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser. argparse hands a command's unknown arguments up to the top-level
+    parser, whose error shows ``dcp-hf COMMAND ...`` and not the command's flags: here the
+    command reports them, with its own usage, also beside another error (a missing --to)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(args) if args is not None else sys.argv[1:]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error("unrecognized arguments: " + " ".join(extras))
+        return namespace, extras
+
+    def error(self, message):
+        unknown = self._unknown_flags()
+        if unknown and not message.startswith("unrecognized arguments"):
+            message = f"unrecognized arguments: {' '.join(unknown)}; and {message}"
+        super().error(message)
+
+    def _unknown_flags(self) -> list[str]:
+        """The flags given to this command (when it has no subcommands) that it does not know,
+        also as an unambiguous prefix of one."""
+        if self._subparsers is not None:
+            return []
+        args = getattr(self, "_given", [])
+        args = args[: args.index("--")] if "--" in args else args
+        known = self._option_string_actions
+        return [
+            a
+            for a in args
+            if a.startswith("-") and len(a) > 1 and not any(o.startswith(a.split("=", 1)[0]) for o in known)
+        ]
 
 
 # Python-API advice in library errors, as the flags that do the same on the command line.
@@ -80,6 +114,7 @@ _DESCRIBE = {
     "file": "is a file, not a checkpoint folder",
     "other": "holds neither *.safetensors files nor a DCP .metadata file",
 }
+_LABEL = {"hf": "an HF checkpoint", "dcp": "a native DCP checkpoint"}
 
 
 def require(path: str, what: str, *kinds: str, hint: str = "") -> str:
@@ -90,38 +125,79 @@ def require(path: str, what: str, *kinds: str, hint: str = "") -> str:
     return kind
 
 
-def require_free(path: str, overwrite: bool, what: str = "DST") -> None:
-    """Refuse, before any work, to replace a checkpoint unless --overwrite is given."""
+def require_free(path: str, overwrite: bool, what: str = "DST", writes: str = "hf") -> None:
+    """Check, before any work, that a command writing a ``writes`` checkpoint (``hf`` or ``dcp``)
+    can write ``path``: not a file, a checkpoint there only with --overwrite, and only one of
+    the same kind (the other kind's files would stay beside the new ones), and a place the
+    writer can create folders in (:func:`require_writable`)."""
     kind = checkpoint_kind(path)
-    if kind in ("hf", "dcp") and not overwrite:
-        label = "an HF checkpoint" if kind == "hf" else "a native DCP checkpoint"
+    if kind in ("hf", "dcp") and kind != writes:
         raise UsageError(
-            f"{what} {path} already holds {label}; pass --overwrite to replace it, or choose another folder"
+            f"{what} {path} holds {_LABEL[kind]}, which --overwrite would not remove (the output's files would "
+            "be written beside its files); remove it, or choose another folder"
+        )
+    if kind in ("hf", "dcp") and not overwrite:
+        raise UsageError(
+            f"{what} {path} already holds {_LABEL[kind]}; pass --overwrite to replace it, or choose another folder"
         )
     if kind in ("file", "safetensors"):
         raise UsageError(f"{what} {path} {_DESCRIBE[kind]}; give a folder")
+    require_writable(path, what)
+
+
+def require_writable(path: str, what: str) -> None:
+    """Check that the writer can make its folders for ``path``: it creates the folder and any
+    missing folders above it, and builds the checkpoint in a sibling folder (else inside the
+    folder, where the parent is read-only). ``os.access`` cannot tell (root passes it on
+    /proc), so a hidden folder is made and removed where the writer would make one."""
+    if "://" in path:
+        return  # an object store: its credentials are checked by the first request
+    real = os.path.realpath(path)
+    above = os.path.dirname(real)
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise UsageError(f"{what} {path}: {above} is a file, not a folder; choose another folder")
+    error = None
+    for place in [above] + ([real] if os.path.isdir(real) else []):
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".dcp-hf-probe-", dir=place))
+            return
+        except OSError as e:
+            error = error or f"cannot create a folder in {place} ({e.strerror})"
+    raise UsageError(f"{what} {path}: {error}; choose another folder")
 
 
 # -- commands ---------------------------------------------------------------------------------
 def _cmd_demo(args) -> int:
-    from dcp_hf.demo import run_demo
+    from dcp_hf.demo import is_demo_output, run_demo
     from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape
 
+    output = args.output
+    if "://" in output:
+        raise UsageError(f"--output {output}: the demo writes a local folder (and reads it back to verify)")
+    previous = is_demo_output(output)
+    require_free(output, True, "--output")  # a file, a DCP checkpoint, a place that cannot be written
+    if not (args.overwrite or previous) and os.path.isdir(output) and os.listdir(output):
+        held = _LABEL.get(checkpoint_kind(output), "files")
+        raise UsageError(
+            f"--output {output} holds {held} and is not a previous demo's output (see --help); "
+            "pass --overwrite to replace it, or choose another folder"
+        )
     shape = LLAMA_1B_LIKE if args.size == "1b" else LlamaShape()
-    run_demo(args.output, args.nproc, shape, args.max_shard_size, progress=not args.quiet)
+    run_demo(
+        output, args.nproc, shape, args.max_shard_size, progress=not args.quiet, overwrite=args.overwrite or previous
+    )
     return 0
 
 
 def _cmd_inspect(args) -> int:
     from dcp_hf.inspect import inspect_checkpoint
 
-    require(
-        args.path,
-        "PATH",
-        "hf",
-        "safetensors",
-        hint="inspect reads HF checkpoints (a folder of .safetensors files, or one file)",
-    )
+    reads = "inspect reads an HF checkpoint folder (local or an s3:// URL) or one .safetensors file"
+    if checkpoint_kind(args.path) == "file":
+        raise UsageError(f"PATH {args.path} is neither a checkpoint folder nor a .safetensors file; {reads}")
+    require(args.path, "PATH", "hf", "safetensors", hint=reads)
     print(inspect_checkpoint(args.path, verbose=args.verbose))
     return 0
 
@@ -220,7 +296,7 @@ def _cmd_convert(args) -> int:
                 "other",
                 hint="give the HF folder whose config.json and tokenizer go with the output",
             )
-    require_free(args.dst, args.overwrite)
+    require_free(args.dst, args.overwrite, writes="dcp" if args.to == "dcp" else "hf")
     _init_distributed()
     if args.to == "dcp":
         info = hf_to_dcp(args.src, args.dst, style=_style(args), prefixes=prefixes, progress=not args.quiet)
@@ -344,13 +420,16 @@ def _common(parser: argparse.ArgumentParser, *, shard: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape
 
+    import dcp_hf
+
     parser = argparse.ArgumentParser(prog="dcp-hf", description=DOC, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"dcp-hf {dcp_hf.__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     debug = argparse.ArgumentParser(add_help=False)  # also after the command, not resetting it
     debug.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
     def command(name: str, help: str, description: str | None = None, on=sub):
         return on.add_parser(
@@ -362,7 +441,19 @@ def build_parser() -> argparse.ArgumentParser:
         "save a sharded Llama-shaped model as an HF checkpoint in local "
         "processes, reload it resharded, verify it, print GB/s",
     )
-    demo.add_argument("--output", default="demo-output", help="output folder")
+    demo.add_argument(
+        "--output",
+        default="demo-output",
+        help="output folder: new, empty, or a previous demo's output (only config.json, model.safetensors, "
+        "model.safetensors.index.json and model-NNNNN-of-NNNNN.safetensors files, config.json as a demo "
+        "of either --size writes it), which is replaced; anything else needs --overwrite",
+    )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --output folder that holds other files: an HF checkpoint there is replaced, "
+        "other files stay (a native DCP checkpoint is refused)",
+    )
     demo.add_argument("--nproc", type=_positive_int, default=2, help="local processes (gloo)")
     demo.add_argument(
         "--size",
@@ -375,7 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     insp = command("inspect", "list the tensors of an HF checkpoint from its headers")
-    insp.add_argument("path", metavar="PATH", help="HF checkpoint folder or one .safetensors file")
+    insp.add_argument(
+        "path",
+        metavar="PATH",
+        help="HF checkpoint folder, its s3:// URL (credentials from the standard AWS chain: AWS_ENDPOINT_URL, "
+        "environment, profile; needs dcp-hf[s3]), or one .safetensors file",
+    )
     insp.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     insp.set_defaults(func=_cmd_inspect)
 

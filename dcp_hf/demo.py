@@ -5,11 +5,34 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import torch
 
-from dcp_hf.models import LlamaShape, pattern_chunk, tensor_parallel_dim
+from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape, pattern_chunk, tensor_parallel_dim
+
+# Every name a demo output folder holds: its config, and one file or shards with their index.
+DEMO_FILE = re.compile(r"^(config\.json|model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors)$")
+DEMO_SHAPES = (LlamaShape(), LLAMA_1B_LIKE)  # --size small, 1b
+
+
+def is_demo_output(path: str) -> bool:
+    """Whether ``path`` is a folder a previous demo wrote (the demo replaces it without
+    --overwrite): it holds only config.json, model.safetensors, model.safetensors.index.json
+    and model-NNNNN-of-NNNNN.safetensors files (nothing else, hidden names included), and its
+    config.json is the one a demo of either size writes."""
+    try:
+        names = os.listdir(path)
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (
+        all(DEMO_FILE.match(n) for n in names)
+        and any(n.endswith(".safetensors") for n in names)
+        and any(config == shape.hf_config(torch.bfloat16) for shape in DEMO_SHAPES)
+    )
 
 
 def sharded_llama(shape: LlamaShape, dtype: torch.dtype, layout: str, empty: bool = False):
@@ -43,7 +66,14 @@ def sharded_llama(shape: LlamaShape, dtype: torch.dtype, layout: str, empty: boo
 
 
 def _rank_save_then_load(
-    rank: int, world: int, path: str, shape: LlamaShape, dtype: torch.dtype, max_shard_size: str, progress: bool
+    rank: int,
+    world: int,
+    path: str,
+    shape: LlamaShape,
+    dtype: torch.dtype,
+    max_shard_size: str,
+    progress: bool,
+    overwrite: bool,
 ):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -56,7 +86,11 @@ def _rank_save_then_load(
     dcp.save(
         state,
         storage_writer=HFStorageWriter(
-            path, max_shard_size=max_shard_size, overwrite=True, progress=progress, config=shape.hf_config(dtype)
+            path,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=progress,
+            config=shape.hf_config(dtype),
         ),
         planner=HFSavePlanner(),
     )
@@ -98,14 +132,19 @@ def verify_plain(path: str, shape: LlamaShape, dtype: torch.dtype) -> int:
     return len(weight_map)
 
 
-def run_demo(output: str, nproc: int, shape: LlamaShape, max_shard_size: str, progress: bool = False) -> None:
+def run_demo(
+    output: str, nproc: int, shape: LlamaShape, max_shard_size: str, progress: bool = False, overwrite: bool = False
+) -> None:
+    """Save, reload resharded and verify the demo model in ``output``; a checkpoint already
+    there is replaced only with ``overwrite`` (the command line passes it for a previous demo
+    output, :func:`is_demo_output`)."""
     from dcp_hf.local_ranks import run_ranks
 
     dtype = torch.bfloat16
     nbytes = sum(torch.Size(s).numel() for s in shape.tensors().values()) * dtype.itemsize
     print(f"dcp-hf demo: Llama-shaped model {shape.describe()}, {nbytes / 1e6:.1f} MB bf16, {nproc} processes (gloo)")
     print(f"  save: tensor-parallel DTensors (column/row sharded) -> HF checkpoint in {output}")
-    results = run_ranks(_rank_save_then_load, nproc, output, shape, dtype, max_shard_size, progress)
+    results = run_ranks(_rank_save_then_load, nproc, output, shape, dtype, max_shard_size, progress, overwrite)
     save_s = max(r[0] for r in results)
     load_s = max(r[1] for r in results)
     wrong = sorted({k for r in results for k in r[2]})

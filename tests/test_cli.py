@@ -269,6 +269,11 @@ def test_demo_shows_every_ranks_bytes_and_its_output_loads_with_from_pretrained(
     for phase in ("save", "load"):
         finals = [line for line in err.replace("\r", "\n").splitlines() if line.startswith(f"dcp-hf {phase}: 100%")]
         assert finals and shown in finals[-1], err
+    assert len(list((tmp_path / "demo").glob("model-*-of-*.safetensors"))) == 2  # 20MB shards
+    # run again (the README's set-up command), into its own output: replaced, without --overwrite
+    rc, out, err = cli_process("demo", "--output", tmp_path / "demo", "--nproc", "2", "--max-shard-size", "1GB")
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path / "demo")) == ["config.json", "model.safetensors"]
     transformers = pytest.importorskip("transformers")
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "demo", output_loading_info=True, local_files_only=True
@@ -276,3 +281,209 @@ def test_demo_shows_every_ranks_bytes_and_its_output_loads_with_from_pretrained(
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(8).view(1, 8)).logits.float()).all()
+
+
+# -- the demo's --output, and where every command writes ---------------------------------------
+def demo_like(path, config=None, names=("model.safetensors",)):
+    """A folder laid out as a demo output: config.json (the small demo's unless given) and
+    ``names`` (safetensors files hold one tensor)."""
+    from dcp_hf.models import LlamaShape
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config or LlamaShape().hf_config(torch.bfloat16)))
+    for name in names:
+        if name.endswith(".safetensors"):
+            save_file({"x": torch.zeros(2)}, path / name)
+        else:
+            (path / name).write_text("{}")
+    return path
+
+
+def snapshot(path):
+    return {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def test_demo_recognises_only_a_previous_demo_output(tmp_path):
+    """The rule written in ``demo --help``: only the names a demo writes, and the config.json a
+    demo of either size writes, byte for byte in meaning."""
+    from dcp_hf.demo import is_demo_output
+    from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape
+
+    small = LlamaShape().hf_config(torch.bfloat16)
+    shards = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json")
+    assert is_demo_output(demo_like(tmp_path / "one"))
+    assert is_demo_output(demo_like(tmp_path / "shards", names=shards))
+    assert is_demo_output(demo_like(tmp_path / "1b", LLAMA_1B_LIKE.hf_config(torch.bfloat16)))
+    assert not is_demo_output(demo_like(tmp_path / "other-model", {**small, "num_hidden_layers": 5}))
+    assert not is_demo_output(demo_like(tmp_path / "fp32", LlamaShape().hf_config(torch.float32)))
+    assert not is_demo_output(demo_like(tmp_path / "notes", names=("model.safetensors", "notes.txt")))
+    assert not is_demo_output(demo_like(tmp_path / "hidden", names=("model.safetensors", ".cache")))
+    assert not is_demo_output(demo_like(tmp_path / "dcp", names=("model.safetensors", ".metadata")))
+    assert not is_demo_output(demo_like(tmp_path / "no-weights", names=()))
+    (tmp_path / "bad-json").mkdir()
+    (tmp_path / "bad-json" / "config.json").write_text("{")
+    assert not is_demo_output(tmp_path / "bad-json")
+    assert not is_demo_output(tmp_path / "missing")
+
+
+def test_demo_refuses_an_output_that_is_not_a_previous_demo_output(ckpts, tmp_path):
+    """Another checkpoint (or any file) at --output is left as it is, and the one-line message
+    names the flag, the path and --overwrite; a native DCP checkpoint is refused even with
+    --overwrite (its files would stay beside the HF ones). All before any process starts."""
+    import shutil
+
+    from dcp_hf.models import LlamaShape
+
+    shutil.copytree(ckpts / "hf", tmp_path / "hf")
+    shutil.copytree(ckpts / "dcp", tmp_path / "dcp")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    demo_like(tmp_path / "demo-and-more", names=("model.safetensors", "tokenizer.json"))
+    demo_like(tmp_path / "another-config", {**LlamaShape().hf_config(torch.bfloat16), "vocab_size": 7})
+    for name, held in [
+        ("hf", "an HF checkpoint"),
+        ("notes", "files"),
+        ("demo-and-more", "an HF checkpoint"),
+        ("another-config", "an HF checkpoint"),
+    ]:
+        before = snapshot(tmp_path / name)
+        rc, _, err = cli("demo", "--output", tmp_path / name, "--quiet")
+        assert rc == 1, err
+        message = short_error(err, "demo")
+        assert message == (
+            f"dcp-hf demo: --output {tmp_path / name} holds {held} and is not a previous demo's output "
+            "(see --help); pass --overwrite to replace it, or choose another folder"
+        )
+        assert snapshot(tmp_path / name) == before
+    before = snapshot(tmp_path / "dcp")
+    for extra in ([], ["--overwrite"]):
+        rc, _, err = cli("demo", "--output", tmp_path / "dcp", "--quiet", *extra)
+        assert rc == 1, err
+        message = short_error(err, "demo")
+        assert message.startswith(f"dcp-hf demo: --output {tmp_path / 'dcp'} holds a native DCP checkpoint"), message
+        assert "remove it, or choose another folder" in message
+    assert snapshot(tmp_path / "dcp") == before
+
+
+def test_demo_names_an_output_it_cannot_write(tmp_path):
+    """A file, a folder under a file, a place where no folder can be made (/proc), a URL: one
+    line naming --output, as a user's terminal shows it (no traceback of the demo's ranks)."""
+    (tmp_path / "afile.txt").write_text("mine")
+    cases = [
+        (
+            tmp_path / "afile.txt",
+            f"--output {tmp_path / 'afile.txt'} is a file, not a checkpoint folder; give a folder",
+        ),
+        (
+            tmp_path / "afile.txt" / "sub",
+            f"--output {tmp_path / 'afile.txt' / 'sub'}: {tmp_path / 'afile.txt'} is a file",
+        ),
+        ("s3://bucket/demo", "--output s3://bucket/demo: the demo writes a local folder"),
+    ]
+    if os.path.isdir("/proc/self"):
+        cases.append(("/proc/demo-x", "--output /proc/demo-x: cannot create a folder in /proc ("))
+    for i, (output, expected) in enumerate(cases):
+        run = cli_process if i == 0 else cli  # as a terminal shows it, then in this process (fast)
+        rc, out, err = run("demo", "--output", output, "--quiet")
+        assert rc == 1, err
+        assert short_error(err, "demo").startswith(f"dcp-hf demo: {expected}"), err
+        assert out == ""  # refused before the demo starts
+    assert (tmp_path / "afile.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, where no folder can be made")
+def test_every_writing_command_names_a_destination_it_cannot_write(ckpts, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    for command, argv in [
+        ("convert", ["convert", "--to", "hf", ckpts / "dcp"]),
+        ("convert", ["convert", "--to", "dcp", ckpts / "hf"]),
+        ("convert", ["convert", "--to", "dequantized", ckpts / "hf"]),
+        ("experts merge", ["experts", "merge", "--layout", "transformers", ckpts / "hf"]),
+        ("export", ["export", "--from", "megatron", "--config", tmp_path / "config.json", ckpts / "dcp"]),
+    ]:
+        rc, _, err = cli(*argv, "/proc/dcp-hf-x", "--quiet")
+        assert rc == 1, err
+        message = short_error(err, command)
+        assert message.startswith(f"dcp-hf {command}: DST /proc/dcp-hf-x: cannot create a folder in /proc ("), message
+
+
+def test_overwrite_does_not_mix_an_hf_and_a_dcp_checkpoint(ckpts, tmp_path):
+    """--overwrite replaces a checkpoint of the kind the command writes; one of the other kind
+    would stay beside the new files (a folder that is both), so it is refused."""
+    import shutil
+
+    for to, src, dst in [("hf", "dcp", "hf"), ("dcp", "hf", "dcp")]:
+        shutil.copytree(ckpts / src, tmp_path / src)  # the folder to write into holds a `src` checkpoint
+        before = snapshot(tmp_path / src)
+        rc, _, err = cli("convert", "--to", to, ckpts / src, tmp_path / src, "--overwrite", "--quiet")
+        assert rc == 1, err
+        label = "a native DCP checkpoint" if src == "dcp" else "an HF checkpoint"
+        assert short_error(err, "convert").startswith(
+            f"dcp-hf convert: DST {tmp_path / src} holds {label}, which --overwrite would not remove"
+        ), err
+        assert snapshot(tmp_path / src) == before
+        shutil.copytree(ckpts / dst, tmp_path / f"same-{dst}")  # the same kind: replaced
+        rc, _, err = cli("convert", "--to", to, ckpts / src, tmp_path / f"same-{dst}", "--overwrite", "--quiet")
+        assert rc == 0, err
+
+
+def test_unknown_flag_of_a_command_shows_that_commands_usage():
+    for i, (argv, usage, bad) in enumerate(
+        [
+            (["convert", "--to", "hf", "a", "b", "--overwirte"], "usage: dcp-hf convert ", "--overwirte"),
+            (["convert", "a", "b", "--overwirte"], "usage: dcp-hf convert ", "--overwirte"),  # and --to is missing
+            (["experts", "merge", "a", "b", "--bogus=3"], "usage: dcp-hf experts merge ", "--bogus=3"),
+            (["demo", "--ouptut", "x"], "usage: dcp-hf demo ", "--ouptut"),
+            (["--bogus", "inspect", "x"], "usage: dcp-hf [-h]", "--bogus"),
+        ]
+    ):
+        rc, _, err = (cli_process if i == 0 else cli)(*argv)  # as a terminal shows it, then in this process
+        assert rc == 2, err
+        assert err.startswith(usage), err
+        assert f"error: unrecognized arguments: {bad}" in err, err
+    rc, _, err = cli("convert", "a", "b", "--overwirte")
+    assert rc == 2 and err.splitlines()[-1] == (
+        "dcp-hf convert: error: unrecognized arguments: --overwirte; and the following arguments are required: --to"
+    )
+    rc, _, err = cli("convert", "--to", "hf", "a", "b", "--over")  # a prefix of --overwrite is that flag
+    assert rc == 1 and "SRC a does not exist" in err
+
+
+def test_inspect_says_what_it_reads_and_that_a_file_is_neither(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    rc, _, err = cli("inspect", tmp_path / "config.json")
+    assert rc == 1
+    assert short_error(err, "inspect") == (
+        f"dcp-hf inspect: PATH {tmp_path / 'config.json'} is neither a checkpoint folder nor a .safetensors file; "
+        "inspect reads an HF checkpoint folder (local or an s3:// URL) or one .safetensors file"
+    )
+    rc, out, _ = cli("inspect", "--help")
+    assert rc == 0 and "s3:// URL" in " ".join(out.split())
+
+
+def test_version_is_the_package_version_from_one_place():
+    import dcp_hf
+
+    rc, out, err = cli_process("--version")
+    assert rc == 0 and out == f"dcp-hf {dcp_hf.__version__}\n", err
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(os.path.dirname(dcp_hf.__file__), os.pardir, "pyproject.toml"), "rb") as f:
+        pyproject = tomllib.load(f)
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "dcp_hf.__version__"}
+
+
+def test_run_demo_replaces_a_checkpoint_only_when_told(ckpts, tmp_path):
+    """The command line's check is not the only guard: run_demo itself passes overwrite=False to
+    the writer unless told, so another checkpoint stays as it is."""
+    import shutil
+
+    from dcp_hf.demo import run_demo
+    from dcp_hf.local_ranks import RankFailure
+    from dcp_hf.models import LlamaShape
+
+    shutil.copytree(ckpts / "hf", tmp_path / "hf")
+    before = snapshot(tmp_path / "hf")
+    with pytest.raises(RankFailure, match="CheckpointExistsError"):
+        run_demo(str(tmp_path / "hf"), 1, LlamaShape(), "1GB")
+    assert snapshot(tmp_path / "hf") == before
