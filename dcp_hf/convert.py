@@ -346,9 +346,25 @@ def stream(
 
 def with_prefixes(layout: Layout, prefixes) -> Layout:
     """``layout`` plus prefix renames given as (memory prefix, HF prefix) pairs, outermost on
-    the memory side: ``model.`` before Qwen3-Omni's merged names, as in MindSpeed-MM's DCP."""
-    extra = tuple(Prefix(memory, hf) for memory, hf in prefixes)
+    the memory side: ``model.`` before Qwen3-Omni's merged names, as in MindSpeed-MM's DCP.
+    Keys without a prefix keep their names (an HF ``lm_head.weight`` beside ``model.*``)."""
+    extra = tuple(dataclasses.replace(Prefix(memory, hf), others_kept=True) for memory, hf in prefixes)
     return dataclasses.replace(layout, renames=extra + layout.renames)
+
+
+def _check_converted(src: str, specs: dict, source_keys, prefixes, side: str) -> None:
+    """Refuse a conversion that would write no tensor, or whose ``--prefix`` matches no key of
+    SRC (``side``: which half of MEM=HF SRC's keys carry): a mistyped prefix would otherwise
+    copy the checkpoint unchanged."""
+    if not specs:
+        raise CheckpointFormatError(f"{src}: no tensors to convert; not writing an empty checkpoint")
+    for memory, hf in prefixes:
+        wanted = hf if side == "hf" else memory
+        if wanted and not any(k.startswith(wanted) for k in source_keys):
+            raise CheckpointFormatError(
+                f"{src}: --prefix {memory}={hf}: no key starts with {wanted!r} "
+                f"(keys: {', '.join(sorted(source_keys)[:3])}, ...)"
+            )
 
 
 def copy_side_files(src: str, dst: str) -> list[str]:
@@ -482,9 +498,15 @@ def hf_to_dcp(
     ``prefixes``)."""
     layout = layout or with_prefixes(detect_layout(src, style), prefixes)
     reader = HFStorageReader(src)
-    specs, outside = layout.memory_specs(hf_specs(reader))
+    source = hf_specs(reader)
+    specs, outside = layout.memory_specs(source)
+    _check_converted(src, specs, source, prefixes, "hf")
+    if outside:  # e.g. a Qwen3-Omni key outside thinker./talker./code2wav.
+        raise CheckpointFormatError(
+            f"{src}: layout {layout.name!r} has no in-memory name for {sorted(outside)[:5]}; not dropping them"
+        )
     stream(specs, reader, layout, file_system_writer(dst, progress=progress), IDENTITY)
-    return {"tensors": len(specs), "outside_layout": outside}
+    return {"tensors": len(specs)}
 
 
 def dcp_to_hf(
@@ -504,6 +526,7 @@ def dcp_to_hf(
     weights, whatever their format) are committed with the weights, in one step."""
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)
+    _check_converted(src, specs, specs, prefixes, "memory")
     if layout is None:
         layout = with_prefixes(detect_layout(config_from or "", infer_style(specs)), prefixes)
     writer = HFStorageWriter(

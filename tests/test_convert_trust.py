@@ -1,0 +1,78 @@
+"""Conversions a user can trust: nothing dropped silently, nothing half-written, clear refusals.
+Oracles: the safetensors files as transformers wrote them (read with safetensors), and DCP's
+own ``dcp.load`` of what we wrote."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+
+from tests.test_cli import cli, short_error
+
+
+def _hf_tensors(folder) -> dict:
+    out = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _dcp_tensors(folder) -> dict:
+    md = dcp.FileSystemReader(str(folder)).read_metadata()
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()}
+    dcp.load(sd, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny transformers checkpoints saved by save_pretrained: llama, tied llama, qwen3-moe."""
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("trust")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    tf.LlamaForCausalLM(cfg).save_pretrained(root / "llama")
+    cfg.tie_word_embeddings = True
+    tf.LlamaForCausalLM(cfg).save_pretrained(root / "llama_tied")
+    return root
+
+
+def test_prefix_keeps_unmatched_keys(models, tmp_path):
+    rc, out, err = cli("convert", "--to", "dcp", models / "llama", tmp_path / "d", "--prefix", "x.=model.", "--quiet")
+    assert rc == 0, err
+    hf = _hf_tensors(models / "llama")
+    assert "lm_head.weight" in hf
+    want = {("x." + k[len("model.") :] if k.startswith("model.") else k): v for k, v in hf.items()}
+    got = _dcp_tensors(tmp_path / "d")
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_prefix_matching_nothing_is_refused(models, tmp_path):
+    rc, _, err = cli("convert", "--to", "dcp", models / "llama", tmp_path / "d", "--prefix", "foo.=bar.", "--quiet")
+    assert rc == 1
+    line = short_error(err, "convert")
+    assert str(models / "llama") in line and "'bar.'" in line
+    assert not os.path.exists(tmp_path / "d")
+
+
+def test_dcp_to_hf_prefix_matching_nothing_is_refused(models, tmp_path):
+    assert cli("convert", "--to", "dcp", models / "llama", tmp_path / "d", "--quiet")[0] == 0
+    rc, _, err = cli("convert", "--to", "hf", tmp_path / "d", tmp_path / "h", "--prefix", "foo.=bar.", "--quiet")
+    assert rc == 1
+    assert "'foo.'" in short_error(err, "convert")
+    assert not os.path.exists(tmp_path / "h")
