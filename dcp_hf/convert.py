@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import pickle
+import secrets
 import shutil
 import threading
 from dataclasses import dataclass
@@ -25,13 +26,13 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import StorageReader
 
-from dcp_hf.errors import CheckpointFormatError, on_every_rank
+from dcp_hf.errors import CheckpointFormatError, on_every_rank, root_cause
 from dcp_hf.format import TensorSpec
 from dcp_hf.layouts import IDENTITY, Layout, Prefix, detect_layout, infer_style, mem_view
 from dcp_hf.layouts.models import MINDSPEED_MODELS, TRANSFORMERS_MOE, mindspeed_model, read_config
 from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.progress import file_system_writer
-from dcp_hf.storage import HFStorageReader, HFStorageWriter
+from dcp_hf.storage import HFStorageReader, HFStorageWriter, commit
 from dcp_hf.storage.hf_files import read_side_files, side_files_of
 from dcp_hf.storage.stores import is_url
 from dcp_hf.tensor_box import TensorBox
@@ -490,6 +491,53 @@ def experts(
     }
 
 
+def _whole_or_absent(dst: str, write) -> None:
+    """``write(folder)`` on every rank into a hidden sibling of DST, then moved into place
+    (the HF writer's commit: the lock, the staging folder, the exchange with an old DST, whose
+    other files are carried over) only if every rank succeeded; otherwise removed, DST as it
+    was. Every rank raises the reason."""
+    save_id = secrets.token_hex(6)
+
+    def begin():
+        if not is_main():
+            return None
+        lock = commit.acquire_lock(dst, save_id)
+        try:
+            commit.clean_leftovers(dst)
+            return lock, commit.prepare(dst, save_id, commit.DCP_FILE)
+        except BaseException:
+            commit.release_lock(lock, save_id)
+            raise
+
+    lock, dest = on_every_rank(begin) or (None, None)
+    shared = [save_id, dest]
+    if dist.is_initialized():
+        dist.broadcast_object_list(shared, src=0)
+    save_id, work = shared[0], shared[1].work
+
+    def run():
+        try:
+            write(work)
+        except BaseException as e:  # DCP's CheckpointException: every rank raises the reason
+            cause = root_cause(e)
+            if cause is e:
+                raise
+            raise cause from None
+
+    try:
+        on_every_rank(run)
+        on_every_rank(lambda: commit.commit(dest, save_id) if is_main() and dest.staged else None)
+    except BaseException:
+        if is_main():
+            try:
+                commit.clean_leftovers(dst)  # the marked staging folder
+            finally:
+                commit.release_lock(lock, save_id)
+        raise
+    if is_main():
+        commit.release_lock(lock, save_id)
+
+
 def hf_to_dcp(
     src: str, dst: str, layout: Layout | None = None, *, style: str | None = None, prefixes=(), progress=False
 ) -> dict:
@@ -505,7 +553,9 @@ def hf_to_dcp(
         raise CheckpointFormatError(
             f"{src}: layout {layout.name!r} has no in-memory name for {sorted(outside)[:5]}; not dropping them"
         )
-    stream(specs, reader, layout, file_system_writer(dst, progress=progress), IDENTITY)
+    _whole_or_absent(
+        dst, lambda work: stream(specs, reader, layout, file_system_writer(work, progress=progress), IDENTITY)
+    )
     return {"tensors": len(specs)}
 
 

@@ -3,6 +3,8 @@ Oracles: the safetensors files as transformers wrote them (read with safetensors
 own ``dcp.load`` of what we wrote."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -76,3 +78,46 @@ def test_dcp_to_hf_prefix_matching_nothing_is_refused(models, tmp_path):
     assert rc == 1
     assert "'foo.'" in short_error(err, "convert")
     assert not os.path.exists(tmp_path / "h")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _torchrun(*args, nproc: int = 2):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        + [os.path.join(REPO, "tests", "convert_workers.py"), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _siblings(folder) -> list[str]:
+    return sorted(n for n in os.listdir(os.path.dirname(folder)) if n.startswith("." + os.path.basename(folder)))
+
+
+def test_failed_convert_to_dcp_is_whole_or_absent_on_every_rank(models, tmp_path):
+    dst = str(tmp_path / "out")
+    out = _torchrun(models / "llama", dst, 1)
+    assert "rank 1: StorageError" in out or "rank 1: OSError" in out, out
+    assert "injected read error" in out.split("rank 1:")[1].splitlines()[0], out
+    assert "rank 0: " in out and "injected read error" in out.split("rank 0:")[1].splitlines()[0], out
+    assert not os.path.exists(dst) and _siblings(dst) == []
+    # With an old DST (replaced with --overwrite): a failure leaves it as it was.
+    assert cli("convert", "--to", "dcp", models / "llama", dst, "--quiet")[0] == 0
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    before = {n: open(os.path.join(dst, n), "rb").read() for n in os.listdir(dst)}
+    out = _torchrun(models / "llama_tied", dst, 0)
+    assert out.count("injected read error") == 2, out
+    assert {n: open(os.path.join(dst, n), "rb").read() for n in os.listdir(dst)} == before
+    assert _siblings(dst) == []
+    # and a success replaces it whole, the user's other files carried over
+    assert "rank 0: ok" in _torchrun(models / "llama_tied", dst)
+    assert sorted(os.listdir(dst)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "notes.txt"]
+    got, want = _dcp_tensors(dst), _hf_tensors(models / "llama_tied")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
