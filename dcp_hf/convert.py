@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 
 from dcp_hf.errors import CheckpointFormatError, on_every_rank, root_cause
 from dcp_hf.format import TensorSpec
-from dcp_hf.layouts import IDENTITY, Layout, Prefix, detect_layout, infer_style, mem_view
+from dcp_hf.layouts import IDENTITY, Layout, MergedExperts, Prefix, detect_layout, infer_style, mem_view
 from dcp_hf.layouts.models import MINDSPEED_MODELS, TRANSFORMERS_MOE, mindspeed_model, read_config
 from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.progress import file_system_writer
@@ -538,6 +538,33 @@ def _whole_or_absent(dst: str, write) -> None:
         commit.release_lock(lock, save_id)
 
 
+def _source_layout(src: str, layout: Layout, source: dict[str, TensorSpec]) -> Layout:
+    """How ``hf_to_dcp`` reads SRC: through ``layout``, or, where SRC's experts are stored
+    merged already (``experts merge``'s output) in the form the layout merges them into, through
+    the layout less its merging rules: the merged tensors are the in-memory ones. A merged form
+    other than the layout's, or a MindSpeed-MM model's (its merged names are the in-memory
+    names), is refused with the way out."""
+    rules = [r for r in layout.rules if isinstance(r, MergedExperts)]
+    found = infer_style(source)
+    if not rules or found is None:
+        return layout
+    config = read_config(src)
+    style = rules[0].style
+    split = f"run `dcp-hf experts split {src} SPLIT` first and convert SPLIT"
+    if config and mindspeed_model(config) is not None:
+        raise CheckpointFormatError(f"{src}: its experts are stored merged ({found} form); {split}")
+    if {r.style for r in rules} != {found}:
+        raise CheckpointFormatError(
+            f"{src}: its experts are stored merged in the {found!r} form, not the {style!r} form of "
+            f"layout {layout.name!r}; {split}, or pass --layout {found}"
+        )
+    if len(layout.memory_specs(source)[0]) != len(source):
+        raise CheckpointFormatError(f"{src}: holds experts both merged and per expert; {split}")
+    for rule in rules:  # every merged pair complete and consistent
+        rule.check_merged({layout.to_hf_key(k): s.shape for k, s in source.items()})
+    return dataclasses.replace(layout, rules=tuple(r for r in layout.rules if not isinstance(r, MergedExperts)))
+
+
 def hf_to_dcp(
     src: str, dst: str, layout: Layout | None = None, *, style: str | None = None, prefixes=(), progress=False
 ) -> dict:
@@ -547,6 +574,7 @@ def hf_to_dcp(
     layout = layout or with_prefixes(detect_layout(src, style), prefixes)
     reader = HFStorageReader(src)
     source = hf_specs(reader)
+    layout = _source_layout(src, layout, source)
     specs, outside = layout.memory_specs(source)
     _check_converted(src, specs, source, prefixes, "hf")
     if outside:  # e.g. a Qwen3-Omni key outside thinker./talker./code2wav.

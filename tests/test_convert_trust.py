@@ -11,6 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
+from tests.moe_models import tiny_moe
 from tests.test_cli import cli, short_error
 
 
@@ -49,6 +50,8 @@ def models(tmp_path_factory):
     tf.LlamaForCausalLM(cfg).save_pretrained(root / "llama")
     cfg.tie_word_embeddings = True
     tf.LlamaForCausalLM(cfg).save_pretrained(root / "llama_tied")
+    tiny_moe("qwen3_moe").save_pretrained(root / "moe")  # per expert on disk
+    assert cli("experts", "merge", root / "moe", root / "moe_merged", "--quiet")[0] == 0
     return root
 
 
@@ -121,3 +124,21 @@ def test_failed_convert_to_dcp_is_whole_or_absent_on_every_rank(models, tmp_path
     assert sorted(os.listdir(dst)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "notes.txt"]
     got, want = _dcp_tensors(dst), _hf_tensors(models / "llama_tied")
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_convert_to_dcp_of_merged_experts(models, tmp_path):
+    """The merged HF checkpoint converts to the DCP that transformers' in-memory model holds."""
+    import transformers as tf
+
+    rc, _, err = cli("convert", "--to", "dcp", models / "moe_merged", tmp_path / "d", "--quiet")
+    assert rc == 0, err
+    want = tf.Qwen3MoeForCausalLM.from_pretrained(models / "moe").state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in want
+    got = _dcp_tensors(tmp_path / "d")
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    rc, _, err = cli("convert", "--to", "dcp", models / "moe_merged", tmp_path / "m", "--layout", "mindspeed")
+    assert rc == 1
+    line = short_error(err, "convert")
+    assert "stored merged in the 'transformers' form" in line and "dcp-hf experts split" in line
+    assert not os.path.exists(tmp_path / "m")
