@@ -1,13 +1,17 @@
-"""Run under torchrun: ``hf_to_dcp SRC DST [FAIL_RANK]`` with gloo; rank FAIL_RANK's reads of
-the source fail (an injected disk error, after the output files were created). Each rank
-prints ``rank R: ok`` or ``rank R: ErrorType: message``."""
+"""Run under torchrun with gloo: ``SRC DST [FAIL_RANK]``: ``hf_to_dcp``, where rank FAIL_RANK's
+reads of the source fail (an injected disk error, after the output files were created);
+``save DST``: ``dcp.save`` of a small state dict with HFStorageWriter(DST). Each rank prints
+``rank R: ok`` or ``rank R: ErrorType: message`` (DCP's wrapper taken off)."""
 
 import os
 import sys
 
+import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
-from dcp_hf import convert
+from dcp_hf import HFSavePlanner, HFStorageWriter, convert
+from dcp_hf.errors import root_cause
 
 
 def main(src: str, dst: str, fail_rank: int) -> None:
@@ -20,9 +24,13 @@ def main(src: str, dst: str, fail_rank: int) -> None:
 
         convert.StreamingSavePlanner.fetch = broken
     try:
-        convert.hf_to_dcp(src, dst)
+        if src == "save":
+            dcp.save({f"t{rank}": torch.ones(4)}, storage_writer=HFStorageWriter(dst), planner=HFSavePlanner())
+        else:
+            convert.hf_to_dcp(src, dst)
         print(f"rank {rank}: ok", flush=True)
-    except Exception as e:  # noqa: BLE001 - reported for the test
+    except BaseException as e:  # noqa: BLE001 - reported for the test
+        e = root_cause(e)
         print(f"rank {rank}: {type(e).__name__}: {e}", flush=True)
     finally:
         dist.destroy_process_group()

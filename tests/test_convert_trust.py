@@ -142,3 +142,18 @@ def test_convert_to_dcp_of_merged_experts(models, tmp_path):
     line = short_error(err, "convert")
     assert "stored merged in the 'transformers' form" in line and "dcp-hf experts split" in line
     assert not os.path.exists(tmp_path / "m")
+
+
+def test_writer_refuses_a_file_or_an_unmakeable_folder_before_writing(tmp_path):
+    (tmp_path / "afile.txt").write_text("mine")
+    before = sorted(os.listdir(tmp_path))
+    for dst, reason in [
+        (tmp_path / "afile.txt", "afile.txt: exists and is not a folder"),
+        (tmp_path / "afile.txt" / "x", f"afile.txt/x: cannot create it: {tmp_path / 'afile.txt'} is not a folder"),
+    ]:
+        out = _torchrun("save", dst)
+        for rank in (0, 1):
+            line = out.split(f"rank {rank}:")[1].splitlines()[0]
+            assert line.startswith(" StorageError") and reason in line, out
+    assert sorted(os.listdir(tmp_path)) == before  # no lock, no staging folder, no file
+    assert (tmp_path / "afile.txt").read_text() == "mine"

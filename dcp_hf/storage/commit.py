@@ -379,6 +379,23 @@ def moved_aside(path: str) -> str | None:
     return None
 
 
+def check_destination(path: str) -> None:
+    """Before a save touches anything: ``path`` is a folder, or can be made one (its nearest
+    existing ancestor is a writable folder). Errors name ``path``."""
+    real = os.path.realpath(path)
+    if os.path.lexists(real) and not os.path.isdir(real):
+        raise StorageError(errno.ENOTDIR, f"{path}: exists and is not a folder; give a folder to save into")
+    if os.path.isdir(real):
+        return
+    ancestor = os.path.dirname(real)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise StorageError(errno.ENOTDIR, f"{path}: cannot create it: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise StorageError(errno.EACCES, f"{path}: cannot create it: {ancestor} is not writable")
+
+
 # -- the writer's lock -------------------------------------------------------------------------
 def lock_path(path: str) -> str:
     parent, name = _split(path)
@@ -389,8 +406,12 @@ def acquire_lock(path: str, save_id: str) -> str:
     """Take the folder's save lock (an ``O_EXCL`` file beside it) or fail at once naming its
     owner. A lock left by a dead process on this host, or by this process (a failed earlier
     save), is taken over."""
+    check_destination(path)
     lock = lock_path(path)
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+    except OSError as e:
+        raise StorageError(e.errno, f"{path}: cannot create its parent folder: {e.strerror}") from e
     me = {"pid": os.getpid(), "host": socket.gethostname(), "save_id": save_id, "since": time.time()}
     for _ in range(3):
         try:
