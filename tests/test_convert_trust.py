@@ -157,3 +157,62 @@ def test_writer_refuses_a_file_or_an_unmakeable_folder_before_writing(tmp_path):
             assert line.startswith(" StorageError") and reason in line, out
     assert sorted(os.listdir(tmp_path)) == before  # no lock, no staging folder, no file
     assert (tmp_path / "afile.txt").read_text() == "mine"
+
+
+def _load(sd, path):
+    from dcp_hf import HFLoadPlanner, HFStorageReader
+
+    dcp.load(sd, storage_reader=HFStorageReader(str(path)), planner=HFLoadPlanner(), no_dist=True)
+
+
+def test_load_tied_embeddings_checkpoint_into_a_model(models):
+    """save_pretrained writes a tied model without lm_head.weight; our load fills it through the
+    embedding it is tied to: the logits equal those of transformers' own load."""
+    import transformers as tf
+
+    from tests.moe_models import logits
+
+    path = models / "llama_tied"
+    assert "lm_head.weight" not in _hf_tensors(path)
+    want = tf.LlamaForCausalLM.from_pretrained(path).eval()
+    torch.manual_seed(1)
+    model = tf.LlamaForCausalLM(want.config).eval()
+    assert not torch.equal(logits(model), logits(want))
+    _load(model.state_dict(), path)
+    assert torch.equal(logits(model), logits(want))
+
+
+def test_load_missing_key_not_tied_is_an_error(tmp_path):
+    """Only the very same memory (storage, offset, shape, strides) counts as tied."""
+    from safetensors.torch import save_file
+
+    from dcp_hf.errors import StateDictMismatchError, root_cause
+
+    embed = torch.randn(16, 8)
+    save_file({"model.embed_tokens.weight": embed}, tmp_path / "model.safetensors")
+    (v, h), n = embed.shape, embed.numel()
+    buf = torch.zeros(2 * n)
+    heads = [
+        torch.zeros(v, h),  # a tensor of its own
+        buf[n:].view(v, h),  # the same storage, another offset
+        buf[:n].view(h, v).T,  # the same storage and offset, other strides
+    ]
+    for head in heads:
+        with pytest.raises(BaseException) as caught:
+            _load({"model.embed_tokens.weight": buf[:n].view(v, h), "lm_head.weight": head}, tmp_path)
+        error = root_cause(caught.value)
+        assert isinstance(error, StateDictMismatchError) and "allow_missing=['lm_head.weight']" in str(error)
+    # the same storage and view: accepted, and filled
+    base = buf[:n].view(v, h)
+    _load({"model.embed_tokens.weight": base, "lm_head.weight": buf[:n].view(v, h)}, tmp_path)
+    assert torch.equal(base, embed)
+
+
+def test_load_tied_dtensors_two_ranks(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"embed": torch.arange(32.0).view(8, 4)}, tmp_path / "model.safetensors")
+    out = _torchrun("tied", tmp_path)
+    for rank in (0, 1):
+        assert f"rank {rank}: same ok True" in out, out
+        assert f"rank {rank}: own StateDictMismatchError" in out and "allow_missing=['head']" in out, out
