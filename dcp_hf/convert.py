@@ -602,6 +602,8 @@ def dcp_to_hf(
     ``config_from``'s config.json, with the merged form read off the DCP tensors' shapes).
     ``config_from``'s config.json and other side files (tokenizer, generation config; not its
     weights, whatever their format) are committed with the weights, in one step."""
+    if config_from is not None and read_config(config_from) is None:  # a bad one raises, naming it
+        raise CheckpointFormatError(f"{config_from}: no config.json to write with the weights (config_from)")
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)
     _check_converted(src, specs, specs, prefixes, "memory")

@@ -216,3 +216,30 @@ def test_load_tied_dtensors_two_ranks(tmp_path):
     for rank in (0, 1):
         assert f"rank {rank}: same ok True" in out, out
         assert f"rank {rank}: own StateDictMismatchError" in out and "allow_missing=['head']" in out, out
+
+
+def test_malformed_or_absent_config_is_named(models, tmp_path):
+    assert cli("convert", "--to", "dcp", models / "llama", tmp_path / "d", "--quiet")[0] == 0
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("not json")
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "tokenizer.json").write_text("{}")
+    (tmp_path / "list.txt").write_text("[1]")
+    cases = [
+        (
+            ("convert", "--to", "hf", tmp_path / "d", tmp_path / "h", "--config-from", tmp_path / "bad"),
+            f"{tmp_path / 'bad' / 'config.json'}: not a valid config.json: not JSON",
+        ),
+        (
+            ("convert", "--to", "hf", tmp_path / "d", tmp_path / "h", "--config-from", tmp_path / "none"),
+            f"{tmp_path / 'none'}: no config.json",
+        ),
+        (
+            ("export", "--from", "megatron", tmp_path / "d", tmp_path / "h", "--config", tmp_path / "list.txt"),
+            f"{tmp_path / 'list.txt'}: not a valid config.json: not a JSON object",
+        ),
+    ]
+    for args, reason in cases:
+        rc, _, err = cli(*args, "--quiet")
+        assert rc == 1 and reason in short_error(err, args[0]), err
+        assert not os.path.exists(tmp_path / "h")
