@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import StorageReader
 
-from dcp_hf.errors import CheckpointFormatError, on_every_rank, root_cause
+from dcp_hf.errors import CheckpointExistsError, CheckpointFormatError, on_every_rank, root_cause
 from dcp_hf.format import TensorSpec
 from dcp_hf.layouts import IDENTITY, Layout, MergedExperts, Prefix, detect_layout, infer_style, mem_view
 from dcp_hf.layouts.models import MINDSPEED_MODELS, TRANSFORMERS_MOE, mindspeed_model, read_config
@@ -34,7 +34,7 @@ from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.progress import file_system_writer
 from dcp_hf.storage import HFStorageReader, HFStorageWriter, commit
 from dcp_hf.storage.hf_files import read_side_files, side_files_of
-from dcp_hf.storage.stores import is_url
+from dcp_hf.storage.stores import is_url, open_store
 from dcp_hf.tensor_box import TensorBox
 
 
@@ -604,6 +604,13 @@ def dcp_to_hf(
     weights, whatever their format) are committed with the weights, in one step."""
     if config_from is not None and read_config(config_from) is None:  # a bad one raises, naming it
         raise CheckpointFormatError(f"{config_from}: no config.json to write with the weights (config_from)")
+    if config_from is None and open_store(dst).exists("config.json"):
+        # The writer keeps a replaced folder's other files; its config.json describes the old
+        # weights, not SRC's: a folder whose config does not match its weights.
+        raise CheckpointExistsError(
+            f"{dst}: holds a config.json, which would stay beside weights converted from {src} that it "
+            f"does not describe; pass --config-from HF_DIR (DST itself to keep it), or remove it"
+        )
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)
     _check_converted(src, specs, specs, prefixes, "memory")

@@ -243,3 +243,28 @@ def test_malformed_or_absent_config_is_named(models, tmp_path):
         rc, _, err = cli(*args, "--quiet")
         assert rc == 1 and reason in short_error(err, args[0]), err
         assert not os.path.exists(tmp_path / "h")
+
+
+def test_overwrite_keeps_no_stale_config(models, tmp_path):
+    """convert --to hf over an HF folder refuses to keep its config.json beside weights it does
+    not describe; --config-from DST keeps it on purpose (and the result loads in transformers)."""
+    import shutil
+
+    import transformers as tf
+
+    from tests.moe_models import logits
+
+    assert cli("convert", "--to", "dcp", models / "llama", tmp_path / "d", "--quiet")[0] == 0
+    dst = tmp_path / "hf"
+    shutil.copytree(models / "llama_tied", dst)
+    before = {n: (dst / n).read_bytes() for n in os.listdir(dst)}
+    rc, _, err = cli("convert", "--to", "hf", tmp_path / "d", dst, "--overwrite", "--quiet")
+    assert rc == 1 and f"{dst}: holds a config.json" in short_error(err, "convert")
+    assert {n: (dst / n).read_bytes() for n in os.listdir(dst)} == before
+    shutil.rmtree(dst)
+    shutil.copytree(models / "llama", dst)
+    (dst / "model.safetensors").write_bytes(b"")  # an old checkpoint to replace
+    rc, _, err = cli("convert", "--to", "hf", tmp_path / "d", dst, "--overwrite", "--config-from", dst, "--quiet")
+    assert rc == 0, err
+    want = tf.LlamaForCausalLM.from_pretrained(models / "llama").eval()
+    assert torch.equal(logits(tf.LlamaForCausalLM.from_pretrained(dst).eval()), logits(want))
