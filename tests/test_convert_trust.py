@@ -3,6 +3,7 @@ Oracles: the safetensors files as transformers wrote them (read with safetensors
 own ``dcp.load`` of what we wrote."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -124,6 +125,10 @@ def test_failed_convert_to_dcp_is_whole_or_absent_on_every_rank(models, tmp_path
     assert sorted(os.listdir(dst)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "notes.txt"]
     got, want = _dcp_tensors(dst), _hf_tensors(models / "llama_tied")
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # over an HF checkpoint (--overwrite): its weights go, its other files stay
+    shutil.copytree(models / "llama", tmp_path / "hf")
+    assert cli("convert", "--to", "dcp", models / "llama", tmp_path / "hf", "--overwrite", "--quiet")[0] == 0
+    assert sorted(os.listdir(tmp_path / "hf")) == [".metadata", "__0_0.distcp", "config.json", "generation_config.json"]
 
 
 def test_convert_to_dcp_of_merged_experts(models, tmp_path):
@@ -248,8 +253,6 @@ def test_malformed_or_absent_config_is_named(models, tmp_path):
 def test_overwrite_keeps_no_stale_config(models, tmp_path):
     """convert --to hf over an HF folder refuses to keep its config.json beside weights it does
     not describe; --config-from DST keeps it on purpose (and the result loads in transformers)."""
-    import shutil
-
     import transformers as tf
 
     from tests.moe_models import logits

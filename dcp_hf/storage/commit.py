@@ -45,7 +45,8 @@ LOCK_INSIDE = ".dcp-hf-lock"  # the lock, where the parent folder is not writabl
 _SIBLING = re.compile(r"^\.(?P<name>.+)\.dcp-hf-(?P<kind>new|old)-(?P<id>[0-9a-f]{12})$")
 _OWN_HIDDEN = re.compile(r"^\..+\.([0-9a-f]{12}\.partial|[0-9a-f]{16}\.tmp)$")
 _CHECKPOINT_FILE = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json)$")
-DCP_FILE = re.compile(r"^(__\d+_\d+\.distcp|\.metadata)$")  # torch's FileSystemWriter's files
+# torch's FileSystemWriter's files; a DCP save replaces an HF checkpoint's files too (--overwrite)
+DCP_FILE = re.compile(rf"^(__\d+_\d+\.distcp|\.metadata)$|{_CHECKPOINT_FILE.pattern}")
 
 # -- test hook ---------------------------------------------------------------------------------
 _steps = 0
