@@ -271,3 +271,15 @@ def test_overwrite_keeps_no_stale_config(models, tmp_path):
     assert rc == 0, err
     want = tf.LlamaForCausalLM.from_pretrained(models / "llama").eval()
     assert torch.equal(logits(tf.LlamaForCausalLM.from_pretrained(dst).eval()), logits(want))
+
+
+def test_converting_no_tensors_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "hf").mkdir()
+    save_file({}, tmp_path / "hf" / "model.safetensors")
+    dcp.save({"step": 3}, storage_writer=dcp.FileSystemWriter(str(tmp_path / "dcp")), no_dist=True)
+    for to, src in (("dcp", tmp_path / "hf"), ("hf", tmp_path / "dcp")):
+        rc, _, err = cli("convert", "--to", to, src, tmp_path / "out", "--quiet")
+        assert rc == 1 and f"{src}: no tensors to convert" in short_error(err, "convert")
+        assert not os.path.exists(tmp_path / "out")
