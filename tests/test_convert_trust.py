@@ -105,6 +105,7 @@ def _siblings(folder) -> list[str]:
     return sorted(n for n in os.listdir(os.path.dirname(folder)) if n.startswith("." + os.path.basename(folder)))
 
 
+@pytest.mark.slow  # torchrun, 2 ranks
 def test_failed_convert_to_dcp_is_whole_or_absent_on_every_rank(models, tmp_path):
     dst = str(tmp_path / "out")
     out = _torchrun(models / "llama", dst, 1)
@@ -149,6 +150,7 @@ def test_convert_to_dcp_of_merged_experts(models, tmp_path):
     assert not os.path.exists(tmp_path / "m")
 
 
+@pytest.mark.slow  # torchrun, 2 ranks
 def test_writer_refuses_a_file_or_an_unmakeable_folder_before_writing(tmp_path):
     (tmp_path / "afile.txt").write_text("mine")
     before = sorted(os.listdir(tmp_path))
@@ -213,6 +215,7 @@ def test_load_missing_key_not_tied_is_an_error(tmp_path):
     assert torch.equal(base, embed)
 
 
+@pytest.mark.slow  # torchrun, 2 ranks
 def test_load_tied_dtensors_two_ranks(tmp_path):
     from safetensors.torch import save_file
 
