@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import pickle
+import secrets
 import shutil
 import threading
 from dataclasses import dataclass
@@ -25,15 +26,15 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import StorageReader
 
-from dcp_hf.errors import CheckpointFormatError, on_every_rank
+from dcp_hf.errors import CheckpointExistsError, CheckpointFormatError, on_every_rank, root_cause
 from dcp_hf.format import TensorSpec
-from dcp_hf.layouts import IDENTITY, Layout, Prefix, detect_layout, infer_style, mem_view
+from dcp_hf.layouts import IDENTITY, Layout, MergedExperts, Prefix, detect_layout, infer_style, mem_view
 from dcp_hf.layouts.models import MINDSPEED_MODELS, TRANSFORMERS_MOE, mindspeed_model, read_config
 from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.progress import file_system_writer
-from dcp_hf.storage import HFStorageReader, HFStorageWriter
+from dcp_hf.storage import HFStorageReader, HFStorageWriter, commit
 from dcp_hf.storage.hf_files import read_side_files, side_files_of
-from dcp_hf.storage.stores import is_url
+from dcp_hf.storage.stores import is_url, open_store
 from dcp_hf.tensor_box import TensorBox
 
 
@@ -346,9 +347,25 @@ def stream(
 
 def with_prefixes(layout: Layout, prefixes) -> Layout:
     """``layout`` plus prefix renames given as (memory prefix, HF prefix) pairs, outermost on
-    the memory side: ``model.`` before Qwen3-Omni's merged names, as in MindSpeed-MM's DCP."""
-    extra = tuple(Prefix(memory, hf) for memory, hf in prefixes)
+    the memory side: ``model.`` before Qwen3-Omni's merged names, as in MindSpeed-MM's DCP.
+    Keys without a prefix keep their names (an HF ``lm_head.weight`` beside ``model.*``)."""
+    extra = tuple(dataclasses.replace(Prefix(memory, hf), others_kept=True) for memory, hf in prefixes)
     return dataclasses.replace(layout, renames=extra + layout.renames)
+
+
+def _check_converted(src: str, specs: dict, source_keys, prefixes, side: str) -> None:
+    """Refuse a conversion that would write no tensor, or whose ``--prefix`` matches no key of
+    SRC (``side``: which half of MEM=HF SRC's keys carry): a mistyped prefix would otherwise
+    copy the checkpoint unchanged."""
+    if not specs:
+        raise CheckpointFormatError(f"{src}: no tensors to convert; not writing an empty checkpoint")
+    for memory, hf in prefixes:
+        wanted = hf if side == "hf" else memory
+        if wanted and not any(k.startswith(wanted) for k in source_keys):
+            raise CheckpointFormatError(
+                f"{src}: --prefix {memory}={hf}: no key starts with {wanted!r} "
+                f"(keys: {', '.join(sorted(source_keys)[:3])}, ...)"
+            )
 
 
 def copy_side_files(src: str, dst: str) -> list[str]:
@@ -474,6 +491,80 @@ def experts(
     }
 
 
+def _whole_or_absent(dst: str, write) -> None:
+    """``write(folder)`` on every rank into a hidden sibling of DST, then moved into place
+    (the HF writer's commit: the lock, the staging folder, the exchange with an old DST, whose
+    other files are carried over) only if every rank succeeded; otherwise removed, DST as it
+    was. Every rank raises the reason."""
+    save_id = secrets.token_hex(6)
+
+    def begin():
+        if not is_main():
+            return None
+        lock = commit.acquire_lock(dst, save_id)
+        try:
+            commit.clean_leftovers(dst)
+            return lock, commit.prepare(dst, save_id, commit.DCP_FILE)
+        except BaseException:
+            commit.release_lock(lock, save_id)
+            raise
+
+    lock, dest = on_every_rank(begin) or (None, None)
+    shared = [save_id, dest]
+    if dist.is_initialized():
+        dist.broadcast_object_list(shared, src=0)
+    save_id, work = shared[0], shared[1].work
+
+    def run():
+        try:
+            write(work)
+        except BaseException as e:  # DCP's CheckpointException: every rank raises the reason
+            cause = root_cause(e)
+            if cause is e:
+                raise
+            raise cause from None
+
+    try:
+        on_every_rank(run)
+        on_every_rank(lambda: commit.commit(dest, save_id) if is_main() and dest.staged else None)
+    except BaseException:
+        if is_main():
+            try:
+                commit.clean_leftovers(dst)  # the marked staging folder
+            finally:
+                commit.release_lock(lock, save_id)
+        raise
+    if is_main():
+        commit.release_lock(lock, save_id)
+
+
+def _source_layout(src: str, layout: Layout, source: dict[str, TensorSpec]) -> Layout:
+    """How ``hf_to_dcp`` reads SRC: through ``layout``, or, where SRC's experts are stored
+    merged already (``experts merge``'s output) in the form the layout merges them into, through
+    the layout less its merging rules: the merged tensors are the in-memory ones. A merged form
+    other than the layout's, or a MindSpeed-MM model's (its merged names are the in-memory
+    names), is refused with the way out."""
+    rules = [r for r in layout.rules if isinstance(r, MergedExperts)]
+    found = infer_style(source)
+    if not rules or found is None:
+        return layout
+    config = read_config(src)
+    style = rules[0].style
+    split = f"run `dcp-hf experts split {src} SPLIT` first and convert SPLIT"
+    if config and mindspeed_model(config) is not None:
+        raise CheckpointFormatError(f"{src}: its experts are stored merged ({found} form); {split}")
+    if {r.style for r in rules} != {found}:
+        raise CheckpointFormatError(
+            f"{src}: its experts are stored merged in the {found!r} form, not the {style!r} form of "
+            f"layout {layout.name!r}; {split}, or pass --layout {found}"
+        )
+    if len(layout.memory_specs(source)[0]) != len(source):
+        raise CheckpointFormatError(f"{src}: holds experts both merged and per expert; {split}")
+    for rule in rules:  # every merged pair complete and consistent
+        rule.check_merged({layout.to_hf_key(k): s.shape for k, s in source.items()})
+    return dataclasses.replace(layout, rules=tuple(r for r in layout.rules if not isinstance(r, MergedExperts)))
+
+
 def hf_to_dcp(
     src: str, dst: str, layout: Layout | None = None, *, style: str | None = None, prefixes=(), progress=False
 ) -> dict:
@@ -482,9 +573,18 @@ def hf_to_dcp(
     ``prefixes``)."""
     layout = layout or with_prefixes(detect_layout(src, style), prefixes)
     reader = HFStorageReader(src)
-    specs, outside = layout.memory_specs(hf_specs(reader))
-    stream(specs, reader, layout, file_system_writer(dst, progress=progress), IDENTITY)
-    return {"tensors": len(specs), "outside_layout": outside}
+    source = hf_specs(reader)
+    layout = _source_layout(src, layout, source)
+    specs, outside = layout.memory_specs(source)
+    _check_converted(src, specs, source, prefixes, "hf")
+    if outside:  # e.g. a Qwen3-Omni key outside thinker./talker./code2wav.
+        raise CheckpointFormatError(
+            f"{src}: layout {layout.name!r} has no in-memory name for {sorted(outside)[:5]}; not dropping them"
+        )
+    _whole_or_absent(
+        dst, lambda work: stream(specs, reader, layout, file_system_writer(work, progress=progress), IDENTITY)
+    )
+    return {"tensors": len(specs)}
 
 
 def dcp_to_hf(
@@ -502,8 +602,18 @@ def dcp_to_hf(
     ``config_from``'s config.json, with the merged form read off the DCP tensors' shapes).
     ``config_from``'s config.json and other side files (tokenizer, generation config; not its
     weights, whatever their format) are committed with the weights, in one step."""
+    if config_from is not None and read_config(config_from) is None:  # a bad one raises, naming it
+        raise CheckpointFormatError(f"{config_from}: no config.json to write with the weights (config_from)")
+    if config_from is None and open_store(dst).exists("config.json"):
+        # The writer keeps a replaced folder's other files; its config.json describes the old
+        # weights, not SRC's: a folder whose config does not match its weights.
+        raise CheckpointExistsError(
+            f"{dst}: holds a config.json, which would stay beside weights converted from {src} that it "
+            f"does not describe; pass --config-from HF_DIR (DST itself to keep it), or remove it"
+        )
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)
+    _check_converted(src, specs, specs, prefixes, "memory")
     if layout is None:
         layout = with_prefixes(detect_layout(config_from or "", infer_style(specs)), prefixes)
     writer = HFStorageWriter(

@@ -46,6 +46,16 @@ def not_a_tensor(key: str) -> StateDictMismatchError:
     )
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The exception a rank raised, out of DCP's CheckpointException wrappers (a BaseException
+    that DCP raises on every rank when any rank failed)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    while isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    return error
+
+
 def on_every_rank(fn, process_group=None):
     """``fn()`` on this rank; if it raises on any rank of the group, every rank raises (the
     failing ranks their own error, the others a PeerRankError with the first reason), so no

@@ -79,12 +79,14 @@ class Rule(Protocol):
 @dataclass(frozen=True)
 class Rename:
     """Replace the substring ``memory`` of in-memory keys with ``hf`` (and back). ``prefix``:
-    only at the start of the key; an HF key without the prefix is outside the layout."""
+    only at the start of the key; an HF key without the prefix is outside the layout, unless
+    ``others_kept`` (then every key without it keeps its name on both sides)."""
 
     memory: str
     hf: str
     prefix: bool = False
     keep: tuple[str, ...] = ()  # with ``prefix``: keys starting with one of these stay as they are
+    others_kept: bool = False
 
     def to_hf(self, key: str) -> str:
         if self.prefix:
@@ -97,7 +99,7 @@ class Rename:
         if self.prefix:
             if key.startswith(self.hf):
                 return self.memory + key[len(self.hf) :]
-            return key if self.keep and key.startswith(self.keep) else None
+            return key if self.others_kept or (self.keep and key.startswith(self.keep)) else None
         return key.replace(self.hf, self.memory) if self.hf else key
 
 

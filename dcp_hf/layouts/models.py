@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 
@@ -161,16 +160,15 @@ def _family_layout(config: dict, style: str | None = None) -> Layout:
 
 def read_config(path: str) -> dict | None:
     """The folder's config.json (a local folder or a URL), or None without one."""
+    from dcp_hf.storage.hf_files import config_dict, parse_config
     from dcp_hf.storage.stores import is_url, open_store
 
     if is_url(path):
         store = open_store(path)
-        return json.loads(store.read("config.json")) if store.exists("config.json") else None
+        where = path.rstrip("/") + "/config.json"
+        return parse_config(store.read("config.json"), where) if store.exists("config.json") else None
     file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
-        return None
-    with open(file) as f:
-        return json.load(f)
+    return config_dict(file) if os.path.isfile(file) else None
 
 
 def detect_layout(path: str, style: str | None = None) -> Layout:

@@ -326,8 +326,9 @@ def save_config(path: str, quantization: BlockFP8, config: dict | None = None) -
     after the save."""
     file = os.path.join(path, "config.json")
     if config is None and os.path.isfile(file):
-        with open(file) as f:
-            config = json.load(f)
+        from dcp_hf.storage.hf_files import config_dict
+
+        config = config_dict(file)
     config = dict(config or {}, quantization_config=quantization.config())
     with open(file, "w") as f:
         json.dump(config, f, indent=2)

@@ -33,6 +33,7 @@ from dcp_hf.megatron.check import check_against_transformers
 from dcp_hf.megatron.hf_config import FAMILIES, Family, check_given, hf_config, resolve_family
 from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.storage import HFStorageReader, HFStorageWriter
+from dcp_hf.storage.hf_files import config_dict, parse_config
 
 __all__ = ["FAMILIES", "hf_config", "layout_of", "load_hf", "save_hf"]
 
@@ -100,11 +101,7 @@ def all_written(local: dict, process_group=None) -> dict:
 def _given_config(hf_config_from) -> dict | None:
     if hf_config_from is None or isinstance(hf_config_from, dict):
         return hf_config_from
-    path = os.fspath(hf_config_from)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    with open(path) as f:
-        return json.load(f)
+    return config_dict(hf_config_from)
 
 
 def _checkpoint_config(path, storage_options: dict | None) -> dict | None:
@@ -117,7 +114,7 @@ def _checkpoint_config(path, storage_options: dict | None) -> dict | None:
 
     try:
         with fsspec.open(path.rstrip("/") + "/config.json", "rb", **(storage_options or {})) as f:
-            return json.loads(f.read())
+            return parse_config(f.read(), path.rstrip("/") + "/config.json")
     except FileNotFoundError:
         return None
 

@@ -9,7 +9,6 @@ Run it in one process or under ``torchrun`` (more processes, more throughput).
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 
 import torch.distributed.checkpoint as dcp
@@ -20,6 +19,7 @@ from dcp_hf.megatron import export_dtype, hf_tensors, layout_of
 from dcp_hf.megatron.check import check_against_transformers
 from dcp_hf.megatron.hf_config import family_of_hf, megatron_config
 from dcp_hf.storage import HFStorageWriter
+from dcp_hf.storage.hf_files import config_dict
 
 NOT_MODEL = ("optimizer.*", "rng_state*", "*._extra_state*")  # training state, not weights
 
@@ -50,8 +50,7 @@ def export_torch_dist(
         path = os.fspath(config)
         if os.path.isdir(path):
             folder, path = path, os.path.join(path, "config.json")
-        with open(path) as f:
-            config = json.load(f)
+        config = config_dict(path)
     if family is not None:
         if config.get("model_type", family) != family:
             raise ValueError(f"--family {family} but the config says model_type {config['model_type']!r}")

@@ -32,6 +32,29 @@ class _KeyFilter:
         return self.everything or any(fnmatch.fnmatchcase(key, p) for p in self.patterns)
 
 
+def _same_memory(value) -> tuple | None:
+    """What makes two state-dict values the very same memory: a plain CPU/GPU tensor's storage
+    and view; a DTensor's mesh, placements and local view (the same on every rank, as its mesh
+    is shared). None for anything else (meta tensors, TensorBox, empty tensors)."""
+    mesh = placements = None
+    if hasattr(value, "to_local") and hasattr(value, "device_mesh"):
+        mesh, placements, value = id(value.device_mesh), tuple(value.placements), value.to_local()
+    if type(value) not in (torch.Tensor, torch.nn.Parameter) or value.is_meta or value.numel() == 0:
+        return None
+    storage = value.untyped_storage()
+    return (
+        mesh,
+        placements,
+        value.device,
+        storage.data_ptr(),
+        storage.nbytes(),
+        value.dtype,
+        value.storage_offset(),
+        tuple(value.size()),
+        tuple(value.stride()),
+    )
+
+
 @dataclasses.dataclass
 class _Dequantization:
     """One box of a quantized HF tensor: its data and scale boxes are read into temporaries
@@ -112,7 +135,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         stored = md.state_dict_metadata
         quantization = self.layout.quantization
         self._quantized = {}
-        missing = []
+        missing, missing_of = [], []  # the missing HF keys, and the in-memory key of each
         for key, value in self.state_dict.items():
             if key not in self._pieces:
                 if self.allow_missing(key):
@@ -136,6 +159,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
                     if self.allow_missing(key):
                         continue
                     missing.append(piece.hf_key if piece.hf_key == key else f"{piece.hf_key} (for {key})")
+                    missing_of.append(key)
                     continue
                 md_t = stored[piece.hf_key]
                 if not isinstance(md_t, TensorStorageMetadata):
@@ -165,10 +189,15 @@ class HFLoadPlanner(DefaultLoadPlanner):
                         f"{where}: {piece.hf_key!r} is {md_t.properties.dtype} in the checkpoint but "
                         f"{value.dtype} in the state dict{part} (pass allow_dtype_cast=True to the reader)"
                     )
+        tied = self._tied_to_loaded(missing_of, stored)
+        missing_keys = [k for k in missing_of if k not in tied]
+        missing = [m for m, k in zip(missing, missing_of) if k in missing_keys]
         if missing:
             raise StateDictMismatchError(
                 f"{where}: missing {len(missing)} key(s) the state dict needs: "
-                f"{', '.join(repr(k) for k in missing[:10])}{' ...' if len(missing) > 10 else ''}"
+                f"{', '.join(repr(k) for k in missing[:10])}{' ...' if len(missing) > 10 else ''} "
+                f"(pass allow_missing={sorted(set(missing_keys))[:10]!r} to HFLoadPlanner to leave "
+                f"them as they are)"
             )
 
         items = []
@@ -191,6 +220,21 @@ class HFLoadPlanner(DefaultLoadPlanner):
             self._local_items = items
             return LoadPlan([], planner_data=encode_keys({i.storage_index.fqn for i in items}))
         return LoadPlan(items)
+
+    def _tied_to_loaded(self, missing: list[str], stored) -> set[str]:
+        """The missing keys whose tensor is the very memory of a key that is loaded (tied
+        weights: ``lm_head.weight`` is ``model.embed_tokens.weight`` in a model's state dict,
+        and the checkpoint holds one of them): loading the other fills them."""
+        missing = set(missing)
+        if not missing:
+            return set()
+        loaded = {}
+        for key, pieces in self._pieces.items():
+            if key not in missing and all(p.hf_key in stored for p in pieces):
+                memory = _same_memory(self.state_dict[key])
+                if memory is not None:
+                    loaded.setdefault(memory, key)
+        return {k for k in missing if (m := _same_memory(self.state_dict[k])) is not None and m in loaded}
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
         if not self.allow_unexpected.everything:

@@ -45,6 +45,8 @@ LOCK_INSIDE = ".dcp-hf-lock"  # the lock, where the parent folder is not writabl
 _SIBLING = re.compile(r"^\.(?P<name>.+)\.dcp-hf-(?P<kind>new|old)-(?P<id>[0-9a-f]{12})$")
 _OWN_HIDDEN = re.compile(r"^\..+\.([0-9a-f]{12}\.partial|[0-9a-f]{16}\.tmp)$")
 _CHECKPOINT_FILE = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json)$")
+# torch's FileSystemWriter's files; a DCP save replaces an HF checkpoint's files too (--overwrite)
+DCP_FILE = re.compile(rf"^(__\d+_\d+\.distcp|\.metadata)$|{_CHECKPOINT_FILE.pattern}")
 
 # -- test hook ---------------------------------------------------------------------------------
 _steps = 0
@@ -131,6 +133,7 @@ class Destination:
 
     path: str  # the checkpoint folder, symlinks resolved
     work: str  # the staging folder, or ``path`` itself when committing in place
+    checkpoint_files: re.Pattern = _CHECKPOINT_FILE  # the names of a checkpoint's files (not carried over)
 
     @property
     def staged(self) -> bool:
@@ -147,7 +150,7 @@ def sibling(path: str, kind: str, save_id: str) -> str:
     return os.path.join(parent, f".{name}.dcp-hf-{kind}-{save_id}")
 
 
-def prepare(path: str, save_id: str) -> Destination:
+def prepare(path: str, save_id: str, checkpoint_files: re.Pattern = _CHECKPOINT_FILE) -> Destination:
     """Make the folder the save builds in: a staging sibling where possible, else ``path``."""
     real = os.path.realpath(path)
     parent = os.path.dirname(real)
@@ -164,19 +167,19 @@ def prepare(path: str, save_id: str) -> Destination:
             logger.warning("cannot create %s (%s): committing the files of %s one by one", work, e.strerror, real)
         else:
             os.close(create_file(os.path.join(work, MARKER))[0])
-            return Destination(real, work)
+            return Destination(real, work, checkpoint_files)
     os.makedirs(real, exist_ok=True)
-    return Destination(real, real)
+    return Destination(real, real, checkpoint_files)
 
 
-def _entries_to_carry(path: str, work: str) -> list[str]:
+def _entries_to_carry(path: str, work: str, checkpoint_files: re.Pattern) -> list[str]:
     """The folder's entries that are not part of a checkpoint: they go to the new folder."""
     taken = set(os.listdir(work))
     return [
         n
         for n in os.listdir(path)
         if n not in taken
-        and not _CHECKPOINT_FILE.match(n)
+        and not checkpoint_files.match(n)
         and not _OWN_HIDDEN.match(n)
         and n not in (MARKER, LOCK_INSIDE)
     ]
@@ -230,7 +233,7 @@ def commit(dest: Destination, save_id: str) -> None:
     if os.path.isdir(path):
         mode = stat.S_IMODE(os.stat(path).st_mode)
         others = []
-        for name in _entries_to_carry(path, work):
+        for name in _entries_to_carry(path, work, dest.checkpoint_files):
             st = os.lstat(os.path.join(path, name))
             if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
                 step(f"link {name}")  # the same inode in both folders: nothing is copied
@@ -256,7 +259,7 @@ def commit(dest: Destination, save_id: str) -> None:
         for name in others:
             step(f"move {name}")
             os.rename(os.path.join(old, name), os.path.join(path, name))
-        remove_old(old, path, _written(path))
+        remove_old(old, path, _written(path), dest.checkpoint_files)
         step("remove marker")
         os.unlink(os.path.join(path, MARKER))
     else:
@@ -291,7 +294,7 @@ def _written(path: str) -> set[str]:
     return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
-def remove_old(old: str, path: str, replaced: set[str]) -> None:
+def remove_old(old: str, path: str, replaced: set[str], checkpoint_files: re.Pattern = _CHECKPOINT_FILE) -> None:
     """Remove a replaced folder: its checkpoint files, the files the new save wrote again
     (``replaced``), and the files also in ``path`` (the same inode, linked there). Anything
     else is moved back to ``path`` if the name is free there, else kept (with a warning),
@@ -305,7 +308,7 @@ def remove_old(old: str, path: str, replaced: set[str]) -> None:
         except FileNotFoundError:
             other = None
         if (
-            _CHECKPOINT_FILE.match(name)
+            checkpoint_files.match(name)
             or _OWN_HIDDEN.match(name)
             or name in replaced
             or name == MARKER
@@ -377,6 +380,23 @@ def moved_aside(path: str) -> str | None:
     return None
 
 
+def check_destination(path: str) -> None:
+    """Before a save touches anything: ``path`` is a folder, or can be made one (its nearest
+    existing ancestor is a writable folder). Errors name ``path``."""
+    real = os.path.realpath(path)
+    if os.path.lexists(real) and not os.path.isdir(real):
+        raise StorageError(errno.ENOTDIR, f"{path}: exists and is not a folder; give a folder to save into")
+    if os.path.isdir(real):
+        return
+    ancestor = os.path.dirname(real)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise StorageError(errno.ENOTDIR, f"{path}: cannot create it: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise StorageError(errno.EACCES, f"{path}: cannot create it: {ancestor} is not writable")
+
+
 # -- the writer's lock -------------------------------------------------------------------------
 def lock_path(path: str) -> str:
     parent, name = _split(path)
@@ -387,8 +407,12 @@ def acquire_lock(path: str, save_id: str) -> str:
     """Take the folder's save lock (an ``O_EXCL`` file beside it) or fail at once naming its
     owner. A lock left by a dead process on this host, or by this process (a failed earlier
     save), is taken over."""
+    check_destination(path)
     lock = lock_path(path)
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+    except OSError as e:
+        raise StorageError(e.errno, f"{path}: cannot create its parent folder: {e.strerror}") from e
     me = {"pid": os.getpid(), "host": socket.gethostname(), "save_id": save_id, "since": time.time()}
     for _ in range(3):
         try:

@@ -34,9 +34,20 @@ _WEIGHT_SUFFIXES = (
 )
 
 
+def parse_config(data: bytes | str, where: str) -> dict:
+    """A config.json's text as a dict, or an error naming ``where`` (the file or URL)."""
+    try:
+        value = json.loads(data)
+    except ValueError as e:
+        raise CheckpointFormatError(f"{where}: not a valid config.json: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointFormatError(f"{where}: not a valid config.json: not a JSON object")
+    return value
+
+
 def config_dict(config) -> dict:
     """A config as a dict: a dict, a transformers ``PretrainedConfig``, a config.json path or
-    an HF folder holding one."""
+    an HF folder holding one. The one reader of local config files: errors name the file."""
     if isinstance(config, dict):
         return dict(config)
     if hasattr(config, "to_dict"):
@@ -45,15 +56,13 @@ def config_dict(config) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, CONFIG_NAME)
     try:
-        with open(path) as f:
-            value = json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such config.json (config=)") from None
-    except ValueError as e:
-        raise CheckpointFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointFormatError(f"{path}: not a JSON object")
-    return value
+    except OSError as e:
+        raise CheckpointFormatError(f"{path}: cannot read the config: {e.strerror}") from None
+    return parse_config(data, path)
 
 
 def ties_embeddings(config: dict) -> bool:
