@@ -79,15 +79,6 @@ def _as_cli_message(message: str) -> str:
     return message
 
 
-def _root_cause(error: BaseException) -> BaseException:
-    """The exception a rank raised, out of DCP's CheckpointException wrappers."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    while isinstance(error, CheckpointException) and error.failures:
-        error = next(iter(error.failures.values()))[0]
-    return error
-
-
 # -- what a path holds ------------------------------------------------------------------------
 def checkpoint_kind(path: str) -> str:
     """``hf`` (an HF folder), ``dcp`` (a native DCP folder: ``.metadata``), ``safetensors`` (one
@@ -588,8 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # noqa: BLE001 - every error becomes one message (or --debug)
         if args.debug or isinstance(e, SystemExit):
             raise
-        cause = _root_cause(e)
-        from dcp_hf.errors import DcpHfError
+        from dcp_hf.errors import DcpHfError, root_cause
+
+        cause = root_cause(e)
         from dcp_hf.extras import MissingExtraError
 
         if isinstance(cause, OSError) and cause.filename and cause.strerror:

@@ -504,7 +504,7 @@ def _whole_or_absent(dst: str, write) -> None:
         lock = commit.acquire_lock(dst, save_id)
         try:
             commit.clean_leftovers(dst)
-            return lock, commit.prepare(dst, save_id, commit.DCP_FILE)
+            return lock, commit.prepare(dst, save_id)
         except BaseException:
             commit.release_lock(lock, save_id)
             raise

@@ -286,3 +286,27 @@ def test_converting_no_tensors_is_refused(tmp_path):
         rc, _, err = cli("convert", "--to", to, src, tmp_path / "out", "--quiet")
         assert rc == 1 and f"{src}: no tensors to convert" in short_error(err, "convert")
         assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_hf_save_replaces_a_dcp_checkpoint_only_when_told(tmp_path):
+    """torch's FileSystemWriter leaves a DCP checkpoint (the oracle of what its files are); an HF
+    save into that folder is refused, and with overwrite replaces it whole: no .metadata or
+    .distcp beside the new files, the user's other files kept."""
+    from dcp_hf import HFSavePlanner, HFStorageWriter
+    from dcp_hf.errors import CheckpointExistsError, root_cause
+
+    folder = str(tmp_path / "ckpt")
+    dcp.save({"old": torch.zeros(3)}, storage_writer=dcp.FileSystemWriter(folder))
+    with open(os.path.join(folder, "notes.txt"), "w") as f:
+        f.write("mine")
+    dcp_files = sorted(os.listdir(folder))
+    assert ".metadata" in dcp_files and any(n.endswith(".distcp") for n in dcp_files)
+    state = {"w": torch.arange(6, dtype=torch.float32).view(2, 3)}
+    with pytest.raises(BaseException) as refused:  # DCP wraps it, one process too
+        dcp.save(state, storage_writer=HFStorageWriter(folder), planner=HFSavePlanner())
+    assert isinstance(root_cause(refused.value), CheckpointExistsError)
+    assert "already holds a checkpoint (.metadata" in str(root_cause(refused.value))
+    assert sorted(os.listdir(folder)) == dcp_files
+    dcp.save(state, storage_writer=HFStorageWriter(folder, overwrite=True), planner=HFSavePlanner())
+    assert sorted(os.listdir(folder)) == ["model.safetensors", "notes.txt"]
+    assert torch.equal(_hf_tensors(folder)["w"], state["w"])

@@ -20,6 +20,11 @@ INDEX_NAME = "model.safetensors.index.json"
 SAVE_ID_KEY = "dcp_hf_save_id"
 SINGLE_FILE_NAME = "model.safetensors"
 FILE_PATTERN = "model{suffix}.safetensors"
+# A checkpoint's own files in a folder, HF's or torch's FileSystemWriter's: a save replaces them
+# (with overwrite) and keeps every other file (config, tokenizer, the user's notes).
+CHECKPOINT_FILE = re.compile(
+    r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|__\d+_\d+\.distcp|\.metadata)$"
+)
 
 _UNITS = {
     "": 1,

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 
 from dcp_hf.errors import CheckpointBusyError, DcpHfError, StorageError
+from dcp_hf.format.index import CHECKPOINT_FILE
 
 logger = logging.getLogger("dcp_hf")
 
@@ -44,9 +45,6 @@ MARKER = ".dcp-hf-staging"  # in a staging folder until it is exchanged into pla
 LOCK_INSIDE = ".dcp-hf-lock"  # the lock, where the parent folder is not writable
 _SIBLING = re.compile(r"^\.(?P<name>.+)\.dcp-hf-(?P<kind>new|old)-(?P<id>[0-9a-f]{12})$")
 _OWN_HIDDEN = re.compile(r"^\..+\.([0-9a-f]{12}\.partial|[0-9a-f]{16}\.tmp)$")
-_CHECKPOINT_FILE = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json)$")
-# torch's FileSystemWriter's files; a DCP save replaces an HF checkpoint's files too (--overwrite)
-DCP_FILE = re.compile(rf"^(__\d+_\d+\.distcp|\.metadata)$|{_CHECKPOINT_FILE.pattern}")
 
 # -- test hook ---------------------------------------------------------------------------------
 _steps = 0
@@ -133,7 +131,6 @@ class Destination:
 
     path: str  # the checkpoint folder, symlinks resolved
     work: str  # the staging folder, or ``path`` itself when committing in place
-    checkpoint_files: re.Pattern = _CHECKPOINT_FILE  # the names of a checkpoint's files (not carried over)
 
     @property
     def staged(self) -> bool:
@@ -150,7 +147,7 @@ def sibling(path: str, kind: str, save_id: str) -> str:
     return os.path.join(parent, f".{name}.dcp-hf-{kind}-{save_id}")
 
 
-def prepare(path: str, save_id: str, checkpoint_files: re.Pattern = _CHECKPOINT_FILE) -> Destination:
+def prepare(path: str, save_id: str) -> Destination:
     """Make the folder the save builds in: a staging sibling where possible, else ``path``."""
     real = os.path.realpath(path)
     parent = os.path.dirname(real)
@@ -167,19 +164,19 @@ def prepare(path: str, save_id: str, checkpoint_files: re.Pattern = _CHECKPOINT_
             logger.warning("cannot create %s (%s): committing the files of %s one by one", work, e.strerror, real)
         else:
             os.close(create_file(os.path.join(work, MARKER))[0])
-            return Destination(real, work, checkpoint_files)
+            return Destination(real, work)
     os.makedirs(real, exist_ok=True)
-    return Destination(real, real, checkpoint_files)
+    return Destination(real, real)
 
 
-def _entries_to_carry(path: str, work: str, checkpoint_files: re.Pattern) -> list[str]:
+def _entries_to_carry(path: str, work: str) -> list[str]:
     """The folder's entries that are not part of a checkpoint: they go to the new folder."""
     taken = set(os.listdir(work))
     return [
         n
         for n in os.listdir(path)
         if n not in taken
-        and not checkpoint_files.match(n)
+        and not CHECKPOINT_FILE.match(n)
         and not _OWN_HIDDEN.match(n)
         and n not in (MARKER, LOCK_INSIDE)
     ]
@@ -233,7 +230,7 @@ def commit(dest: Destination, save_id: str) -> None:
     if os.path.isdir(path):
         mode = stat.S_IMODE(os.stat(path).st_mode)
         others = []
-        for name in _entries_to_carry(path, work, dest.checkpoint_files):
+        for name in _entries_to_carry(path, work):
             st = os.lstat(os.path.join(path, name))
             if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
                 step(f"link {name}")  # the same inode in both folders: nothing is copied
@@ -259,7 +256,7 @@ def commit(dest: Destination, save_id: str) -> None:
         for name in others:
             step(f"move {name}")
             os.rename(os.path.join(old, name), os.path.join(path, name))
-        remove_old(old, path, _written(path), dest.checkpoint_files)
+        remove_old(old, path, _written(path))
         step("remove marker")
         os.unlink(os.path.join(path, MARKER))
     else:
@@ -294,7 +291,7 @@ def _written(path: str) -> set[str]:
     return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
-def remove_old(old: str, path: str, replaced: set[str], checkpoint_files: re.Pattern = _CHECKPOINT_FILE) -> None:
+def remove_old(old: str, path: str, replaced: set[str]) -> None:
     """Remove a replaced folder: its checkpoint files, the files the new save wrote again
     (``replaced``), and the files also in ``path`` (the same inode, linked there). Anything
     else is moved back to ``path`` if the name is free there, else kept (with a warning),
@@ -308,7 +305,7 @@ def remove_old(old: str, path: str, replaced: set[str], checkpoint_files: re.Pat
         except FileNotFoundError:
             other = None
         if (
-            checkpoint_files.match(name)
+            CHECKPOINT_FILE.match(name)
             or _OWN_HIDDEN.match(name)
             or name in replaced
             or name == MARKER

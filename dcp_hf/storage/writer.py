@@ -17,7 +17,6 @@ import collections
 import dataclasses
 import logging
 import os
-import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from dcp_hf.errors import (
 )
 from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, parse_size
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
+from dcp_hf.format.index import CHECKPOINT_FILE
 from dcp_hf.planners.summary import MergedPlan, decode_table, encode_table
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.exchange import (
@@ -67,7 +67,6 @@ from dcp_hf.storage.stores import open_store
 logger = logging.getLogger("dcp_hf")
 
 DtypePolicy = torch.dtype | Callable[[str, torch.dtype], torch.dtype] | None
-_SHARD_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 EXCHANGE_BELOW = 256 << 10  # runs shorter than this go through parts where short writes are costly
 RANK_RESULT = "__dcp_hf_rank__"  # each rank's one WriteResult: its bytes and part receipts
 
@@ -619,9 +618,9 @@ class HFStorageWriter(StorageWriter):
         return [key for key, base in f.offsets.items() if base < part.hi and base + f.specs[key].nbytes > part.lo]
 
     def _check_existing(self, names: list[str]) -> set[str]:
-        """The HF checkpoint files already in the destination; refuse to replace them unless
-        asked to."""
-        existing = {n for n in names if n == INDEX_NAME or _SHARD_FILE.match(n)}
+        """The checkpoint files already in the destination (HF's, or a DCP checkpoint's, which
+        would otherwise stay beside the new files); refuse to replace them unless asked to."""
+        existing = {n for n in names if CHECKPOINT_FILE.match(n)}
         if existing and not self.overwrite:
             raise CheckpointExistsError(
                 f"{self.path} already holds a checkpoint ({', '.join(sorted(existing)[:3])}...); "
