@@ -116,17 +116,11 @@ def require(path: str, what: str, *kinds: str, hint: str = "") -> str:
     return kind
 
 
-def require_free(path: str, overwrite: bool, what: str = "DST", writes: str = "hf") -> None:
-    """Check, before any work, that a command writing a ``writes`` checkpoint (``hf`` or ``dcp``)
-    can write ``path``: not a file, a checkpoint there only with --overwrite, and only one of
-    the same kind (the other kind's files would stay beside the new ones), and a place the
-    writer can create folders in (:func:`require_writable`)."""
+def require_free(path: str, overwrite: bool, what: str = "DST") -> None:
+    """Check, before any work, that a command can write ``path``: not a file, a checkpoint there
+    (HF or DCP: either is replaced whole, the folder's other files kept) only with --overwrite,
+    and a place the writer can create folders in (:func:`require_writable`)."""
     kind = checkpoint_kind(path)
-    if kind in ("hf", "dcp") and kind != writes:
-        raise UsageError(
-            f"{what} {path} holds {_LABEL[kind]}, which --overwrite would not remove (the output's files would "
-            "be written beside its files); remove it, or choose another folder"
-        )
     if kind in ("hf", "dcp") and not overwrite:
         raise UsageError(
             f"{what} {path} already holds {_LABEL[kind]}; pass --overwrite to replace it, or choose another folder"
@@ -168,7 +162,7 @@ def _cmd_demo(args) -> int:
     if "://" in output:
         raise UsageError(f"--output {output}: the demo writes a local folder (and reads it back to verify)")
     previous = is_demo_output(output)
-    require_free(output, True, "--output")  # a file, a DCP checkpoint, a place that cannot be written
+    require_free(output, True, "--output")  # a file, a place that cannot be written
     if not (args.overwrite or previous) and os.path.isdir(output) and os.listdir(output):
         held = _LABEL.get(checkpoint_kind(output), "files")
         raise UsageError(
@@ -287,7 +281,7 @@ def _cmd_convert(args) -> int:
                 "other",
                 hint="give the HF folder whose config.json and tokenizer go with the output",
             )
-    require_free(args.dst, args.overwrite, writes="dcp" if args.to == "dcp" else "hf")
+    require_free(args.dst, args.overwrite)
     _init_distributed()
     if args.to == "dcp":
         info = hf_to_dcp(args.src, args.dst, style=_style(args), prefixes=prefixes, progress=not args.quiet)

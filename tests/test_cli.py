@@ -327,9 +327,8 @@ def test_demo_recognises_only_a_previous_demo_output(tmp_path):
 
 
 def test_demo_refuses_an_output_that_is_not_a_previous_demo_output(ckpts, tmp_path):
-    """Another checkpoint (or any file) at --output is left as it is, and the one-line message
-    names the flag, the path and --overwrite; a native DCP checkpoint is refused even with
-    --overwrite (its files would stay beside the HF ones). All before any process starts."""
+    """Another checkpoint (HF or DCP, or any file) at --output is left as it is, and the one-line
+    message names the flag, the path and --overwrite. All before any process starts."""
     import shutil
 
     from dcp_hf.models import LlamaShape
@@ -342,6 +341,7 @@ def test_demo_refuses_an_output_that_is_not_a_previous_demo_output(ckpts, tmp_pa
     demo_like(tmp_path / "another-config", {**LlamaShape().hf_config(torch.bfloat16), "vocab_size": 7})
     for name, held in [
         ("hf", "an HF checkpoint"),
+        ("dcp", "a native DCP checkpoint"),
         ("notes", "files"),
         ("demo-and-more", "an HF checkpoint"),
         ("another-config", "an HF checkpoint"),
@@ -355,14 +355,6 @@ def test_demo_refuses_an_output_that_is_not_a_previous_demo_output(ckpts, tmp_pa
             "(see --help); pass --overwrite to replace it, or choose another folder"
         )
         assert snapshot(tmp_path / name) == before
-    before = snapshot(tmp_path / "dcp")
-    for extra in ([], ["--overwrite"]):
-        rc, _, err = cli("demo", "--output", tmp_path / "dcp", "--quiet", *extra)
-        assert rc == 1, err
-        message = short_error(err, "demo")
-        assert message.startswith(f"dcp-hf demo: --output {tmp_path / 'dcp'} holds a native DCP checkpoint"), message
-        assert "remove it, or choose another folder" in message
-    assert snapshot(tmp_path / "dcp") == before
 
 
 def test_demo_names_an_output_it_cannot_write(tmp_path):
@@ -408,22 +400,28 @@ def test_every_writing_command_names_a_destination_it_cannot_write(ckpts, tmp_pa
 
 
 def test_overwrite_does_not_mix_an_hf_and_a_dcp_checkpoint(ckpts, tmp_path):
-    """--overwrite replaces a checkpoint of the kind the command writes; one of the other kind
-    would stay beside the new files (a folder that is both), so it is refused."""
+    """A checkpoint of either kind in DST is refused without --overwrite and replaced whole with
+    it: the folder then holds the new kind's files only (no folder that is both)."""
     import shutil
 
+    from dcp_hf.cli import checkpoint_kind
+
+    dcp_files = lambda names: {n for n in names if n == ".metadata" or n.endswith(".distcp")}  # noqa: E731
+    hf_files = lambda names: {n for n in names if n.endswith((".safetensors", ".index.json"))}  # noqa: E731
     for to, src, dst in [("hf", "dcp", "hf"), ("dcp", "hf", "dcp")]:
         shutil.copytree(ckpts / src, tmp_path / src)  # the folder to write into holds a `src` checkpoint
         before = snapshot(tmp_path / src)
-        rc, _, err = cli("convert", "--to", to, ckpts / src, tmp_path / src, "--overwrite", "--quiet")
-        assert rc == 1, err
-        label = "a native DCP checkpoint" if src == "dcp" else "an HF checkpoint"
-        assert short_error(err, "convert").startswith(
-            f"dcp-hf convert: DST {tmp_path / src} holds {label}, which --overwrite would not remove"
-        ), err
+        rc, _, err = cli("convert", "--to", to, ckpts / src, tmp_path / src, "--quiet")
+        assert rc == 1 and "--overwrite" in short_error(err, "convert"), err
         assert snapshot(tmp_path / src) == before
+        rc, _, err = cli("convert", "--to", to, ckpts / src, tmp_path / src, "--overwrite", "--quiet")
+        assert rc == 0, err
+        names = os.listdir(tmp_path / src)
+        assert checkpoint_kind(str(tmp_path / src)) == to
+        assert not (dcp_files if to == "hf" else hf_files)(names), names
         shutil.copytree(ckpts / dst, tmp_path / f"same-{dst}")  # the same kind: replaced
-        rc, _, err = cli("convert", "--to", to, ckpts / src, tmp_path / f"same-{dst}", "--overwrite", "--quiet")
+        keep = ["--config-from", tmp_path / f"same-{dst}"] if to == "hf" else []  # its config.json, kept on purpose
+        rc, _, err = cli("convert", "--to", to, ckpts / src, tmp_path / f"same-{dst}", "--overwrite", *keep, "--quiet")
         assert rc == 0, err
 
 
