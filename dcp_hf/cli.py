@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 
 DOC = __doc__
@@ -137,19 +136,18 @@ def require_writable(path: str, what: str) -> None:
     /proc), so a hidden folder is made and removed where the writer would make one."""
     if "://" in path:
         return  # an object store: its credentials are checked by the first request
+    from dcp_hf.storage.commit import folder_creation_error, nearest_existing
+
     real = os.path.realpath(path)
-    above = os.path.dirname(real)
-    while not os.path.lexists(above):
-        above = os.path.dirname(above)
+    above = nearest_existing(os.path.dirname(real))
     if not os.path.isdir(above):
         raise UsageError(f"{what} {path}: {above} is a file, not a folder; choose another folder")
     error = None
     for place in [above] + ([real] if os.path.isdir(real) else []):
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".dcp-hf-probe-", dir=place))
+        failed = folder_creation_error(place)
+        if failed is None:
             return
-        except OSError as e:
-            error = error or f"cannot create a folder in {place} ({e.strerror})"
+        error = error or f"cannot create a folder in {place} ({failed.strerror})"
     raise UsageError(f"{what} {path}: {error}; choose another folder")
 
 
@@ -436,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into an --output folder that holds other files: an HF checkpoint there is replaced, "
-        "other files stay (a native DCP checkpoint is refused)",
+        help="write into an --output folder that holds other files: a checkpoint there (HF or native DCP) "
+        "is replaced whole, other files stay",
     )
     demo.add_argument("--nproc", type=_positive_int, default=2, help="local processes (gloo)")
     demo.add_argument(

@@ -33,6 +33,7 @@ import signal
 import socket
 import stat
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -377,21 +378,37 @@ def moved_aside(path: str) -> str | None:
     return None
 
 
+def nearest_existing(path: str) -> str:
+    """``path``, or its nearest ancestor that exists."""
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def folder_creation_error(place: str) -> OSError | None:
+    """Why no folder can be made in ``place`` (None: one can). Tried, not asked: ``os.access``
+    cannot tell (root passes it on /proc)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dcp-hf-probe-", dir=place))
+        return None
+    except OSError as e:
+        return e
+
+
 def check_destination(path: str) -> None:
     """Before a save touches anything: ``path`` is a folder, or can be made one (its nearest
-    existing ancestor is a writable folder). Errors name ``path``."""
+    existing ancestor is a folder a folder can be made in). Errors name ``path``."""
     real = os.path.realpath(path)
     if os.path.lexists(real) and not os.path.isdir(real):
         raise StorageError(errno.ENOTDIR, f"{path}: exists and is not a folder; give a folder to save into")
     if os.path.isdir(real):
         return
-    ancestor = os.path.dirname(real)
-    while not os.path.lexists(ancestor):
-        ancestor = os.path.dirname(ancestor)
+    ancestor = nearest_existing(os.path.dirname(real))
     if not os.path.isdir(ancestor):
         raise StorageError(errno.ENOTDIR, f"{path}: cannot create it: {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise StorageError(errno.EACCES, f"{path}: cannot create it: {ancestor} is not writable")
+    error = folder_creation_error(ancestor)
+    if error is not None:
+        raise StorageError(error.errno or errno.EACCES, f"{path}: cannot create it in {ancestor} ({error.strerror})")
 
 
 # -- the writer's lock -------------------------------------------------------------------------
