@@ -4,7 +4,10 @@ the same way through its own fsspec package): the same checkpoint as on disk, by
 import os
 
 import fsspec
+import pytest
+import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
 from dcp_hf.local_ranks import run_ranks
@@ -54,3 +57,46 @@ def test_failed_fsspec_save_leaves_nothing(tmp_path):
     assert all(status == "error" for status, *_ in results), results
     assert any("injected failure while writing 'model.embed_tokens.weight'" in m for _, m, _ in results)
     assert not os.path.exists(tmp_path / "ckpt") or os.listdir(tmp_path / "ckpt") == []
+
+
+class _FailsOnKey(HFSavePlanner):
+    def __init__(self, key):
+        super().__init__()
+        self.key = key
+
+    def resolve_data(self, write_item):
+        if write_item.index.fqn == self.key:
+            raise RuntimeError(f"injected failure while writing {self.key!r}")
+        return super().resolve_data(write_item)
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_a_failed_overwrite_keeps_the_old_checkpoint(tmp_path, scheme):
+    """An overwrite that fails after some of its files were written leaves the old checkpoint
+    whole: new files go to hidden names and replace the old ones only once every file is whole."""
+    url = f"local://{tmp_path}/ckpt" if scheme == "local" else f"memory://dcp-hf-fail-{tmp_path.name}/ckpt"
+    old = reference_state()
+    dcp.save(old, storage_writer=HFStorageWriter(url, max_shard_size=600), planner=HFSavePlanner(), no_dist=True)
+    new = {k: (v.float() + 1).to(v.dtype) for k, v in old.items()}
+    for failing in (sorted(new)[0], sorted(new)[-1]):
+        with pytest.raises(CheckpointException, match="injected failure"):
+            dcp.save(
+                new,
+                storage_writer=HFStorageWriter(url, max_shard_size=600, overwrite=True),
+                planner=_FailsOnKey(failing),
+                no_dist=True,
+            )
+        out = {k: torch.zeros_like(v) for k, v in old.items()}
+        dcp.load(out, storage_reader=HFStorageReader(url), planner=HFLoadPlanner(), no_dist=True)
+        assert all(bitwise_equal(out[k], old[k]) for k in old), failing
+        fs, root = fsspec.core.url_to_fs(url)
+        assert not [p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith(".")], failing
+    dcp.save(
+        new,
+        storage_writer=HFStorageWriter(url, max_shard_size=600, overwrite=True),
+        planner=HFSavePlanner(),
+        no_dist=True,
+    )
+    out = {k: torch.zeros_like(v) for k, v in old.items()}
+    dcp.load(out, storage_reader=HFStorageReader(url), planner=HFLoadPlanner(), no_dist=True)
+    assert all(bitwise_equal(out[k], new[k]) for k in new)

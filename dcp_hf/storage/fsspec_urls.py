@@ -1,7 +1,10 @@
 """The sink for any other fsspec URL (gs://, memory://, dir::..., ...): there is no multipart
 upload, so each file is written in order through one open file by one rank, its owner (the
 rank that holds most of it; the others send it their bytes, as for S3). A file appears when
-its owner closes it; the index is still written last, and a failed save removes every file."""
+its owner closes it; the index is still written last, and a failed save removes every file.
+A file whose name the folder already holds (an overwrite) is written under a hidden name and
+moved over the old one only once every file of the save is whole, so a failed save leaves the
+old checkpoint as it was."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dcp_hf.errors import StorageError
 from dcp_hf.format import FileLayout
 from dcp_hf.storage import commit
 from dcp_hf.storage.exchange import Part
+from dcp_hf.storage.local import PARTIAL, partial_name
 
 
 class FsspecSink:
@@ -25,6 +29,10 @@ class FsspecSink:
         self.store = store
         self.files: list[FileLayout] = []
         self.open_files: dict[str, object] = {}  # files this rank is writing
+        self.save_id = ""
+        self.before: set[str] = set()  # the folder's names when the save began
+        self.staged: set[int] = set()  # files written under a hidden name (the name is taken)
+        self.moved: set[int] = set()  # staged files already moved to their names
 
     def _call(self, name: str, what: str, fn, *args):
         try:
@@ -36,26 +44,39 @@ class FsspecSink:
 
     # -- coordinator: before the ranks write -------------------------------------------------
     def prepare(self, save_id: str) -> None:
-        pass
+        self.save_id = save_id
 
     def existing(self) -> list[str]:
-        return self.store.names()
+        names = self.store.names()
+        for name in names:  # hidden files of an interrupted overwrite
+            if PARTIAL.match(name):
+                self.delete(name)
+        self.before = {n for n in names if not PARTIAL.match(n)}
+        return sorted(self.before)
 
-    def begin(self, files: list[FileLayout]) -> None:
-        # The owner opens each file with its first part; the folder must exist for file
-        # systems that have folders (object stores have none: a no-op there).
+    def begin(self, files: list[FileLayout]) -> set[int]:
+        """The files that go under a hidden name (their name is taken); the owner opens each
+        file with its first part. The folder must exist for file systems that have folders
+        (object stores have none: a no-op there)."""
         self.files = files
+        self.staged = {n for n, f in enumerate(files) if f.name in self.before}
         self._call(self.store.url, "create the folder", self.store.fs.makedirs, self.store.root, True)
+        return set(self.staged)
+
+    def _written_name(self, n: int) -> str:
+        """Where file number ``n`` is written: its name, or a hidden one until ``complete``."""
+        name = self.files[n].name
+        return partial_name(name, self.save_id) if n in self.staged and n not in self.moved else name
 
     # -- every rank ----------------------------------------------------------------------------
-    def open(self, opened, files: list[FileLayout], save_id: str, numbers: set[int]) -> None:
-        self.files = files
+    def open(self, opened: set[int], files: list[FileLayout], save_id: str, numbers: set[int]) -> None:
+        self.files, self.save_id, self.staged = files, save_id, set(opened)
 
     def write_runs(self, file, base, grid, src) -> None:
         raise NotImplementedError("fsspec files are written in order, by parts")
 
     def write_part(self, part: Part, data: torch.Tensor) -> None:
-        name = self.files[part.file].name
+        name = self._written_name(part.file)
         f = self.open_files.get(name)
         if f is None:
             f = self.open_files[name] = self._call(name, "open", self.store.fs.open, self.store.path_of(name), "wb")
@@ -78,10 +99,17 @@ class FsspecSink:
 
     # -- coordinator: the commit ---------------------------------------------------------------
     def complete(self, receipts) -> None:
-        for f in self.files:
-            got = self._call(f.name, "size", self.store.fs.size, self.store.path_of(f.name))
+        """Every file has its full size; then the staged ones replace the old files."""
+        for n, f in enumerate(self.files):
+            name = self._written_name(n)
+            got = self._call(name, "size", self.store.fs.size, self.store.path_of(name))
             if got != f.size:
                 raise StorageError(f"{self.store.where(f.name)}: {got} bytes written, {f.size} expected")
+        for n in sorted(self.staged):
+            name = self._written_name(n)
+            commit.step(f"move {self.files[n].name}")
+            self._call(name, "move", self.store.fs.mv, self.store.path_of(name), self.store.path_of(self.files[n].name))
+            self.moved.add(n)
 
     def put(self, name: str, data: bytes) -> None:
         commit.step(f"put {name}")
@@ -96,6 +124,11 @@ class FsspecSink:
             self.delete(name)
 
     def abort(self) -> None:
-        for f in self.files:
-            if self.store.fs.exists(self.store.path_of(f.name)):
-                self.delete(f.name)
+        """Remove what this save wrote: its new files and its hidden ones. Old files it
+        already replaced stay replaced (their save id makes readers refuse the mix)."""
+        for n in range(len(self.files)):
+            if n in self.moved:
+                continue
+            name = self._written_name(n)
+            if self.store.fs.exists(self.store.path_of(name)):
+                self.delete(name)

@@ -23,7 +23,7 @@ from dcp_hf.storage.commit import fsync_dir
 from dcp_hf.storage.posix import maps_short_runs, pwrite_all, start_writeback, write_runs
 
 logger = logging.getLogger("dcp_hf")
-_PARTIAL = re.compile(r"^\.(.+)\.([0-9a-f]{12})\.partial$")
+PARTIAL = re.compile(r"^\.(.+)\.([0-9a-f]{12})\.partial$")
 
 
 def partial_name(name: str, save_id: str) -> str:
@@ -87,9 +87,9 @@ class LocalSink:
         except (FileNotFoundError, NotADirectoryError):
             return []
         for name in names:  # partial files of an interrupted in-place save
-            if _PARTIAL.match(name):
+            if PARTIAL.match(name):
                 os.unlink(os.path.join(self.path, name))
-        return [n for n in names if not _PARTIAL.match(n)]
+        return [n for n in names if not PARTIAL.match(n)]
 
     def begin(self, files: list[FileLayout]) -> Created:
         """Make the staging folder and create every file in it (``O_EXCL|O_NOFOLLOW``)."""
