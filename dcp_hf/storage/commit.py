@@ -34,6 +34,7 @@ import socket
 import stat
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -417,10 +418,19 @@ def lock_path(path: str) -> str:
     return os.path.join(parent, f".{name}.dcp-hf-lock")
 
 
+# Save ids of the locks this process holds: a lock of this pid is live exactly when its save id
+# is here (threads, or saves on two process groups, in one process), else a failed earlier save
+# left it. The guard makes the threads of a process take a lock one at a time.
+_HELD: set[str] = set()
+_HELD_GUARD = threading.Lock()
+UNREADABLE_LOCK_AGE = 10.0  # seconds after which an empty or unreadable lock file is not being written
+
+
 def acquire_lock(path: str, save_id: str) -> str:
-    """Take the folder's save lock (an ``O_EXCL`` file beside it) or fail at once naming its
-    owner. A lock left by a dead process on this host, or by this process (a failed earlier
-    save), is taken over."""
+    """Take the folder's save lock (a file beside it, appearing whole) or fail at once naming
+    its owner. A lock that is not live is taken over: left by a dead process on this host, by
+    this process (a failed earlier save), or empty or unreadable for longer than a lock takes
+    to write. Anything else at the lock's name (a folder, a symlink) is refused, never followed."""
     check_destination(path)
     lock = lock_path(path)
     try:
@@ -428,38 +438,114 @@ def acquire_lock(path: str, save_id: str) -> str:
     except OSError as e:
         raise StorageError(e.errno, f"{path}: cannot create its parent folder: {e.strerror}") from e
     me = {"pid": os.getpid(), "host": socket.gethostname(), "save_id": save_id, "since": time.time()}
-    for _ in range(3):
-        try:
-            fd, _ = create_file(lock)
-        except PermissionError:
-            if lock != lock_path(path):
-                raise
-            lock = os.path.join(os.path.realpath(path), LOCK_INSIDE)  # read-only parent
-            os.makedirs(os.path.dirname(lock), exist_ok=True)
-            continue
-        except FileExistsError:
-            owner = _read_lock(lock)
-            if owner is not None and not _stale(owner):
-                raise CheckpointBusyError(
-                    f"{os.path.realpath(path)}: another save into this folder is running (pid "
-                    f"{owner.get('pid')} on {owner.get('host')}, since "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('since', 0)))}; "
-                    f"lock {lock}). If it is not, remove the lock file"
-                ) from None
+    with _HELD_GUARD:
+        for _ in range(3):
             try:
-                os.unlink(lock)
-            except FileNotFoundError:
-                pass
-            continue
-        try:
-            os.write(fd, json.dumps(me).encode())
-        finally:
-            os.close(fd)
-        return lock
+                _create_lock(lock, json.dumps(me).encode())
+            except PermissionError:
+                if lock != lock_path(path):
+                    raise StorageError(
+                        errno.EACCES, f"{lock}: cannot create the save lock (permission denied)"
+                    ) from None
+                lock = os.path.join(os.path.realpath(path), LOCK_INSIDE)  # read-only parent
+                os.makedirs(os.path.dirname(lock), exist_ok=True)
+                continue
+            except FileExistsError:
+                stale = _not_live(lock, os.path.realpath(path))
+                if stale:
+                    logger.warning("%s: %s; taking it over", lock, stale)
+                    try:
+                        os.unlink(lock)
+                    except FileNotFoundError:
+                        pass
+                continue
+            _HELD.add(save_id)
+            return lock
     raise CheckpointBusyError(f"{lock}: could not take the save lock")
 
 
+def _create_lock(lock: str, content: bytes) -> None:
+    """Create the lock file with its content, appearing whole: written under a hidden name,
+    then hard-linked to the lock's name (``link`` fails if the name exists, follows nothing).
+    Where hard links are not supported, ``O_EXCL`` and a write."""
+    tmp = f"{lock}.{secrets.token_hex(8)}.tmp"
+    try:
+        fd, _ = create_file(tmp)
+    except (PermissionError, FileExistsError):
+        raise
+    except OSError as e:
+        raise StorageError(e.errno, f"{lock}: cannot create the save lock: {e.strerror}") from e
+    try:
+        try:
+            _write_all(fd, content)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, lock, follow_symlinks=False)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                raise
+        fd, _ = create_file(lock)
+        try:
+            _write_all(fd, content)
+        finally:
+            os.close(fd)
+    except (FileExistsError, PermissionError):
+        raise
+    except OSError as e:
+        raise StorageError(e.errno, f"{lock}: cannot write the save lock: {e.strerror}") from e
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _not_live(lock: str, path: str) -> str | None:
+    """Why the lock file at ``lock`` is not a live lock (None: it is gone). A live one, or
+    anything that is not a lock file, raises ``CheckpointBusyError`` naming it."""
+    try:
+        st = os.lstat(lock)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a symlink" if stat.S_ISLNK(st.st_mode) else "not a file"
+        raise CheckpointBusyError(
+            f"{path}: its save lock {lock} is {kind}, not a lock file dcp-hf writes; not following "
+            f"or removing it. If no save into {path} is running, remove it (rm -r '{lock}')"
+        )
+    owner = _read_lock(lock)
+    if owner is None:
+        return None
+    if not (isinstance(owner.get("pid"), int) and isinstance(owner.get("host"), str)):
+        if time.time() - st.st_mtime >= UNREADABLE_LOCK_AGE:
+            return "the lock file is empty or not a dcp-hf lock"
+        raise CheckpointBusyError(
+            f"{path}: its save lock {lock} is empty or unreadable (another save may be writing "
+            f"it). If no save into {path} is running, remove it (rm '{lock}')"
+        )
+    if owner["host"] == socket.gethostname():
+        if owner["pid"] == os.getpid() and owner.get("save_id") not in _HELD:
+            return "left by a failed earlier save of this process"
+        if owner["pid"] != os.getpid() and not _alive(owner["pid"]):
+            return f"its process {owner['pid']} is gone"
+    since = owner.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
+    raise CheckpointBusyError(
+        f"{path}: another save into this folder is running (pid {owner['pid']} on "
+        f"{owner['host']}, since {when}; lock {lock}). If it is not, remove the lock file"
+    )
+
+
 def _read_lock(lock: str) -> dict | None:
+    """The lock's content ({} when unreadable, None when gone)."""
     try:
         fd = os.open(lock, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -467,28 +553,27 @@ def _read_lock(lock: str) -> dict | None:
     except OSError:
         return {}
     try:
-        return json.loads(os.read(fd, 4096) or b"{}")
-    except ValueError:
-        return {}  # being written: not stale
+        owner = json.loads(os.read(fd, 4096) or b"{}")
+    except (ValueError, OSError):
+        return {}
     finally:
         os.close(fd)
+    return owner if isinstance(owner, dict) else {}
 
 
-def _stale(owner: dict) -> bool:
-    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
-        return False
-    if owner["pid"] == os.getpid():
-        return True
+def _alive(pid: int) -> bool:
     try:
-        os.kill(owner["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:
         return False
-    return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 def release_lock(lock: str | None, save_id: str) -> None:
+    with _HELD_GUARD:
+        _HELD.discard(save_id)
     if lock is None:
         return
     owner = _read_lock(lock)
