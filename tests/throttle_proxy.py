@@ -5,7 +5,9 @@ error (503 SlowDown) instead of forwarding them: how a busy S3 bucket behaves, r
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
@@ -17,12 +19,17 @@ SLOW_DOWN = (
 
 class ThrottlingProxy:
     """Forwards to ``upstream`` (an http://host:port URL); ``throttle(method, path, query)``
-    says whether to answer 503 SlowDown instead. ``throttled`` counts those answers."""
+    says whether to answer 503 SlowDown instead. ``throttled`` counts those answers.
+    ``body_fault(method, path, query)`` may spoil the body of the upstream's answer: "drop"
+    sends its headers and half of it, then closes the connection (a connection dropped
+    mid-body); a number sends it at that many bytes per second (a trickle). ``faulted``
+    counts those answers."""
 
-    def __init__(self, upstream: str, throttle):
+    def __init__(self, upstream: str, throttle=lambda method, path, query: False, body_fault=None):
         target = urlparse(upstream)
         proxy = self
         self.throttled = 0
+        self.faulted = 0
         self.lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,8 +67,27 @@ class ThrottlingProxy:
                 length = response.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if self.command == "HEAD":
+                    return
+                fault = body_fault(self.command, url.path, url.query) if body_fault else None
+                if fault is None:
                     self.wfile.write(data)
+                    return
+                with proxy.lock:
+                    proxy.faulted += 1
+                if fault == "drop":
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                try:  # a trickle, until the client gives up
+                    for at in range(0, len(data), 1024):
+                        self.wfile.write(data[at : at + 1024])
+                        self.wfile.flush()
+                        time.sleep(1024 / fault)
+                except OSError:
+                    self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -74,6 +100,22 @@ class ThrottlingProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def every_other_get(fault, only=lambda path, query: True):
+    """A body fault rule: the 1st, 3rd, 5th... GET of each path (that ``only`` accepts) gets
+    ``fault``, so every read's first try is spoiled and its retry is not."""
+    counts: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def rule(method: str, path: str, query: str):
+        if method != "GET" or not only(path, query):
+            return None
+        with lock:
+            counts[path] = counts.get(path, 0) + 1
+            return fault if counts[path] % 2 == 1 else None
+
+    return rule
 
 
 def every(n: int, methods=("GET", "PUT"), only=lambda path, query: True):

@@ -202,6 +202,7 @@ class HFStorageReader(StorageReader):
             self.store = open_store(self.path, self.storage_options)
         self.close()
         self.weight_map, self.headers, self.bytes_read, self.save_id = {}, {}, 0, None
+        self._first_try_error = None
 
     def close(self, finished_read: bool = False) -> None:
         """Close the files held open since their headers were read (``read_data`` does, when
@@ -229,9 +230,12 @@ class HFStorageReader(StorageReader):
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if not self.weight_map:
             try:
+                if kwargs.get("rank") is not None and self._first_try_error is not None:
+                    raise self._first_try_error  # asked again after it failed: not twice the requests
                 self.weight_map = self._read_weight_map()
             except DcpHfError as e:
                 if kwargs.get("rank") is None:
+                    self._first_try_error = e
                     raise
                 # DCP's second try, after the first raised: DCP would replace the error with
                 # "AssertionError: metadata is None". Metadata that raises it where it is used
@@ -246,6 +250,7 @@ class HFStorageReader(StorageReader):
         )
 
     _metadata_error: DcpHfError | None = None
+    _first_try_error: DcpHfError | None = None  # of DCP's first read_metadata call
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
         self.is_coordinator = is_coordinator

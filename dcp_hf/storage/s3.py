@@ -11,7 +11,6 @@ import logging
 import torch
 
 from dcp_hf.boxes import byte_view
-from dcp_hf.errors import StorageError
 from dcp_hf.format import FileLayout
 from dcp_hf.storage import commit
 from dcp_hf.storage.exchange import Part
@@ -31,28 +30,19 @@ class S3Sink:
 
     def __init__(self, store):
         self.store = store
-        self.bucket, _, self.prefix = store.root.partition("/")
+        self.bucket = store.bucket
         self.files: list[FileLayout] = []
         self.uploads: dict[int, str] = {}  # file number -> upload id
 
     def key(self, name: str) -> str:
-        return f"{self.prefix.rstrip('/')}/{name}" if self.prefix else name
+        return self.store.key(name)
 
     def call(self, method: str, name: str | None, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError
-
+        """One request, bounded and its errors mapped as every S3 request is (the store's)."""
         key = {"Key": self.key(name)} if name is not None else {}
-        where = self.store.where(name) if name is not None else self.store.url
-        try:
-            return getattr(self.store.client(), method)(Bucket=self.bucket, **key, **kwargs)
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
-                raise StorageError(
-                    f"{where}: the bucket {self.bucket!r} does not exist (create it first, or check the endpoint)"
-                ) from None
-            raise StorageError(f"{where}: {method}: {e}") from e
-        except BotoCoreError as e:
-            raise StorageError(f"{where}: {method}: {e}") from e
+        return self.store.request(
+            name, method, getattr(self.store.client(), method), Bucket=self.bucket, **key, **kwargs
+        )
 
     # -- coordinator: before the ranks write -------------------------------------------------
     def prepare(self, save_id: str) -> None:

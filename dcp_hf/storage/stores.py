@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import stat
 import threading
 import time
@@ -22,6 +23,9 @@ from dcp_hf.storage.posix import read_runs
 S3_CONNECT_TIMEOUT = 10
 S3_READ_TIMEOUT = 20
 S3_ATTEMPTS = 3
+# Every S3 GET's body must arrive whole within this many seconds (a body trickling in pieces
+# each within the read timeout would otherwise run unbounded); storage_options["request_deadline"].
+S3_REQUEST_DEADLINE = 120.0
 
 
 def _is_timeout(error: BaseException) -> bool:
@@ -279,14 +283,98 @@ _CLIENTS_LOCK = threading.Lock()
 
 
 class S3Store(FsspecStore):
-    """S3 through s3fs, except the bulk ranged GETs: those go through a thread-safe botocore
-    client from the reader's threads, so many responses are read in parallel (s3fs serves every
-    request from one asyncio loop thread, which caps throughput on few cores)."""
+    """S3 through a thread-safe botocore client from the reader's threads, so many responses
+    are read in parallel (s3fs serves every request from one asyncio loop thread, which caps
+    throughput on few cores), every request bounded the same way: botocore's connect and read
+    timeouts and attempts for the request, a deadline for the body, a body cut short retried
+    with backoff. Listings and existence checks too: a request that gets no answer is an
+    error naming the URL, never a silent "not there" (s3fs's ``isfile`` answers False)."""
 
     def __init__(self, url: str, storage_options: dict[str, Any]):
-        super().__init__(url, storage_options)
-        self.storage_options = storage_options
+        options = dict(storage_options)
+        self.request_deadline = float(options.pop("request_deadline", S3_REQUEST_DEADLINE))
+        super().__init__(url, options)
+        self.storage_options = options
         self._client = None
+        self.bucket, _, self.prefix = self.root.partition("/")
+
+    # -- metadata: existence, listing, small whole objects ----------------------------------------
+    def exists(self, name: str) -> bool:
+        try:
+            self.request(name, "HEAD", self.client().head_object, Bucket=self.bucket, Key=self.key(name))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix.rstrip('/')}/{name}" if self.prefix else name
+
+    def list(self) -> list[str]:
+        """The folder's entries (objects and sub-prefixes), every page of the listing."""
+        prefix, names, token = self.key(""), [], None
+        while True:
+            page = self.request(
+                None,
+                "list",
+                self.client().list_objects_v2,
+                Bucket=self.bucket,
+                Prefix=prefix,
+                Delimiter="/",
+                **({"ContinuationToken": token} if token else {}),
+            )
+            names += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
+            names += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return sorted(n for n in names if n)
+
+    def is_folder(self) -> bool:
+        return bool(self.list())
+
+    def names(self) -> list[str]:
+        return self.list()
+
+    def read(self, name: str) -> bytes:
+        try:
+            return bytes(self._get(name, "GET", None, None, Key=self.key(name)))
+        except FileNotFoundError:
+            raise CheckpointFormatError(f"{self.where(name)}: missing from the checkpoint") from None
+
+    def _get(self, name: str, what: str, dst: memoryview | None, etag: str | None, **kwargs) -> bytes | bytearray:
+        """One GET whose body is read whole (into ``dst`` when given) before the request's
+        deadline; a body cut short (a dropped connection) is asked again with backoff, like
+        the requests botocore retries. Returns the body (``b""`` when read into ``dst``)."""
+        import http.client
+
+        from botocore.exceptions import ConnectionClosedError, IncompleteReadError, ReadTimeoutError
+        from botocore.exceptions import ResponseStreamingError
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        transient = (OSError, http.client.HTTPException, Urllib3Error, ConnectionClosedError, IncompleteReadError)
+        transient += (ReadTimeoutError, ResponseStreamingError)
+        attempts = self.options["config_kwargs"]["retries"].get("max_attempts", S3_ATTEMPTS)
+        where = self.where(name) if name is not None else self.url
+        for attempt in range(max(1, attempts)):
+            deadline = time.monotonic() + self.request_deadline
+            response = self.request(name, what, self.client().get_object, etag, Bucket=self.bucket, **kwargs)
+            if dst is not None and response["ContentLength"] != len(dst):
+                response["Body"].close()
+                raise CheckpointFormatError(f"{where}: short read at {what}; truncated?")
+            try:
+                return read_body(response, dst, deadline)
+            except BodyCutShort as e:
+                if e.timed_out:
+                    raise StorageError(
+                        f"{where}: {what}: the answer did not arrive whole within {self.request_deadline:g} s "
+                        f"({e}); set storage_options['request_deadline'] for slower links"
+                    ) from None
+                failure = e
+            except transient as e:
+                failure = e
+            if attempt == attempts - 1:
+                raise StorageError(f"{where}: {what}: the answer was cut short {attempts} times ({failure})")
+            time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
 
     def client(self):
         """The process's botocore client for this endpoint and these credentials: building one
@@ -332,7 +420,7 @@ class S3Store(FsspecStore):
         path = self.path_of(name)
         bucket, _, key = path.partition("/")
         try:
-            head = self._client_call(name, "HEAD", self.client().head_object, Bucket=bucket, Key=key)
+            head = self.request(name, "HEAD", self.client().head_object, Bucket=bucket, Key=key)
         except FileNotFoundError:
             raise CheckpointFormatError(f"{self.where(name)}: missing from the checkpoint") from None
         return path, head["ContentLength"], head["ETag"]
@@ -343,65 +431,92 @@ class S3Store(FsspecStore):
         end = min(offset + length, handle[1])
         return b"".join(self._fetch(handle, handle[0].rsplit("/", 1)[-1], [(offset, end)])) if end > offset else b""
 
-    def _client_call(self, name: str, what: str, fn, etag: str | None = None, **kwargs):
+    def request(self, name: str, what: str, fn, etag: str | None = None, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
 
+        where = self.where(name) if name is not None else self.url
         try:  # botocore already retries throttling, dropped connections and timeouts
             return fn(**kwargs, **({"IfMatch": etag} if etag else {}))
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code")
             if code in ("NoSuchKey", "404", "NotFound"):
-                raise FileNotFoundError(self.where(name)) from e
+                raise FileNotFoundError(where) from e
+            if code == "NoSuchBucket":
+                raise StorageError(
+                    f"{where}: the bucket {self.bucket!r} does not exist (create it first, or check the endpoint)"
+                ) from None
             if code in ("PreconditionFailed", "412"):
                 raise MixedCheckpointError(
                     f"{self.where(name)}: replaced while being read (its ETag is no longer {etag}): "
                     f"the checkpoint was overwritten during the load; load again"
                 ) from None
-            raise StorageError(f"{self.where(name)}: {what}: {e}") from e
+            raise StorageError(f"{where}: {what}: {e}") from e
         except BotoCoreError as e:
-            raise StorageError(f"{self.where(name)}: {what}: {e}") from e
+            if _is_timeout(e):  # botocore already waited and retried
+                raise StorageError(f"{where}: {what}: no answer from the server ({e})") from e
+            raise StorageError(f"{where}: {what}: {e}") from e
 
     def _fetch(self, handle, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        bucket, _, key = handle[0].partition("/")
-        client = self.client()
-
-        def get(a: int, b: int) -> bytes:
-            return self._client_call(
-                name, f"bytes {a}-{b}", client.get_object, handle[2], Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}"
-            )["Body"].read()
-
-        return [get(a, b) for a, b in ranges]
+        key = handle[0].partition("/")[2]
+        return [
+            self._get(name, f"bytes {a}-{b}", None, handle[2], Key=key, Range=f"bytes={a}-{b - 1}") for a, b in ranges
+        ]
 
     def _fetch_into(self, handle, name: str, a: int, b: int, dst: memoryview) -> None:
-        """One ranged GET read straight into ``dst``: from the socket through http.client's
-        ``readinto`` (urllib3's own ``readinto`` reads into a new bytes object and copies)."""
-        from botocore.exceptions import BotoCoreError
+        """One ranged GET read straight into ``dst`` (see :func:`read_body`)."""
+        key = handle[0].partition("/")[2]
+        self._get(name, f"bytes {a}-{b}", dst, handle[2], Key=key, Range=f"bytes={a}-{b - 1}")
 
-        bucket, _, key = handle[0].partition("/")
-        try:
-            body = self._client_call(
-                name,
-                f"bytes {a}-{b}",
-                self.client().get_object,
-                handle[2],
-                Bucket=bucket,
-                Key=key,
-                Range=f"bytes={a}-{b - 1}",
-            )["Body"]
-            response = body._raw_stream  # urllib3's response; S3 objects carry no content encoding
-            fp = getattr(response, "_fp", None) or response
-            got = 0
+
+class BodyCutShort(Exception):
+    """A response body ended before its Content-Length (``timed_out``: cut at the deadline)."""
+
+    def __init__(self, message: str, timed_out: bool):
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+def read_body(response: dict, dst: memoryview | None, deadline: float) -> bytes | bytearray:
+    """A GET response's whole body, into ``dst`` (then ``b""``) or as bytes: from the socket
+    through http.client's ``readinto`` (urllib3's own ``readinto`` reads into a new bytes
+    object and copies). At ``deadline`` a timer shuts the connection's socket, so a body
+    trickling in never runs longer. A body that ends before its ``Content-Length`` is
+    :class:`BodyCutShort`."""
+    length = response["ContentLength"]
+    buffer = bytearray(length) if dst is None else None
+    out = dst if dst is not None else memoryview(buffer)
+    stream = response["Body"]._raw_stream  # urllib3's response; S3 objects carry no content encoding
+    fp = getattr(stream, "_fp", None) or stream
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        sock = getattr(getattr(stream, "_connection", None), "sock", None)
+        if sock is not None:
             try:
-                while got < len(dst):
-                    n = fp.readinto(dst[got:])
-                    if not n:
-                        break
-                    got += n
-            finally:
-                response.release_conn()
-        except (BotoCoreError, OSError) as e:
-            if isinstance(e, StorageError):
-                raise
-            raise StorageError(f"{self.where(name)}: bytes {a}-{b}: {e}") from e
-        if got != b - a:
-            raise CheckpointFormatError(f"{self.where(name)}: short read at bytes {a}-{b}; truncated?")
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+    timer.daemon = True
+    timer.start()
+    got = 0
+    try:
+        while got < length:
+            n = fp.readinto(out[got:])
+            if not n:
+                break
+            got += n
+    except OSError:
+        if not expired.is_set():
+            raise
+    finally:
+        timer.cancel()
+        if got == length and not expired.is_set():
+            stream.release_conn()
+        else:
+            stream.close()  # never back to the pool: the connection is broken or still sending
+    if got != length or expired.is_set():
+        raise BodyCutShort(f"{got} of {length} bytes arrived", expired.is_set())
+    return b"" if buffer is None else buffer
