@@ -165,7 +165,11 @@ def prepare(path: str, save_id: str) -> Destination:
                 raise StorageError(e.errno, f"creating {work}: {e.strerror}") from e
             logger.warning("cannot create %s (%s): committing the files of %s one by one", work, e.strerror, real)
         else:
-            os.close(create_file(os.path.join(work, MARKER))[0])
+            try:
+                os.close(create_file(os.path.join(work, MARKER))[0])
+            except OSError as e:
+                os.rmdir(work)  # unmarked, the next save would take it for a replaced folder
+                raise StorageError(e.errno, f"creating {os.path.join(work, MARKER)}: {e.strerror}") from e
             return Destination(real, work)
     os.makedirs(real, exist_ok=True)
     return Destination(real, real)
@@ -403,6 +407,11 @@ def check_destination(path: str) -> None:
     if os.path.lexists(real) and not os.path.isdir(real):
         raise StorageError(errno.ENOTDIR, f"{path}: exists and is not a folder; give a folder to save into")
     if os.path.isdir(real):
+        if (error := folder_creation_error(real)) is not None:  # the commit would leave its marker
+            raise StorageError(
+                error.errno or errno.EACCES,
+                f"{path}: cannot save into it ({error.strerror}); make it writable first (e.g. chmod u+w)",
+            )
         return
     ancestor = nearest_existing(os.path.dirname(real))
     if not os.path.isdir(ancestor):

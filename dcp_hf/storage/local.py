@@ -5,9 +5,11 @@ commits it with one atomic exchange of the whole folder (see :mod:`.commit`)."""
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -17,6 +19,7 @@ import torch
 from dcp_hf.boxes import RunGrid, byte_view
 from dcp_hf.errors import StorageError
 from dcp_hf.format import FileLayout
+from dcp_hf.format.index import CHECKPOINT_FILE
 from dcp_hf.storage import commit
 from dcp_hf.storage.exchange import Part
 from dcp_hf.storage.commit import fsync_dir
@@ -28,6 +31,21 @@ PARTIAL = re.compile(r"^\.(.+)\.([0-9a-f]{12})\.partial$")
 
 def partial_name(name: str, save_id: str) -> str:
     return f".{name}.{save_id}.partial"
+
+
+def refuse_odd_checkpoint_entries(path: str, names: list[str]) -> None:
+    """A folder (or FIFO, socket, device) at a checkpoint file's name is not a checkpoint file
+    to replace: refuse naming it rather than set it aside with the old checkpoint."""
+    for name in names:
+        if CHECKPOINT_FILE.match(name):
+            mode = os.lstat(os.path.join(path, name)).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+                raise StorageError(
+                    errno.EEXIST,
+                    f"{os.path.join(path, name)}: is {kind} where the checkpoint has a file; not "
+                    f"replacing it: move it away to save into {path}",
+                )
 
 
 class _Span(NamedTuple):
@@ -89,7 +107,9 @@ class LocalSink:
         for name in names:  # partial files of an interrupted in-place save
             if PARTIAL.match(name):
                 os.unlink(os.path.join(self.path, name))
-        return [n for n in names if not PARTIAL.match(n)]
+        names = [n for n in names if not PARTIAL.match(n)]
+        refuse_odd_checkpoint_entries(self.path, names)
+        return names
 
     def begin(self, files: list[FileLayout]) -> Created:
         """Make the staging folder and create every file in it (``O_EXCL|O_NOFOLLOW``)."""
@@ -101,11 +121,13 @@ class LocalSink:
             try:
                 fd, ident = commit.create_file(path)
                 ids.append(ident)
+                try:
+                    if n == 0:
+                        self.short_runs_cheap = maps_short_runs(fd)  # may reserve a block: ENOSPC
+                finally:
+                    os.close(fd)
             except OSError as e:
                 raise StorageError(e.errno, f"creating {path}: {e.strerror}") from e
-            if n == 0:
-                self.short_runs_cheap = maps_short_runs(fd)
-            os.close(fd)
         if len({i.dev for i in ids}) > 1:
             raise StorageError(f"{self.dest.work}: its files are on different devices; not writing there")
         return Created(self.dest.work, ids[0].dev if ids else 0, [i.ino for i in ids])
