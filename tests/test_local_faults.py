@@ -7,7 +7,6 @@ import os
 import pathlib
 import shutil
 import stat
-import subprocess
 import tempfile
 
 import pytest
@@ -17,6 +16,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
 from dcp_hf.errors import DcpHfError
+from tests.test_faults import small_disk  # noqa: F401 - the fixture: a small tmpfs
 
 SHARDED = 1200  # max_shard_size: three files
 
@@ -119,20 +119,6 @@ def test_a_read_only_folder_is_refused_and_left_as_it_was(shared_tmp):
 
 
 # -- a full file system ------------------------------------------------------------------------
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 1 MiB tmpfs mounted for the test (root only; skipped where mounting is impossible)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def _fill(mnt, leave: int) -> None:
     """Fill the file system but ``leave`` bytes (in whole pages)."""
     st = os.statvfs(mnt)
@@ -141,25 +127,25 @@ def _fill(mnt, leave: int) -> None:
         f.write(b"\0" * max(0, free - leave))
 
 
-def test_a_full_disk_at_the_first_writes_names_the_path_and_the_next_save_works(small_fs):
+def test_a_full_disk_at_the_first_writes_names_the_path_and_the_next_save_works(small_disk):  # noqa: F811
     """The save's first writes (its lock, its staging folder and marker, its files, its index)
     hit ENOSPC at every free-space level from none to enough: each save either commits or
     fails with an error naming a path under the destination, the old checkpoint loading;
     once there is room the next save commits, with nothing left beside or in the folder."""
-    path, failed = small_fs / "ckpt", 0
+    path, failed = small_disk / "ckpt", 0
     for leave in range(0, 40 << 10, 2048):
         save(path, state(1))
-        _fill(small_fs, leave)
+        _fill(small_disk, leave)
         try:
             save(path, state(2))
             assert loads_as(path, 2), leave
         except CheckpointException as e:
             ((error, _),) = e.failures.values()
             assert isinstance(error, DcpHfError), (leave, repr(error))
-            assert "No space left on device" in str(error) and str(small_fs) in str(error), (leave, error)
+            assert "No space left on device" in str(error) and str(small_disk) in str(error), (leave, error)
             assert loads_as(path, 1), leave
             failed += 1
-        os.unlink(small_fs / "filler")
+        os.unlink(small_disk / "filler")
         save(path, state(3))
         assert loads_as(path, 3) and hidden_leftovers(str(path)) == [], leave
     assert failed >= 5, failed

@@ -479,27 +479,13 @@ def _create_lock(lock: str, content: bytes) -> None:
     Where hard links are not supported, ``O_EXCL`` and a write."""
     tmp = f"{lock}.{secrets.token_hex(8)}.tmp"
     try:
-        fd, _ = create_file(tmp)
-    except (PermissionError, FileExistsError):
-        raise
-    except OSError as e:
-        raise StorageError(e.errno, f"{lock}: cannot create the save lock: {e.strerror}") from e
-    try:
-        try:
-            _write_all(fd, content)
-        finally:
-            os.close(fd)
+        _create_with(tmp, content)
         try:
             os.link(tmp, lock, follow_symlinks=False)
-            return
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
                 raise
-        fd, _ = create_file(lock)
-        try:
-            _write_all(fd, content)
-        finally:
-            os.close(fd)
+            _create_with(lock, content)
     except (FileExistsError, PermissionError):
         raise
     except OSError as e:
@@ -511,10 +497,15 @@ def _create_lock(lock: str, content: bytes) -> None:
             pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _create_with(path: str, content: bytes) -> None:
+    """Create a new file at ``path`` (:func:`create_file`) holding ``content``."""
+    fd, _ = create_file(path)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _not_live(lock: str, path: str) -> str | None:
