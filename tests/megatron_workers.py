@@ -326,3 +326,71 @@ def try_saves(rank, world, out_root, cases):
         dist.barrier()
         results[name] = (error, os.path.exists(path))
     return results
+
+
+def megatron_logits(chunks, ids: torch.Tensor) -> torch.Tensor:
+    """Megatron's own forward of a one-process model on CPU (eval mode, causal mask given:
+    megatron-core's default mask is made on CUDA; dropout's RNG fork is a no-op in eval; the
+    MoE router's test for Transformer Engine's GEMM fails on a name its import guard leaves
+    undefined, so that name is defined as None, the value it has when TE is absent)."""
+    import contextlib
+
+    from megatron.core.tensor_parallel import random
+
+    from dcp_hf.megatron.build import cuda_calls_on_cpu
+
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):  # 0.16's router names it only when TE imports
+        moe_utils.te_general_gemm = None
+    (model,) = chunks
+    model.eval()
+    tracker = random.get_cuda_rng_tracker()
+    seq = ids.shape[1]
+    mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
+    tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
+    try:
+        with torch.no_grad(), cuda_calls_on_cpu():
+            out = model(input_ids=ids, position_ids=torch.arange(seq).expand_as(ids), attention_mask=mask)
+    finally:
+        del tracker.fork
+    return out.float()
+
+
+def trust_cases(rank, world, out_root, cases):
+    """Each case (name, HF folder of the base model, TransformerConfig overrides, GPTModel
+    overrides, settings written into the built model's config): a random one-process model with
+    those settings; save_hf without a config (generated), save_hf with the base folder's config,
+    and load_hf of the base folder. Returns name -> (save error, written, config= save error,
+    load error); where the save was written, Megatron's logits beside it (``megatron.pt``)."""
+    from dcp_hf import megatron as dmeg
+    from dcp_hf.megatron.build import Parallel, build_gpt, init_parallel
+
+    def attempt(fn):
+        try:
+            fn()
+            return None
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            return f"{type(e).__name__}: {e}"
+
+    results = {}
+    ids = torch.arange(24).view(2, 12) % 64
+    for name, hf_dir, overrides, gpt_overrides, after in cases:
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            hf = json.load(f)
+        init_parallel(Parallel())
+        try:
+            chunks = build_gpt(hf, Parallel(), seed=3, overrides=overrides, gpt_overrides=gpt_overrides)
+        except Exception as e:  # noqa: BLE001 - a case megatron-core cannot build here: the test says which
+            results[name] = f"build: {type(e).__name__}: {e}"
+            continue
+        for key, value in after.items():
+            setattr(chunks[0].config, key, value)
+        path = os.path.join(out_root, name)
+        error = attempt(lambda: dmeg.save_hf(chunks, path))
+        if error is None:
+            torch.save(megatron_logits(chunks, ids), os.path.join(out_root, f"{name}.megatron.pt"))
+        given = attempt(lambda: dmeg.save_hf(chunks, path + "-given", config=hf_dir))
+        loaded = attempt(lambda: dmeg.load_hf(chunks, hf_dir))
+        results[name] = (error, os.path.exists(path), given, loaded, os.path.exists(path + "-given"))
+    return results

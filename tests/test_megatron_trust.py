@@ -1,0 +1,150 @@
+"""Every TransformerConfig setting that changes a Megatron model's math is expressed in the
+config.json save_hf writes, or refused before anything is written (and load_hf refuses a
+checkpoint into such a model). The oracle of "expressed" is Megatron's own forward on CPU
+against transformers' forward of the export."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from dcp_hf.local_ranks import run_ranks
+from tests import megatron_workers as mw
+from tests.test_megatron import COMMON
+
+pytest.importorskip("megatron.core")
+tf = pytest.importorskip("transformers")
+
+from dcp_hf.megatron.config_fields import FIELDS, Expressed, NotMath, Refused, config_classes  # noqa: E402
+
+
+def test_every_config_field_is_classified():
+    """A field of the installed megatron-core's configs that FIELDS does not classify (a new
+    megatron-core) fails here; at run time it is refused when set to a non-default value."""
+    fields = {f.name for cls in config_classes() for f in dataclasses.fields(cls)}
+    assert not fields - set(FIELDS), f"unclassified: {sorted(fields - set(FIELDS))}"
+    assert not set(FIELDS) - fields, f"classified but not in megatron-core: {sorted(set(FIELDS) - fields)}"
+    assert all(isinstance(v, (Expressed, Refused, NotMath)) for v in FIELDS.values())
+
+
+def test_unknown_field_is_refused():
+    from dcp_hf.megatron.config_fields import unexpressed
+    from dcp_hf.megatron.hf_config import megatron_config
+
+    config, _ = megatron_config(tf.LlamaConfig(num_hidden_layers=2, **COMMON).to_dict())
+    assert unexpressed(config) == []
+    saved = FIELDS.pop("window_size")
+    try:
+        config.window_size = (4, 0)
+        assert "window_size=(4, 0) (a TransformerConfig field dcp-hf does not know" in unexpressed(config)[0]
+        config.window_size = None
+        assert unexpressed(config) == []
+    finally:
+        FIELDS["window_size"] = saved
+
+
+def _base_models(tmp_path) -> dict[str, str]:
+    torch.manual_seed(5)
+    configs = {
+        "llama": tf.LlamaConfig(num_hidden_layers=2, **COMMON),
+        "qwen2": tf.Qwen2Config(num_hidden_layers=2, **COMMON),
+        "qwen3": tf.Qwen3Config(num_hidden_layers=2, head_dim=8, **COMMON),
+        "qwen3_moe": tf.Qwen3MoeConfig(
+            num_hidden_layers=2,
+            head_dim=8,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            **COMMON,
+        ),
+    }
+    out = {}
+    for name, cfg in configs.items():
+        folder = tmp_path / "base" / name
+        tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+        out[name] = str(folder)
+    return out
+
+
+SAME = None  # expected: written, and transformers' logits of the export equal Megatron's
+# (name, base family, TransformerConfig overrides, GPTModel overrides, set on the built config, expected)
+CASES = [
+    # expressed, non-default: the export computes what Megatron computes
+    ("defaults", "llama", {}, {}, {}, SAME),
+    ("head_dim_16", "llama", {"kv_channels": 16}, {}, {}, SAME),
+    ("one_group", "llama", {"num_query_groups": 1}, {}, {}, SAME),
+    ("eps_theta", "llama", {"layernorm_epsilon": 1e-3}, {"rotary_base": 500000}, {}, SAME),
+    ("llama3_rope", "llama", {}, {"rotary_base": 500000, "rope_scaling": True, "rope_scaling_factor": 16.0}, {}, SAME),
+    ("tied", "llama", {}, {"share_embeddings_and_output_weights": True}, {}, SAME),
+    ("softmax_scale_default", "llama", {"softmax_scale": 1 / math.sqrt(8)}, {}, {}, SAME),
+    ("no_rope_none", "llama", {"no_rope_freq": [0, 0]}, {}, {}, SAME),
+    ("qkv_bias", "qwen2", {}, {}, {}, SAME),
+    ("qk_norm", "qwen3", {}, {}, {}, SAME),
+    ("qkv_bias_inferred", "llama", {"add_qkv_bias": True}, {}, {}, SAME),  # the one family: Qwen2
+    ("qk_norm_inferred", "llama", {"qk_layernorm": True}, {}, {}, SAME),  # Qwen3
+    ("moe", "qwen3_moe", {}, {}, {}, SAME),
+    ("moe_pre_softmax", "qwen3_moe", {"moe_router_pre_softmax": True}, {}, {}, SAME),
+    # not math (NotMath): the same function
+    ("layer_scaling", "llama", {"apply_query_key_layer_scaling": True}, {}, {}, SAME),
+    ("dropout_eval", "llama", {"hidden_dropout": 0.5, "attention_dropout": 0.5}, {}, {}, SAME),
+    ("fp32_residual", "llama", {"fp32_residual_connection": True}, {}, {}, SAME),
+    # math no family expresses: refused, nothing written
+    ("softmax_scale", "llama", {"softmax_scale": 0.5}, {}, {}, "softmax_scale=0.5"),
+    ("off_by_one", "llama", {"softmax_type": "off-by-one"}, {}, {}, "softmax_type='off-by-one'"),
+    ("sinks", "llama", {"softmax_type": "learnable"}, {}, {}, "softmax_type='learnable'"),
+    ("glu_offset", "llama", {"glu_linear_offset": 1.0}, {}, {}, "glu_linear_offset=1.0"),
+    ("glu_clamp", "llama", {"activation_func_clamp_value": 7.0}, {}, {}, "activation_func_clamp_value=7.0"),
+    ("nope_layers", "llama", {"no_rope_freq": 2}, {}, {}, "no_rope_freq=[0, 1]"),
+    ("qk_l2_norm", "llama", {"qk_l2_norm": True}, {}, {}, "qk_l2_norm=True"),
+    ("zero_centered", "llama", {}, {}, {"layernorm_zero_centered_gamma": True}, "layernorm_zero_centered_gamma"),
+    ("post_ln", "llama", {"apply_residual_connection_post_layernorm": True}, {}, {}, "apply_residual_connection"),
+    ("linear_bias", "llama", {"add_bias_linear": True}, {}, {}, "add_bias_linear=True"),
+    ("interleaved", "llama", {"rotary_interleaved": True}, {}, {}, "rotary_interleaved=True"),
+    ("window", "llama", {}, {}, {"window_size": (4, 0)}, "window_size=(4, 0)"),
+    ("window_skip", "llama", {}, {}, {"window_attn_skip_freq": 2}, "window_attn_skip_freq=2"),
+    ("output_gate", "llama", {}, {}, {"attention_output_gate": True}, "attention_output_gate=True"),
+    ("delta_net", "llama", {}, {}, {"experimental_attention_variant": "gated_delta_net"}, "gated_delta_net"),
+    ("linear_attention", "llama", {}, {}, {"linear_attention_freq": 2}, "linear_attention_freq=2"),
+    ("dsa", "llama", {}, {}, {"dsa_indexer_topk": 4}, "dsa_indexer_topk=4"),
+    ("mrope", "llama", {}, {}, {"mrope_section": [2, 1, 1]}, "mrope_section=[2, 1, 1]"),
+    ("hybrid", "llama", {}, {}, {"is_hybrid_model": True}, "is_hybrid_model=True"),
+    ("heterogeneous", "llama", {}, {}, {"heterogeneous_block_specs": True}, "heterogeneous_block_specs=True"),
+    ("gelu", "llama", {"activation_func": torch.nn.functional.gelu}, {}, {}, "an MLP other than SwiGLU"),
+    ("layernorm", "llama", {"normalization": "LayerNorm"}, {}, {}, "normalization='LayerNorm'"),
+    ("partial_rotary", "llama", {}, {"rotary_percent": 0.5}, {}, "rotary_percent=0.5"),
+    ("linear_rope", "llama", {}, {"seq_len_interpolation_factor": 2.0}, {}, "seq_len_interpolation_factor=2.0"),
+    ("learned_positions", "llama", {}, {"position_embedding_type": "none"}, {}, "position_embedding_type='none'"),
+    ("sinkhorn", "qwen3_moe", {"moe_router_load_balancing_type": "sinkhorn"}, {}, {}, "Sinkhorn"),
+    ("random_routing", "qwen3_moe", {"moe_router_force_load_balancing": True}, {}, {}, "force_load_balancing"),
+    ("probs_on_input", "qwen3_moe", {}, {}, {"moe_apply_probs_on_input": True}, "moe_apply_probs_on_input"),
+    ("latent_moe", "qwen3_moe", {}, {}, {"moe_latent_size": 8}, "moe_latent_size=8"),
+    ("limited_devices", "qwen3_moe", {}, {}, {"moe_router_topk_limited_devices": 2}, "topk_limited_devices=2"),
+]
+
+
+@pytest.mark.slow
+def test_math_settings_exported_exactly_or_refused(tmp_path):
+    bases = _base_models(tmp_path)
+    cases = [(name, bases[base], over, gpt, after) for name, base, over, gpt, after, _ in CASES]
+    results = run_ranks(mw.trust_cases, 1, str(tmp_path / "out"), cases, timeout=900)[0]
+    ids = torch.arange(24).view(2, 12) % 64
+    unbuilt = {name: r for name, r in results.items() if isinstance(r, str)}
+    assert not unbuilt, unbuilt
+    for name, base, *_, want in CASES:
+        error, written, given, loaded, given_written = results[name]
+        if want is SAME:
+            assert error is None and written, (name, error)
+            model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / name).eval()
+            with torch.no_grad():
+                theirs = model(input_ids=ids).logits
+            ours = torch.load(tmp_path / "out" / f"{name}.megatron.pt")
+            assert torch.allclose(theirs, ours, atol=2e-5, rtol=0), (name, (theirs - ours).abs().max())
+        else:
+            for what, message, wrote in (("save_hf", error, written), ("save_hf(config=)", given, given_written)):
+                assert message is not None and want in message, (name, what, message)
+                assert not wrote, (name, what)
+            assert loaded is not None and want in loaded, (name, "load_hf", loaded)
