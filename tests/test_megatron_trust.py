@@ -148,3 +148,85 @@ def test_math_settings_exported_exactly_or_refused(tmp_path):
                 assert message is not None and want in message, (name, what, message)
                 assert not wrote, (name, what)
             assert loaded is not None and want in loaded, (name, "load_hf", loaded)
+
+
+# (name, TransformerConfig overrides, GPTModel overrides, set on the built config, with args, expected)
+EXPORT_CASES = [
+    ("match", {}, {}, {}, True, SAME),
+    ("no_args", {}, {}, {}, False, "records no training arguments"),
+    ("gated_gelu", {"activation_func": torch.nn.functional.gelu}, {}, {}, True, "an MLP other than SwiGLU"),
+    ("window", {}, {}, {"window_size": (4, 0)}, True, "window_size=(4, 0)"),
+    ("interleaved", {"rotary_interleaved": True}, {}, {}, True, "rotary_interleaved=True"),
+    ("linear_rope", {}, {"seq_len_interpolation_factor": 2.0}, {}, True, "seq_len_interpolation_factor=2.0"),
+    ("partial_rotary", {}, {"rotary_percent": 0.5}, {}, True, "rotary_percent=0.5"),
+    ("post_ln", {"apply_residual_connection_post_layernorm": True}, {}, {}, True, "apply_residual_connection"),
+    ("softmax_scale", {"softmax_scale": 0.5}, {}, {}, True, "softmax_scale=0.5"),
+    ("glu_offset", {"glu_linear_offset": 1.0}, {}, {}, True, "glu_linear_offset=1.0"),
+    ("glu_clamp", {"activation_func_clamp_value": 7.0}, {}, {}, True, "activation_func_clamp_value=7.0"),
+    ("nope_layers", {"no_rope_freq": 2}, {}, {}, True, "no_rope_freq=[0, 1]"),
+    ("theta", {}, {"rotary_base": 500000}, {}, True, "rope_parameters"),  # the config says 10000
+    ("tied", {}, {"share_embeddings_and_output_weights": True}, {}, True, "tie_word_embeddings"),
+]
+REFUSED_FAMILIES = {  # HF configs of families dcp-hf does not map (megatron-core 0.16 lacks or dcp-hf has no mapping)
+    "gemma2": lambda: tf.Gemma2Config(num_hidden_layers=2, head_dim=8, **COMMON),
+    "gemma3": lambda: tf.Gemma3TextConfig(num_hidden_layers=2, head_dim=8, **COMMON),
+    "llama4": lambda: tf.Llama4TextConfig(num_hidden_layers=2, head_dim=8, **COMMON),
+    "phi3": lambda: tf.Phi3Config(num_hidden_layers=2, **COMMON),
+    "olmoe": lambda: tf.OlmoeConfig(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, **COMMON),
+    "gpt_oss": lambda: tf.GptOssConfig(num_hidden_layers=2, head_dim=8, num_local_experts=4, **COMMON),
+    "qwen3_next": lambda: tf.Qwen3NextConfig(num_hidden_layers=4, head_dim=8, num_experts=4, **COMMON),
+}
+
+
+def _refused_config(name: str) -> dict:
+    hf = REFUSED_FAMILIES[name]().to_dict()
+    hf["architectures"] = hf.get("architectures") or [
+        type(REFUSED_FAMILIES[name]()).__name__.replace("Config", "ForCausalLM")
+    ]
+    return hf
+
+
+@pytest.mark.slow
+def test_export_checks_training_arguments(tmp_path):
+    """``dcp-hf export --from megatron`` of torch_dist checkpoints written by megatron-core's
+    dist_checkpointing.save with Megatron-LM's ``args`` in the common state: a model whose
+    arguments the config.json states exports, with transformers' logits of the export equal
+    to Megatron's forward; one trained with a setting the config does not state (or no family
+    expresses) is refused naming it, nothing written; without arguments, refused unless
+    --assume-config-matches; configs of unmapped families refused."""
+    from dcp_hf.megatron.export import export_torch_dist
+    from tests.cli_driver import run_cli
+
+    base = _base_models(tmp_path)["llama"]
+    cases = [(name, base, over, gpt, after, args) for name, over, gpt, after, args, _ in EXPORT_CASES]
+    run_ranks(mw.torch_dist_cases, 1, str(tmp_path / "mcore"), cases, timeout=900, daemon=False)
+    ids = torch.arange(24).view(2, 12) % 64
+    for name, *_, want in EXPORT_CASES:
+        src, dst = tmp_path / "mcore" / name, tmp_path / "hf" / name
+        if want is SAME:  # through the command line
+            done = run_cli("export", "--from", "megatron", "--quiet", src, dst, "--config", base)
+            assert done.returncode == 0, (name, done.stderr[-2000:])
+            model = tf.AutoModelForCausalLM.from_pretrained(dst).eval()
+            with torch.no_grad():
+                theirs = model(input_ids=ids).logits
+            ours = torch.load(tmp_path / "mcore" / f"{name}.megatron.pt")
+            assert torch.allclose(theirs, ours, atol=2e-5, rtol=0), (name, (theirs - ours).abs().max())
+        else:
+            with pytest.raises(ValueError, match="nothing written") as info:
+                export_torch_dist(str(src), str(dst), base)
+            assert want in str(info.value), (name, str(info.value))
+            assert not dst.exists(), name
+    # without arguments: the caller vouches for the config
+    dst = tmp_path / "hf" / "no_args_assumed"
+    done = run_cli(
+        "export", "--from", "megatron", "--quiet", tmp_path / "mcore" / "no_args", dst, "--config", base,
+        "--assume-config-matches",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert tf.AutoModelForCausalLM.from_pretrained(dst) is not None
+    # families dcp-hf does not map: refused before writing, whatever the checkpoint
+    for family in REFUSED_FAMILIES:
+        dst = tmp_path / "hf" / family
+        with pytest.raises(ValueError, match="is not a family dcp-hf maps"):
+            export_torch_dist(str(tmp_path / "mcore" / "match"), str(dst), _refused_config(family))
+        assert not dst.exists(), family

@@ -315,6 +315,8 @@ def _gqa(model, fam: Family, no: _Refusals) -> dict:
     heads = c.num_attention_heads
     groups = c.num_query_groups or heads
     out = dict(num_key_value_heads=groups)
+    if fam.name in ("mistral", "mixtral"):  # MistralConfig's default is a 4096-token window
+        out["sliding_window"] = None
     if fam.name in ("qwen2", "qwen2_moe"):  # no head_dim setting: hidden / heads
         no.need(
             c.kv_channels * heads == c.hidden_size,
@@ -532,10 +534,14 @@ def check_given(given: dict, model, family: Family, loading: bool = False) -> No
             free.add("num_nextn_predict_layers")
     if family.name != "mixtral" and all(moe_layers(model.config)):
         free.add("intermediate_size")  # no dense layer uses it
+    # every setting of the given config that changes the math, also those the family's class
+    # has and the model does not set (a sliding window, an MLP bias...): equal to the class's
+    # value for the model (its default where the model does not set it)
+    keys = (set(kw) | set(theirs.to_dict()) | set(ours.to_dict())) - HF_NOT_MATH - {"vocab_size"}
     differ = [
-        f"{k}: {getattr(theirs, k, None)!r} given, {getattr(ours, k)!r} in the model"
-        for k in kw
-        if k not in free and _unset(k, getattr(theirs, k, None)) != _unset(k, getattr(ours, k))
+        f"{k}: {getattr(theirs, k, None)!r} given, {getattr(ours, k, None)!r} in the model"
+        for k in sorted(keys)
+        if k not in free and _unset(k, getattr(theirs, k, None)) != _unset(k, getattr(ours, k, None))
     ]
     vocab = given.get("vocab_size")
     if vocab is not None and vocab > model.vocab_size:
@@ -544,6 +550,36 @@ def check_given(given: dict, model, family: Family, loading: bool = False) -> No
         raise ValueError(f"the given {family.name} config does not describe this Megatron model: " + "; ".join(differ))
 
 
+HF_NOT_MATH = {  # HF config fields that do not change a causal LM's function
+    "_name_or_path",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "output_router_logits",
+    "use_cache",
+    "is_encoder_decoder",
+    "chunk_size_feed_forward",
+    "initializer_range",
+    "attention_dropout",
+    "router_aux_loss_coef",
+    "router_jitter_noise",  # training noise
+    "pretraining_tp",  # a way to split Llama's matmuls, the same function
+    "use_sliding_window",  # with max_window_layers: their effect is layer_types and sliding_window
+    "max_window_layers",
+    "quantization_config",  # how the release stores its weights (dequantized on load)
+    "tokenizer_class",
+}
 UNSET_MEANS = {"n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0}  # None says the same
 
 
@@ -649,6 +685,20 @@ def megatron_config(hf: dict, **overrides):
     kw.update(overrides)
     cls = MLATransformerConfig if fam.attention == "mla" else TransformerConfig
     return cls(**kw), gpt
+
+
+def checked_megatron_config(hf: dict, **overrides):
+    """``megatron_config``, exact or refused: the family of ``hf`` must be one of ``FAMILIES``
+    (Gemma, Llama-4, Phi-3, OLMoE, GPT-OSS, Qwen3-Next... are refused by name) and the Megatron
+    model it describes must compute what transformers computes from ``hf`` (``check_given`` of
+    that model's settings: a sliding window, an MLP bias, a RoPE type the model would not
+    apply is refused). For every path that goes from an HF config to a Megatron model or
+    checkpoint (export's layout, an import). Returns (Family, TransformerConfig, GPTModel
+    keyword arguments); multi-token-prediction layers only when ``mtp_num_layers`` is passed."""
+    fam = family_of_hf(hf)
+    config, gpt = megatron_config(hf, **overrides)
+    check_given(hf, GPTSettings.of_config(config, gpt), fam, loading=True)
+    return fam, config, gpt
 
 
 def _moe_layer_freq(sparse: list[bool]):
