@@ -525,3 +525,33 @@ def trust_cases(rank, world, out_root, cases):
         loaded = attempt(lambda: dmeg.load_hf(chunks, hf_dir))
         results[name] = (error, os.path.exists(path), given, loaded, os.path.exists(path + "-given"))
     return results
+
+
+def refused_families(rank, world, hf_dir, out_root, configs):
+    """A model of ``hf_dir``'s config; for each (name, HF config of a family dcp-hf does not
+    map): save_hf with that config, and load_hf of ``hf_dir``'s weights beside that config.json.
+    Returns name -> (save error, written, load error)."""
+    import shutil
+
+    from dcp_hf import megatron as dmeg
+    from dcp_hf.megatron.build import Parallel, build_gpt, init_parallel
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf = json.load(f)
+    init_parallel(Parallel())
+    chunks = build_gpt(hf, Parallel())
+    results = {}
+    for name, config in configs.items():
+        path, source = os.path.join(out_root, name), os.path.join(out_root, f"{name}-src")
+        shutil.copytree(hf_dir, source)
+        with open(os.path.join(source, "config.json"), "w") as f:
+            json.dump(config, f)
+        errors = []
+        for fn in (lambda: dmeg.save_hf(chunks, path, config=config), lambda: dmeg.load_hf(chunks, source)):
+            try:
+                fn()
+                errors.append(None)
+            except Exception as e:  # noqa: BLE001 - the test reads the message
+                errors.append(f"{type(e).__name__}: {e}")
+        results[name] = (errors[0], os.path.exists(path), errors[1])
+    return results

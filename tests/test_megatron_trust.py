@@ -230,3 +230,21 @@ def test_export_checks_training_arguments(tmp_path):
         with pytest.raises(ValueError, match="is not a family dcp-hf maps"):
             export_torch_dist(str(tmp_path / "mcore" / "match"), str(dst), _refused_config(family))
         assert not dst.exists(), family
+
+
+@pytest.mark.slow
+def test_unmapped_families_refused(tmp_path):
+    """save_hf with the config of a family dcp-hf does not map, and load_hf of a checkpoint
+    whose config.json is one: refused naming the model_type, nothing written or loaded."""
+    base = _base_models(tmp_path)["llama"]
+    configs = {name: _refused_config(name) for name in REFUSED_FAMILIES}
+    results = run_ranks(mw.refused_families, 1, base, str(tmp_path / "out"), configs, timeout=600)[0]
+    for name, (saved, written, loaded) in results.items():
+        model_type = configs[name]["model_type"]
+        for what, error in (("save_hf", saved), ("load_hf", loaded)):
+            assert error is not None and f"model_type {model_type!r} is not a family dcp-hf maps" in error, (
+                name,
+                what,
+                error,
+            )
+        assert not written, name
