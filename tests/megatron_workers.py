@@ -406,16 +406,9 @@ def torch_dist_cases(rank, world, out_root, cases):
     overrides, settings written into the built model's config, with args): a random
     one-process model written as a torch_dist checkpoint in out_root/name, with the Megatron-LM
     arguments of that model (or none); Megatron's logits beside it (``name.megatron.pt``)."""
-    from dcp_hf.megatron.build import Parallel, build_gpt, init_parallel
-
     ids = torch.arange(24).view(2, 12) % 64
     for name, hf_dir, overrides, gpt_overrides, after, with_args in cases:
-        with open(os.path.join(hf_dir, "config.json")) as f:
-            hf = json.load(f)
-        init_parallel(Parallel())
-        chunks = build_gpt(hf, Parallel(), seed=4, overrides=overrides, gpt_overrides=gpt_overrides)
-        for key, value in after.items():
-            setattr(chunks[0].config, key, value)
+        chunks = case_model(hf_dir, overrides, gpt_overrides, after)
         factor = (gpt_overrides or {}).get("rope_scaling_factor", 8.0)
         write_torch_dist(
             chunks, os.path.join(out_root, name), megatron_lm_args(chunks[0], factor) if with_args else None
@@ -488,42 +481,54 @@ def megatron_logits(chunks, ids: torch.Tensor) -> torch.Tensor:
     return out.float()
 
 
+def case_model(hf_dir, overrides, gpt_overrides, after) -> list:
+    """A random one-process model of ``hf_dir``'s config with TransformerConfig ``overrides``
+    and GPTModel ``gpt_overrides``; ``after``: settings written into its config once built
+    (what megatron-core's local layer spec cannot build on CPU, and only the config reads)."""
+    from dcp_hf.megatron.build import Parallel, build_gpt, init_parallel
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf = json.load(f)
+    init_parallel(Parallel())
+    chunks = build_gpt(hf, Parallel(), seed=3, overrides=overrides, gpt_overrides=gpt_overrides)
+    for key, value in after.items():
+        setattr(chunks[0].config, key, value)
+    return chunks
+
+
 def trust_cases(rank, world, out_root, cases):
     """Each case (name, HF folder of the base model, TransformerConfig overrides, GPTModel
     overrides, settings written into the built model's config): a random one-process model with
     those settings; save_hf without a config (generated), save_hf with the base folder's config,
-    and load_hf of the base folder. Returns name -> (save error, written, config= save error,
-    load error); where the save was written, Megatron's logits beside it (``megatron.pt``)."""
+    load_hf of the base folder, and load_hf of its weights without config.json (``-bare``) with
+    its family named. Returns name -> (save error, written, config= save error, load error,
+    config= save written, bare load error); where the save was written, Megatron's logits beside it (``megatron.pt``)."""
     from dcp_hf import megatron as dmeg
-    from dcp_hf.megatron.build import Parallel, build_gpt, init_parallel
 
     def attempt(fn):
         try:
             fn()
             return None
-        except Exception as e:  # noqa: BLE001 - the test reads the message
+        except BaseException as e:  # noqa: BLE001 - the test reads the message (DCP's CheckpointException too)
             return f"{type(e).__name__}: {e}"
 
     results = {}
     ids = torch.arange(24).view(2, 12) % 64
     for name, hf_dir, overrides, gpt_overrides, after in cases:
-        with open(os.path.join(hf_dir, "config.json")) as f:
-            hf = json.load(f)
-        init_parallel(Parallel())
         try:
-            chunks = build_gpt(hf, Parallel(), seed=3, overrides=overrides, gpt_overrides=gpt_overrides)
+            chunks = case_model(hf_dir, overrides, gpt_overrides, after)
         except Exception as e:  # noqa: BLE001 - a case megatron-core cannot build here: the test says which
             results[name] = f"build: {type(e).__name__}: {e}"
             continue
-        for key, value in after.items():
-            setattr(chunks[0].config, key, value)
         path = os.path.join(out_root, name)
         error = attempt(lambda: dmeg.save_hf(chunks, path))
         if error is None:
             torch.save(megatron_logits(chunks, ids), os.path.join(out_root, f"{name}.megatron.pt"))
         given = attempt(lambda: dmeg.save_hf(chunks, path + "-given", config=hf_dir))
         loaded = attempt(lambda: dmeg.load_hf(chunks, hf_dir))
-        results[name] = (error, os.path.exists(path), given, loaded, os.path.exists(path + "-given"))
+        family = os.path.basename(hf_dir)  # the base folders are named by family
+        bare = attempt(lambda: dmeg.load_hf(chunks, hf_dir + "-bare", family=family))
+        results[name] = (error, os.path.exists(path), given, loaded, os.path.exists(path + "-given"), bare)
     return results
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 
 import pytest
 import torch
@@ -66,6 +67,7 @@ def _base_models(tmp_path) -> dict[str, str]:
     for name, cfg in configs.items():
         folder = tmp_path / "base" / name
         tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+        shutil.copytree(folder, f"{folder}-bare", ignore=shutil.ignore_patterns("config.json"))
         out[name] = str(folder)
     return out
 
@@ -135,7 +137,7 @@ def test_math_settings_exported_exactly_or_refused(tmp_path):
     unbuilt = {name: r for name, r in results.items() if isinstance(r, str)}
     assert not unbuilt, unbuilt
     for name, base, *_, want in CASES:
-        error, written, given, loaded, given_written = results[name]
+        error, written, given, loaded, given_written, bare = results[name]
         if want is SAME:
             assert error is None and written, (name, error)
             model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / name).eval()
@@ -147,7 +149,8 @@ def test_math_settings_exported_exactly_or_refused(tmp_path):
             for what, message, wrote in (("save_hf", error, written), ("save_hf(config=)", given, given_written)):
                 assert message is not None and want in message, (name, what, message)
                 assert not wrote, (name, what)
-            assert loaded is not None and want in loaded, (name, "load_hf", loaded)
+            for what, message in (("load_hf", loaded), ("load_hf without config.json", bare)):
+                assert message is not None and want in message, (name, what, message)
 
 
 # (name, TransformerConfig overrides, GPTModel overrides, set on the built config, with args, expected)
