@@ -251,3 +251,41 @@ def test_unmapped_families_refused(tmp_path):
                 error,
             )
         assert not written, name
+
+
+@pytest.mark.parametrize(
+    "config, want",
+    [
+        (lambda: tf.MistralConfig(num_hidden_layers=2, head_dim=8, **COMMON), "sliding_window: 4096 given, None"),
+        (lambda: tf.LlamaConfig(num_hidden_layers=2, mlp_bias=True, **COMMON), "mlp_bias: True given, False"),
+        (lambda: tf.LlamaConfig(num_hidden_layers=2, attention_bias=True, **COMMON), "add_qkv_bias=True"),
+        (
+            lambda: tf.Qwen2Config(num_hidden_layers=2, use_sliding_window=True, max_window_layers=1, **COMMON),
+            "layer_types",
+        ),
+        (lambda: tf.LlamaConfig(num_hidden_layers=2, hidden_act="gelu", **COMMON), "hidden_act 'gelu'"),
+        (
+            lambda: tf.LlamaConfig(
+                num_hidden_layers=2, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, **COMMON
+            ),
+            "rope_parameters",
+        ),
+        (lambda: tf.Gemma2Config(num_hidden_layers=2, head_dim=8, **COMMON), "is not a family dcp-hf maps"),
+    ],
+)
+def test_hf_config_with_math_the_megatron_model_lacks_is_refused(config, want):
+    """The HF -> Megatron direction (export's layout, an import): an HF config whose Megatron
+    model would compute something else is refused, naming the setting."""
+    from dcp_hf.megatron.hf_config import checked_megatron_config
+
+    with pytest.raises(ValueError) as info:
+        checked_megatron_config(config().to_dict())
+    assert want in str(info.value), str(info.value)
+
+
+def test_mistral_config_generated_without_a_window():
+    from dcp_hf.megatron.hf_config import GPTSettings, checked_megatron_config, hf_config
+
+    hf = tf.MistralConfig(num_hidden_layers=2, head_dim=8, sliding_window=None, **COMMON).to_dict()
+    _, config, gpt = checked_megatron_config(hf)
+    assert hf_config(GPTSettings.of_config(config, gpt), "mistral")["sliding_window"] is None
