@@ -343,6 +343,7 @@ def _cmd_export(args) -> int:
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            assume_config_matches=args.assume_config_matches,
         )
     except KeyError as e:
         raise UsageError(f"--config {config}: has no {e.args[0]!r}; give the model's full HF config.json") from None
@@ -552,6 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["keep", "bf16", "fp16", "fp32"],
         default="keep",
         help="floating tensors' dtype in the output (DeepSeek's expert bias stays fp32)",
+    )
+    export.add_argument(
+        "--assume-config-matches",
+        action="store_true",
+        help="for a checkpoint without training arguments (common.pt 'args', as Megatron-LM writes "
+        "them): vouch that --config states the settings it was trained with (without them the "
+        "export is refused; with them they are checked against --config)",
     )
     _common(export)
     export.set_defaults(func=_cmd_export)

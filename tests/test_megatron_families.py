@@ -273,8 +273,16 @@ def test_export_torch_dist_offline_families(tmp_path):
     stored = FileSystemReader(str(tmp_path / "mixtral" / "mcore")).read_metadata().state_dict_metadata
     assert len(stored["decoder.layers.mlp.experts.experts.linear_fc1.weight"].size) == 4  # [L, E, 2F, H]
     other = json.loads((tmp_path / "mixtral" / "src" / "config.json").read_text())
-    wrong = {**other, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4}
+    wrong = {
+        **other,
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "num_experts": 4,
+        "moe_intermediate_size": other["intermediate_size"],
+    }
     with pytest.raises(ValueError, match="nothing written") as info:
         export_torch_dist(str(tmp_path / "mixtral" / "mcore"), str(tmp_path / "bad"), wrong)
-    assert "q_norm" in str(info.value), str(info.value)[:2000]  # Qwen3-MoE's qk norm: not in a Mixtral
+    # Qwen3-MoE's qk norm: the checkpoint's training arguments say the Mixtral had none
+    assert "common.pt: the training arguments" in str(info.value), str(info.value)[:2000]
+    assert "qk_layernorm=False" in str(info.value), str(info.value)[:2000]
     assert not (tmp_path / "bad").exists()

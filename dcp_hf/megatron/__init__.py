@@ -234,6 +234,8 @@ def load_hf(
                 check_given(given, chunks[0], fam, loading=True)
             except ValueError as e:
                 raise ValueError(f"{path}: config.json: {e}") from None
+        else:  # no config.json to compare: the family must express the model all the same
+            hf_config(chunks[0], fam.name)
         unexpected.extend(f"model.layers.{c.num_layers + n}.*" for n in range(ours, theirs))
         unexpected.extend(
             f"model.layers.{c.num_layers + n}.{name}"

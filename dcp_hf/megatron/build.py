@@ -84,13 +84,16 @@ def build_gpt(
     params_dtype: torch.dtype = torch.float32,
     pad_vocab_to: int | None = None,
     mtp: bool = False,
+    overrides: dict | None = None,
+    gpt_overrides: dict | None = None,
 ) -> list:
     """This rank's model chunks (one per virtual stage) for an HF config, randomly initialized
     (the same weights for the same ``seed`` at every layout's TP ranks). ``experts``:
     ``sequential`` (SequentialMLP) or ``legacy_grouped`` (GroupedMLP, built without the
     grouped_gemm kernels, which only its forward needs). ``pad_vocab_to``: a padded vocab
     size as Megatron's training scripts make. ``mtp``: build the config's
-    ``num_nextn_predict_layers`` multi-token-prediction layers (on the last stage)."""
+    ``num_nextn_predict_layers`` multi-token-prediction layers (on the last stage).
+    ``overrides``: further TransformerConfig settings; ``gpt_overrides``: GPTModel arguments."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -116,7 +119,9 @@ def build_gpt(
         moe_grouped_gemm=grouped,
         moe_use_legacy_grouped_gemm=grouped,
         **({"mtp_num_layers": hf["num_nextn_predict_layers"]} if mtp else {}),
+        **(overrides or {}),
     )
+    gpt.update(gpt_overrides or {})
     if pad_vocab_to:
         gpt["vocab_size"] = pad_vocab_to
     mla = getattr(config, "multi_latent_attention", False)

@@ -17,7 +17,8 @@ from dcp_hf.convert import dcp_specs, stream
 from dcp_hf.layouts import IDENTITY
 from dcp_hf.megatron import export_dtype, hf_tensors, layout_of
 from dcp_hf.megatron.check import check_against_transformers
-from dcp_hf.megatron.hf_config import family_of_hf, megatron_config
+from dcp_hf.megatron.hf_config import check_given, checked_megatron_config
+from dcp_hf.megatron.training_args import checkpoint_args, settings_of_args
 from dcp_hf.storage import HFStorageWriter
 from dcp_hf.storage.hf_files import config_dict
 
@@ -35,6 +36,7 @@ def export_torch_dist(
     max_shard_size="5GB",
     overwrite=False,
     progress=False,
+    assume_config_matches=False,
 ) -> dict:
     """Export the model tensors of the ``torch_dist`` checkpoint ``src`` to an HF checkpoint in
     ``dst`` (folder or ``s3://``). ``config``: the model's HF config (dict, config.json, or an HF
@@ -44,7 +46,13 @@ def export_torch_dist(
     is an error unless it matches an ``exclude`` pattern. ``family``: must be the config's
     ``model_type`` (it names it where the config does not). Before writing, the tensors to write
     are compared with what transformers' model class of the config holds (names, shapes,
-    dtypes): any difference is an error naming the keys."""
+    dtypes): any difference is an error naming the keys.
+
+    The config must describe the model that was trained: the training arguments Megatron-LM
+    records in the checkpoint (``common.pt``'s ``args``) are checked against it as ``save_hf``
+    checks a model (every setting that changes the math expressed, the rest refused). A
+    checkpoint without them is refused unless ``assume_config_matches`` (the caller vouches
+    that the config describes the training settings)."""
     folder = None
     if not isinstance(config, dict):
         path = os.fspath(config)
@@ -55,7 +63,7 @@ def export_torch_dist(
         if config.get("model_type", family) != family:
             raise ValueError(f"--family {family} but the config says model_type {config['model_type']!r}")
         config = {**config, "model_type": family}
-    fam = family_of_hf(config)
+    fam, mconfig = check_export_config(config, src, assume_config_matches)
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)
     mtp = {
@@ -63,7 +71,7 @@ def export_torch_dist(
         for k in specs
         if k.startswith("mtp.layers.") and not any(fnmatch.fnmatchcase(k, p) for p in (*NOT_MODEL, *exclude))
     }
-    layout = layout_of(megatron_config(config)[0], fam, config["vocab_size"], mtp_copies=len(mtp))
+    layout = layout_of(mconfig, fam, config["vocab_size"], mtp_copies=len(mtp))
     rule = layout.rules[0]
     model, unknown = {}, []
     for key, spec in specs.items():
@@ -92,3 +100,29 @@ def export_torch_dist(
     )
     stream(model, reader, IDENTITY, writer, layout)
     return {"tensors_in": len(model), "skipped": len(skipped), "copied": sorted(writer.side_files)}
+
+
+def check_export_config(config: dict, src: str, assume_config_matches: bool = False):
+    """The family and TransformerConfig of an export of ``src`` with the HF ``config``, refused
+    unless the config is exact: of a family dcp-hf maps, and describing the model the
+    checkpoint's training arguments build (or, without them, ``assume_config_matches``)."""
+    try:
+        fam, mconfig, _ = checked_megatron_config(config)
+    except ValueError as e:
+        raise ValueError(f"export of {src}: {e}; nothing written") from None
+    args = checkpoint_args(src)
+    if args is None:
+        if not assume_config_matches:
+            raise ValueError(
+                f"{src}: the checkpoint records no training arguments (common.pt has no 'args', as "
+                f"Megatron-LM writes them), so nothing shows that the model was trained with the settings "
+                f"the config.json states (activation, normalization, RoPE, attention windows, softmax...); "
+                f"pass --assume-config-matches (assume_config_matches=True) to vouch that it was; nothing written"
+            )
+        return fam, mconfig
+    where = f"{src}/common.pt"
+    try:
+        check_given(config, settings_of_args(args, where), fam)
+    except ValueError as e:
+        raise ValueError(f"{where}: the training arguments: {e}; nothing written") from None
+    return fam, mconfig

@@ -11,11 +11,14 @@ given by the user with the model's.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+
+from dcp_hf.megatron.config_fields import unexpressed
 
 GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
 
@@ -63,6 +66,83 @@ SIGMOID_ROUTER = ("glm4_moe", "deepseek_v3")  # sigmoid scores, expert bias, top
 
 class UnexpressibleError(ValueError):
     """The Megatron model has settings the family's HF config cannot express."""
+
+
+@dataclass(frozen=True)
+class GPTSettings:
+    """What decides a Megatron GPT model's function beside its weights: its TransformerConfig
+    and the GPTModel arguments (vocab, embeddings, RoPE; ``inv_freq``: Megatron's rotary
+    frequencies, None without GQA RoPE). Of a built model (``of_model``), or of a
+    TransformerConfig and GPTModel keyword arguments (``of_config``: what ``megatron_config``
+    returns, what an importer builds, what a Megatron-LM checkpoint's arguments say)."""
+
+    config: object
+    vocab_size: int
+    max_sequence_length: int
+    share_embeddings_and_output_weights: bool
+    position_embedding_type: str
+    rotary_base: float
+    rotary_percent: float
+    rotary_scaling: bool
+    seq_len_interpolation_factor: float | None
+    inv_freq: torch.Tensor | None
+
+    @classmethod
+    def of_model(cls, model) -> "GPTSettings":
+        if isinstance(model, GPTSettings):
+            return model
+        rotary = getattr(model, "rotary_pos_emb", None)
+        return cls(
+            config=model.config,
+            vocab_size=model.vocab_size,
+            max_sequence_length=model.max_sequence_length,
+            share_embeddings_and_output_weights=bool(model.share_embeddings_and_output_weights),
+            position_embedding_type=getattr(model, "position_embedding_type", "rope"),
+            rotary_base=model.rotary_base,
+            rotary_percent=getattr(model, "rotary_percent", 1.0),
+            rotary_scaling=bool(getattr(model, "rotary_scaling", False)),
+            seq_len_interpolation_factor=getattr(rotary, "seq_len_interpolation_factor", None),
+            inv_freq=getattr(rotary, "inv_freq", None),
+        )
+
+    @classmethod
+    def of_config(cls, config, gpt: dict) -> "GPTSettings":
+        """``gpt``: GPTModel keyword arguments (its defaults for those left out); the rotary
+        frequencies are those megatron-core's RotaryEmbedding computes from them, as GPTModel
+        builds it."""
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+        from megatron.core.models.gpt.gpt_model import GPTModel
+
+        defaults = {
+            k: p.default for k, p in inspect.signature(GPTModel.__init__).parameters.items() if p.default is not p.empty
+        }
+        g = {**defaults, **gpt}
+        mla = bool(getattr(config, "multi_latent_attention", False))
+        rope = g["position_embedding_type"] == "rope" and not mla
+        inv_freq = None
+        if rope:
+            inv_freq = RotaryEmbedding(
+                kv_channels=config.kv_channels,
+                rotary_percent=g["rotary_percent"],
+                rotary_interleaved=config.rotary_interleaved,
+                seq_len_interpolation_factor=g["seq_len_interpolation_factor"],
+                rotary_base=g["rotary_base"],
+                rope_scaling=g["rope_scaling"],
+                rope_scaling_factor=g["rope_scaling_factor"],
+                use_cpu_initialization=True,
+            ).inv_freq
+        return cls(
+            config=config,
+            vocab_size=g["vocab_size"],
+            max_sequence_length=g["max_sequence_length"],
+            share_embeddings_and_output_weights=bool(g["share_embeddings_and_output_weights"]),
+            position_embedding_type=g["position_embedding_type"],
+            rotary_base=config.rotary_base if hasattr(config, "rotary_base") else g["rotary_base"],
+            rotary_percent=g["rotary_percent"],
+            rotary_scaling=bool(g["rope_scaling"]),
+            seq_len_interpolation_factor=g["seq_len_interpolation_factor"] if rope else None,
+            inv_freq=inv_freq,
+        )
 
 
 def family_named(name: str) -> Family:
@@ -149,11 +229,11 @@ class _Refusals:
 def hf_config(
     model, family: str | None = None, vocab_size: int | None = None, dtype: torch.dtype | None = None
 ) -> dict:
-    """The HF config dict of ``model`` (a GPTModel: its ``config``, ``max_sequence_length``,
-    ``rotary_base``, ``rotary_percent``, rope scaling and ``share_embeddings_and_output_weights``)
-    for ``family`` (default: inferred, see ``resolve_family``). Raises UnexpressibleError naming
-    every setting the family cannot express."""
+    """The HF config dict of ``model`` (a GPTModel, or its GPTSettings) for ``family``
+    (default: inferred, see ``resolve_family``). Raises UnexpressibleError naming every
+    setting the family cannot express."""
     _transformers()  # before anything else: a missing extra is named, not an AttributeError
+    model = GPTSettings.of_model(model)
     fam = family_named(family) if family else resolve_family(model)
     kw = _settings(model, fam)
     kw.update(
@@ -174,9 +254,10 @@ def _config_class(fam: Family):
     return getattr(_transformers(), fam.config_class)
 
 
-def _settings(model, fam: Family) -> dict:
+def _settings(model: GPTSettings, fam: Family) -> dict:
     """The family's config settings that the Megatron model determines (checked: every one
-    is expressed exactly, else UnexpressibleError)."""
+    is expressed exactly, and the model sets nothing else that changes its math, else
+    UnexpressibleError)."""
     no = _Refusals(fam.name)
     mla = bool(getattr(model.config, "multi_latent_attention", False))
     no.need(mla == (fam.attention == "mla"), "multi-latent attention" if mla else "attention other than MLA")
@@ -196,23 +277,20 @@ def _settings(model, fam: Family) -> dict:
 
 def _common(model, fam: Family, no: _Refusals) -> dict:
     c = model.config
+    for reason in unexpressed(c):  # config_fields.FIELDS: what no family's config.json expresses
+        no.need(False, reason)
     no.need(
         c.gated_linear_unit and c.activation_func is F.silu,
         "an MLP other than SwiGLU (gated_linear_unit=True, activation_func=F.silu)",
     )
     no.need(c.normalization == "RMSNorm", f"normalization={c.normalization!r} (RMSNorm only)")
-    no.need(not c.add_bias_linear, "add_bias_linear=True (linear biases)")
-    no.need(not c.layernorm_zero_centered_gamma, "layernorm_zero_centered_gamma=True")
-    no.need(not c.apply_residual_connection_post_layernorm, "apply_residual_connection_post_layernorm=True")
-    no.need(c.window_size is None, f"window_size={c.window_size} (sliding-window attention)")
-    no.need(not c.rotary_interleaved, "rotary_interleaved=True")
     no.need(
-        getattr(model, "position_embedding_type", "rope") == "rope",
-        f"position_embedding_type={getattr(model, 'position_embedding_type', None)!r} (rope only)",
+        model.position_embedding_type == "rope",
+        f"position_embedding_type={model.position_embedding_type!r} (rope only)",
     )
     no.need(
-        getattr(getattr(model, "rotary_pos_emb", None), "seq_len_interpolation_factor", None) is None,
-        "seq_len_interpolation_factor (linear RoPE interpolation)",
+        model.seq_len_interpolation_factor is None,
+        f"seq_len_interpolation_factor={model.seq_len_interpolation_factor} (linear RoPE interpolation)",
     )
     mtp = getattr(c, "mtp_num_layers", None) or 0
     no.need(fam.mtp or not mtp, f"mtp_num_layers={mtp} (multi-token prediction layers)")
@@ -237,6 +315,8 @@ def _gqa(model, fam: Family, no: _Refusals) -> dict:
     heads = c.num_attention_heads
     groups = c.num_query_groups or heads
     out = dict(num_key_value_heads=groups)
+    if fam.name in ("mistral", "mixtral"):  # MistralConfig's default is a 4096-token window
+        out["sliding_window"] = None
     if fam.name in ("qwen2", "qwen2_moe"):  # no head_dim setting: hidden / heads
         no.need(
             c.kv_channels * heads == c.hidden_size,
@@ -258,13 +338,13 @@ def _gqa(model, fam: Family, no: _Refusals) -> dict:
     else:
         no.need(not c.qk_layernorm, "qk_layernorm=True")
     rope = dict(rope_type="default", rope_theta=float(model.rotary_base))
-    percent = getattr(model, "rotary_percent", 1.0)
+    percent = model.rotary_percent
     if percent != 1.0:
         no.need(fam.name == "glm4_moe", f"rotary_percent={percent} (partial rotary)")
         rope["partial_rotary_factor"] = percent
     elif fam.name == "glm4_moe":
         rope["partial_rotary_factor"] = 1.0
-    if getattr(model, "rotary_scaling", False):
+    if model.rotary_scaling:
         rope.update(_llama3_rope(model))
     out["rope_parameters"] = rope
     return out
@@ -278,7 +358,7 @@ def _llama3_rope(model) -> dict:
     them in fp32, so the factor is rounded to 3 decimals; ``_check_rope`` then verifies that
     transformers' frequencies from it are Megatron's."""
     low, high, original = 1.0, 4.0, 8192
-    inv = model.rotary_pos_emb.inv_freq.double().cpu()
+    inv = model.inv_freq.double().cpu()
     dim = inv.numel() * 2
     base = 1.0 / (float(model.rotary_base) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     factor = 8.0
@@ -306,7 +386,7 @@ def _check_rope(model, fam: Family, cfg, no: _Refusals) -> None:
     module = importlib.import_module(f"transformers.models.{fam.name}.modeling_{fam.name}")
     rotary = getattr(module, f"{prefix}RotaryEmbedding")(cfg)
     theirs = rotary.inv_freq.double()
-    ours = model.rotary_pos_emb.inv_freq.double().cpu()
+    ours = model.inv_freq.double().cpu()
     same = theirs.shape == ours.shape and torch.allclose(theirs, ours, rtol=1e-5, atol=0)
     no.need(
         same,
@@ -319,8 +399,11 @@ def _check_rope(model, fam: Family, cfg, no: _Refusals) -> None:
 def _mla(c, fam: Family, no: _Refusals) -> dict:
     no.need(c.qk_layernorm, "MLA without the latent layer norms (qk_layernorm=False)")
     no.need(not c.add_qkv_bias, "add_qkv_bias=True")
-    no.need(getattr(c, "softmax_scale", None) is None, "softmax_scale (transformers derives it)")
     rope_type = getattr(c, "rope_type", "rope")
+    no.need(  # Megatron's MLA scales the softmax by YaRN's mscale even with plain RoPE
+        rope_type == "yarn" or c.rotary_scaling_factor <= 1 or not c.mscale_all_dim,
+        f"mscale_all_dim={c.mscale_all_dim} with rope_type='rope' (a softmax scale transformers does not apply)",
+    )
     rope = dict(rope_type="default", rope_theta=float(c.rotary_base))
     if rope_type == "yarn":
         rope.update(
@@ -436,6 +519,7 @@ def check_given(given: dict, model, family: Family, loading: bool = False) -> No
     larger than the model's. ``loading`` a checkpoint: tied and untied embeddings load into
     either, and its MTP layers may be left out (a model without MTP layers)."""
     cls = _config_class(family)
+    model = GPTSettings.of_model(model)
     kw = _settings(model, family)
     theirs = dict(given)
     if family.name in ("qwen2_moe", "qwen3_moe"):  # decoder_sparse_step and mlp_only_layers -> one list
@@ -450,10 +534,14 @@ def check_given(given: dict, model, family: Family, loading: bool = False) -> No
             free.add("num_nextn_predict_layers")
     if family.name != "mixtral" and all(moe_layers(model.config)):
         free.add("intermediate_size")  # no dense layer uses it
+    # every setting of the given config that changes the math, also those the family's class
+    # has and the model does not set (a sliding window, an MLP bias...): equal to the class's
+    # value for the model (its default where the model does not set it)
+    keys = (set(kw) | set(theirs.to_dict()) | set(ours.to_dict())) - HF_NOT_MATH - {"vocab_size"}
     differ = [
-        f"{k}: {getattr(theirs, k, None)!r} given, {getattr(ours, k)!r} in the model"
-        for k in kw
-        if k not in free and _unset(k, getattr(theirs, k, None)) != _unset(k, getattr(ours, k))
+        f"{k}: {getattr(theirs, k, None)!r} given, {getattr(ours, k, None)!r} in the model"
+        for k in sorted(keys)
+        if k not in free and _unset(k, getattr(theirs, k, None)) != _unset(k, getattr(ours, k, None))
     ]
     vocab = given.get("vocab_size")
     if vocab is not None and vocab > model.vocab_size:
@@ -462,6 +550,36 @@ def check_given(given: dict, model, family: Family, loading: bool = False) -> No
         raise ValueError(f"the given {family.name} config does not describe this Megatron model: " + "; ".join(differ))
 
 
+HF_NOT_MATH = {  # HF config fields that do not change a causal LM's function
+    "_name_or_path",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "output_router_logits",
+    "use_cache",
+    "is_encoder_decoder",
+    "chunk_size_feed_forward",
+    "initializer_range",
+    "attention_dropout",
+    "router_aux_loss_coef",
+    "router_jitter_noise",  # training noise
+    "pretraining_tp",  # a way to split Llama's matmuls, the same function
+    "use_sliding_window",  # with max_window_layers: their effect is layer_types and sliding_window
+    "max_window_layers",
+    "quantization_config",  # how the release stores its weights (dequantized on load)
+    "tokenizer_class",
+}
 UNSET_MEANS = {"n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0}  # None says the same
 
 
@@ -567,6 +685,20 @@ def megatron_config(hf: dict, **overrides):
     kw.update(overrides)
     cls = MLATransformerConfig if fam.attention == "mla" else TransformerConfig
     return cls(**kw), gpt
+
+
+def checked_megatron_config(hf: dict, **overrides):
+    """``megatron_config``, exact or refused: the family of ``hf`` must be one of ``FAMILIES``
+    (Gemma, Llama-4, Phi-3, OLMoE, GPT-OSS, Qwen3-Next... are refused by name) and the Megatron
+    model it describes must compute what transformers computes from ``hf`` (``check_given`` of
+    that model's settings: a sliding window, an MLP bias, a RoPE type the model would not
+    apply is refused). For every path that goes from an HF config to a Megatron model or
+    checkpoint (export's layout, an import). Returns (Family, TransformerConfig, GPTModel
+    keyword arguments); multi-token-prediction layers only when ``mtp_num_layers`` is passed."""
+    fam = family_of_hf(hf)
+    config, gpt = megatron_config(hf, **overrides)
+    check_given(hf, GPTSettings.of_config(config, gpt), fam, loading=True)
+    return fam, config, gpt
 
 
 def _moe_layer_freq(sparse: list[bool]):
