@@ -17,11 +17,21 @@ from dcp_hf.convert import dcp_specs, stream
 from dcp_hf.layouts import IDENTITY
 from dcp_hf.megatron import export_dtype, hf_tensors, layout_of
 from dcp_hf.megatron.check import check_against_transformers
-from dcp_hf.megatron.hf_config import family_of_hf, megatron_config
+from dcp_hf.megatron.hf_config import Family, family_of_hf, megatron_config
 from dcp_hf.storage import HFStorageWriter
 from dcp_hf.storage.hf_files import config_dict
 
 NOT_MODEL = ("optimizer.*", "rng_state*", "*._extra_state*")  # training state, not weights
+
+
+def config_and_family(config: dict, family: str | None = None) -> tuple[dict, Family]:
+    """An HF config dict and its family, as ``export`` and ``import`` read them: ``family``
+    must be the config's ``model_type`` (it names it where the config does not)."""
+    if family is not None:
+        if config.get("model_type", family) != family:
+            raise ValueError(f"--family {family} but the config says model_type {config['model_type']!r}")
+        config = {**config, "model_type": family}
+    return config, family_of_hf(config)
 
 
 def export_torch_dist(
@@ -51,11 +61,7 @@ def export_torch_dist(
         if os.path.isdir(path):
             folder, path = path, os.path.join(path, "config.json")
         config = config_dict(path)
-    if family is not None:
-        if config.get("model_type", family) != family:
-            raise ValueError(f"--family {family} but the config says model_type {config['model_type']!r}")
-        config = {**config, "model_type": family}
-    fam = family_of_hf(config)
+    config, fam = config_and_family(config, family)
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)
     mtp = {
