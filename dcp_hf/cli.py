@@ -367,6 +367,10 @@ def _cmd_import(args) -> int:
         progress=not args.quiet,
     )
     _report("import --to megatron", info)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # with the groups Megatron made: left to exit, gloo may abort
+        dist.destroy_process_group()
     return 0
 
 
