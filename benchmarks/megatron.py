@@ -1,5 +1,7 @@
 """Megatron benchmark: a Megatron-core MoE model on 4 processes (TP2/PP2/EP2/ETP1) exported to
-an HF checkpoint and imported back.
+an HF checkpoint and imported back; and that HF checkpoint turned into a Megatron ``torch_dist``
+checkpoint, offline by ``import_hf`` beside "load it into the built model, then
+``dist_checkpointing.save``" (see ``_to_torch_dist``).
 
 Ours: ``dcp_hf.megatron.save_hf``/``load_hf`` (every rank writes and reads its own slice of the
 final files). Baseline: the gather-to-rank-0 conversion that Megatron-Bridge/mbridge-style
@@ -232,6 +234,7 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
     from benchmarks.measure import disk_bytes_written, measured
     from dcp_hf import megatron as dmeg
     from dcp_hf.megatron.build import build_gpt, init_parallel
+    from tests.import_workers import load_torch_dist
 
     warnings.filterwarnings("ignore")  # megatron-core's advice on training settings
     init_parallel(LAYOUT)
@@ -245,6 +248,7 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
         "ours": lambda src: dmeg.load_hf(chunks, src),
         "gather_to_rank0": lambda src: scatter_import(chunks, src, hf),
     }
+    to_torch_dist = _to_torch_dist(chunks)
     samples = {f"{mode} {op}": [] for mode in ("export", "import") for op in ops}
     for r in range(repeat):
         for op in ops[r % len(ops) :] + ops[: r % len(ops)]:
@@ -271,7 +275,58 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
             samples[f"import {op}"].append(measured(lambda: load[op](os.path.join(root, "ours"))))
             if _digest(chunks) != want:
                 raise AssertionError(f"rank {rank}: the {op} import did not restore the parameters")
+        for op in TORCH_DIST_OPS[r % 2 :] + TORCH_DIST_OPS[: r % 2]:
+            out = os.path.join(root, f"mcore-{op}")
+            if rank == 0:
+                shutil.rmtree(out, ignore_errors=True)
+                os.sync()
+            dist.barrier()
+            samples.setdefault(f"torch_dist {op}", []).append(
+                measured(lambda: to_torch_dist[op](os.path.join(root, "ours"), out))
+            )
+            dist.barrier()
+            with torch.no_grad():  # the checkpoint holds the model: megatron-core's loader says so
+                for chunk in chunks:
+                    for p in chunk.parameters():
+                        p.zero_()
+            load_torch_dist(chunks, os.path.join(out, "iter_0000001") if op == "ours" else out)
+            if _digest(chunks) != want:
+                raise AssertionError(f"rank {rank}: the {op} torch_dist checkpoint does not hold the model")
     return samples
+
+
+TORCH_DIST_OPS = ["ours", "load_hf_then_save"]
+
+
+def _to_torch_dist(chunks):
+    """HF -> Megatron torch_dist. Ours: the offline ``import_hf`` (no model; Megatron's parallel
+    state is set aside meanwhile). Baseline, Megatron-style: the HF checkpoint loaded into the
+    model already built at LAYOUT (by ``load_hf``, the fastest loader at hand), then
+    ``dist_checkpointing.save``."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from dcp_hf import megatron as dmeg
+    from dcp_hf.megatron.build import cuda_calls_on_cpu, init_parallel
+    from dcp_hf.megatron.import_hf import import_hf
+
+    def ours(src, out):
+        ps.destroy_model_parallel()
+        try:
+            import_hf(src, out)
+        finally:
+            init_parallel(LAYOUT)
+
+    def baseline(src, out):
+        dmeg.load_hf(chunks, src)
+        if dist.get_rank() == 0:
+            os.makedirs(out)
+        dist.barrier()
+        with cuda_calls_on_cpu():
+            dist_checkpointing.save({"model": chunks[0].sharded_state_dict(metadata={})}, out)
+
+    return {"ours": ours, "load_hf_then_save": baseline}
 
 
 def run(root: str, repeat: int, size_gb: float = 1.5) -> list[dict]:
@@ -286,7 +341,7 @@ def run(root: str, repeat: int, size_gb: float = 1.5) -> list[dict]:
         f"{hf['num_experts']} experts at {LAYOUT} ...",
         flush=True,
     )
-    per_rank = run_ranks(_worker, 4, hf, root, repeat, ops, timeout=3600)
+    per_rank = run_ranks(_worker, 4, hf, root, repeat, ops, timeout=3600, daemon=False)
     nbytes = sum(
         os.path.getsize(os.path.join(root, "ours", f))
         for f in os.listdir(os.path.join(root, "ours"))
@@ -305,5 +360,18 @@ def run(root: str, repeat: int, size_gb: float = 1.5) -> list[dict]:
                 "ops": {op: summarize(s, nbytes) for op, s in merged.items()},
             }
         )
+    merged = {
+        op: [merge_ranks([r[f"torch_dist {op}"][i] for r in per_rank]) for i in range(repeat)] for op in TORCH_DIST_OPS
+    }
+    results.append(
+        {
+            "case": f"HF -> Megatron torch_dist, Qwen3-MoE shapes, 4 ranks (baseline's model at {LAYOUT})",
+            "mode": "import torch_dist",
+            "world": 4,
+            "layout": str(LAYOUT),
+            "state_bytes": nbytes,
+            "ops": {op: summarize(s, nbytes) for op, s in merged.items()},
+        }
+    )
     shutil.rmtree(root, ignore_errors=True)
     return results

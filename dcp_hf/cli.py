@@ -351,6 +351,30 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_import(args) -> int:
+    from dcp_hf.megatron.import_hf import import_hf
+
+    require(args.src, "SRC", "hf", hint="give an HF checkpoint folder (config.json and *.safetensors) or an s3:// URL")
+    if checkpoint_kind(args.dst) != "missing":
+        raise UsageError(f"DST {args.dst} exists; import writes a new Megatron checkpoint folder")
+    require_writable(args.dst, "DST")
+    _init_distributed()
+    info = import_hf(
+        args.src,
+        args.dst,
+        family=args.family,
+        dtype=_torch_dtype(args.dtype),
+        iteration=args.iteration,
+        progress=not args.quiet,
+    )
+    _report("import --to megatron", info)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # with the groups Megatron made: left to exit, gloo may abort
+        dist.destroy_process_group()
+    return 0
+
+
 # -- argument parser --------------------------------------------------------------------------
 def _torch_dtype(name: str):
     """A ``--dtype`` choice as a torch dtype (``keep``: None)."""
@@ -563,6 +587,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(export)
     export.set_defaults(func=_cmd_export)
+
+    imp = command(
+        "import",
+        "an HF checkpoint -> Megatron torch_dist checkpoint (what dist_checkpointing.save writes, "
+        "loadable at any TP/PP/EP), without building the model (streaming; under torchrun, "
+        "spread over processes)",
+    )
+    imp.add_argument("--to", dest="target", choices=["megatron"], required=True, help="the output's format")
+    imp.add_argument("src", metavar="HF_DIR", help="HF checkpoint folder or s3:// URL, with its config.json")
+    imp.add_argument(
+        "dst",
+        metavar="CKPT_DIR",
+        help="new folder for Megatron-LM's --load: latest_checkpointed_iteration.txt and iter_XXXXXXX/",
+    )
+    imp.add_argument(
+        "--family", help="optional: the HF family; must be config.json's model_type (names it where it does not)"
+    )
+    imp.add_argument(
+        "--dtype",
+        choices=["keep", "bf16", "fp16", "fp32"],
+        default="keep",
+        help="the parameters' dtype (keep: config.json's; Megatron's fp32 tensors stay fp32; "
+        "FP8/MXFP4 releases are dequantized to it)",
+    )
+    imp.add_argument(
+        "--iteration", type=int, default=1, help="the iteration folder (Megatron-LM loads iterations above 0)"
+    )
+    imp.add_argument("--quiet", action="store_true", help="no progress bars")
+    imp.set_defaults(func=_cmd_import)
     return parser
 
 

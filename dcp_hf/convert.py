@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import SavePlan
+from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader
 
 from dcp_hf.errors import CheckpointExistsError, CheckpointFormatError, on_every_rank, root_cause
@@ -241,6 +241,8 @@ class StreamingSavePlanner(HFSavePlanner):
         return bands
 
     def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:  # ``stream``'s objects: serialized already
+            return self.lookup_object(write_item.index)
         band = self._band_of.get(write_item.index)
         if band is None:
             return _dense(super().resolve_data(write_item), fresh=False)
@@ -335,12 +337,18 @@ def stream(
     writer,
     dest_layout: Layout,
     band_bytes: int = 16 << 20,
+    objects: dict | None = None,
 ) -> None:
     """Write ``specs`` (in-memory tensors) with ``writer`` through ``dest_layout``, reading each
-    box from ``source`` through ``source_layout`` (see ``StreamingSavePlanner``)."""
+    box from ``source`` through ``source_layout`` (see ``StreamingSavePlanner``). ``objects``:
+    key -> ``io.BytesIO`` of bytes serialized already, written as they are (by the first
+    process), as megatron-core's writer writes its sharded objects."""
     planner = StreamingSavePlanner(dest_layout, source, source_layout, band_bytes=band_bytes)
+    share = _my_share(specs)
+    if objects and is_main():
+        share.update(objects)
     try:
-        dcp.save(_my_share(specs), storage_writer=writer, planner=planner, no_dist=not dist.is_initialized())
+        dcp.save(share, storage_writer=writer, planner=planner, no_dist=not dist.is_initialized())
     finally:
         planner.close()
 

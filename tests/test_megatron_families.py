@@ -85,11 +85,12 @@ CONFIGS = {
 MTP = ("glm4_moe", "deepseek_v3")  # built with their multi-token-prediction layer
 
 
-def tiny_model(family: str):
-    """A tiny transformers model of ``family`` with every weight random (norms, biases, expert
-    bias too: transformers initializes those to constants, which would hide a swap)."""
+def tiny_model(family: str, config=None):
+    """A tiny transformers model of ``family`` (of ``config``, default ``CONFIGS``') with every
+    weight random (norms, biases, expert bias too: transformers initializes those to
+    constants, which would hide a swap)."""
     torch.manual_seed(11)
-    cfg = CONFIGS[family]()
+    cfg = config if config is not None else CONFIGS[family]()
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -124,8 +125,8 @@ def add_mtp_layers(folder, hf: dict) -> None:
     )
 
 
-def prepare(tmp_path, family):
-    model = tiny_model(family)
+def prepare(tmp_path, family, config=None):
+    model = tiny_model(family, config)
     src = tmp_path / family / "src"
     model.save_pretrained(src)
     hf = json.loads((src / "config.json").read_text())

@@ -206,7 +206,9 @@ class MegatronGPT:
         return f"{hf_base}{names[which]}.weight", kind
 
     # -- boxes ------------------------------------------------------------------------------
-    def pieces(self, key: str, shape: tuple[int, ...]) -> list[Piece] | None:
+    def pieces(self, key: str, shape: tuple[int, ...], at: tuple[int, ...] | None = None) -> list[Piece] | None:
+        """``at``: only the pieces of that position of the stacked axes (layer, expert),
+        instead of every position's."""
         found = self.locate(key)
         if found is None:
             return None
@@ -216,7 +218,8 @@ class MegatronGPT:
             raise StateDictMismatchError(f"{key!r}: shape {list(shape)} lacks the stacked {'/'.join(axes)} axes")
         inner = tuple(shape[lead:])
         pieces = []
-        for index in product(*(range(n) for n in shape[:lead])):
+        positions = [tuple(at[:lead])] if at is not None else product(*(range(n) for n in shape[:lead]))
+        for index in positions:
             where = dict(fixed, **dict(zip(axes, index)))
             for hf_name, hf_shape, sizes, hf_off, mem_off in self._inner(key, names, kind, inner):
                 dims = tuple(range(lead, lead + len(inner)))

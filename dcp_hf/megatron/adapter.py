@@ -11,7 +11,7 @@ with Megatron's own merge function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,22 +52,30 @@ class ShardedModel:
 
     tensors: list  # megatron ShardedTensor
     factories: list[Factory]
+    objects: list = field(default_factory=list)  # megatron ShardedObject (e.g. ``_extra_state``)
 
     @classmethod
-    def of(cls, model) -> "ShardedModel":
+    def of(cls, model, metadata: dict | None = None) -> "ShardedModel":
+        """``metadata``: megatron-core's sharded-state-dict metadata; default: one key per
+        layer and expert (``singleton_local_shards``), {} for its default form (the form of
+        ``torch_dist`` checkpoints: layers and experts stacked where they are alike)."""
         from megatron.core.dist_checkpointing.dict_utils import nested_values
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+        from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
-        tensors, factories = [], []
+        tensors, factories, objects = [], [], []
         for chunk in model_chunks(model):
-            for value in nested_values(chunk.sharded_state_dict(metadata=dict(SINGLETON))):
+            for value in nested_values(
+                chunk.sharded_state_dict(metadata=dict(SINGLETON if metadata is None else metadata))
+            ):
                 if isinstance(value, ShardedTensorFactory):
                     built = value.build()
                     factories.append(Factory(value, built))
                     tensors += [v for v in nested_values(built) if isinstance(v, ShardedTensor)]
                 elif isinstance(value, ShardedTensor):
                     tensors.append(value)
-        return cls(tensors, factories)
+                elif isinstance(value, ShardedObject):
+                    objects.append(value)
+        return cls(tensors, factories, objects)
 
     def state_dict(self, main_replicas_only: bool) -> dict[str, TensorBox]:
         """DCP state dict: sharded key -> TensorBox over the shard's memory."""

@@ -86,6 +86,7 @@ def build_gpt(
     mtp: bool = False,
     overrides: dict | None = None,
     gpt_overrides: dict | None = None,
+    meta: bool = False,
 ) -> list:
     """This rank's model chunks (one per virtual stage) for an HF config, randomly initialized
     (the same weights for the same ``seed`` at every layout's TP ranks). ``experts``:
@@ -93,7 +94,8 @@ def build_gpt(
     grouped_gemm kernels, which only its forward needs). ``pad_vocab_to``: a padded vocab
     size as Megatron's training scripts make. ``mtp``: build the config's
     ``num_nextn_predict_layers`` multi-token-prediction layers (on the last stage).
-    ``overrides``: further TransformerConfig settings; ``gpt_overrides``: GPTModel arguments."""
+    ``overrides``: further TransformerConfig settings; ``gpt_overrides``: GPTModel arguments.
+    ``meta``: parameters on the meta device, uninitialized (only their keys and shapes are wanted)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -119,6 +121,7 @@ def build_gpt(
         moe_grouped_gemm=grouped,
         moe_use_legacy_grouped_gemm=grouped,
         **({"mtp_num_layers": hf["num_nextn_predict_layers"]} if mtp else {}),
+        **({"perform_initialization": False} if meta else {}),
         **(overrides or {}),
     )
     gpt.update(gpt_overrides or {})
@@ -137,7 +140,8 @@ def build_gpt(
 
     torch.manual_seed(seed)
     chunks = []
-    with cuda_calls_on_cpu(), _grouped_gemm_available(grouped), _mla_without_te(mla):
+    device = torch.device("meta") if meta else contextlib.nullcontext()
+    with cuda_calls_on_cpu(), _grouped_gemm_available(grouped), _mla_without_te(mla), device:
         for vp in range(p.vpp or 1):
             vp_stage = vp if p.vpp else None
             spec = block_spec(vp_stage)

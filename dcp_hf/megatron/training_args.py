@@ -23,12 +23,13 @@ from dcp_hf.megatron.config_fields import FIELDS, NotMath
 from dcp_hf.megatron.hf_config import GPTSettings
 
 COMMON_FILE = "common.pt"  # megatron.core.dist_checkpointing's common state
+IMPORTED_CONFIG = "dcp_hf_config"  # the key under which an import records its HF config
 
 
-def checkpoint_args(src: str) -> argparse.Namespace | None:
-    """The ``args`` of ``src``'s common.pt; None where the checkpoint has no common.pt or it
-    holds no arguments. Unpickled with torch's weights-only loader (argparse namespaces and
-    megatron-core's enums allowed, nothing else executable)."""
+def _common_state(src: str) -> dict | None:
+    """The common state of ``src``'s common.pt (None where there is none), unpickled with
+    torch's weights-only loader (argparse namespaces and megatron-core's enums allowed, nothing
+    else executable)."""
     path = os.path.join(src, COMMON_FILE)
     if not os.path.isfile(path):
         return None
@@ -40,8 +41,21 @@ def checkpoint_args(src: str) -> argparse.Namespace | None:
             common = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - named with the file
         raise ValueError(f"{path}: cannot read the training arguments ({type(e).__name__}: {e})") from None
-    args = common.get("args") if isinstance(common, dict) else None
+    return common if isinstance(common, dict) else None
+
+
+def checkpoint_args(src: str) -> argparse.Namespace | None:
+    """The ``args`` of ``src``'s common.pt; None where the checkpoint has no common.pt or it
+    holds no arguments."""
+    args = (_common_state(src) or {}).get("args")
     return args if isinstance(args, argparse.Namespace) else None
+
+
+def imported_config(src: str) -> dict | None:
+    """The HF config a ``dcp-hf import`` of ``src`` was made from (it records it in common.pt as
+    ``dcp_hf_config``), or None."""
+    config = (_common_state(src) or {}).get(IMPORTED_CONFIG)
+    return config if isinstance(config, dict) else None
 
 
 def settings_of_args(args: argparse.Namespace, where: str = "args") -> GPTSettings:
