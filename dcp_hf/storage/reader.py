@@ -371,7 +371,7 @@ class HFStorageReader(StorageReader):
         shared = bands.shared[me]
         direct = [w for w in work if not _short(w.grid())] + [w for i, w in enumerate(short) if i not in shared]
         progress = self._progress(work)
-        memory = _shared_memory(bands, me, world, group)
+        memory = _shared_memory(bands, gathered, me, group)
 
         def read() -> None:
             with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
@@ -555,13 +555,13 @@ class HFStorageReader(StorageReader):
             )
 
 
-def _shared_memory(plan: BandPlan, me: int, world: int, group) -> SharedMemory | None:
-    """Shared memory segments for the rounds when every rank of the group sees every other's
-    (one host), else None (the bands go over the process group). Collective when there are
-    rounds (every rank knows it from the plan)."""
+def _shared_memory(plan: BandPlan, needs: list[list[Need]], me: int, group) -> SharedMemory | None:
+    """Shared memory segments for the rounds, the other ranks' of this host attached, when
+    some ranks share a host, else None (the bands go over the process group). Collective when
+    there are rounds (every rank knows it from the plan)."""
     if not plan.rounds:
         return None
-    return open_shared(segment_sizes(plan, world)[me], group, me, world, "dcp-hf-load")
+    return open_shared(segment_sizes(plan, needs)[me], group, me, len(needs), "dcp-hf-load")
 
 
 def _short(grid: RunGrid) -> bool:
