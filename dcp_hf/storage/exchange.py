@@ -142,8 +142,9 @@ def pieces_in(file: int, base: int, grid: RunGrid, tensor: torch.Tensor, lo: int
     ]
 
 
-def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -> list[Piece]:
-    """Send each rank its pieces; return the pieces sent to this rank. An all-to-all of the
+def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -> tuple[list[Piece], int]:
+    """Send each rank its pieces; return the pieces sent to this rank and how many of their
+    bytes came over the process group (from other hosts). An all-to-all of the
     sizes, one of the pieces' descriptions, and the bytes: pieces for a rank of this host
     (``shared``: a :class:`SharedMemory`, its ``hosts``) are copied into this rank's segment,
     which the receiver reads in place (call :func:`end_round` before the next exchange reuses
@@ -201,7 +202,7 @@ def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -
                 taken += grid.nbytes
             received.append(Piece(file, base, grid, data, keep))
             i += 6 + 2 * ndim
-    return received
+    return received, data_in.numel()
 
 
 def end_round(group, shared) -> None:

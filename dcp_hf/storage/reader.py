@@ -191,6 +191,7 @@ class HFStorageReader(StorageReader):
         self.headers: dict[str, FileHeader] = {}
         self.save_id: str | None = None  # of the index (or the files, without one)
         self.bytes_read = 0
+        self.bytes_from_other_hosts = 0  # bytes of bands received over the process group
         self._lock = threading.Lock()
         self._handles: dict[str, object] = {}  # file -> open handle, from its header read on
         self._reads = 0  # read_data calls in progress (streaming conversions run several at once)
@@ -202,6 +203,7 @@ class HFStorageReader(StorageReader):
             self.store = open_store(self.path, self.storage_options)
         self.close()
         self.weight_map, self.headers, self.bytes_read, self.save_id = {}, {}, 0, None
+        self.bytes_from_other_hosts = 0
 
     def close(self, finished_read: bool = False) -> None:
         """Close the files held open since their headers were read (``read_data`` does, when
@@ -381,7 +383,7 @@ class HFStorageReader(StorageReader):
                 except Exception as e:  # noqa: BLE001 - raised after the rounds
                     failure = e
                 try:
-                    self.bytes_read += read_bands(
+                    moved = read_bands(
                         bands,
                         gathered,
                         me,
@@ -392,6 +394,8 @@ class HFStorageReader(StorageReader):
                         lambda: dist.barrier(group=group),
                         memory,
                     )
+                    self.bytes_read += moved.read
+                    self.bytes_from_other_hosts += moved.from_other_hosts
                 except Exception as e:  # noqa: BLE001
                     failure = failure or e
                 if failure is not None:

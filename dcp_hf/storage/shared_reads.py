@@ -190,6 +190,15 @@ def segment_sizes(plan: BandPlan, needs: list[list[Need]]) -> list[int]:
 
 
 @dataclass(frozen=True)
+class BandsRead:
+    """What :func:`read_bands` moved on this rank: bytes read from storage, bytes received
+    over the process group (from other hosts)."""
+
+    read: int
+    from_other_hosts: int
+
+
+@dataclass(frozen=True)
 class Transfer:
     """A box of a band sent over the process group from its owner to ``relay``, once for all
     the ranks of the relay's host that need it; ``sent_at`` / ``received_at``: its offset in
@@ -262,15 +271,15 @@ def read_bands(
     exchange: Callable[[torch.Tensor, list[int], list[int], torch.Tensor], None],
     barrier: Callable[[], None],
     shared: SharedMemory | None = None,
-) -> int:
+) -> BandsRead:
     """Deliver this rank's shared needs into ``dests`` (need index -> destination of the
     box's shape, any dtype the stored one casts to). ``read(band, out)`` reads a band's bytes,
     ``run(tasks)`` runs tasks (concurrently), ``exchange(send, send_sizes, recv_sizes, recv)`` is
     the all-to-all of the bytes that cross hosts; ranks of one host (``shared``, its
     ``hosts``) pass bytes through their shared segments, ``barrier`` separating the rounds.
-    Returns the bytes this rank read. Every rank must call it with the same plan: on a failure
+    Returns the bytes this rank read and received. Every rank must call it with the same plan: on a failure
     it raises only after the last round, having taken part in all."""
-    world, nread, failure = len(needs), 0, None
+    world, nread, remote, failure = len(needs), 0, 0, None
     hosts = shared.hosts if shared is not None else list(range(world))
     local = threading.local()  # each thread's band buffer, reused (fresh pages cost faults)
     buffers: dict[str, torch.Tensor] = {}  # the send and receive buffers, reused
@@ -337,6 +346,7 @@ def read_bands(
             continue  # no rank needs another's band this round (every rank knows it)
         if rnd.transfers:
             exchange(send, send_sizes, recv_sizes, received(me, rnd, sum(recv_sizes)))
+            remote += sum(recv_sizes)
         if shared is not None:
             barrier()  # every band and every relayed box of the round is in its segment
 
@@ -362,4 +372,4 @@ def read_bands(
             barrier()  # every rank has copied its pieces: the segments may be reused
     if failure is not None:
         raise failure
-    return nread
+    return BandsRead(nread, remote)
