@@ -163,6 +163,10 @@ def write_report(data: dict, json_path: str) -> str:
     lines = [f"# dcp-hf benchmark, {m.get('date', '')} on {m.get('host', '')} ({m.get('cpus', '?')} CPUs)", ""]
     if results:
         lines += [summary_table(results), "", "Every operation:", "", case_table(results), ""]
+    if any(r.get("network") for r in results):
+        from benchmarks.hosts import network_table
+
+        lines += ["Two hosts, bytes between them (best run):", "", network_table(results), ""]
     if planning:
         lines += ["Planning at scale (simulated ranks):", "", planning_table(planning), ""]
     if data.get("planning_read"):

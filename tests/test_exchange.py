@@ -90,9 +90,10 @@ def test_column_parts_are_shared_by_the_ranks():
     assert sorted(owners.count(r) for r in range(ranks)) == [4, 4, 4, 4]
 
 
-def _save_columns(rank, world, root, socket):
+def _save_columns(rank, world, root, socket, hosts=None):
     """Save column-sharded (and 2-D mesh) tensors with tiny parts and rounds, over shared
-    memory or (``socket``) the process group; return this rank's local chunks for the oracle."""
+    memory or (``socket``) the process group, or (``hosts``: a folder standing for /dev/shm,
+    one subfolder per host of two ranks) both; return this rank's local chunks for the oracle."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -101,6 +102,8 @@ def _save_columns(rank, world, root, socket):
     from dcp_hf.storage.exchange import SharedMemory
 
     SharedMemory.ROOT = "/nonexistent/dcp-hf-test" if socket else "/dev/shm"
+    if hosts is not None:
+        SharedMemory.ROOT = os.path.join(hosts, f"host{rank // 2}")
     mesh = init_device_mesh("cpu", (world,))
     mesh2 = init_device_mesh("cpu", (2, world // 2))
     g = torch.Generator().manual_seed(7)
@@ -124,7 +127,7 @@ def _save_columns(rank, world, root, socket):
     }
 
 
-@pytest.mark.parametrize("world,socket", [(2, False), (4, False), (4, True)])
+@pytest.mark.parametrize("world,socket", [(2, False), (4, False), (4, True), (4, "hosts")])
 def test_column_shards_saved_through_parts_are_the_tensors(tmp_path, world, socket):
     """Short runs go through parts (several rounds, several files); every rank's chunk must be
     at its place in the files, read back with safetensors (the oracle), on both transports."""
@@ -133,7 +136,12 @@ def test_column_shards_saved_through_parts_are_the_tensors(tmp_path, world, sock
     from dcp_hf.local_ranks import run_ranks
 
     root = str(tmp_path / "ckpt")
-    results = run_ranks(_save_columns, world, root, socket)
+    hosts = None
+    if socket == "hosts":  # two hosts of two ranks: shared memory on each, the process group between
+        hosts, socket = str(tmp_path / "shm"), False
+        for h in (0, 1):
+            os.makedirs(os.path.join(hosts, f"host{h}"))
+    results = run_ranks(_save_columns, world, root, socket, hosts)
     found = {}
     for name in os.listdir(root):
         if name.endswith(".safetensors"):

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from dcp_hf import HFLoadPlanner, HFStorageReader
 from dcp_hf.storage.exchange import SharedMemory
-from dcp_hf.storage.shared_reads import Need, plan_bands
+from dcp_hf.storage.shared_reads import Need, _plan_round, plan_bands
 from dcp_hf.local_ranks import run_ranks
 from tests.workers import bitwise_equal
 
@@ -75,6 +75,8 @@ def _placements(kind: str, ndim: int):
         return [Shard(0), Shard(min(1, ndim - 1))] if ndim > 1 else [Shard(0), Replicate()]
     if kind == "cols_replicated":  # two ranks need the same bytes
         return [Replicate(), Shard(min(1, ndim - 1))]
+    if kind == "replicated_within":  # the two ranks of a host (ranks 2h, 2h+1) need the same bytes
+        return [Shard(min(1, ndim - 1)), Replicate()]
     raise ValueError(kind)
 
 
@@ -104,12 +106,24 @@ def _oracle_mismatches(root: str, state: dict[str, DTensor]) -> list[str]:
     return bad
 
 
-def _load(root: str, kind: str, cast: bool = False, socket: bool = False, oracle: str | None = None, **reader_kwargs):
+def _load(
+    root: str,
+    kind: str,
+    cast: bool = False,
+    socket: bool = False,
+    oracle: str | None = None,
+    hosts: str | None = None,
+    **reader_kwargs,
+):
     """``socket``: the ranks exchange bands over the process group, as ranks on different
-    hosts do (no shared memory). ``oracle``: the local copy of ``root`` (a URL)."""
+    hosts do (no shared memory). ``oracle``: the local copy of ``root`` (a URL). ``hosts``: a
+    folder standing for /dev/shm, one subfolder per host of two ranks (ranks of two hosts
+    share memory only with their host)."""
     state = _state(kind, cast)
     reader = HFStorageReader(root, allow_dtype_cast=cast, **reader_kwargs)
     SharedMemory.ROOT = "/nonexistent/dcp-hf-test" if socket else "/dev/shm"
+    if hosts is not None:
+        SharedMemory.ROOT = os.path.join(hosts, f"host{dist.get_rank() // 2}")
     dcp.load(state, storage_reader=reader, planner=HFLoadPlanner())
     needed = sum(math.prod(v.to_local().shape) * FILES_DTYPE[k].itemsize for k, v in state.items())
     return {"bad": _oracle_mismatches(oracle or root, state), "read": reader.bytes_read, "needed": needed}
@@ -136,8 +150,22 @@ CASES_4 = [
 ]
 
 
-@pytest.mark.parametrize("world, cases", [(2, CASES_2), (4, CASES_4)], ids=["2 ranks", "4 ranks"])
-def test_loads_match_safe_open_and_read_each_byte_once(checkpoint, world, cases):
+@pytest.mark.parametrize(
+    "world, cases", [(2, CASES_2), (4, CASES_4), (4, "hosts")], ids=["2 ranks", "4 ranks", "2 hosts"]
+)
+def test_loads_match_safe_open_and_read_each_byte_once(checkpoint, world, cases, tmp_path):
+    if cases == "hosts":  # two hosts of two ranks: shared memory on each, the process group between
+        for h in (0, 1):
+            os.makedirs(tmp_path / f"host{h}")
+        cases = [
+            (name, kind, {**kwargs, "hosts": str(tmp_path)})
+            for name, kind, kwargs in [
+                ("2d, two hosts", "2d", SMALL),
+                ("shard1 small bands, two hosts", "shard1", SMALL),
+                ("cols replicated across hosts", "cols_replicated", SMALL),
+                ("replicated within hosts", "replicated_within", SMALL),
+            ]
+        ]
     results = run_ranks(_load_cases, world, checkpoint, cases, timeout=240, pg_timeout=120)
     for name, _, kwargs in cases:
         per_rank = [r[name] for r in results]
@@ -145,7 +173,7 @@ def test_loads_match_safe_open_and_read_each_byte_once(checkpoint, world, cases)
         read, needed = sum(r["read"] for r in per_rank), sum(r["needed"] for r in per_rank)
         if kwargs.get("band_bytes") == 0:
             assert read > 1.5 * needed, name  # each rank reads spans holding the others' columns
-        elif name.startswith("cols replicated"):
+        elif name.startswith(("cols replicated", "replicated within")):
             assert read <= 1.05 * needed / 2, name  # two ranks need each byte: it is read once
         else:
             assert read <= 1.05 * needed, (name, read, needed)
@@ -246,3 +274,28 @@ def test_a_failure_on_one_rank_reaches_every_rank_without_hanging(checkpoint, tm
         for e in [r[fault] for r in results]:  # DCP gathers every rank's error into each rank's
             assert "model-00002-of-00002.safetensors: unexpected end of file" in e, e
             assert "PeerRankError: rank" in e and " of 2 failed (1 in all): CheckpointFormatError" in e, e
+
+
+def test_boxes_cross_to_each_host_once():
+    """Two hosts of two ranks; the ranks of a host need the same columns (Shard(1) across
+    hosts, replicated within): each band's box for the other host crosses once, to one rank
+    of it, and both ranks of that host take it from there."""
+    shape = (64, 64)  # 128 bytes a row
+    halves = [(0, 0), (0, 0), (0, 32), (0, 32)]
+    needs = [[_need("w", shape, off, (64, 32))] for off in halves]
+    hosts = [0, 0, 2, 2]
+    plan = plan_bands(needs, band_bytes=8 * 128, round_bytes=4 * 1024)
+    assert plan.rounds > 1
+    crossed = 0
+    for r in range(plan.rounds):
+        rnd = _plan_round([b for b in plan.bands if b.round == r], needs, hosts, shared=True)
+        for band in rnd.bands:
+            other = [p for p in band.pieces if hosts[p.rank] != hosts[band.owner]]
+            assert len(other) == 2  # both ranks of the other host need the band's other half
+            assert {rnd.via[(band, p)] for p in other} == {t for t in rnd.transfers if t.band == band}
+            assert len({rnd.via[(band, p)] for p in other}) == 1
+        crossed += sum(needs[t.piece.rank][t.piece.index].rows_bytes(t.piece.r1 - t.piece.r0) for t in rnd.transfers)
+    assert crossed == 64 * 32 * 2 * 2 // 2  # half of what the two hosts need: the half each lacks
+    # Without shared memory every rank is a host of its own: each rank gets its box.
+    rnd = _plan_round([b for b in plan.bands if b.round == 0], needs, list(range(4)), shared=False)
+    assert len(rnd.transfers) == sum(len([p for p in b.pieces if p.rank != b.owner]) for b in rnd.bands)

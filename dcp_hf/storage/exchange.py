@@ -142,42 +142,49 @@ def pieces_in(file: int, base: int, grid: RunGrid, tensor: torch.Tensor, lo: int
     ]
 
 
-def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -> list[Piece]:
-    """Send each rank its pieces; return the pieces sent to this rank. An all-to-all of the
-    sizes, one of the pieces' descriptions, and the bytes: one more all-to-all, or, where the
-    ranks share a host (``shared``: a :class:`SharedMemory` every rank has attached), a copy
-    into this rank's segment that the receivers read in place (call :func:`end_round` before
-    the next exchange reuses the segments)."""
+def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -> tuple[list[Piece], int]:
+    """Send each rank its pieces; return the pieces sent to this rank and how many of their
+    bytes came over the process group (from other hosts). An all-to-all of the
+    sizes, one of the pieces' descriptions, and the bytes: pieces for a rank of this host
+    (``shared``: a :class:`SharedMemory`, its ``hosts``) are copied into this rank's segment,
+    which the receiver reads in place (call :func:`end_round` before the next exchange reuses
+    the segments); pieces for other hosts go in one more all-to-all, so only they cross the
+    network, each once."""
+    me = dist.get_rank(group)
+    hosts = shared.hosts if shared is not None else list(range(world))
     meta_out, data_out, counts = [], [], torch.zeros(world, 2, dtype=torch.int64)
-    at = 0
+    at_shared, at_sent = 0, 0
     for rank in range(world):
         items = outgoing.get(rank, [])
+        local = hosts[rank] == hosts[me]
         for p in items:
-            meta_out += _describe(p, at)
-            data_out.append(p.data)
-            at += len(p.data)
-        counts[rank, 1] = sum(len(p.data) for p in items)
+            meta_out += _describe(p, at_shared if local else at_sent)
+            data_out.append((local, p.data))
+            if local:
+                at_shared += len(p.data)
+            else:
+                at_sent += len(p.data)
+        counts[rank, 1] = 0 if local else sum(len(p.data) for p in items)
         counts[rank, 0] = len(meta_out) - int(counts[:rank, 0].sum())
     counts_in = torch.empty_like(counts)
     all_to_all(counts_in, counts, None, None, group)
-    if shared is not None:  # the bytes go to the segment before the descriptions leave
-        if at > shared.size:
-            raise RuntimeError(f"{at} bytes to send, but the shared segment holds {shared.size}")
-        segment = memoryview(shared.own) if at else memoryview(b"")
-        data_send = None
-    else:
-        data_send = torch.empty(at, dtype=torch.uint8)
-        segment = byte_view(data_send)
-    pos = 0
-    for chunk in data_out:
-        segment[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
+    if at_shared > (shared.size if shared is not None else 0):
+        raise RuntimeError(f"{at_shared} bytes to send, but the shared segment holds {shared.size}")
+    # the bytes go to the segment before the descriptions leave
+    segment = memoryview(shared.own) if at_shared else memoryview(b"")
+    data_send = torch.empty(at_sent, dtype=torch.uint8)
+    sent = byte_view(data_send)
+    pos = {True: 0, False: 0}
+    for local, chunk in data_out:
+        out = segment if local else sent
+        out[pos[local] : pos[local] + len(chunk)] = chunk
+        pos[local] += len(chunk)
     meta_in = torch.empty(int(counts_in[:, 0].sum()), dtype=torch.int64)
     all_to_all(
         meta_in, torch.tensor(meta_out, dtype=torch.int64), counts_in[:, 0].tolist(), counts[:, 0].tolist(), group
     )
-    if shared is None:
-        data_in = torch.empty(int(counts_in[:, 1].sum()), dtype=torch.uint8)
+    data_in = torch.empty(int(counts_in[:, 1].sum()), dtype=torch.uint8)
+    if len(set(hosts)) > 1:  # every rank knows whether any piece crosses hosts
         all_to_all(data_in, data_send, counts_in[:, 1].tolist(), counts[:, 1].tolist(), group)
     received, meta, i, taken = [], meta_in.tolist(), 0, 0
     for source in range(world):
@@ -186,15 +193,16 @@ def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -
             offset, file, base, start, run_len, ndim = meta[i : i + 6]
             dims = meta[i + 6 : i + 6 + 2 * ndim]
             grid = RunGrid(start, run_len, tuple(dims[:ndim]), tuple(dims[ndim:]))
-            if shared is not None:
+            if hosts[source] == hosts[me]:
                 keep = shared.segments[source]
                 data = byte_view(keep)[offset : offset + grid.nbytes]
             else:
                 keep = data_in
                 data = byte_view(data_in)[taken : taken + grid.nbytes]
+                taken += grid.nbytes
             received.append(Piece(file, base, grid, data, keep))
-            i, taken = i + 6 + 2 * ndim, taken + grid.nbytes
-    return received
+            i += 6 + 2 * ndim
+    return received, data_in.numel()
 
 
 def end_round(group, shared) -> None:
@@ -348,11 +356,12 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_sizes, in_sizes, group)
 
 
 class SharedMemory:
-    """Ranks on one host exchange bands through shared memory: each owner reads its bands of
-    a round straight into its own segment (a file in /dev/shm, blocks reserved so a full
-    tmpfs is an error, never SIGBUS), and every rank copies its pieces out of the owners'
-    segments. One copy per byte after the read, no socket. The files are unlinked as soon as
-    every rank has opened them, so nothing is left behind."""
+    """Ranks on one host exchange bytes through shared memory: each rank puts what it passes
+    on in a round (the bands it read, the pieces it sends) in its own segment (a file in
+    /dev/shm, blocks reserved so a full tmpfs is an error, never SIGBUS), and the ranks of its
+    host copy their pieces out of it. One copy per byte, no socket. The files are unlinked as
+    soon as every rank has opened them, so nothing is left behind. ``hosts[rank]``: the lowest
+    rank that shares that rank's /dev/shm (its host); ``segments`` holds this host's."""
 
     ROOT = "/dev/shm"
 
@@ -370,6 +379,7 @@ class SharedMemory:
             raise
         os.close(fd)
         self.segments: dict[int, torch.Tensor] = {}
+        self.hosts: list[int] = []
         self._maps: list = [self.own] if self.own is not None else []
 
     @classmethod
@@ -378,8 +388,6 @@ class SharedMemory:
 
     def attach(self, rank: int, name: str, size: int) -> bool:
         """Map another rank's segment; False where it is not visible (another host)."""
-        if not size:
-            return True
         try:
             fd = os.open(os.path.join(self.ROOT, name), os.O_RDWR)
         except OSError:
@@ -387,6 +395,8 @@ class SharedMemory:
         try:
             if os.fstat(fd).st_size != size:
                 return False
+            if not size:
+                return True
             m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
         except OSError:
             return False
@@ -414,9 +424,9 @@ class SharedMemory:
 
 
 def open_shared(size: int, group, me: int, world: int, prefix: str):
-    """A shared memory segment of ``size`` bytes for this rank, with every other rank's
-    attached, when all ranks of the group share a host; else None on every rank (the bytes then
-    go over the process group). Collective."""
+    """A shared memory segment of ``size`` bytes for this rank, with the segments of the other
+    ranks of its host attached, when some ranks of the group share a host (``hosts`` says
+    which); else None on every rank (every byte then goes over the process group). Collective."""
     import secrets
 
     memory = None
@@ -427,14 +437,25 @@ def open_shared(size: int, group, me: int, world: int, prefix: str):
             memory = None
     names: list = [None] * world
     dist.all_gather_object(names, (memory.name, size) if memory else None, group=group)
-    seen = memory is not None and all(
-        r == me or (n is not None and memory.attach(r, n[0], n[1])) for r, n in enumerate(names)
-    )
+    seen = {me} if memory is not None else set()
+    if memory is not None:
+        seen |= {r for r, n in enumerate(names) if r != me and n is not None and memory.attach(r, n[0], n[1])}
     everyone: list = [None] * world
     dist.all_gather_object(everyone, seen, group=group)
+    hosts = same_hosts(everyone)
     if memory is not None:
         memory.unlink()  # every rank that could open it has: nothing is left behind
-        if not all(everyone):
+        if len(set(hosts)) == world:  # no two ranks share a host
             memory.close()
             memory = None
+        else:
+            memory.hosts = hosts
+            for r in [r for r in memory.segments if hosts[r] != hosts[me]]:
+                del memory.segments[r]
     return memory
+
+
+def same_hosts(seen: list[set[int]]) -> list[int]:
+    """Per rank, the lowest rank of its host, from the ranks each rank could see (itself
+    included): two ranks share a host when each saw the other."""
+    return [min(s for s in seen[r] if r in seen[s]) if r in seen[r] else r for r in range(len(seen))]

@@ -191,6 +191,7 @@ class HFStorageReader(StorageReader):
         self.headers: dict[str, FileHeader] = {}
         self.save_id: str | None = None  # of the index (or the files, without one)
         self.bytes_read = 0
+        self.bytes_from_other_hosts = 0  # bytes of bands received over the process group
         self._lock = threading.Lock()
         self._handles: dict[str, object] = {}  # file -> open handle, from its header read on
         self._reads = 0  # read_data calls in progress (streaming conversions run several at once)
@@ -203,6 +204,7 @@ class HFStorageReader(StorageReader):
         self.close()
         self.weight_map, self.headers, self.bytes_read, self.save_id = {}, {}, 0, None
         self._first_try_error = None
+        self.bytes_from_other_hosts = 0
 
     def close(self, finished_read: bool = False) -> None:
         """Close the files held open since their headers were read (``read_data`` does, when
@@ -376,7 +378,7 @@ class HFStorageReader(StorageReader):
         shared = bands.shared[me]
         direct = [w for w in work if not _short(w.grid())] + [w for i, w in enumerate(short) if i not in shared]
         progress = self._progress(work)
-        memory = _shared_memory(bands, me, world, group)
+        memory = _shared_memory(bands, gathered, me, group)
 
         def read() -> None:
             with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
@@ -386,7 +388,7 @@ class HFStorageReader(StorageReader):
                 except Exception as e:  # noqa: BLE001 - raised after the rounds
                     failure = e
                 try:
-                    self.bytes_read += read_bands(
+                    moved = read_bands(
                         bands,
                         gathered,
                         me,
@@ -397,6 +399,8 @@ class HFStorageReader(StorageReader):
                         lambda: dist.barrier(group=group),
                         memory,
                     )
+                    self.bytes_read += moved.read
+                    self.bytes_from_other_hosts += moved.from_other_hosts
                 except Exception as e:  # noqa: BLE001
                     failure = failure or e
                 if failure is not None:
@@ -560,13 +564,13 @@ class HFStorageReader(StorageReader):
             )
 
 
-def _shared_memory(plan: BandPlan, me: int, world: int, group) -> SharedMemory | None:
-    """Shared memory segments for the rounds when every rank of the group sees every other's
-    (one host), else None (the bands go over the process group). Collective when there are
-    rounds (every rank knows it from the plan)."""
+def _shared_memory(plan: BandPlan, needs: list[list[Need]], me: int, group) -> SharedMemory | None:
+    """Shared memory segments for the rounds, the other ranks' of this host attached, when
+    some ranks share a host, else None (the bands go over the process group). Collective when
+    there are rounds (every rank knows it from the plan)."""
     if not plan.rounds:
         return None
-    return open_shared(segment_sizes(plan, world)[me], group, me, world, "dcp-hf-load")
+    return open_shared(segment_sizes(plan, needs)[me], group, me, len(needs), "dcp-hf-load")
 
 
 def _short(grid: RunGrid) -> bool:

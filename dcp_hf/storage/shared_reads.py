@@ -175,12 +175,90 @@ def _dest_rows(dest: torch.Tensor, need: Need, p: BandPiece) -> torch.Tensor:
     return dest[p.r0 - need.offsets[0] : p.r1 - need.offsets[0]]
 
 
-def segment_sizes(plan: BandPlan, world: int) -> list[int]:
-    """Per rank: the largest sum of the bands it owns in one round (its shared segment)."""
+def segment_sizes(plan: BandPlan, needs: list[list[Need]]) -> list[int]:
+    """Per rank: the most bytes it holds for others in one round, its shared segment: the bands
+    it owns, then the pieces it receives for its host (at most its own pieces of other ranks'
+    bands)."""
+    world = len(needs)
     sizes = [[0] * plan.rounds for _ in range(world)]
     for b in plan.bands:
         sizes[b.owner][b.round] += _padded(b.nbytes)
+        for p in b.pieces:
+            if p.rank != b.owner:
+                sizes[p.rank][b.round] += _padded(needs[p.rank][p.index].rows_bytes(p.r1 - p.r0))
     return [max(s, default=0) for s in sizes]
+
+
+@dataclass(frozen=True)
+class BandsRead:
+    """What :func:`read_bands` moved on this rank: bytes read from storage, bytes received
+    over the process group (from other hosts)."""
+
+    read: int
+    from_other_hosts: int
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A box of a band sent over the process group from its owner to ``relay``, once for all
+    the ranks of the relay's host that need it; ``sent_at`` / ``received_at``: its offset in
+    the owner's bytes for the relay and in the relay's bytes from the owner."""
+
+    band: Band
+    piece: BandPiece  # the relay's piece
+    sent_at: int
+    received_at: int
+
+
+@dataclass
+class _Round:
+    """Where every byte of one round goes, the same on every rank: bands at ``band_at`` in
+    their owner's segment (``band_end``: the end of those bands), and what crosses hosts."""
+
+    bands: list[Band]
+    band_at: dict[Band, int]
+    band_end: list[int]
+    transfers: list[Transfer]
+    via: dict[tuple[Band, BandPiece], Transfer]  # a piece that arrives over the network
+    sizes: dict[tuple[int, int], int]  # (owner, relay) -> bytes sent
+
+
+def _plan_round(bands: list[Band], needs: list[list[Need]], hosts: list[int], shared: bool) -> _Round:
+    """A piece for a rank of the owner's host is copied from the owner's segment (``shared``);
+    the others cross hosts, each distinct box once per host, to the first rank of that host
+    needing it (the relay), whose host copies it from the relay's segment."""
+    world = len(needs)
+    band_at, band_end = {}, [0] * world
+    for band in bands:
+        band_at[band] = band_end[band.owner]
+        band_end[band.owner] += _padded(band.nbytes)
+    first: dict[tuple, tuple[Band, BandPiece, int]] = {}  # distinct box per host -> (band, relay's piece, sent_at)
+    box_of: dict[tuple[Band, BandPiece], tuple] = {}
+    sizes: dict[tuple[int, int], int] = {}
+    for band in bands:
+        for p in band.pieces:
+            if p.rank == band.owner or (shared and hosts[p.rank] == hosts[band.owner]):
+                continue
+            need = needs[p.rank][p.index]
+            box = (band, hosts[p.rank], p.r0, p.r1, need.offsets[1:], need.lengths[1:])
+            if box not in first:
+                pair = (band.owner, p.rank)
+                first[box] = (band, p, sizes.get(pair, 0))
+                sizes[pair] = sizes.get(pair, 0) + _padded(need.rows_bytes(p.r1 - p.r0))
+            box_of[(band, p)] = box
+    # a relay receives the owners' bytes in rank order (the all-to-all's layout)
+    before: dict[tuple[int, int], int] = {}
+    for relay in sorted({p.rank for _, p, _ in first.values()}):
+        at = 0
+        for owner in range(world):
+            before[(owner, relay)] = at
+            at += sizes.get((owner, relay), 0)
+    transfers = {
+        box: Transfer(band, p, sent_at, before[(band.owner, p.rank)] + sent_at)
+        for box, (band, p, sent_at) in first.items()
+    }
+    via = {key: transfers[box] for key, box in box_of.items()}
+    return _Round(bands, band_at, band_end, list(transfers.values()), via, sizes)
 
 
 def read_bands(
@@ -193,14 +271,16 @@ def read_bands(
     exchange: Callable[[torch.Tensor, list[int], list[int], torch.Tensor], None],
     barrier: Callable[[], None],
     shared: SharedMemory | None = None,
-) -> int:
+) -> BandsRead:
     """Deliver this rank's shared needs into ``dests`` (need index -> destination of the
     box's shape, any dtype the stored one casts to). ``read(band, out)`` reads a band's bytes,
     ``run(tasks)`` runs tasks (concurrently), ``exchange(send, send_sizes, recv_sizes, recv)`` is
-    the all-to-all, used unless the ranks share memory (``shared``: then ``barrier``
-    separates the rounds). Returns the bytes this rank read. Every rank must call it with the
-    same plan: on a failure it raises only after the last round, having taken part in all."""
-    world, nread, failure = len(needs), 0, None
+    the all-to-all of the bytes that cross hosts; ranks of one host (``shared``, its
+    ``hosts``) pass bytes through their shared segments, ``barrier`` separating the rounds.
+    Returns the bytes this rank read and received. Every rank must call it with the same plan: on a failure
+    it raises only after the last round, having taken part in all."""
+    world, nread, remote, failure = len(needs), 0, 0, None
+    hosts = shared.hosts if shared is not None else list(range(world))
     local = threading.local()  # each thread's band buffer, reused (fresh pages cost faults)
     buffers: dict[str, torch.Tensor] = {}  # the send and receive buffers, reused
 
@@ -212,33 +292,34 @@ def read_bands(
     def band_rows(buf: torch.Tensor, band: Band) -> torch.Tensor:
         return buf.view(band.need.dtype).view((band.r1 - band.r0,) + tuple(band.need.shape[1:]))
 
+    def piece_bytes(p: BandPiece) -> int:
+        return needs[p.rank][p.index].rows_bytes(p.r1 - p.r0)
+
+    def received(rank: int, rnd: _Round, n: int) -> torch.Tensor:
+        """The bytes ``rank`` receives in the round: after its bands in its segment, or (no
+        shared memory) in this rank's receive buffer."""
+        if shared is None:
+            return reused("recv", n)
+        if not n:
+            return torch.empty(0, dtype=torch.uint8)
+        segment = shared.segments[rank] if rank != me else torch.frombuffer(shared.own, dtype=torch.uint8)
+        return segment[rnd.band_end[rank] : rnd.band_end[rank] + n]
+
     for round_no in range(plan.rounds):
-        bands = [b for b in plan.bands if b.round == round_no]
-        at_in_segment, segment_end = {}, [0] * world
-        for band in bands:
-            at_in_segment[band] = segment_end[band.owner]
-            segment_end[band.owner] += _padded(band.nbytes)
-        send_sizes, recv_sizes = [0] * world, [0] * world
-        send_at: dict[BandPiece, int] = {}  # offset in the rank's segment
-        recvs: list[tuple[Band, BandPiece, int]] = []  # (band, piece, offset in the owner's segment)
-        for band in bands:
-            for p in band.pieces:
-                n = _padded(needs[p.rank][p.index].rows_bytes(p.r1 - p.r0))
-                if band.owner == me and p.rank != me:
-                    send_at[p] = send_sizes[p.rank]
-                    send_sizes[p.rank] += 0 if shared else n
-                elif p.rank == me and band.owner != me:
-                    recvs.append((band, p, recv_sizes[band.owner]))
-                    recv_sizes[band.owner] += 0 if shared else n
+        rnd = _plan_round([b for b in plan.bands if b.round == round_no], needs, hosts, shared is not None)
+        send_sizes = [rnd.sizes.get((me, r), 0) for r in range(world)]
+        recv_sizes = [rnd.sizes.get((r, me), 0) for r in range(world)]
         send_base = [sum(send_sizes[:r]) for r in range(world)]
         send = reused("send", sum(send_sizes))
+        outgoing: dict[Band, list[Transfer]] = {}
+        for t in rnd.transfers:
+            outgoing.setdefault(t.band, []).append(t)
 
         def take(band: Band) -> int:
-            """Read a band; copy this rank's pieces to their destinations, the others' to the
-            send buffer (or leave them in the shared segment)."""
+            """Read a band; copy this rank's pieces to their destinations, and the boxes other
+            hosts need to the send buffer (this host's stay in the segment)."""
             if shared is not None:
-                at = at_in_segment[band]
-                buf = torch.frombuffer(shared.own, dtype=torch.uint8, count=band.nbytes, offset=at)
+                buf = torch.frombuffer(shared.own, dtype=torch.uint8, count=band.nbytes, offset=rnd.band_at[band])
             else:
                 if getattr(local, "buf", None) is None or local.buf.numel() < band.nbytes:
                     local.buf = torch.empty(band.nbytes, dtype=torch.uint8)
@@ -247,49 +328,48 @@ def read_bands(
             rows = band_rows(buf, band)
             dtype = band.need.dtype
             for p in band.pieces:
-                need = needs[p.rank][p.index]
-                src = _band_box(rows, band, need, p)
                 if p.rank == me:
-                    _dest_rows(dests[p.index], need, p).copy_(src)
-                elif shared is None:
-                    at = send_base[p.rank] + send_at[p]
-                    send[at : at + src.numel() * dtype.itemsize].view(dtype).view(src.shape).copy_(src)
+                    need = needs[me][p.index]
+                    _dest_rows(dests[p.index], need, p).copy_(_band_box(rows, band, need, p))
+            for t in outgoing.get(band, []):
+                src = _band_box(rows, band, needs[t.piece.rank][t.piece.index], t.piece)
+                at = send_base[t.piece.rank] + t.sent_at
+                send[at : at + src.numel() * dtype.itemsize].view(dtype).view(src.shape).copy_(src)
             return got
 
         if failure is None:
             try:
-                nread += sum(run([lambda b=b: take(b) for b in bands if b.owner == me]))
+                nread += sum(run([lambda b=b: take(b) for b in rnd.bands if b.owner == me]))
             except Exception as e:  # noqa: BLE001 - raised after the last round
                 failure = e
-        if not any(p.rank != b.owner for b in bands for p in b.pieces):
+        if not any(p.rank != b.owner for b in rnd.bands for p in b.pieces):
             continue  # no rank needs another's band this round (every rank knows it)
+        if rnd.transfers:
+            exchange(send, send_sizes, recv_sizes, received(me, rnd, sum(recv_sizes)))
+            remote += sum(recv_sizes)
         if shared is not None:
-            barrier()  # every owner's bands of the round are in its segment
-            recv = None
-        else:
-            recv = reused("recv", sum(recv_sizes))
-            exchange(send, send_sizes, recv_sizes, recv)
-        recv_base = [sum(recv_sizes[:r]) for r in range(world)]
+            barrier()  # every band and every relayed box of the round is in its segment
 
-        def place(band: Band, p: BandPiece, at: int) -> int:
+        def place(band: Band, p: BandPiece) -> int:
             need = needs[me][p.index]
             dest = _dest_rows(dests[p.index], need, p)
-            if shared is not None:
+            t = rnd.via.get((band, p))
+            if t is None:  # the owner is on this host: cut the piece out of its band
+                at = rnd.band_at[band]
                 segment = shared.segments[band.owner]
-                off = at_in_segment[band]
-                dest.copy_(_band_box(band_rows(segment[off : off + band.nbytes], band), band, need, p))
-            else:
-                at += recv_base[band.owner]
-                dest.copy_(recv[at : at + need.rows_bytes(p.r1 - p.r0)].view(need.dtype).view(dest.shape))
+                dest.copy_(_band_box(band_rows(segment[at : at + band.nbytes], band), band, need, p))
+            else:  # arrived over the network at this host's relay
+                data = received(t.piece.rank, rnd, t.received_at + piece_bytes(p))[t.received_at :]
+                dest.copy_(data.view(need.dtype).view(dest.shape))
             return 0
 
         if failure is None:
             try:
-                run([lambda r=r: place(*r) for r in recvs])
+                run([lambda b=b, p=p: place(b, p) for b in rnd.bands for p in b.pieces if p.rank == me != b.owner])
             except Exception as e:  # noqa: BLE001
                 failure = e
         if shared is not None:
             barrier()  # every rank has copied its pieces: the segments may be reused
     if failure is not None:
         raise failure
-    return nread
+    return BandsRead(nread, remote)

@@ -256,6 +256,7 @@ class HFStorageWriter(StorageWriter):
         self._start = 0.0
         self._old: set[str] = set()
         self._sink: Sink | None = None  # the coordinator's, from prepare_global_plan to finish
+        self.bytes_from_other_hosts = 0  # bytes of parts this rank received over the process group
 
     # -- DCP protocol -------------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -555,7 +556,8 @@ class HFStorageWriter(StorageWriter):
                                 del held[id(c)]
                     except Exception as e:  # noqa: BLE001 - keep taking part: the others wait on it
                         failure, outgoing = e, {}
-                received = exchange(outgoing, group, world, shared) if group is not None else []
+                received, remote = exchange(outgoing, group, world, shared) if group is not None else ([], 0)
+                self.bytes_from_other_hosts += remote
                 for piece in received:
                     pieces.setdefault(index.of(piece.file, piece.offset), []).append(piece)
                 if failure is None:
