@@ -199,3 +199,49 @@ def test_errors_are_dcp_hf_errors(tmp_path):
         load_dcp_hf(tmp_path / "absent")
     ((error, _),) = info.value.failures.values()
     assert isinstance(error, DcpHfError) and "no such checkpoint folder" in str(error)
+
+
+def _move_child(src, dst, env):
+    from dcp_hf.torchtitan import move_checkpoint
+
+    os.environ.update(env)
+    commit.reset_steps()
+    move_checkpoint(src, dst)
+    os._exit(0)
+
+
+def move_in_child(src, dst, env) -> int:
+    proc = multiprocessing.get_context("fork").Process(target=_move_child, args=(src, dst, env))
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("the move hung")
+    return proc.exitcode
+
+
+def test_torchtitan_move_killed_at_every_step_leaves_no_checkpoint_or_the_whole_one(tmp_path):
+    """torchtitan's consolidation under dcp-hf (``dcp_hf.torchtitan``) moves ``step-N/sharded`` to
+    ``step-N``: killed at any step, ``step-N`` holds no index or the whole new checkpoint (what
+    torchtitan's ``_find_load_step`` tells apart), and the next save into it cleans up."""
+    log = tmp_path / "steps.log"
+    save(tmp_path / "count" / "sharded", B, SHARDED)
+    assert (
+        move_in_child(str(tmp_path / "count" / "sharded"), str(tmp_path / "count"), {"DCP_HF_STEP_LOG": str(log)}) == 0
+    )
+    steps = len(log.read_text().splitlines())
+    assert load_dcp_hf(tmp_path / "count") == "B"
+    seen = []
+    for k in range(1, steps + 2):
+        step_dir = tmp_path / f"step-{k}"
+        save(step_dir / "sharded", B, SHARDED)
+        code = move_in_child(str(step_dir / "sharded"), str(step_dir), {"DCP_HF_KILL_AT": str(k)})
+        assert code == (0 if k > steps else -9), (k, code)
+        if (step_dir / "model.safetensors.index.json").exists():
+            assert (load_dcp_hf(step_dir), load_transformers(step_dir)) == ("B", "B"), k
+            seen.append("B")
+        else:
+            seen.append("none")
+        save(step_dir, B, SHARDED)  # the next save into the folder finishes what was left
+        assert [e for e in os.listdir(tmp_path) if e.startswith(f".step-{k}.")] == []
+    assert seen[0] == "none" and seen[-1] == "B"
