@@ -245,3 +245,86 @@ def test_torchtitan_move_killed_at_every_step_leaves_no_checkpoint_or_the_whole_
         save(step_dir, B, SHARDED)  # the next save into the folder finishes what was left
         assert [e for e in os.listdir(tmp_path) if e.startswith(f".step-{k}.")] == []
     assert seen[0] == "none" and seen[-1] == "B"
+
+
+def training(seed: int) -> dict:
+    """A training checkpoint's state: the model's weights, Adam moments under their names, a
+    step counter and a value that is not a tensor."""
+    g = torch.Generator().manual_seed(100 + seed)
+    model = weights(seed)
+    moments = {
+        k: {"exp_avg": torch.randn(v.shape, generator=g), "step": torch.tensor(float(seed))} for k, v in model.items()
+    }
+    return {"model": model, "optimizer": {"state": moments}, "train_state": {"step": seed}}
+
+
+TA, TB = training(1), training(2)
+
+
+def save_training(path, state, max_shard_size, overwrite=True):
+    side = {"config.json": CONFIG.to_json_string().encode()}
+    dcp.save(
+        state,
+        storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size, overwrite=overwrite, side_files=side),
+        planner=HFSavePlanner(model_prefix="model."),
+        no_dist=True,
+    )
+
+
+def _training_child(path, env):
+    os.environ.update(env)
+    commit.reset_steps()
+    save_training(path, TB, SHARDED)
+    os._exit(0)
+
+
+def which_training(path) -> str:
+    state = {
+        "model": {k: torch.zeros_like(v) for k, v in A.items()},
+        "optimizer": {"state": {k: {"exp_avg": torch.zeros_like(v), "step": torch.tensor(0.0)} for k, v in A.items()}},
+        "train_state": {"step": None},
+    }
+    dcp.load(state, storage_reader=HFStorageReader(path), planner=HFLoadPlanner(model_prefix="model."), no_dist=True)
+    for name, ref in (("A", TA), ("B", TB)):
+        same = state["train_state"] == ref["train_state"] and all(
+            torch.equal(state["model"][k], ref["model"][k])
+            and torch.equal(state["optimizer"]["state"][k]["exp_avg"], ref["optimizer"]["state"][k]["exp_avg"])
+            and torch.equal(state["optimizer"]["state"][k]["step"], ref["optimizer"]["state"][k]["step"])
+            for k in ref["model"]
+        )
+        if same:
+            return name
+    return "mix"
+
+
+def test_training_checkpoint_killed_at_every_commit_step_is_old_or_new(tmp_path):
+    """The model and its training state commit together: killed at any step, the folder holds
+    the old weights with the old optimizer state, or the new with the new, never a mix."""
+    log = tmp_path / "steps.log"
+    save_training(tmp_path / "count", TA, SHARDED, overwrite=False)
+    proc = multiprocessing.get_context("fork").Process(
+        target=_training_child, args=(str(tmp_path / "count"), {"DCP_HF_STEP_LOG": str(log)})
+    )
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    steps_log = log.read_text()
+    assert "training_state" in steps_log  # the training state's files are in the commit
+    steps = len(steps_log.splitlines())
+    seen = []
+    for k in range(1, steps + 2):
+        path = tmp_path / f"k{k}"
+        save_training(path, TA, SHARDED, overwrite=False)
+        proc = multiprocessing.get_context("fork").Process(
+            target=_training_child, args=(str(path), {"DCP_HF_KILL_AT": str(k)})
+        )
+        proc.start()
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+            pytest.fail("the save hung")
+        assert proc.exitcode == (0 if k > steps else -9), (k, proc.exitcode)
+        got = which_training(path), load_transformers(path)
+        assert got in (("A", "A"), ("B", "B")), (k, got)
+        seen.append(got[0])
+    assert seen[0] == "A" and seen[-1] == "B"
