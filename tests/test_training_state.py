@@ -2,7 +2,7 @@
 FSDP2 with AdamW and an LR schedule on 2 gloo ranks saves its whole training state in one
 ``dcp.save``; a new job (the first one's process group is gone) resumes from it and trains on,
 bit for bit as the uninterrupted run (parameters, optimizer state, losses: the oracle is the
-run that was never stopped); the same checkpoint loads into 3 ranks and into one process equal
+run that was never stopped); the same checkpoint loads into 3 ranks, FSDP2 + TP on a 2-D mesh of 4 and into one process equal
 to the state that was saved (gathered in the saving job); the model half is a plain HF
 checkpoint for transformers."""
 
@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
 from dcp_hf.errors import root_cause
 from dcp_hf.local_ranks import run_ranks
-from tests.training_workers import load_resharded, resume_train, train_save_continue
+from tests.training_workers import load_2d, load_resharded, resume_train, train_save_continue
 
 K, N = 3, 6
 
@@ -53,6 +53,11 @@ def test_resume_is_bit_exact_and_reshards(tmp_path, use_async):
         for rank, got in enumerate(loaded):
             assert_same(got["loaded"], saved, f"{world} ranks, rank {rank}")
             assert got["objects"] == first[0]["saved_objects"], (world, rank)
+
+    for rank, got in enumerate(run_ranks(load_2d, 4, path, timeout=240)):  # FSDP2 + TP, 2-D mesh
+        assert got["two_d"] > 0
+        assert_same(got["loaded"], saved, f"2-D mesh, rank {rank}")
+        assert got["objects"] == first[0]["saved_objects"], rank
 
     # The model half is the HF checkpoint, and the moments are found by the model's HF names.
     model = LlamaForCausalLM.from_pretrained(path)

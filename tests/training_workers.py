@@ -129,3 +129,48 @@ def load_resharded(rank, world, path):
     planner = HFLoadPlanner(model_prefix="model.", allow_unexpected=["training_state/bytes/dataloader.*"])
     dcp.load(state, storage_reader=HFStorageReader(path), planner=planner)
     return {"loaded": flat_full(state), "objects": objects(state)}
+
+
+def build_2d(seed: int):
+    """FSDP2 over a 2 x (world/2) mesh's first dim, tensor parallel over its second (columns of
+    q/k/v/gate/up, rows of o/down): parameters are 2-D-mesh DTensors."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(CONFIG)
+    mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("dp", "tp"))
+    plan = {}
+    for n in range(CONFIG.num_hidden_layers):
+        p = f"model.layers.{n}."
+        plan |= {p + f"self_attn.{x}_proj": ColwiseParallel() for x in "qkv"}
+        plan |= {p + "mlp.gate_proj": ColwiseParallel(), p + "mlp.up_proj": ColwiseParallel()}
+        plan |= {p + "self_attn.o_proj": RowwiseParallel(), p + "mlp.down_proj": RowwiseParallel()}
+    parallelize_module(model, mesh["tp"], plan)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    return model, optimizer, scheduler
+
+
+def load_2d(rank, world, path):
+    """The checkpoint loaded into FSDP2 + TP on a 2-D mesh."""
+    model, optimizer, scheduler = build_2d(seed=7)
+    state = training_state(model, optimizer, scheduler, -1, rank)
+    del state["dataloader"]
+    two_d = [k for k, v in flat_tensors(state).items() if hasattr(v, "device_mesh") and v.device_mesh.ndim == 2]
+    assert two_d, "no parameter is on the 2-D mesh"
+    planner = HFLoadPlanner(model_prefix="model.", allow_unexpected=["training_state/bytes/dataloader.*"])
+    dcp.load(state, storage_reader=HFStorageReader(path), planner=planner)
+    return {"loaded": flat_full(state), "objects": objects(state), "two_d": len(two_d)}
+
+
+def flat_tensors(state: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(flat_tensors(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
