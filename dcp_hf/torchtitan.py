@@ -60,7 +60,10 @@ def consolidate_safetensors_files_on_every_rank(
     returns once it is there, or raises if it failed. Torch's shard files go to torch's own."""
     import torch.distributed as dist
 
-    if not holds_hf_checkpoint(input_dir):
+    final = [holds_hf_checkpoint(input_dir)]
+    if dist.is_initialized():  # the coordinator's view: it may move the folder before others look
+        dist.broadcast_object_list(final, group=process_group, group_src=0)
+    if not final[0]:
         from torch.distributed.checkpoint._consolidate_hf_safetensors import (
             consolidate_safetensors_files_on_every_rank as consolidate,
         )

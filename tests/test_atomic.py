@@ -57,14 +57,19 @@ def _child(path, max_shard_size, env):
     os._exit(0)
 
 
-def save_b_in_child(path, max_shard_size, env) -> int:
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(path, max_shard_size, env))
+def in_child(target, *args) -> int:
+    """``target(*args)`` in a forked process (60 s at most); its exit code."""
+    proc = multiprocessing.get_context("fork").Process(target=target, args=args)
     proc.start()
     proc.join(60)
     if proc.is_alive():
         proc.kill()
-        pytest.fail("the save hung")
+        pytest.fail("the child hung")
     return proc.exitcode
+
+
+def save_b_in_child(path, max_shard_size, env) -> int:
+    return in_child(_child, path, max_shard_size, env)
 
 
 def which(state: dict[str, torch.Tensor]) -> str:
@@ -211,13 +216,7 @@ def _move_child(src, dst, env):
 
 
 def move_in_child(src, dst, env) -> int:
-    proc = multiprocessing.get_context("fork").Process(target=_move_child, args=(src, dst, env))
-    proc.start()
-    proc.join(60)
-    if proc.is_alive():
-        proc.kill()
-        pytest.fail("the move hung")
-    return proc.exitcode
+    return in_child(_move_child, src, dst, env)
 
 
 def test_torchtitan_move_killed_at_every_step_leaves_no_checkpoint_or_the_whole_one(tmp_path):
@@ -302,12 +301,7 @@ def test_training_checkpoint_killed_at_every_commit_step_is_old_or_new(tmp_path)
     the old weights with the old optimizer state, or the new with the new, never a mix."""
     log = tmp_path / "steps.log"
     save_training(tmp_path / "count", TA, SHARDED, overwrite=False)
-    proc = multiprocessing.get_context("fork").Process(
-        target=_training_child, args=(str(tmp_path / "count"), {"DCP_HF_STEP_LOG": str(log)})
-    )
-    proc.start()
-    proc.join(60)
-    assert proc.exitcode == 0
+    assert in_child(_training_child, str(tmp_path / "count"), {"DCP_HF_STEP_LOG": str(log)}) == 0
     steps_log = log.read_text()
     assert "training_state" in steps_log  # the training state's files are in the commit
     steps = len(steps_log.splitlines())
@@ -315,15 +309,8 @@ def test_training_checkpoint_killed_at_every_commit_step_is_old_or_new(tmp_path)
     for k in range(1, steps + 2):
         path = tmp_path / f"k{k}"
         save_training(path, TA, SHARDED, overwrite=False)
-        proc = multiprocessing.get_context("fork").Process(
-            target=_training_child, args=(str(path), {"DCP_HF_KILL_AT": str(k)})
-        )
-        proc.start()
-        proc.join(60)
-        if proc.is_alive():
-            proc.kill()
-            pytest.fail("the save hung")
-        assert proc.exitcode == (0 if k > steps else -9), (k, proc.exitcode)
+        code = in_child(_training_child, str(path), {"DCP_HF_KILL_AT": str(k)})
+        assert code == (0 if k > steps else -9), (k, code)
         got = which_training(path), load_transformers(path)
         assert got in (("A", "A"), ("B", "B")), (k, got)
         seen.append(got[0])

@@ -8,34 +8,18 @@ the adapter's mapping is the identity."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-CONFIG = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=False,
-)
+from tests.training_workers import CONFIG, shard
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG))
+    return LlamaForCausalLM(CONFIG)
 
 
 def sharded_llama(seed: int) -> LlamaForCausalLM:
-    model = tiny_llama(seed)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return shard(tiny_llama(seed))
 
 
 def full_state(model) -> dict:
@@ -103,7 +87,7 @@ def titan_load_train_save(rank, world, base_folder, hf_assets_path, switch):
     manager, optimizers, schedulers = _manager(model, base_folder, hf_assets_path)
     assert manager.load(), "torchtitan found nothing to load"
     loaded = full_state(model)
-    tokens = torch.randint(0, CONFIG["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(rank))
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 8), generator=torch.Generator().manual_seed(rank))
     loss = model(input_ids=tokens, labels=tokens).loss
     loss.backward()
     optimizers.step()

@@ -25,14 +25,20 @@ CONFIG = LlamaConfig(
 )
 
 
+def shard(model, mesh=None):
+    """FSDP2 over ``mesh`` (default: all ranks), each decoder layer a unit, as trainers do."""
+    mesh = mesh or init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def build(seed: int, sharded: bool = True):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(CONFIG)
     if sharded:
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     return model, optimizer, scheduler
@@ -145,10 +151,7 @@ def build_2d(seed: int):
         plan |= {p + f"self_attn.{x}_proj": ColwiseParallel() for x in "qkv"}
         plan |= {p + "mlp.gate_proj": ColwiseParallel(), p + "mlp.up_proj": ColwiseParallel()}
         plan |= {p + "self_attn.o_proj": RowwiseParallel(), p + "mlp.down_proj": RowwiseParallel()}
-    parallelize_module(model, mesh["tp"], plan)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh["dp"])
-    fully_shard(model, mesh=mesh["dp"])
+    shard(parallelize_module(model, mesh["tp"], plan), mesh["dp"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     return model, optimizer, scheduler
