@@ -1,4 +1,4 @@
-"""python -m benchmarks [all|core|limits|layouts|megatron|s3|quantized|planning|device] [--size-gb G] [--repeat N]
+"""python -m benchmarks [all|core|limits|layouts|megatron|s3|quantized|training|planning|device] [--size-gb G] [--repeat N]
 
 Runs each case with ours and its baselines side by side in one run (same state, same
 processes, alternating), prints a table with ratios (baseline time / our time: > 1 means we
@@ -21,7 +21,7 @@ import time
 from benchmarks.measure import machine, write_results
 from benchmarks.report import case_table, planning_read_text, planning_table, write_report
 
-SUITES = ["core", "limits", "layouts", "megatron", "s3", "quantized", "planning", "hosts", "device"]
+SUITES = ["core", "limits", "layouts", "megatron", "s3", "quantized", "training", "planning", "hosts", "device"]
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from benchmarks import core, device, hosts, layouts, limits, megatron, planning, quantized, s3
+    from benchmarks import core, device, hosts, layouts, limits, megatron, planning, quantized, s3, training
 
     if args.suite == "device" and not torch.cuda.is_available():
         parser.exit(1, "python -m benchmarks device: no CUDA device here; see python -m benchmarks.device --cpu\n")
@@ -67,6 +67,7 @@ def main() -> None:
         "s3": lambda: s3.run(os.path.join(root, "s3"), args.repeat, size_gb=min(max(args.size_gb / 2, 0.5), 1.0)),
         "quantized": lambda: quantized.run(os.path.join(root, "quantized"), args.repeat, size_gb=args.size_gb / 2),
         "hosts": lambda: hosts.run(os.path.join(root, "hosts"), args.size_gb, args.repeat),
+        "training": lambda: training.run(os.path.join(root, "training"), args.size_gb / 2, args.repeat),
         "device": lambda: device.run(os.path.join(root, "device"), max(args.size_gb, 4.0), args.repeat),
     }
     for name in wanted:

@@ -57,14 +57,19 @@ def _child(path, max_shard_size, env):
     os._exit(0)
 
 
-def save_b_in_child(path, max_shard_size, env) -> int:
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(path, max_shard_size, env))
+def in_child(target, *args) -> int:
+    """``target(*args)`` in a forked process (60 s at most); its exit code."""
+    proc = multiprocessing.get_context("fork").Process(target=target, args=args)
     proc.start()
     proc.join(60)
     if proc.is_alive():
         proc.kill()
-        pytest.fail("the save hung")
+        pytest.fail("the child hung")
     return proc.exitcode
+
+
+def save_b_in_child(path, max_shard_size, env) -> int:
+    return in_child(_child, path, max_shard_size, env)
 
 
 def which(state: dict[str, torch.Tensor]) -> str:
@@ -199,3 +204,114 @@ def test_errors_are_dcp_hf_errors(tmp_path):
         load_dcp_hf(tmp_path / "absent")
     ((error, _),) = info.value.failures.values()
     assert isinstance(error, DcpHfError) and "no such checkpoint folder" in str(error)
+
+
+def _move_child(src, dst, env):
+    from dcp_hf.torchtitan import move_checkpoint
+
+    os.environ.update(env)
+    commit.reset_steps()
+    move_checkpoint(src, dst)
+    os._exit(0)
+
+
+def move_in_child(src, dst, env) -> int:
+    return in_child(_move_child, src, dst, env)
+
+
+def test_torchtitan_move_killed_at_every_step_leaves_no_checkpoint_or_the_whole_one(tmp_path):
+    """torchtitan's consolidation under dcp-hf (``dcp_hf.torchtitan``) moves ``step-N/sharded`` to
+    ``step-N``: killed at any step, ``step-N`` holds no index or the whole new checkpoint (what
+    torchtitan's ``_find_load_step`` tells apart), and the next save into it cleans up."""
+    log = tmp_path / "steps.log"
+    save(tmp_path / "count" / "sharded", B, SHARDED)
+    assert (
+        move_in_child(str(tmp_path / "count" / "sharded"), str(tmp_path / "count"), {"DCP_HF_STEP_LOG": str(log)}) == 0
+    )
+    steps = len(log.read_text().splitlines())
+    assert load_dcp_hf(tmp_path / "count") == "B"
+    seen = []
+    for k in range(1, steps + 2):
+        step_dir = tmp_path / f"step-{k}"
+        save(step_dir / "sharded", B, SHARDED)
+        code = move_in_child(str(step_dir / "sharded"), str(step_dir), {"DCP_HF_KILL_AT": str(k)})
+        assert code == (0 if k > steps else -9), (k, code)
+        if (step_dir / "model.safetensors.index.json").exists():
+            assert (load_dcp_hf(step_dir), load_transformers(step_dir)) == ("B", "B"), k
+            seen.append("B")
+        else:
+            seen.append("none")
+        save(step_dir, B, SHARDED)  # the next save into the folder finishes what was left
+        assert [e for e in os.listdir(tmp_path) if e.startswith(f".step-{k}.")] == []
+    assert seen[0] == "none" and seen[-1] == "B"
+
+
+def training(seed: int) -> dict:
+    """A training checkpoint's state: the model's weights, Adam moments under their names, a
+    step counter and a value that is not a tensor."""
+    g = torch.Generator().manual_seed(100 + seed)
+    model = weights(seed)
+    moments = {
+        k: {"exp_avg": torch.randn(v.shape, generator=g), "step": torch.tensor(float(seed))} for k, v in model.items()
+    }
+    return {"model": model, "optimizer": {"state": moments}, "train_state": {"step": seed}}
+
+
+TA, TB = training(1), training(2)
+
+
+def save_training(path, state, max_shard_size, overwrite=True):
+    side = {"config.json": CONFIG.to_json_string().encode()}
+    dcp.save(
+        state,
+        storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size, overwrite=overwrite, side_files=side),
+        planner=HFSavePlanner(model_prefix="model."),
+        no_dist=True,
+    )
+
+
+def _training_child(path, env):
+    os.environ.update(env)
+    commit.reset_steps()
+    save_training(path, TB, SHARDED)
+    os._exit(0)
+
+
+def which_training(path) -> str:
+    state = {
+        "model": {k: torch.zeros_like(v) for k, v in A.items()},
+        "optimizer": {"state": {k: {"exp_avg": torch.zeros_like(v), "step": torch.tensor(0.0)} for k, v in A.items()}},
+        "train_state": {"step": None},
+    }
+    dcp.load(state, storage_reader=HFStorageReader(path), planner=HFLoadPlanner(model_prefix="model."), no_dist=True)
+    for name, ref in (("A", TA), ("B", TB)):
+        same = state["train_state"] == ref["train_state"] and all(
+            torch.equal(state["model"][k], ref["model"][k])
+            and torch.equal(state["optimizer"]["state"][k]["exp_avg"], ref["optimizer"]["state"][k]["exp_avg"])
+            and torch.equal(state["optimizer"]["state"][k]["step"], ref["optimizer"]["state"][k]["step"])
+            for k in ref["model"]
+        )
+        if same:
+            return name
+    return "mix"
+
+
+def test_training_checkpoint_killed_at_every_commit_step_is_old_or_new(tmp_path):
+    """The model and its training state commit together: killed at any step, the folder holds
+    the old weights with the old optimizer state, or the new with the new, never a mix."""
+    log = tmp_path / "steps.log"
+    save_training(tmp_path / "count", TA, SHARDED, overwrite=False)
+    assert in_child(_training_child, str(tmp_path / "count"), {"DCP_HF_STEP_LOG": str(log)}) == 0
+    steps_log = log.read_text()
+    assert "training_state" in steps_log  # the training state's files are in the commit
+    steps = len(steps_log.splitlines())
+    seen = []
+    for k in range(1, steps + 2):
+        path = tmp_path / f"k{k}"
+        save_training(path, TA, SHARDED, overwrite=False)
+        code = in_child(_training_child, str(path), {"DCP_HF_KILL_AT": str(k)})
+        assert code == (0 if k > steps else -9), (k, code)
+        got = which_training(path), load_transformers(path)
+        assert got in (("A", "A"), ("B", "B")), (k, got)
+        seen.append(got[0])
+    assert seen[0] == "A" and seen[-1] == "B"

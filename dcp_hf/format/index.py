@@ -23,7 +23,8 @@ FILE_PATTERN = "model{suffix}.safetensors"
 # A checkpoint's own files in a folder, HF's or torch's FileSystemWriter's: a save replaces them
 # (with overwrite) and keeps every other file (config, tokenizer, the user's notes).
 CHECKPOINT_FILE = re.compile(
-    r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|__\d+_\d+\.distcp|\.metadata)$"
+    r"^((model|training_state)(-\d{5}-of-\d{5})?\.safetensors|(model|training_state)\.safetensors\.index\.json"
+    r"|__\d+_\d+\.distcp|\.metadata)$"
 )
 
 _UNITS = {
@@ -137,7 +138,9 @@ class FileLayout:
     specs: dict[str, TensorSpec]
 
 
-def layout_files(specs: list[TensorSpec], max_shard_size: int, save_id: str | None = None) -> list[FileLayout]:
+def layout_files(
+    specs: list[TensorSpec], max_shard_size: int, save_id: str | None = None, filename_pattern: str = FILE_PATTERN
+) -> list[FileLayout]:
     """Group tensors into files exactly as huggingface_hub does (greedy, in order, under
     ``max_shard_size``) and lay out each file. ``save_id`` goes in every header's
     ``__metadata__``."""
@@ -146,7 +149,7 @@ def layout_files(specs: list[TensorSpec], max_shard_size: int, save_id: str | No
         by_key,
         get_storage_size=lambda s: s.nbytes,
         get_storage_id=lambda s: None,
-        filename_pattern=FILE_PATTERN,
+        filename_pattern=filename_pattern,
         max_shard_size=max_shard_size,
     )
     return [lay_out_file(name, [by_key[k] for k in keys], save_id) for name, keys in split.filename_to_tensors.items()]

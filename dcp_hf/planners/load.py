@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 
+from dcp_hf import training_state
 from dcp_hf.contract import LoadSource
 from dcp_hf.boxes import overlap
 from dcp_hf.errors import StateDictMismatchError
@@ -19,6 +20,18 @@ from dcp_hf.layouts import IDENTITY, Layout, Piece, mem_view
 from dcp_hf.layouts.quantized import QuantizedTensor
 from dcp_hf.planners.keysets import decode_keys, encode_keys
 from dcp_hf.tensor_box import TensorBox, find_chunk
+
+
+def _object_item(key: str, stored_key: str) -> ReadItem:
+    """The read item of a value that is not a tensor (its bytes, whole)."""
+    return ReadItem(
+        type=LoadItemType.BYTE_IO,
+        dest_index=MetadataIndex(key),
+        dest_offsets=torch.Size([0]),
+        storage_index=MetadataIndex(stored_key),
+        storage_offsets=torch.Size([0]),
+        lengths=torch.Size([0]),
+    )
 
 
 class _KeyFilter:
@@ -86,6 +99,9 @@ class HFLoadPlanner(DefaultLoadPlanner):
             they are left as they are. ``True``: any.
         allow_unexpected: HF keys (glob patterns) the checkpoint may hold that no rank loads.
             ``True``: any (a partial load).
+        model_prefix: load a training checkpoint (:mod:`dcp_hf.training_state`): keys starting
+            with it are the model's (looked up without it), every other key, tensor or not, is
+            training state. Without it the training state of a checkpoint is ignored.
     """
 
     def __init__(
@@ -94,6 +110,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         *,
         allow_missing: Iterable[str] | bool = (),
         allow_unexpected: Iterable[str] | bool = (),
+        model_prefix: str | None = None,
     ):
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, allow_partial_load=True)
         self.layout = layout or IDENTITY
@@ -101,6 +118,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         self._identity = dataclasses.replace(self.layout, quantization=None) == IDENTITY
         self.allow_missing = _KeyFilter(allow_missing)
         self.allow_unexpected = _KeyFilter(allow_unexpected)
+        self.model_prefix = model_prefix
         self._pieces: dict[str, list[Piece]] = {}
         self._views: dict[ReadItem, tuple] = {}
         self._quantized: dict[tuple[str, str], QuantizedTensor] = {}  # (key, hf_key) ->
@@ -120,7 +138,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         self._pieces = {}
         for key, value in self.state_dict.items():
             if hasattr(value, "size") and callable(value.size):
-                self._pieces[key] = self.layout.pieces(key, tuple(value.size()))
+                self._pieces[key] = training_state.pieces(self.layout, key, tuple(value.size()), self.model_prefix)
         prefetch = LoadSource.of(metadata).prefetch
         if prefetch is not None:
             keys = {p.hf_key for pieces in self._pieces.values() for p in pieces}
@@ -136,7 +154,16 @@ class HFLoadPlanner(DefaultLoadPlanner):
         quantization = self.layout.quantization
         self._quantized = {}
         missing, missing_of = [], []  # the missing HF keys, and the in-memory key of each
+        objects = []  # read items of the values that are not tensors (training state)
         for key, value in self.state_dict.items():
+            if key not in self._pieces and self.model_prefix is not None:
+                stored_key = training_state.BYTES + key
+                if stored_key in stored:
+                    objects.append(_object_item(key, stored_key))
+                elif not self.allow_missing(key):
+                    missing.append(f"{stored_key} (for {key})")
+                    missing_of.append(key)
+                continue
             if key not in self._pieces:
                 if self.allow_missing(key):
                     continue
@@ -189,18 +216,21 @@ class HFLoadPlanner(DefaultLoadPlanner):
                         f"{where}: {piece.hf_key!r} is {md_t.properties.dtype} in the checkpoint but "
                         f"{value.dtype} in the state dict{part} (pass allow_dtype_cast=True to the reader)"
                     )
-        tied = self._tied_to_loaded(missing_of, stored)
+        tied = self._tied_to_loaded([k for k in missing_of if k in self._pieces], stored)
         missing_keys = [k for k in missing_of if k not in tied]
         missing = [m for m, k in zip(missing, missing_of) if k in missing_keys]
         if missing:
+            plain = not any(training_state.is_training_state(k) for k in stored)
+            state_missing = any(training_state.is_training_state(m) for m in missing)
+            hint = f"holds no training state (no {training_state.INDEX_NAME}); " if plain and state_missing else ""
             raise StateDictMismatchError(
-                f"{where}: missing {len(missing)} key(s) the state dict needs: "
+                f"{where}: {hint}missing {len(missing)} key(s) the state dict needs: "
                 f"{', '.join(repr(k) for k in missing[:10])}{' ...' if len(missing) > 10 else ''} "
                 f"(pass allow_missing={sorted(set(missing_keys))[:10]!r} to HFLoadPlanner to leave "
                 f"them as they are)"
             )
 
-        items = []
+        items = objects
         self._views, self._dequant, self._local_items = {}, {}, None
         for key, pieces in self._pieces.items():
             value = self.state_dict[key]
@@ -242,7 +272,11 @@ class HFLoadPlanner(DefaultLoadPlanner):
             for code in {plan.planner_data for plan in global_plan if plan.planner_data is not None}:
                 loaded.update(decode_keys(code))
             unexpected = [
-                k for k in sorted(self.metadata.state_dict_metadata) if k not in loaded and not self.allow_unexpected(k)
+                k
+                for k in sorted(self.metadata.state_dict_metadata)
+                if k not in loaded
+                and not self.allow_unexpected(k)
+                and (self.model_prefix is not None or not training_state.is_training_state(k))  # model-only load
             ]
             if unexpected:
                 where = LoadSource.of(self.metadata).checkpoint
@@ -259,7 +293,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         return super().finish_plan(central_plan)
 
     def _read_items(self, key, c_off, c_size, piece: Piece, md_t: TensorStorageMetadata) -> list[ReadItem]:
-        if self._identity and len(md_t.chunks) == 1 and md_t.chunks[0].sizes == md_t.size:
+        if self._identity and piece.hf_key == key and len(md_t.chunks) == 1 and md_t.chunks[0].sizes == md_t.size:
             # The common case (an HF tensor is one chunk; the piece is the whole tensor): the
             # chunk is read from where it lies.
             if 0 in c_size and 0 not in md_t.size:  # an empty chunk of a non-empty tensor

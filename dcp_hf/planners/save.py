@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.planner_helpers import _create_write_items
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
+from dcp_hf import training_state
 from dcp_hf.contract import takes_compact_plans
 from dcp_hf.errors import PeerRankError, StateDictMismatchError, not_a_tensor
 from dcp_hf.layouts import IDENTITY, Layout, mem_view
@@ -76,13 +77,23 @@ class HFSavePlanner(DefaultSavePlanner):
     It checks that all ranks agree on each HF tensor's shape and dtype, that the chunks cover
     each tensor exactly once and that each HF box comes from one in-memory tensor.
 
+    ``model_prefix`` (e.g. ``"model."``) makes it a training checkpoint: keys starting with it
+    are the model (stored without it), every other key, tensor or not, is training state
+    stored beside the model (:mod:`dcp_hf.training_state`). Without it every key is the model
+    and values that are not tensors are refused.
+
     With :class:`HFStorageWriter` the plans that travel are compact (:mod:`.summary`): a few
     blocks per rank instead of one item per chunk, so planning stays fast and small at
     thousands of ranks. With another storage writer it makes DCP's usual item plans.
     """
 
     def __init__(
-        self, layout: Layout | None = None, *, flatten_state_dict: bool = True, dedup_save_to_lowest_rank: bool = False
+        self,
+        layout: Layout | None = None,
+        *,
+        model_prefix: str | None = None,
+        flatten_state_dict: bool = True,
+        dedup_save_to_lowest_rank: bool = False,
     ):
         super().__init__(
             flatten_state_dict=flatten_state_dict,
@@ -90,6 +101,7 @@ class HFSavePlanner(DefaultSavePlanner):
             dedup_save_to_lowest_rank=dedup_save_to_lowest_rank,
         )
         self.layout = layout or IDENTITY
+        self.model_prefix = model_prefix
         self.compact = False
         self._sources: dict[MetadataIndex, SavePiece] = {}  # HF write index -> where its data is
         self._entries: dict[tuple, SavePiece] = {}  # (HF key, HF offsets) -> its piece (compact plans)
@@ -140,7 +152,9 @@ class HFSavePlanner(DefaultSavePlanner):
         """Every local chunk's pieces in HF key space."""
         chunks, others = self._chunks()
         entries, seen = [], {}
-        if self.layout == IDENTITY:  # each chunk is its own piece
+        if self.model_prefix is not None:  # values that are not tensors: bytes of the training state
+            entries, others = self._object_pieces(others), []
+        if self.layout == IDENTITY and self.model_prefix is None:  # each chunk is its own piece
             return [
                 SavePiece(
                     fqn, shape, dtype, offsets, sizes, fqn, offsets, tuple(range(len(shape))), (0,) * len(shape), sizes
@@ -148,7 +162,7 @@ class HFSavePlanner(DefaultSavePlanner):
                 for fqn, shape, dtype, offsets, sizes in chunks
             ], others
         for fqn, shape, dtype, offsets, sizes in chunks:
-            for piece in self.layout.pieces(fqn, shape):
+            for piece in training_state.pieces(self.layout, fqn, shape, self.model_prefix):
                 hit = piece.intersect(offsets, sizes)
                 if hit is None:
                     continue
@@ -177,6 +191,16 @@ class HFSavePlanner(DefaultSavePlanner):
         if hasattr(self.layout.quantization, "quantizes"):
             entries = self._quantize(entries)
         return entries, others
+
+    def _object_pieces(self, items: list[WriteItem]) -> list[SavePiece]:
+        """This rank's share of the values that are not tensors, each a whole uint8 tensor of
+        its bytes (in the planner's state dict under its storage key)."""
+        out = []
+        for key, data in training_state.object_bytes(items, lambda i: self.state_dict[i.index.fqn]).items():
+            stored, n = training_state.BYTES + key, data.numel()
+            self.state_dict[stored] = data
+            out.append(SavePiece(stored, (n,), torch.uint8, (0,), (n,), stored, (0,), (0,), (0,), (n,)))
+        return out
 
     def _quantize(self, entries):
         """Entries of the HF tensors the layout quantizes become their fp8 data + scales. The

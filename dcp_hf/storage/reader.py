@@ -11,6 +11,7 @@ all ranks check they read the coordinator's save.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import threading
@@ -22,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     StorageMeta,
@@ -50,6 +52,7 @@ from dcp_hf.format import (
     decode_index_and_id,
     read_header,
 )
+from dcp_hf import training_state
 from dcp_hf.format.dtypes import itemsize
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.exchange import SharedMemory, exchange_bytes, open_shared
@@ -104,7 +107,9 @@ class _LazyTensorMetadata(Mapping):
     def __init__(self, reader: "HFStorageReader"):
         self._reader = reader
 
-    def __getitem__(self, key: str) -> TensorStorageMetadata:
+    def __getitem__(self, key: str) -> TensorStorageMetadata | BytesStorageMetadata:
+        if key.startswith(training_state.BYTES) and key in self._reader.weight_map:
+            return BytesStorageMetadata()
         e = self._reader.entry(key)
         return TensorStorageMetadata(
             properties=TensorProperties(dtype=e.dtype),
@@ -282,6 +287,7 @@ class HFStorageReader(StorageReader):
         with self._lock:
             self._reads += 1
         try:
+            plan = self._load_objects(plan, planner)
             group = self._exchange_group(plan)
             if group is None:
                 needed = self._read_plan(self._checked_work(plan, planner), planner)
@@ -293,6 +299,24 @@ class HFStorageReader(StorageReader):
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+    def _load_objects(self, plan: LoadPlan, planner: LoadPlanner) -> LoadPlan:
+        """Load the plan's values that are not tensors (training state: ``torch.save`` bytes
+        stored as a uint8 tensor); the plan of its tensors is left."""
+        objects = [i for i in plan.items if i.type == LoadItemType.BYTE_IO]
+        if not objects:
+            return plan
+        self._check_same_save(plan)
+        for item in objects:
+            key = item.storage_index.fqn
+            if not key.startswith(training_state.BYTES):
+                raise StateDictMismatchError(f"{item.dest_index.fqn!r}: an HF checkpoint holds tensors only")
+            entry = self.entry(key)
+            data = self.store.read_range(self._handle(self.weight_map[key]), entry.start, entry.nbytes)
+            if len(data) != entry.nbytes:
+                raise CheckpointFormatError(f"{self.store.where(self.weight_map[key])}: {key!r} is cut short")
+            planner.load_bytes(item, io.BytesIO(data))
+        return dataclasses.replace(plan, items=[i for i in plan.items if i.type != LoadItemType.BYTE_IO])
 
     def _exchange_group(self, plan: LoadPlan):
         """The process group of a load of several ranks whose boxes may be read in bands, or
@@ -426,6 +450,18 @@ class HFStorageReader(StorageReader):
     def _read_weight_map(self) -> dict[str, str]:
         if self.store.exists(INDEX_NAME):
             weight_map, self.save_id = decode_index_and_id(self.store.read(INDEX_NAME), self.store.where(INDEX_NAME))
+            if self.store.exists(training_state.INDEX_NAME):  # a training checkpoint's other half
+                where = self.store.where(training_state.INDEX_NAME)
+                state_map, state_id = decode_index_and_id(self.store.read(training_state.INDEX_NAME), where)
+                if state_id != self.save_id:
+                    raise MixedCheckpointError(
+                        f"{where}: of save {state_id}, but {INDEX_NAME} is of save {self.save_id}: the "
+                        f"checkpoint was overwritten while being read, or a save into it was interrupted"
+                    )
+                outside = [k for k in state_map if not training_state.is_training_state(k)]
+                if outside:
+                    raise CheckpointFormatError(f"{where}: key {outside[0]!r} is not under {training_state.PREFIX!r}")
+                weight_map = {**weight_map, **state_map}
             return weight_map
         if not self.store.is_folder():
             raise CheckpointNotFoundError(f"{self.path}: no such checkpoint folder{self.store.missing_hint()}")

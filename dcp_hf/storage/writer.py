@@ -42,7 +42,8 @@ from dcp_hf.errors import (
 )
 from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, parse_size
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
-from dcp_hf.format.index import CHECKPOINT_FILE
+from dcp_hf import training_state
+from dcp_hf.format.index import CHECKPOINT_FILE, layout_files
 from dcp_hf.planners.summary import MergedPlan, decode_table, encode_table
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.exchange import (
@@ -252,6 +253,7 @@ class HFStorageWriter(StorageWriter):
         self.is_coordinator = False
         self._files: list[FileLayout] = []
         self._where: dict[str, tuple[int, int]] = {}  # key -> (file number, data offset)
+        self._model_files = 0  # the first files are the model's, the rest the training state's
         self._save_id = ""
         self._start = 0.0
         self._old: set[str] = set()
@@ -304,7 +306,7 @@ class HFStorageWriter(StorageWriter):
             specs.append(TensorSpec(key, export, shape))
         if not specs:
             raise StateDictMismatchError("the state dict holds no tensors: nothing to save")
-        tied = self.hf_files.tied(s.key for s in specs)  # left out; each rank checks its boxes
+        tied = self.hf_files.tied(s.key for s in specs if not training_state.is_training_state(s.key))
         specs = [s for s in specs if s.key not in tied]
         self.side_files = {**self.hf_files.side_files(), **self.side_files}
 
@@ -346,7 +348,13 @@ class HFStorageWriter(StorageWriter):
     def _lay_out(self, table: dict, save_id: str) -> list[FileLayout]:
         """The files of the checkpoint (what goes where), the same on every rank."""
         if self._save_id != save_id:
-            self._files = self.hf_files.lay_out(decode_table(table), self.max_shard_size, save_id)
+            specs = decode_table(table)
+            state = [s for s in specs if training_state.is_training_state(s.key)]
+            model = [s for s in specs if not training_state.is_training_state(s.key)]
+            self._files = self.hf_files.lay_out(model, self.max_shard_size, save_id)
+            self._model_files = len(self._files)  # the training state's files follow the model's
+            if state:
+                self._files += layout_files(state, self.max_shard_size, save_id, training_state.FILE_PATTERN)
             self._where = {key: (n, offset) for n, f in enumerate(self._files) for key, offset in f.offsets.items()}
             self._save_id = save_id
         return self._files
@@ -596,14 +604,21 @@ class HFStorageWriter(StorageWriter):
             sink.complete(receipts)
             for name, data in self.side_files.items():
                 sink.put(name, data)
-            stale = self._old - {f.name for f in files} - ({INDEX_NAME} if len(files) > 1 else set())
-            if INDEX_NAME in stale:
-                sink.delete(INDEX_NAME)
-                stale.discard(INDEX_NAME)
-            if len(files) > 1:
-                weight_map = {key: f.name for f in files for key in f.offsets}
-                total = sum(f.size - len(f.header) for f in files)
-                sink.put(INDEX_NAME, encode_index(total, weight_map, self._save_id))
+            model, state = files[: self._model_files], files[self._model_files :]
+            # A training checkpoint always has the model's index: readers that list the
+            # folder's *.safetensors (vLLM) then keep to the files it names.
+            indexes = {INDEX_NAME: model} if len(model) > 1 or state else {}
+            if state:
+                indexes = {training_state.INDEX_NAME: state, **indexes}  # the model's index last
+            stale = self._old - {f.name for f in files} - set(indexes)
+            for name in (training_state.INDEX_NAME, INDEX_NAME):
+                if name in stale:
+                    sink.delete(name)
+                    stale.discard(name)
+            for name, group in indexes.items():
+                weight_map = {key: f.name for f in group for key in f.offsets}
+                total = sum(f.size - len(f.header) for f in group)
+                sink.put(name, encode_index(total, weight_map, self._save_id))
             sink.publish(stale)
         except BaseException:
             sink.abort()
