@@ -177,13 +177,13 @@ def worker(
 ):
     import torch.distributed as dist
 
-    from benchmarks.measure import disk_bytes_written, drop_page_cache, measured
+    from benchmarks.measure import disk_bytes_written, drop_page_cache, measured, rotated
 
     os.makedirs(root, exist_ok=True)
     state = build_state(shape, layout, empty=mode == "load")
     samples: dict[str, list[dict]] = {op: [] for op in ops}
     for r in range(repeat):
-        for op in ops[r % len(ops) :] + ops[: r % len(ops)]:  # rotate: no op always runs first
+        for op in rotated(ops, r):
             out = os.path.join(root, op)
             if rank == 0 and mode == "save":
                 shutil.rmtree(out, ignore_errors=True)

@@ -104,7 +104,7 @@ def _op(name: str, mode: str, state, root: str, world: int, stager):
 def worker(rank: int, world: int, mode: str, shape, layout: str, ops: list[str], root: str, repeat: int, kind: str):
     import torch.distributed as dist
 
-    from benchmarks.measure import measured
+    from benchmarks.measure import measured, rotated
 
     device = _device(rank, kind)
     state = _on_device(build_state(shape, layout, empty=mode == "load"), device)
@@ -112,7 +112,7 @@ def worker(rank: int, world: int, mode: str, shape, layout: str, ops: list[str],
     samples: dict[str, list[dict]] = {op: [] for op in ops}
     try:
         for r in range(repeat):
-            for op in ops[r % len(ops) :] + ops[: r % len(ops)]:  # rotate: no op always runs first
+            for op in rotated(ops, r):
                 if rank == 0 and mode == "save":
                     shutil.rmtree(os.path.join(root, op), ignore_errors=True)
                     os.sync()

@@ -56,6 +56,32 @@ def disk_bytes_written(path: str) -> int | None:
     return None
 
 
+def rotated(ops: list, r: int) -> list:
+    """``ops`` rotated by the repeat ``r``: no op always runs first."""
+    return ops[r % len(ops) :] + ops[: r % len(ops)]
+
+
+def measured_save(fn, out: str, root: str, rank: int) -> dict:
+    """``measured(fn)`` of a save into ``out`` by every rank of the default group, ``out``
+    removed first and the ranks started together; on rank 0 also ``disk_written``: the bytes
+    the disk holding ``root`` wrote, after a sync (not timed) for writers that skip fsync."""
+    import shutil
+
+    import torch.distributed as dist
+
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+    disk0 = disk_bytes_written(root) if rank == 0 else None
+    dist.barrier()
+    sample = measured(fn)
+    dist.barrier()
+    if disk0 is not None:
+        os.sync()
+        sample["disk_written"] = disk_bytes_written(root) - disk0
+    return sample
+
+
 def drop_page_cache() -> bool:
     os.sync()
     try:

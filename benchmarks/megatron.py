@@ -231,7 +231,7 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
     import torch.distributed as dist
 
     from benchmarks.layouts import check_same_tensors
-    from benchmarks.measure import disk_bytes_written, measured
+    from benchmarks.measure import measured, measured_save, rotated
     from dcp_hf import megatron as dmeg
     from dcp_hf.megatron.build import build_gpt, init_parallel
     from tests.import_workers import load_torch_dist
@@ -251,22 +251,12 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
     to_torch_dist = _to_torch_dist(chunks)
     samples = {f"{mode} {op}": [] for mode in ("export", "import") for op in ops}
     for r in range(repeat):
-        for op in ops[r % len(ops) :] + ops[: r % len(ops)]:
+        for op in rotated(ops, r):
             out = os.path.join(root, op)
-            if rank == 0:
-                shutil.rmtree(out, ignore_errors=True)
-                os.sync()
-            disk0 = disk_bytes_written(root) if rank == 0 else None
-            dist.barrier()
-            sample = measured(lambda: export[op](out))
-            dist.barrier()
-            if disk0 is not None:
-                os.sync()
-                sample["disk_written"] = disk_bytes_written(root) - disk0
-            samples[f"export {op}"].append(sample)
+            samples[f"export {op}"].append(measured_save(lambda: export[op](out), out, root, rank))
         if r == 0 and rank == 0:
             check_same_tensors(*(os.path.join(root, op) for op in ops))
-        for op in ops[r % len(ops) :] + ops[: r % len(ops)]:
+        for op in rotated(ops, r):
             with torch.no_grad():
                 for chunk in chunks:
                     for p in chunk.parameters():
@@ -275,7 +265,7 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
             samples[f"import {op}"].append(measured(lambda: load[op](os.path.join(root, "ours"))))
             if _digest(chunks) != want:
                 raise AssertionError(f"rank {rank}: the {op} import did not restore the parameters")
-        for op in TORCH_DIST_OPS[r % 2 :] + TORCH_DIST_OPS[: r % 2]:
+        for op in rotated(TORCH_DIST_OPS, r):
             out = os.path.join(root, f"mcore-{op}")
             if rank == 0:
                 shutil.rmtree(out, ignore_errors=True)

@@ -133,7 +133,7 @@ def _op(name: str, state, path: str, shapes):
 def worker(rank: int, world: int, path: str, shapes, ops: list[str], repeat: int):
     import torch.distributed as dist
 
-    from benchmarks.measure import measured
+    from benchmarks.measure import measured, rotated
 
     torch.set_num_threads(1)  # one intra-op thread per rank, as torchrun sets for several ranks
     state = _state(shapes, world)
@@ -141,7 +141,7 @@ def worker(rank: int, world: int, path: str, shapes, ops: list[str], repeat: int
     samples: dict[str, list[dict]] = {op: [] for op in ops}
     outputs = {}
     for r in range(repeat):
-        for op in ops[r % len(ops) :] + ops[: r % len(ops)]:  # rotate: no op always runs first
+        for op in rotated(ops, r):
             for t in state.values():
                 t.to_local().zero_()
             dist.barrier()

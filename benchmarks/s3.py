@@ -107,12 +107,12 @@ def _op(name: str, mode: str, state, bucket: str, world: int, local_ckpt: str):
 def _worker(rank, world, mode, shape, layout, ops, bucket, local_ckpt, repeat):
     import torch.distributed as dist
 
-    from benchmarks.measure import measured
+    from benchmarks.measure import measured, rotated
 
     state = build_state(shape, layout, empty=mode == "load")
     samples = {op: [] for op in ops}
     for r in range(repeat):
-        for op in ops[r % len(ops) :] + ops[: r % len(ops)]:
+        for op in rotated(ops, r):
             dist.barrier()
             samples[op].append(measured(_op(op, mode, state, bucket, world, local_ckpt)))
             dist.barrier()

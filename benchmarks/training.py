@@ -62,29 +62,18 @@ def _op(name: str, state, out: str):
 
 
 def worker(rank: int, world: int, shape, layout: str, root: str, repeat: int):
-    import torch.distributed as dist
-
-    from benchmarks.measure import disk_bytes_written, measured
+    from benchmarks.measure import measured_save, rotated
 
     os.makedirs(root, exist_ok=True)
     state = training_state(shape, layout)
     samples: dict[str, list[dict]] = {op: [] for op in OPS}
     for r in range(repeat):
-        for op in OPS[r % len(OPS) :] + OPS[: r % len(OPS)]:  # rotate: no op always runs first
+        for op in rotated(OPS, r):
             out = os.path.join(root, op)
-            if rank == 0:
-                shutil.rmtree(out, ignore_errors=True)
-                os.sync()
-            disk0 = disk_bytes_written(root) if rank == 0 else None
-            dist.barrier()
             fn, blocking = _op(op, state, out)
-            sample = measured(fn)
+            sample = measured_save(fn, out, root, rank)
             if blocking:
                 sample["blocking_s"] = blocking[0]
-            dist.barrier()
-            if disk0 is not None:
-                os.sync()
-                sample["disk_written"] = disk_bytes_written(root) - disk0
             samples[op].append(sample)
     return samples
 

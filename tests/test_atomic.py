@@ -40,12 +40,12 @@ def weights(seed: int) -> dict[str, torch.Tensor]:
 A, B = weights(1), weights(2)
 
 
-def save(path, state, max_shard_size, overwrite=True):
+def save(path, state, max_shard_size, overwrite=True, planner=None):
     side = {"config.json": CONFIG.to_json_string().encode()}
     dcp.save(
         state,
         storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size, overwrite=overwrite, side_files=side),
-        planner=HFSavePlanner(),
+        planner=planner or HFSavePlanner(),
         no_dist=True,
     )
 
@@ -261,13 +261,7 @@ TA, TB = training(1), training(2)
 
 
 def save_training(path, state, max_shard_size, overwrite=True):
-    side = {"config.json": CONFIG.to_json_string().encode()}
-    dcp.save(
-        state,
-        storage_writer=HFStorageWriter(path, max_shard_size=max_shard_size, overwrite=overwrite, side_files=side),
-        planner=HFSavePlanner(model_prefix="model."),
-        no_dist=True,
-    )
+    save(path, state, max_shard_size, overwrite, planner=HFSavePlanner(model_prefix="model."))
 
 
 def _training_child(path, env):

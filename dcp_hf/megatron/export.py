@@ -17,7 +17,7 @@ from dcp_hf.convert import dcp_specs, stream
 from dcp_hf.layouts import IDENTITY
 from dcp_hf.megatron import export_dtype, hf_tensors, layout_of
 from dcp_hf.megatron.check import check_against_transformers
-from dcp_hf.megatron.hf_config import Family, check_given, checked_megatron_config, family_of_hf
+from dcp_hf.megatron.hf_config import check_given, checked_megatron_config
 from dcp_hf.megatron.training_args import checkpoint_args, imported_config, settings_of_args
 from dcp_hf.storage import HFStorageWriter
 from dcp_hf.storage.hf_files import config_dict
@@ -25,14 +25,14 @@ from dcp_hf.storage.hf_files import config_dict
 NOT_MODEL = ("optimizer.*", "rng_state*", "*._extra_state*")  # training state, not weights
 
 
-def config_and_family(config: dict, family: str | None = None) -> tuple[dict, Family]:
-    """An HF config dict and its family, as ``export`` and ``import`` read them: ``family``
-    must be the config's ``model_type`` (it names it where the config does not)."""
+def with_family(config: dict, family: str | None = None) -> dict:
+    """An HF config dict as ``export`` and ``import`` read it: ``family`` must be the config's
+    ``model_type`` (it names it where the config does not)."""
     if family is not None:
         if config.get("model_type", family) != family:
             raise ValueError(f"--family {family} but the config says model_type {config['model_type']!r}")
         config = {**config, "model_type": family}
-    return config, family_of_hf(config)
+    return config
 
 
 def export_torch_dist(
@@ -69,7 +69,7 @@ def export_torch_dist(
         if os.path.isdir(path):
             folder, path = path, os.path.join(path, "config.json")
         config = config_dict(path)
-    config, _ = config_and_family(config, family)
+    config = with_family(config, family)
     fam, mconfig = check_export_config(config, src, assume_config_matches)
     reader = dcp.FileSystemReader(src)
     specs, skipped = dcp_specs(reader)

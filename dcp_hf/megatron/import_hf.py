@@ -31,7 +31,8 @@ from dcp_hf.layouts.megatron import MegatronGPT
 from dcp_hf.layouts.quantized import quantization_for_config
 from dcp_hf.megatron import _checkpoint_config, layout_of
 from dcp_hf.megatron.check import check_against_transformers
-from dcp_hf.megatron.export import config_and_family
+from dcp_hf.megatron.hf_config import checked_megatron_config
+from dcp_hf.megatron.export import with_family
 from dcp_hf.megatron.training_args import IMPORTED_CONFIG
 from dcp_hf.progress import file_system_writer
 from dcp_hf.storage import HFStorageReader
@@ -186,7 +187,11 @@ def _plan(src: str, dst: str, family: str | None, dtype, storage_options) -> _Pl
     config = _checkpoint_config(src, storage_options)
     if config is None:
         raise CheckpointFormatError(f"{src}: no config.json; import needs the model's HF config")
-    config, fam = config_and_family(config, family)
+    config = with_family(config, family)
+    try:  # a family dcp-hf maps, whose Megatron model computes what transformers computes
+        fam, mconfig, _ = checked_megatron_config(config)
+    except ValueError as e:
+        raise ValueError(f"import of {src}: {e}; nothing written") from None
     reader = HFStorageReader(src, allow_dtype_cast=True, storage_options=storage_options)
     source = hf_specs(reader)
     quantization = quantization_for_config(config)
@@ -195,12 +200,6 @@ def _plan(src: str, dst: str, family: str | None, dtype, storage_options) -> _Pl
     else:
         logical = source
     check_against_transformers(config, {k: (s.shape, s.dtype) for k, s in logical.items()}, f"import of {src}")
-    from dcp_hf.megatron.hf_config import checked_megatron_config
-
-    try:  # a family dcp-hf maps, whose Megatron model computes what transformers computes
-        _, mconfig, _ = checked_megatron_config(config)
-    except ValueError as e:
-        raise ValueError(f"import of {src}: {e}; nothing written") from None
     rule = layout_of(mconfig, fam, config["vocab_size"]).rules[0]
     found = skeleton(config, dtype or _default_dtype(config, logical))
     source_layout = Layout(
