@@ -1,40 +1,17 @@
-import inspect
 import os
 
 import pytest
 
 # `python -m pytest -m "not slow"` runs the fast subset (one process, no S3 server, a few
-# minutes); plain `python -m pytest` (the README's command, CI) runs everything. A test is slow
-# when its file is one of these, it uses the S3 server, or it starts processes of its own.
-SLOW_FILES = {
-    "test_megatron.py",
-    "test_megatron_families.py",
-    "test_s3.py",
-    "test_s3_atomic.py",
-    "test_faults.py",
-    "test_distributed.py",
-    "test_atomic.py",  # kills a saver at every step of its commit
-    "test_consistency.py",  # loads racing overwrites, truncation under reads
-}
-SLOW_CALLS = ("run_ranks(", "run_demo(", "torch.distributed.run")
-
-
-def _starts_processes(item) -> bool:
-    try:
-        source = inspect.getsource(item.function)
-    except (OSError, TypeError):
-        return False
-    return any(call in source for call in SLOW_CALLS)
+# minutes); plain `python -m pytest` (the README's command, CI) runs everything. Slow tests say
+# so themselves (`@pytest.mark.slow`, or `pytestmark` for a whole file): any test that starts
+# processes, uses the S3 server or builds Megatron models.
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if (
-            os.path.basename(str(item.fspath)) in SLOW_FILES
-            or "s3" in getattr(item, "fixturenames", ())
-            or _starts_processes(item)
-        ):
-            item.add_marker(pytest.mark.slow)
+        if "s3" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses the S3 server: mark it @pytest.mark.slow")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWrite
 from dcp_hf.errors import DcpHfError
 from dcp_hf.storage import commit
 
+pytestmark = pytest.mark.slow  # every test here starts processes, a server or Megatron models
+
 CONFIG = LlamaConfig(
     vocab_size=64,
     hidden_size=32,

@@ -471,6 +471,7 @@ def test_version_is_the_package_version_from_one_place():
     assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "dcp_hf.__version__"}
 
 
+@pytest.mark.slow
 def test_run_demo_replaces_a_checkpoint_only_when_told(ckpts, tmp_path):
     """The command line's check is not the only guard: run_demo itself passes overwrite=False to
     the writer unless told, so another checkpoint stays as it is."""

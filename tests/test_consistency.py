@@ -18,6 +18,8 @@ from dcp_hf.errors import CheckpointFormatError, DcpHfError, MixedCheckpointErro
 from dcp_hf.boxes import byte_view
 from dcp_hf.storage.posix import read_runs
 
+pytestmark = pytest.mark.slow  # every test here starts processes, a server or Megatron models
+
 SHARDED = 3000
 
 

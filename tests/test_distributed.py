@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from dcp_hf.local_ranks import run_ranks
 from tests.workers import bitwise_equal, load_cases, reference_state, save_cases, without_save_id
 
+pytestmark = pytest.mark.slow  # every test here starts processes, a server or Megatron models
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):

@@ -127,6 +127,7 @@ def _save_columns(rank, world, root, socket, hosts=None):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,socket", [(2, False), (4, False), (4, True), (4, "hosts")])
 def test_column_shards_saved_through_parts_are_the_tensors(tmp_path, world, socket):
     """Short runs go through parts (several rounds, several files); every rank's chunk must be
@@ -176,6 +177,7 @@ def _collective_devices(rank, world):
     return out
 
 
+@pytest.mark.slow
 def test_collectives_take_tensors_on_the_groups_device():
     """CPU tensors where the group has a CPU backend; where it has none (an NCCL-only group: CPU
     tensors fail there with 'No backend type associated with device type cpu'), its device, or

@@ -14,6 +14,8 @@ from dcp_hf.format import INDEX_NAME
 from dcp_hf.local_ranks import RankFailure, run_ranks
 from tests.workers import bitwise_equal, reference_state, save_cases, save_with_fault
 
+pytestmark = pytest.mark.slow  # every test here starts processes, a server or Megatron models
+
 
 def _visible(path):
     return sorted(f for f in os.listdir(path) if not f.startswith(".")) if os.path.isdir(path) else []

@@ -40,6 +40,7 @@ def test_memory_url_in_one_process(tmp_path):
     fs.rm("/dcp-hf-test", recursive=True)
 
 
+@pytest.mark.slow
 def test_fsspec_url_from_every_rank(tmp_path):
     """Three ranks, each file written in order by the rank holding most of it (the others send
     it their bytes): the files equal a local save's; they load back resharded."""
@@ -51,6 +52,7 @@ def test_fsspec_url_from_every_rank(tmp_path):
     assert run_ranks(load_from_url, 2, f"local://{tmp_path}/shard1", "shard0", None) == [[], []]
 
 
+@pytest.mark.slow
 def test_failed_fsspec_save_leaves_nothing(tmp_path):
     url = f"local://{tmp_path}/ckpt"
     results = run_ranks(save_with_fault, 3, url, "raise", 0, False)

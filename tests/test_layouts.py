@@ -184,6 +184,7 @@ def test_loading_a_rule_whose_key_is_missing_names_it(tmp_path):
         _load(state, tmp_path / "hf", detect_layout(str(tmp_path / "hf")))
 
 
+@pytest.mark.slow
 def test_fused_experts_sharded_over_four_ranks(tmp_path):
     from dcp_hf.local_ranks import run_ranks
     from tests.workers import fused_experts_round_trip

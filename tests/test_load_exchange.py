@@ -153,6 +153,7 @@ CASES_4 = [
 @pytest.mark.parametrize(
     "world, cases", [(2, CASES_2), (4, CASES_4), (4, "hosts")], ids=["2 ranks", "4 ranks", "2 hosts"]
 )
+@pytest.mark.slow
 def test_loads_match_safe_open_and_read_each_byte_once(checkpoint, world, cases, tmp_path):
     if cases == "hosts":  # two hosts of two ranks: shared memory on each, the process group between
         for h in (0, 1):
@@ -179,6 +180,7 @@ def test_loads_match_safe_open_and_read_each_byte_once(checkpoint, world, cases,
             assert read <= 1.05 * needed, (name, read, needed)
 
 
+@pytest.mark.slow
 def test_loads_from_s3(s3, checkpoint):
     """Bands are single ranged GETs; each byte of the column shards is fetched once."""
     url = s3.upload_folder(checkpoint, s3.bucket("dcp-hf-bands"), "ckpt")
@@ -259,6 +261,7 @@ def _faulty_load(rank, root, fault):
     return None
 
 
+@pytest.mark.slow
 def test_a_failure_on_one_rank_reaches_every_rank_without_hanging(checkpoint, tmp_path):
     roots = [str(tmp_path / "a"), str(tmp_path / "b")]
     for root in roots:

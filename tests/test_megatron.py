@@ -19,6 +19,8 @@ tf = pytest.importorskip("transformers")
 
 from dcp_hf.megatron.build import Parallel  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here starts processes, a server or Megatron models
+
 COMMON = dict(
     vocab_size=64,
     hidden_size=32,

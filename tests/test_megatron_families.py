@@ -23,6 +23,8 @@ tf = pytest.importorskip("transformers")
 
 from dcp_hf.megatron.build import Parallel  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here starts processes, a server or Megatron models
+
 MOE = dict(moe_intermediate_size=16, num_experts_per_tok=2)
 MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
 LLAMA3_ROPE = {

@@ -301,6 +301,7 @@ def test_qwen3_omni_to_dcp_as_mindspeed_mm_and_back(tmp_path):
     assert_bit_equal(_read(tmp_path / "back"), source)
 
 
+@pytest.mark.slow
 def test_merge_and_split_under_torchrun_two_ranks(tmp_path):
     runs = []
     for model, make in MODELS.items():
@@ -420,6 +421,7 @@ def test_qwen3_omni_names_and_forms_that_do_not_round_trip_are_refused(tmp_path)
     )
 
 
+@pytest.mark.slow
 def test_merge_to_s3_and_split_back(tmp_path, s3, monkeypatch):
     """An S3 DST and an S3 SRC: the config is read through the store, and the top-level side
     files travel with the writer (subfolders are copied only between local folders)."""

@@ -355,6 +355,7 @@ def dsv3(tmp_path_factory):
     return str(root / "ckpt"), str(root / "expected.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,kinds", [(2, ["shard0", "shard1"]), (4, ["2d"])])
 def test_dsv3_fp8_release_into_fsdp2_shards(dsv3, world, kinds):
     """Every rank's shard of every tensor equals the block-wise reference; the fp8 weights equal
@@ -452,6 +453,7 @@ def test_convert_dequantize(tmp_path, fp8_ckpt, mxfp4_ckpt, which):
     assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
 def test_dsv3_fp8_release_into_megatron_tp2_ep2(tmp_path):
     """A DeepSeek-V3 Megatron-core model (MLA, shared + routed experts) at TP2/EP2 on 4 ranks:
     the FP8 release loads into its fp32 parameters exactly as the float32 block-wise

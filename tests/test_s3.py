@@ -13,6 +13,8 @@ from dcp_hf.local_ranks import run_ranks
 from tests.cli_driver import run_cli
 from tests.workers import bitwise_equal, load_from_url, reference_state
 
+pytestmark = pytest.mark.slow  # every test here starts processes, a server or Megatron models
+
 
 @pytest.fixture(scope="module")
 def uploaded(s3, tmp_path_factory):

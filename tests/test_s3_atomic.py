@@ -19,6 +19,8 @@ from dcp_hf.errors import DcpHfError
 from dcp_hf.storage import commit
 from tests.test_consistency import A, B, which
 
+pytestmark = pytest.mark.slow  # every test here starts processes, a server or Megatron models
+
 SHARDED, SINGLE = 3200, 10**9  # 3 files of two tensors, or one file
 
 

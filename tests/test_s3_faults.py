@@ -82,6 +82,7 @@ def _through(s3, body_fault):
     return proxy, {**s3.storage_options, "client_kwargs": {"endpoint_url": proxy.url}}
 
 
+@pytest.mark.slow
 def test_a_body_dropped_mid_way_is_read_again(s3):
     """The first try of every GET (the index, each header, each data range) sends half its
     body, then drops the connection: each is asked again with backoff; the load is bit-exact."""
@@ -97,6 +98,7 @@ def test_a_body_dropped_mid_way_is_read_again(s3):
         proxy.stop()
 
 
+@pytest.mark.slow
 def test_a_body_trickling_in_is_cut_at_the_request_deadline(s3):
     """Data bodies sent at 4 KiB/s (every piece well within the read timeout): the request
     deadline ends the load with an error naming the object, instead of 16 s per tensor."""

@@ -361,6 +361,7 @@ def _save_and_load_staged(rank, world, root):
     return saved, loaded, offsets
 
 
+@pytest.mark.slow
 def test_save_and_load_through_forced_staging_on_two_ranks(tmp_path):
     """The writer's and reader's pipelines with every piece staged (as CUDA tensors are): the
     files hold each rank's chunk cast to bf16 (read with safetensors), and loading casts back."""

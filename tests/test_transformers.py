@@ -42,6 +42,7 @@ def test_save_pretrained_then_our_load_and_save_then_from_pretrained(tmp_path):
     assert ours == theirs  # the same file names and index as transformers writes
 
 
+@pytest.mark.slow
 def test_demo_output_loads_with_from_pretrained(tmp_path):
     shape = LlamaShape(hidden=64, layers=2, intermediate=96, vocab=256, heads=4, kv_heads=2)
     run_demo(str(tmp_path), 2, shape, "100KB")

@@ -89,6 +89,7 @@ def _save_sharded(rank, world, path, tied):
     dcp.save(state, storage_writer=HFStorageWriter(path, config=model.config.to_dict()), planner=HFSavePlanner())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_two_ranks_dtensor_save_loads_with_from_pretrained(tmp_path, tied):
     run_ranks(_save_sharded, 2, str(tmp_path), tied)
@@ -207,6 +208,7 @@ def test_bad_options_fail_before_saving(tmp_path):
     assert issubclass(StateDictMismatchError, ValueError)
 
 
+@pytest.mark.slow
 def test_to_s3_with_config_copy_from_and_tied_weights(s3, tmp_path):
     """The same options through the S3 upload path: objects downloaded as they are load with
     from_pretrained."""
