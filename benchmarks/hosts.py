@@ -1,4 +1,4 @@
-"""Saves and loads of 4 ranks on two simulated hosts (tests/two_hosts.py: network namespaces
+"""Saves and loads of 4 ranks on two simulated hosts (testkit/two_hosts.py: network namespaces
 joined by a veth pair, a private /dev/shm per host, gloo across the veth, the checkpoint on
 the shared disk).
 
@@ -52,7 +52,7 @@ def worker(rank: int, world: int, shape, root: str, repeat: int):
     from benchmarks.measure import measured
     from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
     from dcp_hf.storage.exchange import SharedMemory
-    from tests.two_hosts import network_bytes
+    from testkit.two_hosts import network_bytes
 
     ckpt = os.path.join(root, "checkpoint")
     samples: dict = {}
@@ -86,7 +86,7 @@ def worker(rank: int, world: int, shape, root: str, repeat: int):
 def run(root: str, size_gb: float, repeat: int) -> list[dict]:
     from benchmarks.core import scaled_shape
     from benchmarks.measure import merge_ranks, summarize
-    from tests.two_hosts import TwoHosts, available
+    from testkit.two_hosts import TwoHosts, available
 
     reason = available()
     if reason:

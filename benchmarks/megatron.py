@@ -93,7 +93,7 @@ def gather_export(chunks, out: str, hf: dict) -> None:
     from safetensors.torch import save_file
 
     from dcp_hf.format import natural_key
-    from tests.megatron_workers import naive_hf, plain_params
+    from testkit.megatron_oracle import naive_hf, plain_params
 
     rank = dist.get_rank()
     params = plain_params(chunks)
@@ -149,7 +149,7 @@ def megatron_shards(name: str, tp: int, dim: int | None, local_shape: tuple, get
     from the full HF tensors (``get(hf_name)``)."""
     import re
 
-    from tests.megatron_workers import HF_NAMES, LAYER_NAMES
+    from testkit.megatron_oracle import HF_NAMES, LAYER_NAMES
 
     heads, groups, d, _ = _shape_args(hf)
     if name in HF_NAMES:
@@ -186,7 +186,7 @@ def scatter_import(chunks, src: str, hf: dict) -> None:
     from safetensors import safe_open
 
     from dcp_hf.format import natural_key
-    from tests.megatron_workers import plain_params
+    from testkit.megatron_oracle import plain_params
 
     rank = dist.get_rank()
     params = plain_params(chunks)
@@ -234,7 +234,7 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
     from benchmarks.measure import measured, measured_save, rotated
     from dcp_hf import megatron as dmeg
     from dcp_hf.megatron.build import build_gpt, init_parallel
-    from tests.import_workers import load_torch_dist
+    from testkit.megatron_oracle import load_torch_dist
 
     warnings.filterwarnings("ignore")  # megatron-core's advice on training settings
     init_parallel(LAYOUT)

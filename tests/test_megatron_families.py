@@ -1,6 +1,6 @@
 """Megatron <-> HF for every family beyond Llama/Qwen2/Qwen3/Qwen3-MoE/DeepSeek-V3 (those are in
 test_megatron.py), at one process and at a parallel layout, against the oracle of
-tests/megatron_workers.py (an independent per-parameter statement of the mapping); what a
+testkit/megatron_oracle.py (an independent per-parameter statement of the mapping); what a
 config.json cannot express, or a config that does not describe the model, is refused before
 anything is written."""
 

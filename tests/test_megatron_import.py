@@ -2,7 +2,7 @@
 checked with megatron-core's own loader as the oracle: the import loaded by
 ``dist_checkpointing.load`` into GPTModels at 1 process and at TP/PP/VPP/EP/ETP layouts equals,
 bit for bit, what ``load_hf`` puts into the same models; the loaded parameters, gathered and
-converted the textbook way (tests/megatron_workers.py's oracle, which shares nothing with
+converted the textbook way (testkit/megatron_oracle.py's oracle, which shares nothing with
 dcp_hf's tables), are the HF tensors; ``export`` of the import gives them back."""
 
 from __future__ import annotations

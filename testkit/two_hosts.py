@@ -8,7 +8,7 @@ group over the veth (``GLOO_SOCKET_IFNAME``); the disk is shared, as a network f
 would be. Bytes between the hosts are counted by the veth's counters
 (:func:`network_bytes`); bytes between ranks of one host over sockets by its ``lo``'s.
 
-Needs root (namespaces, mounts). ``python -m tests.two_hosts SPEC HOST`` is the launcher of
+Needs root (namespaces, mounts). ``python -m testkit.two_hosts SPEC HOST`` is the launcher of
 one host's ranks (run inside its namespace by :class:`TwoHosts`).
 """
 
@@ -146,7 +146,7 @@ class TwoHosts:
                         ns,
                         "sh",
                         "-c",
-                        'mount -t tmpfs -o size=4g dcp-hf-shm /dev/shm && exec "$0" -m tests.two_hosts "$@"',
+                        'mount -t tmpfs -o size=4g dcp-hf-shm /dev/shm && exec "$0" -m testkit.two_hosts "$@"',
                         sys.executable,
                         spec_path,
                         str(host),
