@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcp_hf import StateDictMismatchError, TensorBox
-from dcp_hf.planners.keysets import decode_keys, encode_keys
+from dcp_hf.contract.keysets import decode_keys, encode_keys
 from testkit.simulate import simulate_save_plans
 
 KEY_PART = st.one_of(

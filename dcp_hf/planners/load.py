@@ -18,7 +18,7 @@ from dcp_hf.boxes import overlap
 from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.layouts import IDENTITY, Layout, Piece, mem_view
 from dcp_hf.layouts.quantized import QuantizedTensor
-from dcp_hf.planners.keysets import decode_keys, encode_keys
+from dcp_hf.contract.keysets import decode_keys, encode_keys
 from dcp_hf.tensor_box import TensorBox, find_chunk
 
 

@@ -29,7 +29,7 @@ from dcp_hf.errors import PeerRankError, StateDictMismatchError, not_a_tensor
 from dcp_hf.layouts import IDENTITY, Layout, mem_view
 from dcp_hf.layouts.quantized import FP8_MAX
 from dcp_hf.planners.checks import tensor_specs
-from dcp_hf.planners.summary import ChunkEntry, LocalSummary, MergedPlan, RankAssignment, summarize
+from dcp_hf.contract.plans import ChunkEntry, LocalSummary, MergedPlan, RankAssignment, summarize
 from dcp_hf.tensor_box import TensorBox, find_chunk
 
 

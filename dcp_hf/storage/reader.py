@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcp_hf.boxes import RunGrid, box_runs
+from dcp_hf.contract import HFMetadata
 from dcp_hf.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -63,15 +64,6 @@ from dcp_hf.storage.stores import open_store
 # A box read in runs shorter than this, on a load of several ranks, is read in bands: each
 # byte once by one rank in long reads, then sent to the ranks that need it (shared_reads).
 SHORT_RUN = 256 << 10
-
-
-@dataclass
-class HFMetadata(Metadata):
-    """DCP metadata of an HF checkpoint; ``state_dict_metadata`` reads headers on demand."""
-
-    checkpoint: str = ""
-    allow_dtype_cast: bool = False
-    compact_plans: bool = True  # the reader takes load plans whose items stay on their rank
 
 
 @dataclass(frozen=True)
@@ -125,10 +117,6 @@ class _LazyTensorMetadata(Mapping):
 
     def __len__(self) -> int:
         return len(self._reader.weight_map)
-
-    def prefetch(self, keys: Iterable[str]) -> None:
-        """Read the headers of the files holding ``keys``, concurrently."""
-        self._reader.load_headers({self._reader.weight_map[k] for k in keys if k in self._reader.weight_map})
 
 
 class _FailedMetadata(Mapping):
@@ -254,7 +242,12 @@ class HFStorageReader(StorageReader):
             storage_meta=StorageMeta(checkpoint_id=self.path),
             checkpoint=self.path,
             allow_dtype_cast=self.allow_dtype_cast,
+            read_headers=self.read_headers_of,
         )
+
+    def read_headers_of(self, keys: Iterable[str]) -> None:
+        """Read the headers of the files holding ``keys``, concurrently."""
+        self.load_headers({self.weight_map[k] for k in keys if k in self.weight_map})
 
     _metadata_error: DcpHfError | None = None
     _first_try_error: DcpHfError | None = None  # of DCP's first read_metadata call

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_hf.boxes import RunGrid, box_runs
-from dcp_hf.contract import COMPACT_PLANS, merged_plan
+from dcp_hf.contract import COMPACT_PLANS, MergedPlan, decode_table, encode_table, merged_plan
 from dcp_hf.errors import (
     CheckpointExistsError,
     DcpHfError,
@@ -44,7 +44,6 @@ from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, pars
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
 from dcp_hf import training_state
 from dcp_hf.format.index import CHECKPOINT_FILE, layout_files
-from dcp_hf.planners.summary import MergedPlan, decode_table, encode_table
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.exchange import (
     Holding,

@@ -11,8 +11,8 @@ Save (``dcp.save``; ``C`` marks the coordinator only):
      one from plain write items when another planner is used) and lays out the files.
   5. ``write_data`` / C: ``finish``.
 Load (``dcp.load``):
-  1. ``HFStorageReader.read_metadata`` returns ``HFMetadata``; the load planner reads what it
-     needs of it through :class:`LoadSource` (DCP's own ``Metadata`` gives the defaults).
+  1. ``HFStorageReader.read_metadata`` returns :class:`HFMetadata`; the load planner reads what
+     it needs of it through :class:`LoadSource` (DCP's own ``Metadata`` gives the defaults).
   2. With ``compact_plans`` the read items stay on their rank; the coordinator gets a code of
      the keys each rank loads.
 """
@@ -22,13 +22,34 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan
 
+from dcp_hf.contract.plans import (
+    ChunkEntry,
+    LocalSummary,
+    MergedPlan,
+    RankAssignment,
+    decode_table,
+    encode_table,
+    summarize,
+)
 from dcp_hf.errors import StateDictMismatchError
-from dcp_hf.planners.summary import ChunkEntry, LocalSummary, MergedPlan, RankAssignment, summarize
 
-# In ``StorageMeta.modules``: the storage writer takes compact plans (:mod:`.planners.summary`).
+__all__ = [
+    "COMPACT_PLANS",
+    "HFMetadata",
+    "LoadSource",
+    "LocalSummary",
+    "MergedPlan",
+    "RankAssignment",
+    "decode_table",
+    "encode_table",
+    "merged_plan",
+    "takes_compact_plans",
+]
+
+# In ``StorageMeta.modules``: the storage writer takes compact plans (:mod:`.plans`).
 COMPACT_PLANS = "dcp_hf.compact_plans"
 
 
@@ -61,6 +82,23 @@ def merged_plan(plans: list[SavePlan]) -> MergedPlan:
     )
 
 
+@dataclass
+class HFMetadata(Metadata):
+    """DCP metadata of an HF checkpoint (``HFStorageReader.read_metadata``); its
+    ``state_dict_metadata`` reads file headers on demand."""
+
+    checkpoint: str = ""  # where, for error messages
+    allow_dtype_cast: bool = False
+    compact_plans: bool = True  # the reader takes load plans whose items stay on their rank
+    read_headers: Callable[[Iterable[str]], None] | None = None  # of the files holding these keys
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Read the headers of the files holding ``keys`` now, concurrently, instead of one
+        file at a time as the planner looks keys up."""
+        if self.read_headers is not None:
+            self.read_headers(keys)
+
+
 @dataclass(frozen=True)
 class LoadSource:
     """What the load planner knows of the checkpoint it loads."""
@@ -71,10 +109,12 @@ class LoadSource:
     prefetch: Callable[[Iterable[str]], None] | None = None  # read the headers of these keys' files
 
     @classmethod
-    def of(cls, metadata) -> "LoadSource":
+    def of(cls, metadata: Metadata | None) -> "LoadSource":
+        if not isinstance(metadata, HFMetadata):
+            return cls()  # another reader: DCP's defaults
         return cls(
-            checkpoint=getattr(metadata, "checkpoint", "") or "checkpoint",
-            allow_dtype_cast=getattr(metadata, "allow_dtype_cast", True),
-            compact_plans=getattr(metadata, "compact_plans", False),
-            prefetch=getattr(metadata.state_dict_metadata, "prefetch", None),
+            checkpoint=metadata.checkpoint or cls.checkpoint,
+            allow_dtype_cast=metadata.allow_dtype_cast,
+            compact_plans=metadata.compact_plans,
+            prefetch=metadata.prefetch,
         )

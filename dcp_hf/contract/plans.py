@@ -1,6 +1,6 @@
 """Save plans that stay small at scale: each rank's chunks as a few blocks, merged once.
 
-A rank's write items are grouped into *blocks*: the keys (a :mod:`keysets` code) that share
+A rank's write items are grouped into *blocks*: the keys (a :mod:`.keysets` code) that share
 global shape, dtype and chunk box. A rank of an FSDP2 job holding a row slice of each of 90k
 DeepSeek-V3 tensors sends ~20 blocks of a few hundred bytes each instead of 91k write items; a
 Megatron rank sends one block per distinct shard shape. The coordinator merges the blocks of
@@ -21,7 +21,7 @@ import torch
 from dcp_hf.boxes import check_exact_cover
 from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.format.index import TensorSpec, natural_key
-from dcp_hf.planners.keysets import KeyCode, decode_keys, encode_keys
+from dcp_hf.contract.keysets import KeyCode, decode_keys, encode_keys
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 DROP = "drop"  # a block this rank does not write (another replica does)
