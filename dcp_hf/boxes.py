@@ -5,10 +5,18 @@ from __future__ import annotations
 import ctypes
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from dcp_hf.errors import StateDictMismatchError
+
+
+class Box(NamedTuple):
+    """A box of a tensor: the index of its first element and its extent in each dim."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
 
 
 def byte_view(t: torch.Tensor) -> memoryview:

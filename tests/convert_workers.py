@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from dcp_hf import HFSavePlanner, HFStorageWriter, convert
+from dcp_hf import HFSavePlanner, HFStorageWriter, convert, streaming
 from dcp_hf.errors import root_cause
 
 
@@ -24,7 +24,7 @@ def main(src: str, dst: str, fail_rank: int) -> None:
         def broken(*args, **kwargs):
             raise OSError(5, "injected read error")
 
-        convert.StreamingSavePlanner.fetch = broken
+        streaming.StreamingSavePlanner.fetch = broken
     if src == "tied":
         _tied(dst, rank)
         dist.destroy_process_group()

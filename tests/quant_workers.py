@@ -134,7 +134,7 @@ def save_quantized(rank: int, world: int, root: str, kinds: list[str]) -> None:
     """Save ``save_state`` sharded by each of ``kinds`` (into ``root/kind``) through an FP8
     block-quantizing layout."""
     from dcp_hf import HFSavePlanner, HFStorageWriter, Layout
-    from dcp_hf.layouts.quantized import BlockFP8, save_config
+    from dcp_hf.layouts.quantized import BlockFP8, quantized_config
 
     layout = Layout(quantization=BlockFP8())
     for kind in kinds:
@@ -143,9 +143,8 @@ def save_quantized(rank: int, world: int, root: str, kinds: list[str]) -> None:
             mesh, pl = placements(kind, v.dim(), world)
             sd[key] = distribute_tensor(v, mesh, pl, src_data_rank=None)
         path = os.path.join(root, kind)
-        dcp.save(sd, storage_writer=HFStorageWriter(path), planner=HFSavePlanner(layout))
-        if rank == 0:
-            save_config(path, layout.quantization, {"model_type": "llama"})
+        config = quantized_config(layout.quantization, {"model_type": "llama"})
+        dcp.save(sd, storage_writer=HFStorageWriter(path, config=config), planner=HFSavePlanner(layout))
 
 
 def megatron_load(rank: int, world: int, fp8_dir: str, reference_dir: str) -> list[str]:

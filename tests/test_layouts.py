@@ -138,7 +138,7 @@ def test_qwen3_omni_thinker_prefix_on_disk(tmp_path):
 
     layout = detect_layout(str(tmp_path / "omni"))
     reader = HFStorageReader(tmp_path / "omni")
-    from dcp_hf.convert import hf_specs
+    from dcp_hf.streaming import hf_specs
 
     specs, outside = layout.memory_specs(hf_specs(reader))
     # In memory as in MindSpeed-MM's merged checkpoint: "thinker." dropped, the talker's names kept.
@@ -244,7 +244,7 @@ def test_band_reader_reads_each_band_once_ahead_within_its_budget_in_any_order()
 
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
-    from dcp_hf.convert import _Band, _BandReader
+    from dcp_hf.streaming import _Band, _BandReader
 
     def run(order, fail=None, threads=2):
         bands = [_Band(MetadataIndex("t"), 10 * i, 10 * i + 10, 40, uses=2, pooled=True) for i in range(8)]

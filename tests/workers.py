@@ -212,7 +212,7 @@ def fused_experts_round_trip(rank, world, src, out_root):
     from safetensors.torch import load_file
 
     from dcp_hf import detect_layout
-    from dcp_hf.convert import hf_specs
+    from dcp_hf.streaming import hf_specs
     from tests.moe_models import reference_merge
 
     layout = detect_layout(src)

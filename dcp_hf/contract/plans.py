@@ -18,12 +18,11 @@ from typing import Iterable, Iterator, NamedTuple
 
 import torch
 
-from dcp_hf.boxes import check_exact_cover
+from dcp_hf.boxes import Box, check_exact_cover
 from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.format.index import TensorSpec, natural_key
 from dcp_hf.contract.keysets import KeyCode, decode_keys, encode_keys
 
-Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 DROP = "drop"  # a block this rank does not write (another replica does)
 
 
@@ -41,6 +40,14 @@ class Block:
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     sources: bytes
+
+
+class BoxWriter(NamedTuple):
+    """``rank`` writes ``box`` of each of the tensors ``keys``."""
+
+    keys: list[str]
+    box: Box
+    rank: int
 
 
 @dataclass
@@ -195,7 +202,7 @@ class MergedPlan:
             by_box: dict[Box, list[_Holder]] = {}
             for kid in kids:
                 for h in holders[kid]:
-                    by_box.setdefault((h.entry.offsets, h.entry.sizes), []).append(h)
+                    by_box.setdefault(Box(h.entry.offsets, h.entry.sizes), []).append(h)
             for hs in by_box.values():
                 hs.sort(key=lambda h: (h.rank, h.block))
             shape = self.table[keys[0]][0]
@@ -266,13 +273,13 @@ class MergedPlan:
                         return h.rank
         raise KeyError(key)
 
-    def writers(self) -> Iterator[tuple[list[str], tuple[int, ...], tuple[int, ...], int]]:
-        """(keys, offsets, sizes, rank) for every box written: ``rank`` writes that box of
-        each of ``keys`` (one entry per distinct box and writer, not per key)."""
+    def writers(self) -> Iterator[BoxWriter]:
+        """Every box written and who writes it (one entry per distinct box and writer, not per
+        key)."""
         for g in self.groups:
             for (offsets, sizes), hs in g.writers.items():
                 for h, part in hs:
-                    yield g.keys if part == slice(None) else g.keys[part], offsets, sizes, h.rank
+                    yield BoxWriter(g.keys if part == slice(None) else g.keys[part], Box(offsets, sizes), h.rank)
 
 
 def encode_table(specs: Iterable[TensorSpec]) -> dict[tuple, KeyCode]:

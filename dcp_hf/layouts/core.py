@@ -11,13 +11,23 @@ is ever materialized in full and every direction uses one definition.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from dcp_hf.boxes import overlap
 from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.format import TensorSpec
+
+
+class Overlap(NamedTuple):
+    """Where a piece meets an in-memory box: the common box, in-memory (``mem_offsets``,
+    ``mem_sizes``) and in the HF tensor (``hf_offsets``, ``hf_sizes``, HF dim order)."""
+
+    mem_offsets: tuple[int, ...]
+    mem_sizes: tuple[int, ...]
+    hf_offsets: tuple[int, ...]
+    hf_sizes: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -41,9 +51,8 @@ class Piece:
     def mem_extent(self, dim: int) -> int:
         return self.sizes[self.mem_dims.index(dim)] if dim in self.mem_dims else 1
 
-    def intersect(self, offsets: tuple[int, ...], sizes: tuple[int, ...]):
-        """Overlap with the in-memory box (offsets, sizes): ``(mem_lo, mem_sizes, hf_offsets,
-        hf_sizes)``, or None where they do not overlap."""
+    def intersect(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Overlap | None:
+        """The overlap with the in-memory box (offsets, sizes), or None where they do not meet."""
         extents = [1] * len(offsets)
         for m, n in zip(self.mem_dims, self.sizes):
             extents[m] = n
@@ -53,7 +62,7 @@ class Piece:
         lo, size = hit
         hf_off = tuple(self.hf_offsets[i] + lo[m] - self.mem_offsets[m] for i, m in enumerate(self.mem_dims))
         hf_size = tuple(size[m] for m in self.mem_dims)
-        return tuple(lo), tuple(size), hf_off, hf_size
+        return Overlap(tuple(lo), tuple(size), hf_off, hf_size)
 
 
 def mem_view(local: torch.Tensor, lo, size, mem_dims) -> torch.Tensor:

@@ -17,13 +17,13 @@ reads only its rows/columns plus the scales of the blocks it touches, wherever t
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from dataclasses import dataclass
 
 import torch
+
+from dcp_hf.boxes import Box
 
 from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError
 from dcp_hf.format import TensorSpec
@@ -34,8 +34,6 @@ SLAB_BYTES = 64 << 20
 FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn: scale = amax / FP8_MAX
-
-Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
 
 @dataclass(frozen=True)
@@ -320,16 +318,11 @@ def quantization_for_config(config: dict):
     )
 
 
-def save_config(path: str, quantization: BlockFP8, config: dict | None = None) -> dict:
-    """Write ``config.json`` (``config``, or the one already in ``path``) with the
-    ``quantization_config`` of checkpoints saved through ``quantization``; call it on one rank
-    after the save."""
-    file = os.path.join(path, "config.json")
-    if config is None and os.path.isfile(file):
-        from dcp_hf.storage.hf_files import config_dict
+def quantized_config(quantization: BlockFP8, config: dict | str | None = None) -> dict:
+    """``config`` (a dict, or a config.json or folder to read it from) with the
+    ``quantization_config`` of checkpoints saved through ``quantization``: pass it to
+    ``HFStorageWriter(config=...)``, which commits it with the weights."""
+    from dcp_hf.storage.hf_files import config_dict
 
-        config = config_dict(file)
-    config = dict(config or {}, quantization_config=quantization.config())
-    with open(file, "w") as f:
-        json.dump(config, f, indent=2)
-    return config
+    base = config_dict(config) if config is not None else {}
+    return dict(base, quantization_config=quantization.config())

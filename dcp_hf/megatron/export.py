@@ -2,7 +2,7 @@
 writes: DCP files keyed by sharded keys) to an HF checkpoint, without building the model.
 
 Each process writes a share of the HF tensors; each box is read from the Megatron files when
-the writer needs it (see :mod:`dcp_hf.convert`), so a process holds a few tensors at a time.
+the writer needs it (see :mod:`dcp_hf.streaming`), so a process holds a few tensors at a time.
 Run it in one process or under ``torchrun`` (more processes, more throughput).
 """
 
@@ -13,7 +13,7 @@ import os
 
 import torch.distributed.checkpoint as dcp
 
-from dcp_hf.convert import dcp_specs, stream
+from dcp_hf.streaming import dcp_specs, stream
 from dcp_hf.layouts import IDENTITY
 from dcp_hf.megatron import export_dtype, hf_tensors, layout_of
 from dcp_hf.megatron.check import check_against_transformers

@@ -8,7 +8,7 @@ The mirror image of :mod:`dcp_hf.megatron.export`, with the same machinery: the 
 TransformerConfig come from config.json as ``export`` reads them; the keys, shapes and
 objects to write come from the model built once on the meta device at TP1 (no memory, no
 initialization); each Megatron chunk is read from the HF files through the Megatron layout
-when the writer needs it (:func:`dcp_hf.convert.stream`), so a process holds a few tensors,
+when the writer needs it (:func:`dcp_hf.streaming.stream`), so a process holds a few tensors,
 and under ``torchrun`` the chunks are spread over the processes. The folder appears whole
 or not at all.
 """
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dcp_hf.convert import _whole_or_absent, hf_specs, is_main, stream
+from dcp_hf.convert import _whole_or_absent
+from dcp_hf.streaming import hf_specs, is_main, stream
 from dcp_hf.errors import CheckpointFormatError, on_every_rank
 from dcp_hf.format import TensorSpec
 from dcp_hf.layouts import Layout, Piece

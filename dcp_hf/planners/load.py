@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -68,6 +69,23 @@ def _same_memory(value) -> tuple | None:
     )
 
 
+class _Missing(NamedTuple):
+    """A stored key the state dict needs but the checkpoint lacks (``name``, as the error says
+    it), and the in-memory key that needs it."""
+
+    name: str
+    key: str
+
+
+class DestView(NamedTuple):
+    """Where a read item's bytes land: the box (``offsets``, ``sizes``, in-memory dims) of its
+    destination chunk, with ``mem_dims`` the in-memory dim of each HF dim (see ``mem_view``)."""
+
+    mem_dims: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
 @dataclasses.dataclass
 class _Dequantization:
     """One box of a quantized HF tensor: its data and scale boxes are read into temporaries
@@ -77,7 +95,7 @@ class _Dequantization:
     hf_offsets: tuple[int, ...]
     hf_sizes: tuple[int, ...]
     dest_index: MetadataIndex
-    view: tuple  # (mem_dims, local offsets, sizes) of the destination chunk, as in _views
+    view: DestView  # of the destination chunk
     parts: list
 
 
@@ -120,7 +138,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         self.allow_unexpected = _KeyFilter(allow_unexpected)
         self.model_prefix = model_prefix
         self._pieces: dict[str, list[Piece]] = {}
-        self._views: dict[ReadItem, tuple] = {}
+        self._views: dict[ReadItem, DestView] = {}
         self._quantized: dict[tuple[str, str], QuantizedTensor] = {}  # (key, hf_key) ->
         self._dequant: dict[ReadItem, tuple[_Dequantization, int]] = {}
         self._local_items: list[ReadItem] | None = None
@@ -147,91 +165,118 @@ class HFLoadPlanner(DefaultLoadPlanner):
             prefetch(keys)
 
     def create_local_plan(self) -> LoadPlan:
-        md = self.metadata
-        source = LoadSource.of(md)
-        where, cast_ok = source.checkpoint, source.allow_dtype_cast
-        stored = md.state_dict_metadata
-        quantization = self.layout.quantization
+        source = LoadSource.of(self.metadata)
+        objects = self._check_against_checkpoint(source)
+        items = objects + self._tensor_items()
+        self._local_items = None
+        if source.compact_plans:
+            # With HFStorageReader the read items stay here (finish_plan): the coordinator only
+            # needs which keys each rank loads, as a compact code, however many ranks there are.
+            self._local_items = items
+            return LoadPlan([], planner_data=encode_keys({i.storage_index.fqn for i in items}))
+        return LoadPlan(items)
+
+    def _check_against_checkpoint(self, source: LoadSource) -> list[ReadItem]:
+        """Check, before anything is read, that the checkpoint holds every HF tensor (and, with
+        ``model_prefix``, every training-state value) the state dict needs, in the expected shape
+        and a dtype it may load from; find the tensors stored quantized. Returns the read items
+        of the values that are not tensors."""
+        stored = self.metadata.state_dict_metadata
         self._quantized = {}
-        missing, missing_of = [], []  # the missing HF keys, and the in-memory key of each
-        objects = []  # read items of the values that are not tensors (training state)
+        missing: list[_Missing] = []
+        objects = []
         for key, value in self.state_dict.items():
             if key not in self._pieces and self.model_prefix is not None:
                 stored_key = training_state.BYTES + key
                 if stored_key in stored:
                     objects.append(_object_item(key, stored_key))
                 elif not self.allow_missing(key):
-                    missing.append(f"{stored_key} (for {key})")
-                    missing_of.append(key)
+                    missing.append(_Missing(f"{stored_key} (for {key})", key))
                 continue
             if key not in self._pieces:
                 if self.allow_missing(key):
                     continue
                 raise StateDictMismatchError(
-                    f"{where}: {key!r} is a {type(value).__name__}, not a tensor; an HF checkpoint "
-                    f"holds tensors only (list it in allow_missing to leave it as it is)"
+                    f"{source.checkpoint}: {key!r} is a {type(value).__name__}, not a tensor; an HF "
+                    f"checkpoint holds tensors only (list it in allow_missing to leave it as it is)"
                 )
             for piece in self._pieces[key]:
-                q = quantization and quantization.find(piece.hf_key, stored, value.dtype, where)
-                if q:
-                    if q.shape != piece.hf_shape:
-                        raise StateDictMismatchError(
-                            f"{where}: {piece.hf_key!r} (stored as {q.data.key!r} + {q.scale.key!r}) "
-                            f"has shape {list(q.shape)} but {list(piece.hf_shape)} in the state dict"
-                            + ("" if piece.hf_key == key else f" (from {key!r})")
-                        )
-                    self._quantized[key, piece.hf_key] = q
-                    continue
-                if piece.hf_key not in stored:
-                    if self.allow_missing(key):
-                        continue
-                    missing.append(piece.hf_key if piece.hf_key == key else f"{piece.hf_key} (for {key})")
-                    missing_of.append(key)
-                    continue
-                md_t = stored[piece.hf_key]
-                if not isinstance(md_t, TensorStorageMetadata):
-                    raise StateDictMismatchError(f"{where}: {piece.hf_key!r} is not a tensor in the checkpoint")
-                if tuple(md_t.size) != piece.hf_shape:
-                    part = "" if piece.hf_key == key else f" (from {key!r} of shape {list(value.size())})"
-                    raise StateDictMismatchError(
-                        f"{where}: {piece.hf_key!r} has shape {list(md_t.size)} in the checkpoint but "
-                        f"{list(piece.hf_shape)} in the state dict{part}"
-                    )
-                if (
-                    md_t.properties.dtype != value.dtype
-                    and md_t.properties.dtype.itemsize == 1
-                    and md_t.properties.dtype.is_floating_point
-                    and piece.hf_key + "_scale_inv" in stored
-                ):
-                    # A cast would drop the block scales: a silently wrong load.
-                    raise StateDictMismatchError(
-                        f"{where}: {piece.hf_key!r} is {md_t.properties.dtype} with block scales "
-                        f"{piece.hf_key + '_scale_inv'!r}; load it dequantized with a layout that knows "
-                        f"the quantization (detect_layout(path) reads config.json's quantization_config, "
-                        f"or Layout(quantization=BlockFP8()))"
-                    )
-                if md_t.properties.dtype != value.dtype and not cast_ok:
-                    part = "" if piece.hf_key == key else f" (as part of {key!r})"
-                    raise StateDictMismatchError(
-                        f"{where}: {piece.hf_key!r} is {md_t.properties.dtype} in the checkpoint but "
-                        f"{value.dtype} in the state dict{part} (pass allow_dtype_cast=True to the reader)"
-                    )
-        tied = self._tied_to_loaded([k for k in missing_of if k in self._pieces], stored)
-        missing_keys = [k for k in missing_of if k not in tied]
-        missing = [m for m, k in zip(missing, missing_of) if k in missing_keys]
-        if missing:
-            plain = not any(training_state.is_training_state(k) for k in stored)
-            state_missing = any(training_state.is_training_state(m) for m in missing)
-            hint = f"holds no training state (no {training_state.INDEX_NAME}); " if plain and state_missing else ""
-            raise StateDictMismatchError(
-                f"{where}: {hint}missing {len(missing)} key(s) the state dict needs: "
-                f"{', '.join(repr(k) for k in missing[:10])}{' ...' if len(missing) > 10 else ''} "
-                f"(pass allow_missing={sorted(set(missing_keys))[:10]!r} to HFLoadPlanner to leave "
-                f"them as they are)"
-            )
+                if not self._check_piece(key, value, piece, stored, source) and not self.allow_missing(key):
+                    name = piece.hf_key if piece.hf_key == key else f"{piece.hf_key} (for {key})"
+                    missing.append(_Missing(name, key))
+        self._refuse_missing(missing, stored)
+        return objects
 
-        items = objects
-        self._views, self._dequant, self._local_items = {}, {}, None
+    def _check_piece(self, key: str, value, piece: Piece, stored, source: LoadSource) -> bool:
+        """Whether the checkpoint holds ``piece`` of in-memory ``key`` (raising where it holds
+        it in a shape or dtype that cannot load); a quantized piece is noted in ``_quantized``."""
+        where = source.checkpoint
+        quantization = self.layout.quantization
+        q = quantization and quantization.find(piece.hf_key, stored, value.dtype, where)
+        if q:
+            if q.shape != piece.hf_shape:
+                raise StateDictMismatchError(
+                    f"{where}: {piece.hf_key!r} (stored as {q.data.key!r} + {q.scale.key!r}) "
+                    f"has shape {list(q.shape)} but {list(piece.hf_shape)} in the state dict"
+                    + ("" if piece.hf_key == key else f" (from {key!r})")
+                )
+            self._quantized[key, piece.hf_key] = q
+            return True
+        if piece.hf_key not in stored:
+            return False
+        md_t = stored[piece.hf_key]
+        if not isinstance(md_t, TensorStorageMetadata):
+            raise StateDictMismatchError(f"{where}: {piece.hf_key!r} is not a tensor in the checkpoint")
+        if tuple(md_t.size) != piece.hf_shape:
+            part = "" if piece.hf_key == key else f" (from {key!r} of shape {list(value.size())})"
+            raise StateDictMismatchError(
+                f"{where}: {piece.hf_key!r} has shape {list(md_t.size)} in the checkpoint but "
+                f"{list(piece.hf_shape)} in the state dict{part}"
+            )
+        stored_dtype = md_t.properties.dtype
+        if (
+            stored_dtype != value.dtype
+            and stored_dtype.itemsize == 1
+            and stored_dtype.is_floating_point
+            and piece.hf_key + "_scale_inv" in stored
+        ):
+            # A cast would drop the block scales: a silently wrong load.
+            raise StateDictMismatchError(
+                f"{where}: {piece.hf_key!r} is {stored_dtype} with block scales "
+                f"{piece.hf_key + '_scale_inv'!r}; load it dequantized with a layout that knows "
+                f"the quantization (detect_layout(path) reads config.json's quantization_config, "
+                f"or Layout(quantization=BlockFP8()))"
+            )
+        if stored_dtype != value.dtype and not source.allow_dtype_cast:
+            part = "" if piece.hf_key == key else f" (as part of {key!r})"
+            raise StateDictMismatchError(
+                f"{where}: {piece.hf_key!r} is {stored_dtype} in the checkpoint but "
+                f"{value.dtype} in the state dict{part} (pass allow_dtype_cast=True to the reader)"
+            )
+        return True
+
+    def _refuse_missing(self, missing: list[_Missing], stored) -> None:
+        """Raise for the missing keys, but those tied to a loaded key (loading it fills them)."""
+        tied = self._tied_to_loaded([m.key for m in missing if m.key in self._pieces], stored)
+        missing = [m for m in missing if m.key not in tied]
+        if not missing:
+            return
+        plain = not any(training_state.is_training_state(k) for k in stored)
+        state_missing = any(training_state.is_training_state(m.name) for m in missing)
+        hint = f"holds no training state (no {training_state.INDEX_NAME}); " if plain and state_missing else ""
+        raise StateDictMismatchError(
+            f"{LoadSource.of(self.metadata).checkpoint}: {hint}missing {len(missing)} key(s) the state "
+            f"dict needs: {', '.join(repr(m.name) for m in missing[:10])}{' ...' if len(missing) > 10 else ''} "
+            f"(pass allow_missing={sorted({m.key for m in missing})[:10]!r} to HFLoadPlanner to leave "
+            f"them as they are)"
+        )
+
+    def _tensor_items(self) -> list[ReadItem]:
+        """The read items of this rank's chunks, each resolved later to a view of its
+        destination (``_views``) or, for a quantized tensor, to temporaries (``_dequant``)."""
+        stored = self.metadata.state_dict_metadata
+        items: list[ReadItem] = []
+        self._views, self._dequant = {}, {}
         for key, pieces in self._pieces.items():
             value = self.state_dict[key]
             if hasattr(value, "device_mesh") and value.device_mesh.get_coordinate() is None:
@@ -244,12 +289,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
                         items += self._dequant_items(key, c_off, c_size, piece, q)
                     elif piece.hf_key in stored:
                         items += self._read_items(key, c_off, c_size, piece, stored[piece.hf_key])
-        if source.compact_plans:
-            # With HFStorageReader the read items stay here (finish_plan): the coordinator only
-            # needs which keys each rank loads, as a compact code, however many ranks there are.
-            self._local_items = items
-            return LoadPlan([], planner_data=encode_keys({i.storage_index.fqn for i in items}))
-        return LoadPlan(items)
+        return items
 
     def _tied_to_loaded(self, missing: list[str], stored) -> set[str]:
         """The missing keys whose tensor is the very memory of a key that is loaded (tied
@@ -307,7 +347,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
                 storage_offsets=torch.Size(c_off),
                 lengths=torch.Size(c_size),
             )
-            self._views[item] = (dims, (0,) * len(c_off), c_size)
+            self._views[item] = DestView(dims, (0,) * len(c_off), c_size)
             return [item]
         hit = piece.intersect(c_off, c_size)
         if hit is None:
@@ -332,19 +372,19 @@ class HFLoadPlanner(DefaultLoadPlanner):
                 storage_offsets=torch.Size(a - b for a, b in zip(o_lo, sc.offsets)),
                 lengths=torch.Size(o_size),
             )
-            self._views[item] = (piece.mem_dims, local_lo, tuple(mem_size))
+            self._views[item] = DestView(piece.mem_dims, local_lo, tuple(mem_size))
             items.append(item)
         return items
 
     def _dequant_items(self, key, c_off, c_size, piece: Piece, q: QuantizedTensor) -> list[ReadItem]:
         """Read items for the data and scale boxes behind this chunk's box of ``q``."""
         hit = piece.intersect(c_off, c_size)
-        if hit is None or 0 in hit[1]:
+        if hit is None or 0 in hit.mem_sizes:
             return []
         lo, size, hf_off, hf_size = hit
         local_lo = tuple(a - b for a, b in zip(lo, c_off))
         job = _Dequantization(
-            q, hf_off, hf_size, MetadataIndex(key, c_off), (piece.mem_dims, local_lo, size), [None, None]
+            q, hf_off, hf_size, MetadataIndex(key, c_off), DestView(piece.mem_dims, local_lo, size), [None, None]
         )
         items = []
         for slot, (part, (b_off, b_size)) in enumerate(zip(q.parts, q.boxes(hf_off, hf_size))):
@@ -364,8 +404,8 @@ class HFLoadPlanner(DefaultLoadPlanner):
         if read_item in self._dequant:  # a temporary in the stored dtype; see commit_tensor
             job, slot = self._dequant[read_item]
             return torch.empty(tuple(read_item.lengths), dtype=job.tensor.parts[slot].dtype)
-        mem_dims, lo, size = self._views[read_item]
-        return mem_view(self.lookup_tensor(read_item.dest_index), lo, size, mem_dims)
+        view = self._views[read_item]
+        return mem_view(self.lookup_tensor(read_item.dest_index), view.offsets, view.sizes, view.mem_dims)
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         if read_item not in self._dequant:
@@ -373,8 +413,8 @@ class HFLoadPlanner(DefaultLoadPlanner):
         job, slot = self._dequant.pop(read_item)
         job.parts[slot] = tensor
         if all(p is not None for p in job.parts):  # data and scales are both here
-            mem_dims, lo, size = job.view
-            out = mem_view(self.lookup_tensor(job.dest_index), lo, size, mem_dims)
+            view = job.view
+            out = mem_view(self.lookup_tensor(job.dest_index), view.offsets, view.sizes, view.mem_dims)
             job.tensor.dequantize(*job.parts, job.hf_offsets, job.hf_sizes, out)
             job.parts = [None, None]
 

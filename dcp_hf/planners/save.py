@@ -68,6 +68,42 @@ class SavePiece(NamedTuple):
         return ChunkEntry(self.hf_key, self.hf_shape, self.dtype, self.hf_offsets, self.hf_sizes, self.fqn)
 
 
+class _AmaxBox(NamedTuple):
+    """A box to quantize: its piece, the index of the first block it touches, the amax of each
+    block it touches, and which of those blocks it holds only part of."""
+
+    piece: SavePiece
+    first_block: tuple[int, ...]
+    amax: torch.Tensor
+    split: list[list[int]]
+
+
+class _Fp8Data(NamedTuple):
+    """How an fp8 data box is made from its values: the scales of the blocks it touches, which
+    start at block ``hf_offsets // block``."""
+
+    scale: torch.Tensor
+    hf_offsets: tuple[int, ...]
+
+
+def _agree_on_amax(partial: dict, error: str | None) -> dict:
+    """Every rank's amax of the blocks they hold parts of, maxed: one all-gather, which also
+    tells every rank whether any failed before it (so none waits for a failed one)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (error, partial))
+    else:
+        gathered = [(error, partial)]
+    for rank, (err, _) in enumerate(gathered):
+        if err is not None:
+            raise PeerRankError(f"rank {rank} failed to quantize: {err}")
+    merged: dict[tuple, float] = {}
+    for _, part in gathered:
+        for k, v in part.items():
+            merged[k] = max(merged.get(k, 0.0), v)
+    return merged
+
+
 class HFSavePlanner(DefaultSavePlanner):
     """The recommended save planner for :class:`HFStorageWriter`.
 
@@ -106,9 +142,10 @@ class HFSavePlanner(DefaultSavePlanner):
         self._sources: dict[MetadataIndex, SavePiece] = {}  # HF write index -> where its data is
         self._entries: dict[tuple, SavePiece] = {}  # (HF key, HF offsets) -> its piece (compact plans)
         self._block_keys: list[list[str]] = []
-        # (HF key, HF offsets) -> what a quantized write item holds: its scales, or (the scales
-        # of the blocks the data box touches, its offsets) for the fp8 data.
-        self._quantized: dict[tuple, object] = {}
+        # (HF key, HF offsets) of a quantized write item -> the scales it writes, or how its fp8
+        # data is made.
+        self._scales: dict[tuple, torch.Tensor] = {}
+        self._fp8_data: dict[tuple, _Fp8Data] = {}
 
     def set_up_planner(self, state_dict, storage_meta: StorageMeta | None = None, is_coordinator: bool = False) -> None:
         if self.flatten_state_dict and all(not isinstance(v, (Mapping, list, tuple)) for v in state_dict.values()):
@@ -202,67 +239,72 @@ class HFSavePlanner(DefaultSavePlanner):
             out.append(SavePiece(stored, (n,), torch.uint8, (0,), (n,), stored, (0,), (0,), (0,), (n,)))
         return out
 
-    def _quantize(self, entries):
+    def _quantize(self, entries: list[SavePiece]) -> list[SavePiece]:
         """Entries of the HF tensors the layout quantizes become their fp8 data + scales. The
         scale of a block is amax(|block|) / 448 over all its holders: each rank sends the amax
         of the blocks it holds only part of (all ranks together, once); a block's scale is
         written by the rank holding the block's first element."""
-        q, self._quantized = self.layout.quantization, {}
-        out, jobs, partial, error = [], [], {}, None
+        self._fp8_data, self._scales = {}, {}
+        error = None
+        kept, boxes, partial = [], [], {}
         try:
-            for e in entries:
-                hf_key, hf_shape, _, hf_off, hf_size, fqn, offsets, mem_dims, local_lo, size = e
-                if not q.quantizes(hf_key, hf_shape) or 0 in hf_size:
-                    out.append(e)
-                    continue
-                box = mem_view(self.lookup_object(MetadataIndex(fqn, offsets)), local_lo, size, mem_dims)
-                amax = q.block_amax(box, hf_off)
-                lo = tuple(o // b for o, b in zip(hf_off, q.block))
-                whole = [
-                    torch.tensor([o <= i * b and min((i + 1) * b, n) <= o + m for i in range(low, low + k)])
-                    for o, m, b, n, low, k in zip(hf_off, hf_size, q.block, hf_shape, lo, amax.shape)
-                ]
-                split = (~(whole[0][:, None] & whole[1][None, :])).nonzero().tolist()
-                for i, j in split:
-                    k = (hf_key, lo[0] + i, lo[1] + j)
-                    partial[k] = max(partial.get(k, 0.0), amax[i, j].item())
-                jobs.append((e, lo, amax, split))
+            kept, boxes, partial = self._block_amaxes(entries)
         except Exception as exc:  # noqa: BLE001 - sent to every rank below, so none waits for this one
             error = f"{type(exc).__name__}: {exc}"
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (error, partial))
-        else:
-            gathered = [(error, partial)]
-        for rank, (err, _) in enumerate(gathered):
-            if err is not None:
-                raise PeerRankError(f"rank {rank} failed to quantize: {err}")
-        merged: dict[tuple, float] = {}
-        for _, part in gathered:
-            for k, v in part.items():
-                merged[k] = max(merged.get(k, 0.0), v)
-        for e, lo, amax, split in jobs:
-            hf_key, hf_shape, hf_off, hf_size = e.hf_key, e.hf_shape, e.hf_offsets, e.hf_sizes
+        amax_of = _agree_on_amax(partial, error)
+        out = kept
+        for box in boxes:
+            out += self._fp8_pieces(box, amax_of)
+        return out
+
+    def _block_amaxes(self, entries: list[SavePiece]) -> tuple[list[SavePiece], list[_AmaxBox], dict]:
+        """The entries left as they are; the amax of each block of every box to quantize; and
+        the amax of the blocks a box holds only part of, by (key, block row, block column)."""
+        q = self.layout.quantization
+        kept, boxes, partial = [], [], {}
+        for e in entries:
+            if not q.quantizes(e.hf_key, e.hf_shape) or 0 in e.hf_sizes:
+                kept.append(e)
+                continue
+            data = mem_view(
+                self.lookup_object(MetadataIndex(e.fqn, e.chunk_offsets)), e.local_lo, e.local_size, e.mem_dims
+            )
+            amax = q.block_amax(data, e.hf_offsets)
+            first = tuple(o // b for o, b in zip(e.hf_offsets, q.block))
+            whole = [
+                torch.tensor([o <= i * b and min((i + 1) * b, n) <= o + m for i in range(low, low + k)])
+                for o, m, b, n, low, k in zip(e.hf_offsets, e.hf_sizes, q.block, e.hf_shape, first, amax.shape)
+            ]
+            split = (~(whole[0][:, None] & whole[1][None, :])).nonzero().tolist()
             for i, j in split:
-                amax[i, j] = merged[hf_key, lo[0] + i, lo[1] + j]
-            scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones(()))
-            out.append(e._replace(dtype=q.dtype))
-            self._quantized[hf_key, hf_off] = (scale, hf_off)
-            # The blocks whose first element lies in this box: their scales are written from here.
-            own_lo = tuple(-(-o // b) for o, b in zip(hf_off, q.block))
-            own_n = tuple(-(-(o + m) // b) - ol for o, m, b, ol in zip(hf_off, hf_size, q.block, own_lo))
-            if 0 not in own_n:
-                scale_key = hf_key + q.scale_suffix
-                own = scale[
-                    own_lo[0] - lo[0] : own_lo[0] - lo[0] + own_n[0], own_lo[1] - lo[1] : own_lo[1] - lo[1] + own_n[1]
-                ]
-                scale_shape = tuple(-(-n // b) for n, b in zip(hf_shape, q.block))
-                out.append(
-                    e._replace(
-                        hf_key=scale_key, hf_shape=scale_shape, dtype=torch.float32, hf_offsets=own_lo, hf_sizes=own_n
-                    )
+                k = (e.hf_key, first[0] + i, first[1] + j)
+                partial[k] = max(partial.get(k, 0.0), amax[i, j].item())
+            boxes.append(_AmaxBox(e, first, amax, split))
+        return kept, boxes, partial
+
+    def _fp8_pieces(self, box: _AmaxBox, amax_of: dict) -> list[SavePiece]:
+        """The fp8 data piece of a box, and the piece of the scales whose block starts in it."""
+        q, e, first = self.layout.quantization, box.piece, box.first_block
+        amax = box.amax
+        for i, j in box.split:
+            amax[i, j] = amax_of[e.hf_key, first[0] + i, first[1] + j]
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones(()))
+        out = [e._replace(dtype=q.dtype)]
+        self._fp8_data[e.hf_key, e.hf_offsets] = _Fp8Data(scale, e.hf_offsets)
+        # The blocks whose first element lies in this box: their scales are written from here.
+        own_lo = tuple(-(-o // b) for o, b in zip(e.hf_offsets, q.block))
+        own_n = tuple(-(-(o + m) // b) - ol for o, m, b, ol in zip(e.hf_offsets, e.hf_sizes, q.block, own_lo))
+        if 0 not in own_n:
+            scale_key = e.hf_key + q.scale_suffix
+            rows = slice(own_lo[0] - first[0], own_lo[0] - first[0] + own_n[0])
+            cols = slice(own_lo[1] - first[1], own_lo[1] - first[1] + own_n[1])
+            scale_shape = tuple(-(-n // b) for n, b in zip(e.hf_shape, q.block))
+            out.append(
+                e._replace(
+                    hf_key=scale_key, hf_shape=scale_shape, dtype=torch.float32, hf_offsets=own_lo, hf_sizes=own_n
                 )
-                self._quantized[scale_key, own_lo] = own.contiguous()
+            )
+            self._scales[scale_key, own_lo] = scale[rows, cols].contiguous()
         return out
 
     def _item(self, entry: SavePiece) -> WriteItem:
@@ -345,19 +387,19 @@ class HFSavePlanner(DefaultSavePlanner):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
         piece = self._sources[write_item.index]
-        quantized = self._quantized.get((write_item.index.fqn, tuple(write_item.index.offset)))
-        if isinstance(quantized, torch.Tensor):  # the scales of the blocks this rank writes
-            return quantized
+        where = (write_item.index.fqn, tuple(write_item.index.offset))
+        if where in self._scales:  # the scales of the blocks this rank writes
+            return self._scales[where]
         size = piece.local_size
         box = mem_view(self.fetch(piece.source, piece.local_lo, size), (0,) * len(size), size, piece.mem_dims)
-        if quantized is not None:
-            scale, hf_off = quantized
-            return self.layout.quantization.quantize(box, scale, hf_off)
+        fp8 = self._fp8_data.get(where)
+        if fp8 is not None:
+            return self.layout.quantization.quantize(box, fp8.scale, fp8.hf_offsets)
         return box
 
     def fetch(self, source: MetadataIndex, lo: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
         """The box (lo, size) of the local chunk ``source`` (in-memory dims). Subclasses may
-        produce it on demand instead (see :mod:`dcp_hf.convert`)."""
+        produce it on demand instead (see :mod:`dcp_hf.streaming`)."""
         local = self.lookup_object(source)
         for d, (o, n) in enumerate(zip(lo, size)):
             local = local.narrow(d, o, n)

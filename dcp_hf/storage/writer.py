@@ -366,7 +366,8 @@ class HFStorageWriter(StorageWriter):
         if below is None:  # local disks map short runs at memory speed; elsewhere each is a write
             below = 0 if sink.short_runs_cheap else EXCHANGE_BELOW
         regions, holdings, exchanged = [], [], set()
-        for keys, offsets, sizes, rank in merged.writers():
+        for writer in merged.writers():
+            keys, (offsets, sizes) = writer.keys, writer.box
             if sink.direct:  # one decision per box of keys of one shape (not per chunk: 10^7 at scale)
                 first = next((k for k in keys if k in self._where), None)  # tied weights are left out
                 if first is None:
@@ -383,7 +384,7 @@ class HFStorageWriter(StorageWriter):
                 spec = files[n].specs[key]
                 grid = box_runs(spec.shape, offsets, sizes, itemsize(spec.dtype))
                 lo, hi = grid.span()
-                holdings.append(Holding(rank, n, base + lo, base + hi, grid.nbytes))
+                holdings.append(Holding(writer.rank, n, base + lo, base + hi, grid.nbytes))
                 exchanged.add(key)
         if not holdings:
             return []
