@@ -64,18 +64,19 @@ class _CommandParser(argparse.ArgumentParser):
         ]
 
 
-# Python-API advice in library errors, as the flags that do the same on the command line.
-_FLAG_FOR = (
-    ("pass overwrite=True to HFStorageWriter to replace it", "pass --overwrite to replace it"),
-    ("pass overwrite=True", "pass --overwrite"),
-    ("(pass exclude patterns to leave them out)", "(leave them out with --exclude PATTERN)"),
-)
+# The options that get past a library error (its ``fix``), as this command line says them.
+_FLAG_ADVICE = {
+    "overwrite": "pass --overwrite to replace it",
+    "exclude": "leave them out with --exclude PATTERN",
+}
 
 
-def _as_cli_message(message: str) -> str:
-    for api, flag in _FLAG_FOR:
-        message = message.replace(api, flag)
-    return message
+def _as_cli_message(error: BaseException) -> str:
+    """The error's message, with the fix it names said as the flag that does it."""
+    fix = getattr(error, "fix", None)
+    if fix is None or fix.option not in _FLAG_ADVICE:
+        return str(error)
+    return f"{error.reason}; {_FLAG_ADVICE[fix.option]}"
 
 
 # -- what a path holds ------------------------------------------------------------------------
@@ -425,24 +426,9 @@ def _common(parser: argparse.ArgumentParser, *, shard: bool = True) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _demo_command(command) -> None:
+    """``dcp-hf demo``."""
     from dcp_hf.models import LLAMA_1B_LIKE, LlamaShape
-
-    import dcp_hf
-
-    parser = argparse.ArgumentParser(prog="dcp-hf", description=DOC, formatter_class=_Formatter)
-    parser.add_argument("--version", action="version", version=f"dcp-hf {dcp_hf.__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
-    debug = argparse.ArgumentParser(add_help=False)  # also after the command, not resetting it
-    debug.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
-
-    def command(name: str, help: str, description: str | None = None, on=sub):
-        return on.add_parser(
-            name, help=help, description=description or help, formatter_class=_Formatter, parents=[debug]
-        )
 
     demo = command(
         "demo",
@@ -473,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
+
+def _inspect_command(command) -> None:
+    """``dcp-hf inspect``."""
     insp = command("inspect", "list the tensors of an HF checkpoint from its headers")
     insp.add_argument(
         "path",
@@ -483,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("-v", "--verbose", action="store_true", help="one line per tensor")
     insp.set_defaults(func=_cmd_inspect)
 
+
+def _experts_command(command) -> None:
+    """``dcp-hf experts``."""
     exp = command(
         "experts",
         "merge per-expert HF tensors into one tensor per layer, or split "
@@ -506,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         _common(d)
         d.set_defaults(func=_cmd_experts)
 
+
+def _convert_command(command) -> None:
+    """``dcp-hf convert``."""
     conv = command(
         "convert",
         "HF checkpoint <-> native DCP checkpoint (FileSystemWriter format), through a layout and key prefixes",
@@ -548,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(conv)
     conv.set_defaults(func=_cmd_convert)
 
+
+def _export_command(command) -> None:
+    """``dcp-hf export``."""
     export = command(
         "export",
         "a Megatron torch_dist checkpoint -> HF checkpoint, without building "
@@ -588,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(export)
     export.set_defaults(func=_cmd_export)
 
+
+def _import_command(command) -> None:
+    """``dcp-hf import``."""
     imp = command(
         "import",
         "an HF checkpoint -> Megatron torch_dist checkpoint (what dist_checkpointing.save writes, "
@@ -616,6 +617,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--quiet", action="store_true", help="no progress bars")
     imp.set_defaults(func=_cmd_import)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import dcp_hf
+
+    parser = argparse.ArgumentParser(prog="dcp-hf", description=DOC, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"dcp-hf {dcp_hf.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    debug = argparse.ArgumentParser(add_help=False)  # also after the command, not resetting it
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
+
+    def command(name: str, help: str, description: str | None = None, on=sub):
+        return on.add_parser(
+            name, help=help, description=description or help, formatter_class=_Formatter, parents=[debug]
+        )
+
+    for add in (_demo_command, _inspect_command, _experts_command, _convert_command, _export_command, _import_command):
+        add(command)
     return parser
 
 
@@ -640,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(cause, OSError) and cause.filename and cause.strerror:
             message = f"{cause.filename}: {cause.strerror}"
         elif isinstance(cause, (UsageError, DcpHfError, MissingExtraError, OSError, ValueError)):
-            message = _as_cli_message(str(cause))
+            message = _as_cli_message(cause)
         else:
             message = f"unexpected {type(cause).__name__}: {cause} (a bug: rerun with --debug and report the traceback)"
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same story

@@ -1,8 +1,35 @@
 """Error types. Every message names the file and/or key it is about."""
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A way past an error, as the option that does it: ``option``, the argument's name (a
+    front end such as the CLI says it as its own flag), and ``advice``, its Python wording."""
+
+    option: str
+    advice: str
+
 
 class DcpHfError(Exception):
-    """Base class of every error dcp-hf raises on purpose."""
+    """Base class of every error dcp-hf raises on purpose. ``fix``: the option that gets past
+    it, if one does; the message ends with its advice."""
+
+    def __init__(self, message: str = "", *, fix: Fix | None = None):
+        super().__init__(message)
+        self.fix = fix  # in __dict__, so it survives pickling to other ranks
+
+    @property
+    def reason(self) -> str:
+        """The message without the fix's advice."""
+        return super().__str__()
+
+    def __str__(self) -> str:
+        fix = getattr(self, "fix", None)
+        return f"{self.reason}; {fix.advice}" if fix is not None else self.reason
 
 
 class CheckpointFormatError(DcpHfError, ValueError):

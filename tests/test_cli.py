@@ -486,3 +486,25 @@ def test_run_demo_replaces_a_checkpoint_only_when_told(ckpts, tmp_path):
     with pytest.raises(RankFailure, match="CheckpointExistsError"):
         run_demo(str(tmp_path / "hf"), 1, LlamaShape(), "1GB")
     assert snapshot(tmp_path / "hf") == before
+
+
+def test_library_errors_name_their_fix_and_the_cli_says_it_as_its_flag(tmp_path):
+    """The writer's refusal to replace a checkpoint carries its fix as an option name (kept
+    when the error travels to other ranks); the command line says it as --overwrite."""
+    import pickle
+
+    from dcp_hf import HFSavePlanner, HFStorageWriter
+    from dcp_hf.cli import _as_cli_message
+    from dcp_hf.errors import CheckpointExistsError, root_cause
+
+    path = str(tmp_path / "ckpt")
+    save = lambda: dcp.save(  # noqa: E731
+        {"w": torch.ones(2)}, storage_writer=HFStorageWriter(path), planner=HFSavePlanner(), no_dist=True
+    )
+    save()
+    with pytest.raises(BaseException) as caught:
+        save()
+    error = pickle.loads(pickle.dumps(root_cause(caught.value)))
+    assert isinstance(error, CheckpointExistsError) and error.fix.option == "overwrite"
+    assert str(error).endswith("pass overwrite=True to HFStorageWriter to replace it")
+    assert _as_cli_message(error) == f"{error.reason}; pass --overwrite to replace it"

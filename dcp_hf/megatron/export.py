@@ -13,6 +13,7 @@ import os
 
 import torch.distributed.checkpoint as dcp
 
+from dcp_hf.errors import CheckpointFormatError, Fix
 from dcp_hf.streaming import dcp_specs, stream
 from dcp_hf.layouts import IDENTITY
 from dcp_hf.megatron import export_dtype, hf_tensors, layout_of
@@ -89,9 +90,9 @@ def export_torch_dist(
         else:
             model[key] = spec
     if unknown:
-        raise ValueError(
-            f"{src}: {len(unknown)} tensor(s) the Megatron layout does not cover: "
-            f"{sorted(unknown)[:10]} (pass exclude patterns to leave them out)"
+        raise CheckpointFormatError(
+            f"{src}: {len(unknown)} tensor(s) the Megatron layout does not cover: {sorted(unknown)[:10]}",
+            fix=Fix("exclude", "pass exclude patterns to leave them out"),
         )
     written = hf_tensors(layout, {k: (s.shape, s.dtype) for k, s in model.items()}, export_dtype(dtype))
     check_against_transformers(config, written, f"export of {src}")

@@ -33,6 +33,7 @@ from torch.futures import Future
 from dcp_hf.boxes import RunGrid, box_runs
 from dcp_hf.contract import COMPACT_PLANS, MergedPlan, decode_table, encode_table, merged_plan
 from dcp_hf.errors import (
+    Fix,
     CheckpointExistsError,
     DcpHfError,
     PeerRankError,
@@ -640,8 +641,8 @@ class HFStorageWriter(StorageWriter):
         existing = {n for n in names if CHECKPOINT_FILE.match(n)}
         if existing and not self.overwrite:
             raise CheckpointExistsError(
-                f"{self.path} already holds a checkpoint ({', '.join(sorted(existing)[:3])}...); "
-                f"pass overwrite=True to HFStorageWriter to replace it"
+                f"{self.path} already holds a checkpoint ({', '.join(sorted(existing)[:3])}...)",
+                fix=Fix("overwrite", "pass overwrite=True to HFStorageWriter to replace it"),
             )
         return existing
 
