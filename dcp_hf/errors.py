@@ -18,8 +18,8 @@ class DcpHfError(Exception):
     """Base class of every error dcp-hf raises on purpose. ``fix``: the option that gets past
     it, if one does; the message ends with its advice."""
 
-    def __init__(self, message: str = "", *, fix: Fix | None = None):
-        super().__init__(message)
+    def __init__(self, *args, fix: Fix | None = None):  # OSError kinds take (errno, strerror, filename)
+        super().__init__(*args)
         self.fix = fix  # in __dict__, so it survives pickling to other ranks
 
     @property

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import SavePlan
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem
 
 from dcp_hf.contract.plans import (
     ChunkEntry,
@@ -47,6 +47,7 @@ __all__ = [
     "encode_table",
     "merged_plan",
     "takes_compact_plans",
+    "tensor_data",
 ]
 
 # In ``StorageMeta.modules``: the storage writer takes compact plans (:mod:`.plans`).
@@ -57,6 +58,13 @@ def takes_compact_plans(storage_meta: StorageMeta | None) -> bool:
     return storage_meta is not None and COMPACT_PLANS in (storage_meta.modules or [])
 
 
+def tensor_data(item: WriteItem) -> TensorWriteData:
+    """The tensor of a write item (DCP leaves it None for BYTE_IO items)."""
+    if item.tensor_data is None:
+        raise StateDictMismatchError(f"{item.index.fqn!r} is not a tensor")
+    return item.tensor_data
+
+
 def merged_plan(plans: list[SavePlan]) -> MergedPlan:
     """The merge of every rank's chunks: HFSavePlanner's, or made here from item plans."""
     data = plans[0].planner_data
@@ -64,22 +72,13 @@ def merged_plan(plans: list[SavePlan]) -> MergedPlan:
         return data.merged
     if isinstance(data, LocalSummary):
         raise StateDictMismatchError("compact save plans reached the writer unmerged")
-    return MergedPlan(
-        [
-            summarize(
-                ChunkEntry(
-                    i.index.fqn,
-                    tuple(i.tensor_data.size),
-                    i.tensor_data.properties.dtype,
-                    tuple(i.tensor_data.chunk.offsets),
-                    tuple(i.tensor_data.chunk.sizes),
-                    i.index.fqn,
-                )
-                for i in p.items
-            )[0]
-            for p in plans
-        ]
-    )
+
+    def entry(item: WriteItem) -> ChunkEntry:
+        td = tensor_data(item)
+        key = item.index.fqn
+        return ChunkEntry(key, tuple(td.size), td.properties.dtype, tuple(td.chunk.offsets), tuple(td.chunk.sizes), key)
+
+    return MergedPlan([summarize(entry(i) for i in p.items)[0] for p in plans])
 
 
 @dataclass

@@ -111,7 +111,7 @@ class RankAssignment:
             return keys
         if rule == DROP:
             return []
-        kept = set(decode_keys(rule))
+        kept = set(decode_keys(rule))  # type: ignore[arg-type]  # a KeyCode: DROP is handled above
         return [k for k in keys if k in kept]
 
 
@@ -194,8 +194,8 @@ class MergedPlan:
             for key in keys:
                 member.setdefault(key, []).append(kid)
         by_signature: dict[tuple[int, ...], list[str]] = {}
-        for key, kids in member.items():
-            by_signature.setdefault(tuple(kids), []).append(key)
+        for key, member_of in member.items():
+            by_signature.setdefault(tuple(member_of), []).append(key)
         for kids, keys in by_signature.items():
             if len(kids) > 1:  # keys of one key set are in its (natural) order already
                 keys.sort(key=natural_key)
@@ -240,14 +240,14 @@ class MergedPlan:
                     f"{h.rank} from different in-memory tensors: two different tensors map to one key"
                 )
 
-    def _rank_rules(self) -> dict[int, dict[int, object]]:
+    def _rank_rules(self) -> dict[int, dict[int, str | KeyCode]]:
         """Per rank, per block that does not write all its keys: DROP or the keys it keeps."""
         written: dict[tuple[int, int], list[tuple[_Group, slice]]] = {}
         for g in self.groups:
             for hs in g.writers.values():
                 for h, part in hs:
                     written.setdefault((h.rank, h.block), []).append((g, part))
-        rules: dict[int, dict[int, object]] = {}
+        rules: dict[int, dict[int, str | KeyCode]] = {}
         for (rank, b), kid in self.block_set.items():
             parts = written.get((rank, b))
             if parts is None:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple, cast
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 
@@ -164,6 +169,13 @@ class HFLoadPlanner(DefaultLoadPlanner):
                 keys |= {k for key in list(keys) for k in self.layout.quantization.stored_keys(key)}
             prefetch(keys)
 
+    @property
+    def _stored(self) -> Mapping[str, TensorStorageMetadata | BytesStorageMetadata]:
+        """What the checkpoint holds, by stored key."""
+        if self.metadata is None:
+            raise StateDictMismatchError("HFLoadPlanner: set up without the checkpoint's metadata")
+        return self.metadata.state_dict_metadata
+
     def create_local_plan(self) -> LoadPlan:
         source = LoadSource.of(self.metadata)
         objects = self._check_against_checkpoint(source)
@@ -181,7 +193,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         ``model_prefix``, every training-state value) the state dict needs, in the expected shape
         and a dtype it may load from; find the tensors stored quantized. Returns the read items
         of the values that are not tensors."""
-        stored = self.metadata.state_dict_metadata
+        stored = self._stored
         self._quantized = {}
         missing: list[_Missing] = []
         objects = []
@@ -274,7 +286,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
     def _tensor_items(self) -> list[ReadItem]:
         """The read items of this rank's chunks, each resolved later to a view of its
         destination (``_views``) or, for a quantized tensor, to temporaries (``_dequant``)."""
-        stored = self.metadata.state_dict_metadata
+        stored = self._stored
         items: list[ReadItem] = []
         self._views, self._dequant = {}, {}
         for key, pieces in self._pieces.items():
@@ -287,18 +299,19 @@ class HFLoadPlanner(DefaultLoadPlanner):
                     q = self._quantized.get((key, piece.hf_key))
                     if q is not None:
                         items += self._dequant_items(key, c_off, c_size, piece, q)
-                    elif piece.hf_key in stored:
-                        items += self._read_items(key, c_off, c_size, piece, stored[piece.hf_key])
+                    elif piece.hf_key in stored:  # a tensor: _check_piece checked it
+                        md_t = cast(TensorStorageMetadata, stored[piece.hf_key])
+                        items += self._read_items(key, c_off, c_size, piece, md_t)
         return items
 
-    def _tied_to_loaded(self, missing: list[str], stored) -> set[str]:
+    def _tied_to_loaded(self, missing_keys: list[str], stored) -> set[str]:
         """The missing keys whose tensor is the very memory of a key that is loaded (tied
         weights: ``lm_head.weight`` is ``model.embed_tokens.weight`` in a model's state dict,
         and the checkpoint holds one of them): loading the other fills them."""
-        missing = set(missing)
+        missing = set(missing_keys)
         if not missing:
             return set()
-        loaded = {}
+        loaded: dict[tuple, str] = {}
         for key, pieces in self._pieces.items():
             if key not in missing and all(p.hf_key in stored for p in pieces):
                 memory = _same_memory(self.state_dict[key])
@@ -313,7 +326,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
                 loaded.update(decode_keys(code))
             unexpected = [
                 k
-                for k in sorted(self.metadata.state_dict_metadata)
+                for k in sorted(self._stored)
                 if k not in loaded
                 and not self.allow_unexpected(k)
                 and (self.model_prefix is not None or not training_state.is_training_state(k))  # model-only load
@@ -415,7 +428,8 @@ class HFLoadPlanner(DefaultLoadPlanner):
         if all(p is not None for p in job.parts):  # data and scales are both here
             view = job.view
             out = mem_view(self.lookup_tensor(job.dest_index), view.offsets, view.sizes, view.mem_dims)
-            job.tensor.dequantize(*job.parts, job.hf_offsets, job.hf_sizes, out)
+            data, scale = job.parts
+            job.tensor.dequantize(data, scale, job.hf_offsets, job.hf_sizes, out)
             job.parts = [None, None]
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from dcp_hf import training_state
-from dcp_hf.contract import takes_compact_plans
+from dcp_hf.contract import takes_compact_plans, tensor_data
 from dcp_hf.errors import PeerRankError, StateDictMismatchError, not_a_tensor
 from dcp_hf.layouts import IDENTITY, Layout, mem_view
 from dcp_hf.layouts.quantized import FP8_MAX
@@ -89,11 +89,10 @@ class _Fp8Data(NamedTuple):
 def _agree_on_amax(partial: dict, error: str | None) -> dict:
     """Every rank's amax of the blocks they hold parts of, maxed: one all-gather, which also
     tells every rank whether any failed before it (so none waits for a failed one)."""
+    gathered: list = [(error, partial)]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (error, partial))
-    else:
-        gathered = [(error, partial)]
     for rank, (err, _) in enumerate(gathered):
         if err is not None:
             raise PeerRankError(f"rank {rank} failed to quantize: {err}")
@@ -177,7 +176,7 @@ class HFSavePlanner(DefaultSavePlanner):
                     if item.type == WriteItemType.BYTE_IO:
                         others.append(item)
                         continue
-                    td = item.tensor_data
+                    td = tensor_data(item)
                     chunks.append(
                         LocalChunk(
                             fqn, tuple(td.size), td.properties.dtype, tuple(td.chunk.offsets), tuple(td.chunk.sizes)
@@ -188,7 +187,8 @@ class HFSavePlanner(DefaultSavePlanner):
     def _pieces(self) -> tuple[list[SavePiece], list[WriteItem]]:
         """Every local chunk's pieces in HF key space."""
         chunks, others = self._chunks()
-        entries, seen = [], {}
+        entries: list[SavePiece] = []
+        seen: dict[tuple, str] = {}
         if self.model_prefix is not None:  # values that are not tensors: bytes of the training state
             entries, others = self._object_pieces(others), []
         if self.layout == IDENTITY and self.model_prefix is None:  # each chunk is its own piece
@@ -246,7 +246,9 @@ class HFSavePlanner(DefaultSavePlanner):
         written by the rank holding the block's first element."""
         self._fp8_data, self._scales = {}, {}
         error = None
-        kept, boxes, partial = [], [], {}
+        kept: list[SavePiece] = []
+        boxes: list[_AmaxBox] = []
+        partial: dict[tuple, float] = {}
         try:
             kept, boxes, partial = self._block_amaxes(entries)
         except Exception as exc:  # noqa: BLE001 - sent to every rank below, so none waits for this one
@@ -261,7 +263,9 @@ class HFSavePlanner(DefaultSavePlanner):
         """The entries left as they are; the amax of each block of every box to quantize; and
         the amax of the blocks a box holds only part of, by (key, block row, block column)."""
         q = self.layout.quantization
-        kept, boxes, partial = [], [], {}
+        kept: list[SavePiece] = []
+        boxes: list[_AmaxBox] = []
+        partial: dict[tuple, float] = {}
         for e in entries:
             if not q.quantizes(e.hf_key, e.hf_shape) or 0 in e.hf_sizes:
                 kept.append(e)
@@ -387,7 +391,7 @@ class HFSavePlanner(DefaultSavePlanner):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
         piece = self._sources[write_item.index]
-        where = (write_item.index.fqn, tuple(write_item.index.offset))
+        where = (write_item.index.fqn, tuple(write_item.index.offset or ()))
         if where in self._scales:  # the scales of the blocks this rank writes
             return self._scales[where]
         size = piece.local_size
