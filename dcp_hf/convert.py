@@ -1,6 +1,6 @@
 """Offline conversions: merged <-> per-expert HF checkpoints, HF <-> native DCP, quantized ->
 dequantized. Each checks everything that can refuse it first, then streams through
-:mod:`dcp_hf.streaming` (a process holds a few bands of the source and the boxes being written:
+:mod:`dcp_hf.streaming` (a process holds a few stripes of the source and the boxes being written:
 an expert's matrices when splitting, one merged tensor when merging).
 """
 
@@ -141,13 +141,13 @@ def experts(
     max_shard_size="5GB",
     overwrite=False,
     progress=False,
-    band_bytes: int = 16 << 20,
+    stripe_bytes: int = 16 << 20,
 ) -> dict:
     """``merge``: per-expert HF -> merged HF; ``split``: merged HF -> per-expert HF, as
     MindSpeed-MM's ``moe_expert --style merge|split`` does for its models (see
     ``experts_layout``). ``style`` (transformers, mindspeed, flat) overrides the merged form.
     Whatever the layout cannot map back and forth exactly is refused, on every rank, before
-    anything is written; non-weight files are copied, subfolders included. ``band_bytes``: the
+    anything is written; non-weight files are copied, subfolders included. ``stripe_bytes``: the
     unit of reading the source (see ``StreamingSavePlanner``); a process holds about twice it."""
     if direction not in ("merge", "split"):
         raise ValueError(f"direction must be merge or split, not {direction!r}")
@@ -159,7 +159,7 @@ def experts(
     writer = HFStorageWriter(
         dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, side_files=side
     )
-    stream(plan.specs, plan.reader, plan.source_layout, writer, plan.dest_layout, band_bytes)
+    stream(plan.specs, plan.reader, plan.source_layout, writer, plan.dest_layout, stripe_bytes)
     # on every rank: no rank returns (say, to read DST's config) before the copy is done
     copied = sorted(side) if remote else on_every_rank(lambda: copy_side_files(src, dst) if is_main() else [])
     return {

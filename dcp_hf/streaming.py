@@ -1,8 +1,8 @@
 """The streaming engine of the offline tools (``convert``, ``experts``, Megatron ``export`` and
 ``import``): ``dcp.save`` of a state dict of meta tensors (shapes and dtypes only) whose boxes are
 read from a source checkpoint only when the writer asks for them, through the source layout, in
-bands of whole source rows read ahead of the writer (see ``StreamingSavePlanner``). So a process
-holds a few bands (about 32 MiB by default) and the boxes being written, and under ``torchrun``
+stripes of whole source rows read ahead of the writer (see ``StreamingSavePlanner``). So a process
+holds a few stripes (about 32 MiB by default) and the boxes being written, and under ``torchrun``
 the tensors are spread over the processes by size (``_my_share``).
 """
 
@@ -30,10 +30,10 @@ from dcp_hf.tensor_box import TensorBox
 
 
 @dataclass(eq=False)
-class _Band:
+class _Stripe:
     """Rows [lo, hi) of a local source chunk, read whole (long contiguous reads) and shared by
     the boxes that lie in it, e.g. the gate and up halves of an expert's rows of a merged
-    tensor. A band of at most ``band_bytes`` is read into a reused buffer (``pooled``), so its
+    tensor. A stripe of at most ``stripe_bytes`` is read into a reused buffer (``pooled``), so its
     boxes are copied out of it; a larger one is read into memory of its own."""
 
     source: MetadataIndex
@@ -47,77 +47,79 @@ class _Band:
     error: BaseException | None = None
 
 
-class _BandReader:
-    """Reads ``bands`` (in the order the writer asks for them) on one thread, ahead of the
-    writer, so that reading overlaps the writer's copies and writes, while the bands held (read
-    or being read, with boxes not yet copied out) stay within ``budget`` bytes. Pooled bands
+class _StripeReader:
+    """Reads ``stripes`` (in the order the writer asks for them) on one thread, ahead of the
+    writer, so that reading overlaps the writer's copies and writes, while the stripes held (read
+    or being read, with boxes not yet copied out) stay within ``budget`` bytes. Pooled stripes
     go into a few reused buffers of ``buffer_bytes`` (no page faults, no allocator growth). A
-    band the writer asks for before the thread has read it is read by the writer's thread,
-    whatever the budget (a band larger than the budget is read only then)."""
+    stripe the writer asks for before the thread has read it is read by the writer's thread,
+    whatever the budget (a stripe larger than the budget is read only then)."""
 
-    def __init__(self, bands: list[_Band], read, budget: int, buffer_bytes: int):
-        self.bands, self.read, self.budget, self.buffer_bytes = bands, read, budget, buffer_bytes
+    def __init__(self, stripes: list[_Stripe], read, budget: int, buffer_bytes: int):
+        self.stripes, self.read, self.budget, self.buffer_bytes = stripes, read, budget, buffer_bytes
         self.held = 0  # bytes
         self.free: list = []  # storages of buffer_bytes
         self.closed = False
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
 
-    def take(self, band: _Band) -> torch.Tensor:
-        """The band's tensor, to copy a box out of; ``release`` the band after the copy."""
+    def take(self, stripe: _Stripe) -> torch.Tensor:
+        """The stripe's tensor, to copy a box out of; ``release`` the stripe after the copy."""
         with self.cond:
             if self.thread is None and not self.closed:
-                self.thread = threading.Thread(target=self._read_ahead, name="dcp-hf-band", daemon=True)
+                self.thread = threading.Thread(target=self._read_ahead, name="dcp-hf-stripe", daemon=True)
                 self.thread.start()
-            mine = band.state == "new"
+            mine = stripe.state == "new"
             if mine:
-                band.state, self.held = "reading", self.held + band.nbytes
+                stripe.state, self.held = "reading", self.held + stripe.nbytes
         if mine:
-            self._load(band)
+            self._load(stripe)
         with self.cond:
-            self.cond.wait_for(lambda: band.state == "read")
-            if band.error is not None:
-                raise band.error
-            return band.tensor
+            self.cond.wait_for(lambda: stripe.state == "read")
+            if stripe.error is not None:
+                raise stripe.error
+            return stripe.tensor
 
-    def release(self, band: _Band) -> None:
+    def release(self, stripe: _Stripe) -> None:
         with self.cond:
-            band.uses -= 1
-            if band.uses == 0:
-                if band.pooled:
-                    self.free.append(band.tensor.untyped_storage())
-                band.tensor, self.held = None, self.held - band.nbytes
+            stripe.uses -= 1
+            if stripe.uses == 0:
+                if stripe.pooled:
+                    self.free.append(stripe.tensor.untyped_storage())
+                stripe.tensor, self.held = None, self.held - stripe.nbytes
                 self.cond.notify_all()
 
     def _read_ahead(self) -> None:
-        for band in self.bands:
+        for stripe in self.stripes:
             with self.cond:
                 self.cond.wait_for(
-                    lambda band=band: self.closed or band.state != "new" or self.held + band.nbytes <= self.budget
+                    lambda stripe=stripe: (
+                        self.closed or stripe.state != "new" or self.held + stripe.nbytes <= self.budget
+                    )
                 )
                 if self.closed:
                     return
-                if band.state != "new":
+                if stripe.state != "new":
                     continue
-                band.state, self.held = "reading", self.held + band.nbytes
-            self._load(band)
+                stripe.state, self.held = "reading", self.held + stripe.nbytes
+            self._load(stripe)
 
-    def _load(self, band: _Band) -> None:
+    def _load(self, stripe: _Stripe) -> None:
         tensor, error = None, None
         try:
             buffer = None
-            if band.pooled:
+            if stripe.pooled:
                 with self.cond:
                     buffer = self.free.pop() if self.free else None
                 if buffer is None:
                     buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8).untyped_storage()
-            tensor = self.read(band, buffer)
-        except Exception as e:  # raised in the writer threads that take the band
+            tensor = self.read(stripe, buffer)
+        except Exception as e:  # raised in the writer threads that take the stripe
             error = e
         with self.cond:
-            band.tensor, band.error, band.state = tensor, error, "read"
+            stripe.tensor, stripe.error, stripe.state = tensor, error, "read"
             if error is not None:
-                self.held -= band.nbytes
+                self.held -= stripe.nbytes
             self.cond.notify_all()
 
     def close(self) -> None:
@@ -130,7 +132,7 @@ class _BandReader:
 
 def _dense(view: torch.Tensor, fresh: bool) -> torch.Tensor:
     """``view`` in contiguous memory (new memory if ``fresh``), for the writer to write as it
-    is. A transposed 2-D box (an expert's gate, up or down matrix in a band) is copied row by
+    is. A transposed 2-D box (an expert's gate, up or down matrix in a stripe) is copied row by
     row first, so that the transpose takes torch's blocked path for a transposed contiguous
     matrix: several times faster than the element-by-element copy of a strided one."""
     if view.is_contiguous():
@@ -144,12 +146,12 @@ class StreamingSavePlanner(HFSavePlanner):
     """Save meta tensors whose data is read from ``source`` (through ``source_layout``) when
     the writer needs it.
 
-    The write items are put in source order and their boxes grouped into bands: runs of whole
-    rows of a source chunk, of about ``band_bytes``, that the boxes inside them cover. A band
+    The write items are put in source order and their boxes grouped into stripes: runs of whole
+    rows of a source chunk, of about ``stripe_bytes``, that the boxes inside them cover. A stripe
     is read in one request (long reads, instead of a short strided run per row of each box),
-    ahead of the writer within ``bands_ahead * band_bytes`` bytes, and each box is copied out
+    ahead of the writer within ``stripes_ahead * stripe_bytes`` bytes, and each box is copied out
     of it in the writer's order (a transpose, when splitting experts). So a process holds
-    about that many bytes of source data, plus the boxes being written. A band must hold at
+    about that many bytes of source data, plus the boxes being written. A stripe must hold at
     least one expert's rows to be read ahead; larger ones are read when first needed. Call
     ``close`` after the save."""
 
@@ -159,18 +161,18 @@ class StreamingSavePlanner(HFSavePlanner):
         source: StorageReader,
         source_layout: Layout,
         *,
-        band_bytes: int = 16 << 20,
-        bands_ahead: int = 2,
+        stripe_bytes: int = 16 << 20,
+        stripes_ahead: int = 2,
     ):
         super().__init__(layout)
         self.source = source
         self.source_layout = source_layout
-        self.band_bytes = band_bytes
-        self.bands_ahead = bands_ahead
+        self.stripe_bytes = stripe_bytes
+        self.stripes_ahead = stripes_ahead
         self.source_metadata = source.read_metadata()
         source.set_up_storage_reader(self.source_metadata, True)
-        self._band_of: dict[MetadataIndex, _Band] = {}  # write item -> the band its box lies in
-        self._reader: _BandReader | None = None
+        self._stripe_of: dict[MetadataIndex, _Stripe] = {}  # write item -> the stripe its box lies in
+        self._reader: _StripeReader | None = None
 
     def _chunk_shape(self, fqn: str) -> tuple[int, ...]:
         value = self.state_dict[fqn]
@@ -186,19 +188,22 @@ class StreamingSavePlanner(HFSavePlanner):
             return piece.fqn, tuple(piece.chunk_offsets), tuple(piece.local_lo)
 
         items = sorted(plan.items, key=position)
-        bands = self._plan_bands(items)
+        stripes = self._plan_stripes(items)
         self.close()
-        self._reader = _BandReader(
-            list(dict.fromkeys(bands.values())), self._read_band, self.bands_ahead * self.band_bytes, self.band_bytes
+        self._reader = _StripeReader(
+            list(dict.fromkeys(stripes.values())),
+            self._read_stripe,
+            self.stripes_ahead * self.stripe_bytes,
+            self.stripe_bytes,
         )
-        self._band_of = bands
+        self._stripe_of = stripes
         return dataclasses.replace(plan, items=items)
 
-    def _plan_bands(self, items) -> dict[MetadataIndex, _Band]:
-        """Consecutive boxes (in source order) grouped into bands of about ``band_bytes`` (a
-        box that shares rows with a band joins it whatever its size); the boxes of a group
-        that does not cover its rows (a band would read bytes nobody asked for) are read alone."""
-        bands, group = {}, []  # group: (item index, source, lo, size) of the open band's boxes
+    def _plan_stripes(self, items) -> dict[MetadataIndex, _Stripe]:
+        """Consecutive boxes (in source order) grouped into stripes of about ``stripe_bytes`` (a
+        box that shares rows with a stripe joins it whatever its size); the boxes of a group
+        that does not cover its rows (a stripe would read bytes nobody asked for) are read alone."""
+        stripes, group = {}, []  # group: (item index, source, lo, size) of the open stripe's boxes
 
         def end(boxes) -> int:
             return max(lo[0] + size[0] for _, _, lo, size in boxes)
@@ -210,8 +215,8 @@ class StreamingSavePlanner(HFSavePlanner):
                 row = math.prod(shape[1:])
                 if sum(math.prod(size) for *_, size in group) >= (hi - lo) * row:
                     nbytes = (hi - lo) * row * self.state_dict[source.fqn].dtype.itemsize
-                    band = _Band(source, lo, hi, nbytes, len(group), nbytes <= self.band_bytes)
-                    bands.update((index, band) for index, *_ in group)
+                    stripe = _Stripe(source, lo, hi, nbytes, len(group), nbytes <= self.stripe_bytes)
+                    stripes.update((index, stripe) for index, *_ in group)
                 group.clear()
 
         for item in items:
@@ -225,33 +230,33 @@ class StreamingSavePlanner(HFSavePlanner):
             if group:
                 first, hi = group[0], end(group + [box])
                 row_bytes = math.prod(self._chunk_shape(source.fqn)[1:]) * self.state_dict[source.fqn].dtype.itemsize
-                if source != first[1] or (hi > end(group) and (hi - first[2][0]) * row_bytes > self.band_bytes):
+                if source != first[1] or (hi > end(group) and (hi - first[2][0]) * row_bytes > self.stripe_bytes):
                     close()
             group.append(box)
         close()
-        return bands
+        return stripes
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:  # ``stream``'s objects: serialized already
             return self.lookup_object(write_item.index)
-        band = self._band_of.get(write_item.index)
-        if band is None:
+        stripe = self._stripe_of.get(write_item.index)
+        if stripe is None:
             return _dense(super().resolve_data(write_item), fresh=False)
         piece = self._sources[write_item.index]
         mem_dims, lo, size = piece.mem_dims, piece.local_lo, piece.local_size
-        tensor = self._reader.take(band)
+        tensor = self._reader.take(stripe)
         try:
-            box = mem_view(tensor, (lo[0] - band.lo,) + tuple(lo[1:]), size, mem_dims)
-            return _dense(box, fresh=band.pooled)  # a pooled band's buffer is read into again
+            box = mem_view(tensor, (lo[0] - stripe.lo,) + tuple(lo[1:]), size, mem_dims)
+            return _dense(box, fresh=stripe.pooled)  # a pooled stripe's buffer is read into again
         finally:
-            self._reader.release(band)
+            self._reader.release(stripe)
 
-    def _read_band(self, band: _Band, buffer) -> torch.Tensor:
-        shape = self._chunk_shape(band.source.fqn)
-        size = (band.hi - band.lo,) + shape[1:]
-        dtype = self.state_dict[band.source.fqn].dtype
+    def _read_stripe(self, stripe: _Stripe, buffer) -> torch.Tensor:
+        shape = self._chunk_shape(stripe.source.fqn)
+        size = (stripe.hi - stripe.lo,) + shape[1:]
+        dtype = self.state_dict[stripe.source.fqn].dtype
         out = None if buffer is None else torch.empty(0, dtype=dtype).set_(buffer, 0, size)
-        return self.fetch(band.source, (band.lo,) + (0,) * (len(shape) - 1), size, out)
+        return self.fetch(stripe.source, (stripe.lo,) + (0,) * (len(shape) - 1), size, out)
 
     def fetch(
         self, source: MetadataIndex, lo: tuple[int, ...], size: tuple[int, ...], out: torch.Tensor | None = None
@@ -327,14 +332,14 @@ def stream(
     source_layout: Layout,
     writer,
     dest_layout: Layout,
-    band_bytes: int = 16 << 20,
+    stripe_bytes: int = 16 << 20,
     objects: dict | None = None,
 ) -> None:
     """Write ``specs`` (in-memory tensors) with ``writer`` through ``dest_layout``, reading each
     box from ``source`` through ``source_layout`` (see ``StreamingSavePlanner``). ``objects``:
     key -> ``io.BytesIO`` of bytes serialized already, written as they are (by the first
     process), as megatron-core's writer writes its sharded objects."""
-    planner = StreamingSavePlanner(dest_layout, source, source_layout, band_bytes=band_bytes)
+    planner = StreamingSavePlanner(dest_layout, source, source_layout, stripe_bytes=stripe_bytes)
     share = _my_share(specs)
     if objects and is_main():
         share.update(objects)

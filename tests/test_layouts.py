@@ -199,10 +199,10 @@ def test_fused_experts_sharded_over_four_ranks(tmp_path):
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_split_in_bands_of_any_size_gives_the_experts_back(tmp_path, style):
-    """``split`` reads the merged tensors in bands of whole rows: smaller than one expert's
+def test_split_in_stripes_of_any_size_gives_the_experts_back(tmp_path, style):
+    """``split`` reads the merged tensors in stripes of whole rows: smaller than one expert's
     rows (each read when first needed), a few experts' rows (read ahead into reused buffers)
-    or whole tensors. Whatever the band, the merged form is the reference math and
+    or whole tensors. Whatever the stripe, the merged form is the reference math and
     split(merge(x)) == x bit for bit, x written here."""
     E, F, H, layers = 6, 5, 12, 2  # F odd: the halves of gate_up are not aligned
     g = torch.Generator().manual_seed(7)
@@ -227,49 +227,49 @@ def test_split_in_bands_of_any_size_gives_the_experts_back(tmp_path, style):
         assert torch.equal(merged[f"model.layers.{n}.mlp.experts.gate_up_proj"], gate_up)
         assert torch.equal(merged[f"model.layers.{n}.mlp.experts.down_proj"], down)
     expert_rows = H * 2 * F * 2  # bytes of one expert's rows of gate_up, in every style
-    for band_bytes in (1, 2 * expert_rows + 1, 1 << 20):
-        out = tmp_path / f"split-{band_bytes}"
-        experts("split", str(tmp_path / "merged"), str(out), style, band_bytes=band_bytes)
+    for stripe_bytes in (1, 2 * expert_rows + 1, 1 << 20):
+        out = tmp_path / f"split-{stripe_bytes}"
+        experts("split", str(tmp_path / "merged"), str(out), style, stripe_bytes=stripe_bytes)
         again = load_file(out / "model.safetensors")
         assert again.keys() == x.keys()
         for k, want in x.items():
-            assert torch.equal(again[k].view(torch.uint8), want.view(torch.uint8)), (band_bytes, k)
+            assert torch.equal(again[k].view(torch.uint8), want.view(torch.uint8)), (stripe_bytes, k)
 
 
-def test_band_reader_reads_each_band_once_ahead_within_its_budget_in_any_order():
-    """Bands are read once each, ahead of the takers within the budget (plus the bands the
+def test_stripe_reader_reads_each_stripe_once_ahead_within_its_budget_in_any_order():
+    """Stripes are read once each, ahead of the takers within the budget (plus the stripes the
     takers read themselves), into a few reused buffers; taken in reverse order they are read
     by the takers (no wait for the read-ahead thread); a failed read raises in its takers."""
     from concurrent.futures import ThreadPoolExecutor
 
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
-    from dcp_hf.streaming import _Band, _BandReader
+    from dcp_hf.streaming import _Stripe, _StripeReader
 
     def run(order, fail=None, threads=2):
-        bands = [_Band(MetadataIndex("t"), 10 * i, 10 * i + 10, 40, uses=2, pooled=True) for i in range(8)]
+        stripes = [_Stripe(MetadataIndex("t"), 10 * i, 10 * i + 10, 40, uses=2, pooled=True) for i in range(8)]
         reads, buffers, peak = [], set(), []
 
-        def read(band, buffer):
+        def read(stripe, buffer):
             peak.append(reader.held)
-            reads.append(band.lo)
+            reads.append(stripe.lo)
             buffers.add(buffer.data_ptr())
-            if band.lo == fail:
+            if stripe.lo == fail:
                 raise OSError("disk on fire")
             t = torch.empty(0, dtype=torch.int32).set_(buffer, 0, (10,))
-            return t.copy_(torch.arange(band.lo, band.hi, dtype=torch.int32))
+            return t.copy_(torch.arange(stripe.lo, stripe.hi, dtype=torch.int32))
 
-        reader = _BandReader(bands, read, budget=2 * 40, buffer_bytes=40)
+        reader = _StripeReader(stripes, read, budget=2 * 40, buffer_bytes=40)
 
-        def use(band):
+        def use(stripe):
             try:
-                return reader.take(band).tolist()
+                return reader.take(stripe).tolist()
             finally:
-                if band.error is None:
-                    reader.release(band)
+                if stripe.error is None:
+                    reader.release(stripe)
 
         with ThreadPoolExecutor(threads) as pool:
-            futures = [pool.submit(use, bands[i]) for i in order for _ in range(2)]
+            futures = [pool.submit(use, stripes[i]) for i in order for _ in range(2)]
             results = []
             for f in futures:
                 try:
@@ -282,7 +282,7 @@ def test_band_reader_reads_each_band_once_ahead_within_its_budget_in_any_order()
     results, reads, buffers, peak, held = run(range(8))
     assert results == [list(range(10 * i, 10 * i + 10)) for i in range(8) for _ in range(2)]
     assert sorted(reads) == [10 * i for i in range(8)] and held == 0
-    assert peak <= 2 * 40 + 2 * 40 and len(buffers) <= 4  # the budget, plus a band per taker
+    assert peak <= 2 * 40 + 2 * 40 and len(buffers) <= 4  # the budget, plus a stripe per taker
     results, reads, *_ = run(range(7, -1, -1), threads=1)
     assert results == [list(range(10 * i, 10 * i + 10)) for i in range(7, -1, -1) for _ in range(2)]
     assert sorted(reads) == [10 * i for i in range(8)]

@@ -253,7 +253,7 @@ def import_hf(
     iteration: int = 1,
     storage_options: dict | None = None,
     progress: bool = False,
-    band_bytes: int = 16 << 20,
+    stripe_bytes: int = 16 << 20,
 ) -> dict:
     """Write the HF checkpoint ``src`` (folder or ``s3://`` URL, with its config.json) as the
     Megatron ``torch_dist`` checkpoint folder ``dst``: ``dst/latest_checkpointed_iteration.txt``
@@ -280,7 +280,7 @@ def import_hf(
 
         out = os.path.join(work, folder)
         writer = file_system_writer(out, progress=progress)
-        stream(specs, plan.reader, plan.source_layout, writer, plan.dest_layout, band_bytes, objects=objects)
+        stream(specs, plan.reader, plan.source_layout, writer, plan.dest_layout, stripe_bytes, objects=objects)
         if is_main():  # what dist_checkpointing.save and Megatron-LM's save_checkpoint add
             save_config(CheckpointingConfig("torch_dist"), out)
             common = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, IMPORTED_CONFIG: plan.config}
