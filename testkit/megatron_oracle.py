@@ -174,6 +174,11 @@ def naive_hf(name, parts, dim, o: Oracle) -> dict[str, torch.Tensor]:
             f"{base}self_attn.k_proj.{kind}": qkv[:, per].reshape(-1, *full.shape[1:]),
             f"{base}self_attn.v_proj.{kind}": qkv[:, per + 1].reshape(-1, *full.shape[1:]),
         }
+    return _mlp_hf(name, base, rest, parts, full, o)
+
+
+def _mlp_hf(name, base, rest, parts, full, o: Oracle) -> dict[str, torch.Tensor]:
+    """``naive_hf`` of the MLP, router and expert parameters of layer ``base``."""
     block, gate, up, down = o.moe_names()
     if rest == "mlp.router.weight":
         return {f"{base}{block}.gate.weight": full}

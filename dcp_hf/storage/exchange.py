@@ -16,14 +16,18 @@ import bisect
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from dcp_hf.boxes import RunGrid, byte_view
 from dcp_hf.errors import DcpHfError
+
+T = TypeVar("T")
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map the pages at once, not one fault each
@@ -203,6 +207,28 @@ def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -
             received.append(Piece(file, base, grid, data, keep))
             i += 6 + 2 * ndim
     return received, data_in.numel()
+
+
+class Rounds:
+    """The failure rule of collective rounds (the save's parts, the load's bands): a rank whose
+    step fails keeps taking part in every later round, sending nothing, so no rank waits
+    forever for it; its first failure is raised after the last round."""
+
+    def __init__(self, failure: BaseException | None = None):
+        self.failure = failure
+
+    def attempt(self, step: Callable[[], T], otherwise: T) -> T:
+        """``step()``, or ``otherwise`` where this rank failed before or ``step`` fails now."""
+        if self.failure is None:
+            try:
+                return step()
+            except Exception as e:  # noqa: BLE001 - kept: raised after the last round
+                self.failure = e
+        return otherwise
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
 
 
 def end_round(group, shared) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dcp_hf.boxes import byte_view
-from dcp_hf.storage.exchange import SharedMemory
+from dcp_hf.storage.exchange import Rounds, SharedMemory
 
 ALIGN = 8  # pieces sit at multiples of the largest item size in the exchanged buffers
 
@@ -261,6 +261,106 @@ def _plan_round(bands: list[Band], needs: list[list[Need]], hosts: list[int], sh
     return _Round(bands, band_at, band_end, list(transfers.values()), via, sizes)
 
 
+class _Buffers:
+    """Byte buffers reused from round to round: the send and receive buffers, and each reader
+    thread's band buffer (fresh pages cost faults)."""
+
+    def __init__(self):
+        self.named: dict[str, torch.Tensor] = {}
+        self.per_thread = threading.local()
+
+    def get(self, name: str, n: int) -> torch.Tensor:
+        if name not in self.named or self.named[name].numel() < n:
+            self.named[name] = torch.empty(n, dtype=torch.uint8)
+        return self.named[name][:n]
+
+    def thread_buffer(self, n: int) -> torch.Tensor:
+        buf = getattr(self.per_thread, "buf", None)
+        if buf is None or buf.numel() < n:
+            buf = self.per_thread.buf = torch.empty(n, dtype=torch.uint8)
+        return buf[:n]
+
+
+def _band_rows(buf: torch.Tensor, band: Band) -> torch.Tensor:
+    return buf.view(band.need.dtype).view((band.r1 - band.r0,) + tuple(band.need.shape[1:]))
+
+
+class _RoundIO:
+    """One round of :func:`read_bands` on rank ``me``: reading the bands it owns (its own
+    pieces straight to their destinations, the boxes other hosts need into the send buffer),
+    then placing the pieces of other ranks' bands."""
+
+    def __init__(self, rnd: _Round, needs, me, dests, read, shared: SharedMemory | None, buffers: _Buffers):
+        self.rnd, self.needs, self.me, self.dests, self.read = rnd, needs, me, dests, read
+        self.shared, self.buffers = shared, buffers
+        world = len(needs)
+        self.send_sizes = [rnd.sizes.get((me, r), 0) for r in range(world)]
+        self.recv_sizes = [rnd.sizes.get((r, me), 0) for r in range(world)]
+        self.send_base = [sum(self.send_sizes[:r]) for r in range(world)]
+        self.send = buffers.get("send", sum(self.send_sizes))
+        self.outgoing: dict[Band, list[Transfer]] = {}
+        for t in rnd.transfers:
+            self.outgoing.setdefault(t.band, []).append(t)
+
+    @property
+    def crosses_ranks(self) -> bool:
+        """Whether any rank needs another's band this round (the same on every rank)."""
+        return any(p.rank != b.owner for b in self.rnd.bands for p in b.pieces)
+
+    def received(self, rank: int, n: int) -> torch.Tensor:
+        """The bytes ``rank`` receives in the round: after its bands in its segment, or (no
+        shared memory) in this rank's receive buffer."""
+        if self.shared is None:
+            return self.buffers.get("recv", n)
+        if not n:
+            return torch.empty(0, dtype=torch.uint8)
+        own = torch.frombuffer(self.shared.own, dtype=torch.uint8)
+        segment = self.shared.segments[rank] if rank != self.me else own
+        end = self.rnd.band_end[rank]
+        return segment[end : end + n]
+
+    def reads(self) -> list[Callable[[], int]]:
+        return [lambda b=b: self._take(b) for b in self.rnd.bands if b.owner == self.me]
+
+    def _take(self, band: Band) -> int:
+        if self.shared is not None:
+            at = self.rnd.band_at[band]
+            buf = torch.frombuffer(self.shared.own, dtype=torch.uint8, count=band.nbytes, offset=at)
+        else:
+            buf = self.buffers.thread_buffer(band.nbytes)
+        got = self.read(band, byte_view(buf))
+        rows = _band_rows(buf, band)
+        dtype = band.need.dtype
+        for p in band.pieces:
+            if p.rank == self.me:
+                need = self.needs[self.me][p.index]
+                _dest_rows(self.dests[p.index], need, p).copy_(_band_box(rows, band, need, p))
+        for t in self.outgoing.get(band, []):
+            src = _band_box(rows, band, self.needs[t.piece.rank][t.piece.index], t.piece)
+            at = self.send_base[t.piece.rank] + t.sent_at
+            self.send[at : at + src.numel() * dtype.itemsize].view(dtype).view(src.shape).copy_(src)
+        return got
+
+    def placements(self) -> list[Callable[[], int]]:
+        me = self.me
+        return [lambda b=b, p=p: self._place(b, p) for b in self.rnd.bands for p in b.pieces if p.rank == me != b.owner]
+
+    def _place(self, band: Band, p: BandPiece) -> int:
+        need = self.needs[self.me][p.index]
+        dest = _dest_rows(self.dests[p.index], need, p)
+        t = self.rnd.via.get((band, p))
+        if t is None:  # the owner is on this host: cut the piece out of its band
+            assert self.shared is not None  # pieces of other ranks' bands come over the network without it
+            at = self.rnd.band_at[band]
+            segment = self.shared.segments[band.owner]
+            dest.copy_(_band_box(_band_rows(segment[at : at + band.nbytes], band), band, need, p))
+        else:  # arrived over the network at this host's relay
+            n = t.received_at + need.rows_bytes(p.r1 - p.r0)
+            data = self.received(t.piece.rank, n)[t.received_at :]
+            dest.copy_(data.view(need.dtype).view(dest.shape))
+        return 0
+
+
 def read_bands(
     plan: BandPlan,
     needs: list[list[Need]],
@@ -277,99 +377,24 @@ def read_bands(
     ``run(tasks)`` runs tasks (concurrently), ``exchange(send, send_sizes, recv_sizes, recv)`` is
     the all-to-all of the bytes that cross hosts; ranks of one host (``shared``, its
     ``hosts``) pass bytes through their shared segments, ``barrier`` separating the rounds.
-    Returns the bytes this rank read and received. Every rank must call it with the same plan: on a failure
-    it raises only after the last round, having taken part in all."""
-    world, nread, remote, failure = len(needs), 0, 0, None
-    hosts = shared.hosts if shared is not None else list(range(world))
-    local = threading.local()  # each thread's band buffer, reused (fresh pages cost faults)
-    buffers: dict[str, torch.Tensor] = {}  # the send and receive buffers, reused
-
-    def reused(name: str, n: int) -> torch.Tensor:
-        if name not in buffers or buffers[name].numel() < n:
-            buffers[name] = torch.empty(n, dtype=torch.uint8)
-        return buffers[name][:n]
-
-    def band_rows(buf: torch.Tensor, band: Band) -> torch.Tensor:
-        return buf.view(band.need.dtype).view((band.r1 - band.r0,) + tuple(band.need.shape[1:]))
-
-    def piece_bytes(p: BandPiece) -> int:
-        return needs[p.rank][p.index].rows_bytes(p.r1 - p.r0)
-
-    def received(rank: int, rnd: _Round, n: int) -> torch.Tensor:
-        """The bytes ``rank`` receives in the round: after its bands in its segment, or (no
-        shared memory) in this rank's receive buffer."""
-        if shared is None:
-            return reused("recv", n)
-        if not n:
-            return torch.empty(0, dtype=torch.uint8)
-        segment = shared.segments[rank] if rank != me else torch.frombuffer(shared.own, dtype=torch.uint8)
-        return segment[rnd.band_end[rank] : rnd.band_end[rank] + n]
-
+    Returns the bytes this rank read and received. Every rank must call it with the same plan:
+    on a failure it raises only after the last round, having taken part in all (:class:`Rounds`)."""
+    hosts = shared.hosts if shared is not None else list(range(len(needs)))
+    buffers, rounds = _Buffers(), Rounds()
+    nread = remote = 0
     for round_no in range(plan.rounds):
         rnd = _plan_round([b for b in plan.bands if b.round == round_no], needs, hosts, shared is not None)
-        send_sizes = [rnd.sizes.get((me, r), 0) for r in range(world)]
-        recv_sizes = [rnd.sizes.get((r, me), 0) for r in range(world)]
-        send_base = [sum(send_sizes[:r]) for r in range(world)]
-        send = reused("send", sum(send_sizes))
-        outgoing: dict[Band, list[Transfer]] = {}
-        for t in rnd.transfers:
-            outgoing.setdefault(t.band, []).append(t)
-
-        def take(band: Band) -> int:
-            """Read a band; copy this rank's pieces to their destinations, and the boxes other
-            hosts need to the send buffer (this host's stay in the segment)."""
-            if shared is not None:
-                buf = torch.frombuffer(shared.own, dtype=torch.uint8, count=band.nbytes, offset=rnd.band_at[band])
-            else:
-                if getattr(local, "buf", None) is None or local.buf.numel() < band.nbytes:
-                    local.buf = torch.empty(band.nbytes, dtype=torch.uint8)
-                buf = local.buf[: band.nbytes]
-            got = read(band, byte_view(buf))
-            rows = band_rows(buf, band)
-            dtype = band.need.dtype
-            for p in band.pieces:
-                if p.rank == me:
-                    need = needs[me][p.index]
-                    _dest_rows(dests[p.index], need, p).copy_(_band_box(rows, band, need, p))
-            for t in outgoing.get(band, []):
-                src = _band_box(rows, band, needs[t.piece.rank][t.piece.index], t.piece)
-                at = send_base[t.piece.rank] + t.sent_at
-                send[at : at + src.numel() * dtype.itemsize].view(dtype).view(src.shape).copy_(src)
-            return got
-
-        if failure is None:
-            try:
-                nread += sum(run([lambda b=b: take(b) for b in rnd.bands if b.owner == me]))
-            except Exception as e:  # noqa: BLE001 - raised after the last round
-                failure = e
-        if not any(p.rank != b.owner for b in rnd.bands for p in b.pieces):
-            continue  # no rank needs another's band this round (every rank knows it)
+        io = _RoundIO(rnd, needs, me, dests, read, shared, buffers)
+        nread += rounds.attempt(lambda: sum(run(io.reads())), 0)
+        if not io.crosses_ranks:
+            continue
         if rnd.transfers:
-            exchange(send, send_sizes, recv_sizes, received(me, rnd, sum(recv_sizes)))
-            remote += sum(recv_sizes)
+            exchange(io.send, io.send_sizes, io.recv_sizes, io.received(me, sum(io.recv_sizes)))
+            remote += sum(io.recv_sizes)
         if shared is not None:
             barrier()  # every band and every relayed box of the round is in its segment
-
-        def place(band: Band, p: BandPiece) -> int:
-            need = needs[me][p.index]
-            dest = _dest_rows(dests[p.index], need, p)
-            t = rnd.via.get((band, p))
-            if t is None:  # the owner is on this host: cut the piece out of its band
-                at = rnd.band_at[band]
-                segment = shared.segments[band.owner]
-                dest.copy_(_band_box(band_rows(segment[at : at + band.nbytes], band), band, need, p))
-            else:  # arrived over the network at this host's relay
-                data = received(t.piece.rank, rnd, t.received_at + piece_bytes(p))[t.received_at :]
-                dest.copy_(data.view(need.dtype).view(dest.shape))
-            return 0
-
-        if failure is None:
-            try:
-                run([lambda b=b, p=p: place(b, p) for b in rnd.bands for p in b.pieces if p.rank == me != b.owner])
-            except Exception as e:  # noqa: BLE001
-                failure = e
+        rounds.attempt(lambda: run(io.placements()), None)
         if shared is not None:
             barrier()  # every rank has copied its pieces: the segments may be reused
-    if failure is not None:
-        raise failure
+    rounds.raise_failure()
     return BandsRead(nread, remote)

@@ -51,7 +51,9 @@ from dcp_hf.storage.exchange import (
     Part,
     PartIndex,
     PartWriter,
+    Piece,
     Region,
+    Rounds,
     assemble,
     collective_device,
     end_round,
@@ -517,13 +519,10 @@ class HFStorageWriter(StorageWriter):
     ) -> tuple[BaseException | None, list]:
         """In rounds, send each part's bytes to its owner, which assembles and writes it (the
         writes go on while the next round is gathered). A rank that failed keeps taking part
-        in the rounds, sending nothing, so no rank waits forever."""
+        in the rounds, sending nothing, so no rank waits forever (:class:`Rounds`)."""
         group, world, me = self._group(wp.world)
-        touched = {
-            id(c): index.overlapping(c.file, c.base + c.grid.span()[0], c.base + c.grid.span()[1]) for c in chunks
-        }
-        last_round = {id(c): max((p.round for p in touched[id(c)]), default=-1) for c in chunks}
-        rounds = max(p.round for p in wp.parts) + 1
+        feed = _ChunkPieces(chunks, index, planner)
+        rounds, n_rounds = Rounds(failure), max(p.round for p in wp.parts) + 1
 
         def write_part(part: Part, data: torch.Tensor):
             try:
@@ -532,64 +531,34 @@ class HFStorageWriter(StorageWriter):
                 raise StorageError(e.errno, f"{', '.join(map(repr, self._keys_in(part)))}: {e.strerror or e}") from e
 
         writer = PartWriter(write_part, 1 if sink.sequential else self.thread_count, self.round_bytes)
-        held: dict[int, torch.Tensor] = {}
         receipts: list = []
         shared = None
         try:
             if world > 1:  # ranks on one host pass the bytes through shared memory
-                sent = [0] * rounds
-                for c in chunks:
-                    for p in touched[id(c)]:
-                        if p.owner != me:
-                            sent[p.round] += sum(g.nbytes for g, _ in c.grid.clip(p.lo - c.base, p.hi - c.base))
-                shared = open_shared(max(sent), group, me, world, f"dcp-hf-save-{wp.save_id}")
-            for r in range(rounds):
-                outgoing: dict[int, list] = {}
-                pieces: dict[Part, list] = {}
-                if failure is None:
-                    try:
-                        for c in chunks:
-                            parts = [p for p in touched[id(c)] if p.round == r]
-                            if not parts:
-                                continue
-                            src = held.get(id(c))
-                            if src is None:
-                                src = held[id(c)] = host_bytes(resolve_chunk(planner, c.item), c.dtype)
-                            for part in parts:
-                                for piece in pieces_in(c.file, c.base, c.grid, src, part.lo, part.hi):
-                                    if part.owner == me:
-                                        pieces.setdefault(part, []).append(piece)
-                                    else:
-                                        outgoing.setdefault(part.owner, []).append(piece)
-                            if last_round[id(c)] == r:
-                                del held[id(c)]
-                    except Exception as e:  # noqa: BLE001 - keep taking part: the others wait on it
-                        failure, outgoing = e, {}
+                shared = open_shared(feed.most_sent(me), group, me, world, f"dcp-hf-save-{wp.save_id}")
+            for r in range(n_rounds):
+                mine, outgoing = rounds.attempt(lambda: feed.pieces(r, me), ({}, {}))
                 received, remote = exchange(outgoing, group, world, shared) if group is not None else ([], 0)
                 self.bytes_from_other_hosts += remote
                 for piece in received:
-                    pieces.setdefault(index.of(piece.file, piece.offset), []).append(piece)
-                if failure is None:
-                    try:
-                        for p in wp.parts:
-                            if p.round == r and p.owner == me:
-                                header = part_header(self._files[p.file], p)
-                                writer.submit(p, assemble(p, header, pieces.get(p, [])))
-                                progress.update(p.hi - p.lo)
-                        del pieces, received
-                    except Exception as e:  # noqa: BLE001
-                        failure = e
+                    mine.setdefault(index.of(piece.file, piece.offset), []).append(piece)
+                owned = [p for p in wp.parts if p.round == r and p.owner == me]
+                rounds.attempt(lambda: self._submit_parts(owned, mine, writer, progress), None)
+                mine = received = None  # the pieces' memory, before the next round's
                 end_round(group, shared)
-            if failure is None:
-                try:
-                    receipts = writer.receipts()
-                except Exception as e:  # noqa: BLE001
-                    failure = e
+            receipts = rounds.attempt(writer.receipts, [])
         finally:
             writer.close()
             if shared is not None:
                 shared.close()
-        return failure, receipts
+        return rounds.failure, receipts
+
+    def _submit_parts(self, parts: list[Part], pieces: dict[Part, list], writer: PartWriter, progress) -> None:
+        """Assemble each of ``parts`` from its pieces and hand it to the part writer."""
+        for p in parts:
+            header = part_header(self._files[p.file], p)
+            writer.submit(p, assemble(p, header, pieces.get(p, [])))
+            progress.update(p.hi - p.lo)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """The one commit sequence: every file complete, side files, the index last (an old
@@ -645,6 +614,51 @@ class HFStorageWriter(StorageWriter):
                 fix=Fix("overwrite", "pass overwrite=True to HFStorageWriter to replace it"),
             )
         return existing
+
+
+class _ChunkPieces:
+    """The pieces of this rank's chunks that go to parts, round by round: a chunk's host bytes
+    are made at the first round that needs them and dropped after its last."""
+
+    def __init__(self, chunks: list[ChunkWrite], index: PartIndex, planner: SavePlanner):
+        self.planner = planner
+        self.parts = {
+            id(c): index.overlapping(c.file, c.base + c.grid.span()[0], c.base + c.grid.span()[1]) for c in chunks
+        }
+        self.chunks = chunks
+        self.last_round = {id(c): max((p.round for p in self.parts[id(c)]), default=-1) for c in chunks}
+        self.held: dict[int, torch.Tensor] = {}
+
+    def most_sent(self, me: int) -> int:
+        """The most bytes rank ``me`` sends other ranks in one round."""
+        sent: dict[int, int] = {}
+        for c in self.chunks:
+            for p in self.parts[id(c)]:
+                if p.owner != me:
+                    n = sum(g.nbytes for g, _ in c.grid.clip(p.lo - c.base, p.hi - c.base))
+                    sent[p.round] = sent.get(p.round, 0) + n
+        return max(sent.values(), default=0)
+
+    def pieces(self, round_no: int, me: int) -> tuple[dict[Part, list[Piece]], dict[int, list[Piece]]]:
+        """This round's pieces of the parts ``me`` owns, and those to send, by owner."""
+        mine: dict[Part, list[Piece]] = {}
+        outgoing: dict[int, list[Piece]] = {}
+        for c in self.chunks:
+            parts = [p for p in self.parts[id(c)] if p.round == round_no]
+            if not parts:
+                continue
+            src = self.held.get(id(c))
+            if src is None:
+                src = self.held[id(c)] = host_bytes(resolve_chunk(self.planner, c.item), c.dtype)
+            for part in parts:
+                for piece in pieces_in(c.file, c.base, c.grid, src, part.lo, part.hi):
+                    if part.owner == me:
+                        mine.setdefault(part, []).append(piece)
+                    else:
+                        outgoing.setdefault(part.owner, []).append(piece)
+            if self.last_round[id(c)] == round_no:
+                del self.held[id(c)]
+        return mine, outgoing
 
 
 def part_header(f: FileLayout, part: Part) -> bytes:
