@@ -105,7 +105,11 @@ def plan_parts(
             for rank, n in v.items():
                 total[rank] = total.get(rank, 0.0) + n
         votes = [file_votes[f] for f, _, _ in cells]
-    parts, round_no, in_round, assigned, numbers = [], 0, {}, {}, {}
+    parts: list[Part] = []
+    round_no = 0
+    in_round: dict[int, int] = {}  # rank -> bytes it owns in the open round
+    assigned: dict[int, int] = {}  # rank -> bytes it owns
+    numbers: dict[int, int] = {}  # file -> parts of it so far
     for (f, lo, hi), v in zip(cells, votes):
         best = max(v.values(), default=0.0)
         candidates = sorted(r for r, n in v.items() if n >= 0.9 * best) or [0]
@@ -314,7 +318,7 @@ class PartWriter:
         self.room = threading.Condition()
         self.in_flight = 0
         self.error: BaseException | None = None
-        self.futures = []
+        self.futures: list = []
 
     def submit(self, part: Part, data: torch.Tensor) -> None:
         n = data.numel()

@@ -8,6 +8,8 @@ old checkpoint as it was."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from dcp_hf.boxes import byte_view
@@ -28,7 +30,7 @@ class FsspecSink:
     def __init__(self, store):
         self.store = store
         self.files: list[FileLayout] = []
-        self.open_files: dict[str, object] = {}  # files this rank is writing
+        self.open_files: dict[str, Any] = {}  # fsspec files this rank is writing
         self.save_id = ""
         self.before: set[str] = set()  # the folder's names when the save began
         self.staged: set[int] = set()  # files written under a hidden name (the name is taken)

@@ -14,6 +14,7 @@ import os
 import torch
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 
+from dcp_hf.contract import tensor_data
 from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError
 from dcp_hf.format import INDEX_NAME, SINGLE_FILE_NAME, FileLayout, TensorSpec, decode_index, natural_key
 from dcp_hf.format.index import FILE_PATTERN, lay_out_file, layout_files
@@ -195,15 +196,16 @@ class HFFiles:
         if not dropped:
             return plan
         tied = self.tied([*kept, *{i.index.fqn for i in dropped}])
-        mine = {
-            (i.index.fqn, tuple(i.tensor_data.chunk.offsets), tuple(i.tensor_data.chunk.sizes)): i for i in plan.items
-        }
+        mine = {}
+        for i in plan.items:
+            box = tensor_data(i).chunk
+            mine[i.index.fqn, tuple(box.offsets), tuple(box.sizes)] = i
         for item in dropped:
-            key, chunk = item.index.fqn, item.tensor_data.chunk
+            key, chunk = item.index.fqn, tensor_data(item).chunk
             source = tied.get(key)
-            twin = mine.get((source, tuple(chunk.offsets), tuple(chunk.sizes)))
             if source is None:
                 raise StateDictMismatchError(f"{key!r} is not in the checkpoint's table")
+            twin = mine.get((source, tuple(chunk.offsets), tuple(chunk.sizes)))
             if twin is None:
                 raise StateDictMismatchError(
                     f"{key!r} is tied to {source!r} by config.json (tie_word_embeddings), but this "
@@ -212,6 +214,7 @@ class HFFiles:
                     f"tie_word_embeddings false in the config"
                 )
             a, b = planner.resolve_data(item), planner.resolve_data(twin)
+            assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)  # tensors (shard items)
             if not (a.shape == b.shape and torch.equal(a.to(b.dtype), b)):
                 raise StateDictMismatchError(
                     f"{key!r} differs from {source!r} at {list(chunk.offsets)}, but config.json ties "

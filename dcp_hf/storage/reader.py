@@ -236,9 +236,10 @@ class HFStorageReader(StorageReader):
                 # "AssertionError: metadata is None". Metadata that raises it where it is used
                 # (set_up_storage_reader) lets DCP report it as it is, on every rank.
                 self._metadata_error = e
-                return HFMetadata(state_dict_metadata=_FailedMetadata(e), checkpoint=self.path)
+                failed = _FailedMetadata(e)
+                return HFMetadata(state_dict_metadata=failed, checkpoint=self.path)  # type: ignore[arg-type]
         return HFMetadata(
-            state_dict_metadata=_LazyTensorMetadata(self),
+            state_dict_metadata=_LazyTensorMetadata(self),  # type: ignore[arg-type]  # DCP only reads it
             storage_meta=StorageMeta(checkpoint_id=self.path),
             checkpoint=self.path,
             allow_dtype_cast=self.allow_dtype_cast,
@@ -472,7 +473,7 @@ class HFStorageReader(StorageReader):
                 + "; the checkpoint was overwritten while being read, or a save into it was interrupted"
             )
         self.save_id = next(iter(ids.values()))
-        weight_map: dict[str, str] = {}
+        weight_map = {}
         for file in files:
             for key in self.headers[file].tensors:
                 if key in weight_map:

@@ -89,7 +89,7 @@ class S3Sink:
         pass
 
     # -- coordinator: the commit ---------------------------------------------------------------
-    def complete(self, receipts: dict[int, list[tuple[int, str]]]) -> None:
+    def complete(self, receipts: dict[int, list[tuple[int, str | None]]]) -> None:
         for n, f in enumerate(self.files):
             commit.step(f"complete {f.name}")
             parts = [{"PartNumber": number, "ETag": etag} for number, etag in sorted(receipts.get(n, []))]

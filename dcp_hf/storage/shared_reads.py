@@ -15,6 +15,7 @@ none): :func:`plan_bands` on the gathered needs, then :func:`read_bands`.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable
@@ -126,7 +127,8 @@ def plan_bands(needs: list[list[Need]], band_bytes: int, round_bytes: int, max_w
         for lo, hi in spans:
             for r0 in range(lo, hi, step):
                 r1 = min(hi, r0 + step)
-                pieces, votes = [], {}
+                pieces: list[BandPiece] = []
+                votes: dict[int, int] = {}
                 for rank, index, n in entries:
                     a, b = max(r0, n.offsets[0]), min(r1, n.offsets[0] + n.lengths[0])
                     if a < b:
@@ -320,7 +322,7 @@ class _RoundIO:
         return segment[end : end + n]
 
     def reads(self) -> list[Callable[[], int]]:
-        return [lambda b=b: self._take(b) for b in self.rnd.bands if b.owner == self.me]
+        return [functools.partial(self._take, b) for b in self.rnd.bands if b.owner == self.me]
 
     def _take(self, band: Band) -> int:
         if self.shared is not None:
@@ -343,7 +345,9 @@ class _RoundIO:
 
     def placements(self) -> list[Callable[[], int]]:
         me = self.me
-        return [lambda b=b, p=p: self._place(b, p) for b in self.rnd.bands for p in b.pieces if p.rank == me != b.owner]
+        return [
+            functools.partial(self._place, b, p) for b in self.rnd.bands for p in b.pieces if p.rank == me != b.owner
+        ]
 
     def _place(self, band: Band, p: BandPiece) -> int:
         need = self.needs[self.me][p.index]

@@ -40,7 +40,7 @@ import math
 import os
 import threading
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
+from typing import Any, Callable, Generator, Iterable, Iterator, NamedTuple, TypeVar
 
 import torch
 
@@ -109,7 +109,7 @@ class Piece:
         self.nbytes = host.numel() * host.element_size()
         self._stager, self._run, self._slab, self._slot, self._load = stager, run, slab, slot, load
         self._copy = None  # save: the copy into the slot
-        self._after = None  # CUDA: the caller's stream, which the copy waits for
+        self._after: Any = None  # CUDA: the caller's stream, which the copy waits for
         self._released = False
 
     @property
@@ -191,7 +191,7 @@ class Stager:
         run = self._begin()
         return Run(self, run, self._load(run, slabs))
 
-    def _save(self, run: int, slabs: Iterable[Slab]) -> Iterator[Piece]:
+    def _save(self, run: int, slabs: Iterable[Slab]) -> Generator[Piece, None, None]:
         pending: deque[Piece] = deque()  # copies issued, pieces not yet yielded (in order)
         boxes = self._boxes(slabs)
         ok = False
@@ -213,7 +213,7 @@ class Stager:
             if not ok:  # an error or an abandoned run; a complete one ends with Run.flush
                 self._end(run)
 
-    def _load(self, run: int, slabs: Iterable[Slab]) -> Iterator[Piece]:
+    def _load(self, run: int, slabs: Iterable[Slab]) -> Generator[Piece, None, None]:
         ok = False
         try:
             for slab, offsets, sizes in self._boxes(slabs):
@@ -223,6 +223,7 @@ class Stager:
                     yield Piece(self, run, slab, offsets, sizes, host, None, load=True)
                     continue
                 slot = self._take(run, block=True, pinned=dest.is_cuda)
+                assert slot is not None  # a blocking take waits for a slot
                 piece = Piece(self, run, slab, offsets, sizes, self._host(slot, slab.dtype, sizes), slot, load=True)
                 if dest.is_cuda:
                     piece._after = torch.cuda.current_stream(dest.device)  # the caller's stream, not a worker's
@@ -247,7 +248,7 @@ class Stager:
         self.close()
 
     # -- internals ----------------------------------------------------------------------------
-    def _boxes(self, slabs: Iterable[Slab]):
+    def _boxes(self, slabs: Iterable[Slab]) -> Iterator[tuple[Slab, tuple[int, ...], tuple[int, ...]]]:
         for slab in slabs:
             for offsets, sizes in cut(tuple(slab.tensor.shape), slab.dtype.itemsize, self.slot_bytes):
                 yield slab, offsets, sizes
@@ -304,7 +305,9 @@ class Stager:
 
     def _host(self, slot: int, dtype: torch.dtype, sizes) -> torch.Tensor:
         nbytes = math.prod(sizes) * dtype.itemsize
-        return self._buffers[slot][:nbytes].view(dtype).view(sizes)
+        buffer = self._buffers[slot]
+        assert buffer is not None  # allocated when the slot was taken
+        return buffer[:nbytes].view(dtype).view(sizes)
 
     def _release(self, piece: Piece, handle) -> None:
         with self._cond:
@@ -404,7 +407,7 @@ class Run:
     every copy has completed (a load's destinations then hold their data) and raises a copy's
     error; on an exception ``close`` ends the run (its copies waited for, its slots freed)."""
 
-    def __init__(self, stager: Stager, number: int, pieces: Iterator[Piece]):
+    def __init__(self, stager: Stager, number: int, pieces: Generator[Piece, None, None]):
         self._stager, self._number, self._pieces = stager, number, pieces
         self._ended = False
 

@@ -3,6 +3,8 @@ memory://, ...). One small byte-range interface, so the reader is the same on bo
 
 from __future__ import annotations
 
+import builtins  # the stores have a list() method
+
 import os
 import random
 import socket
@@ -30,11 +32,12 @@ S3_REQUEST_DEADLINE = 120.0
 
 def _is_timeout(error: BaseException) -> bool:
     seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, TimeoutError) or "Timeout" in type(error).__name__:
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__:
             return True
-        error = error.__cause__ or error.__context__
+        cause = cause.__cause__ or cause.__context__
     return False
 
 
@@ -91,7 +94,8 @@ class LocalStore:
     def read(self, name: str) -> bytes:
         fd = self.open(name)
         try:
-            size, chunks, at = os.fstat(fd).st_size, [], 0
+            size, at = os.fstat(fd).st_size, 0
+            chunks: list[bytes] = []
             while True:
                 chunk = os.pread(fd, max(size - at, 1 << 16), at)
                 if not chunk:
@@ -204,7 +208,7 @@ class FsspecStore:
     def list(self) -> list[str]:
         return sorted(p.rsplit("/", 1)[-1] for p in self._retry(self.url, self.fs.ls, self.root, detail=False))
 
-    def names(self) -> list[str]:
+    def names(self) -> builtins.list[str]:
         """The folder's entries; none where there is no folder (yet)."""
         try:
             return self.list() if self.is_folder() else []
@@ -217,7 +221,7 @@ class FsspecStore:
         except FileNotFoundError:
             raise CheckpointFormatError(f"{self.where(name)}: missing from the checkpoint") from None
 
-    def open(self, name: str) -> tuple[str, int]:
+    def open(self, name: str) -> tuple:  # a handle: (path, size), and the ETag on S3
         try:
             size = self._retry(self.where(name), self.fs.size, self.path_of(name))
         except FileNotFoundError:
@@ -238,7 +242,7 @@ class FsspecStore:
         n = grid.run_len
         if grid.nbytes == 0:
             return 0
-        ranges: list[list[int]] = []  # [start, end, first run, last run + 1]
+        ranges: builtins.list[builtins.list[int]] = []  # [start, end, first run, last run + 1]
         for i, start in enumerate(grid.starts()):
             s = base + start
             if ranges and s - ranges[-1][1] <= self.coalesce_gap and s + n - ranges[-1][0] <= self.max_range:
@@ -261,7 +265,7 @@ class FsspecStore:
                 dst[i * n : (i + 1) * n] = view[at : at + n]
         return sum(r[1] - r[0] for r in ranges)
 
-    def _fetch(self, handle, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    def _fetch(self, handle, name: str, ranges: builtins.list[tuple[int, int]]) -> builtins.list[bytes | bytearray]:
         return self._retry(
             self.where(name),
             self.fs.cat_ranges,
@@ -331,7 +335,7 @@ class S3Store(FsspecStore):
     def is_folder(self) -> bool:
         return bool(self.list())
 
-    def names(self) -> list[str]:
+    def names(self) -> builtins.list[str]:
         return self.list()
 
     def read(self, name: str) -> bytes:
@@ -350,10 +354,11 @@ class S3Store(FsspecStore):
         from botocore.exceptions import ResponseStreamingError
         from urllib3.exceptions import HTTPError as Urllib3Error
 
-        transient = (OSError, http.client.HTTPException, Urllib3Error, ConnectionClosedError, IncompleteReadError)
-        transient += (ReadTimeoutError, ResponseStreamingError)
+        transient: tuple[type[BaseException], ...] = (OSError, http.client.HTTPException, Urllib3Error)
+        transient += (ConnectionClosedError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError)
         attempts = self.options["config_kwargs"]["retries"].get("max_attempts", S3_ATTEMPTS)
         where = self.where(name) if name is not None else self.url
+        failure: BaseException | None = None
         for attempt in range(max(1, attempts)):
             deadline = time.monotonic() + self.request_deadline
             response = self.request(name, what, self.client().get_object, etag, Bucket=self.bucket, **kwargs)
@@ -414,7 +419,7 @@ class S3Store(FsspecStore):
                 self._client = _CLIENTS[ident]
         return self._client
 
-    def open(self, name: str) -> tuple[str, int, str]:
+    def open(self, name: str) -> tuple:
         """The object's size and ETag, from one HEAD; every later read of it is a ranged GET
         with ``If-Match`` on that ETag, so all bytes come from the same object version."""
         path = self.path_of(name)
@@ -431,7 +436,7 @@ class S3Store(FsspecStore):
         end = min(offset + length, handle[1])
         return b"".join(self._fetch(handle, handle[0].rsplit("/", 1)[-1], [(offset, end)])) if end > offset else b""
 
-    def request(self, name: str, what: str, fn, etag: str | None = None, **kwargs):
+    def request(self, name: str | None, what: str, fn, etag: str | None = None, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
 
         where = self.where(name) if name is not None else self.url
@@ -447,7 +452,7 @@ class S3Store(FsspecStore):
                 ) from None
             if code in ("PreconditionFailed", "412"):
                 raise MixedCheckpointError(
-                    f"{self.where(name)}: replaced while being read (its ETag is no longer {etag}): "
+                    f"{where}: replaced while being read (its ETag is no longer {etag}): "
                     f"the checkpoint was overwritten during the load; load again"
                 ) from None
             raise StorageError(f"{where}: {what}: {e}") from e
@@ -456,7 +461,7 @@ class S3Store(FsspecStore):
                 raise StorageError(f"{where}: {what}: no answer from the server ({e})") from e
             raise StorageError(f"{where}: {what}: {e}") from e
 
-    def _fetch(self, handle, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    def _fetch(self, handle, name: str, ranges: builtins.list[tuple[int, int]]) -> builtins.list[bytes | bytearray]:
         key = handle[0].partition("/")[2]
         return [
             self._get(name, f"bytes {a}-{b}", None, handle[2], Key=key, Range=f"bytes={a}-{b - 1}") for a, b in ranges
@@ -484,7 +489,7 @@ def read_body(response: dict, dst: memoryview | None, deadline: float) -> bytes 
     :class:`BodyCutShort`."""
     length = response["ContentLength"]
     buffer = bytearray(length) if dst is None else None
-    out = dst if dst is not None else memoryview(buffer)
+    out = dst if dst is not None else memoryview(buffer or bytearray())
     stream = response["Body"]._raw_stream  # urllib3's response; S3 objects carry no content encoding
     fp = getattr(stream, "_fp", None) or stream
     expired = threading.Event()

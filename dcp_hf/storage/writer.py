@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_hf.boxes import RunGrid, box_runs
-from dcp_hf.contract import COMPACT_PLANS, MergedPlan, decode_table, encode_table, merged_plan
+from dcp_hf.contract import COMPACT_PLANS, MergedPlan, decode_table, encode_table, merged_plan, tensor_data
 from dcp_hf.errors import (
     Fix,
     CheckpointExistsError,
@@ -296,7 +296,7 @@ class HFStorageWriter(StorageWriter):
             key = item.index.fqn
             if item.type == WriteItemType.BYTE_IO:
                 raise not_a_tensor(key)
-            name_from_dtype(self.export_dtype(key, item.tensor_data.properties.dtype), key=key)
+            name_from_dtype(self.export_dtype(key, tensor_data(item).properties.dtype), key=key)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -368,7 +368,9 @@ class HFStorageWriter(StorageWriter):
         below = self.exchange_below
         if below is None:  # local disks map short runs at memory speed; elsewhere each is a write
             below = 0 if sink.short_runs_cheap else EXCHANGE_BELOW
-        regions, holdings, exchanged = [], [], set()
+        regions: list[Region] = []
+        holdings: list[Holding] = []
+        exchanged: set[str] = set()
         for writer in merged.writers():
             keys, (offsets, sizes) = writer.keys, writer.box
             if sink.direct:  # one decision per box of keys of one shape (not per chunk: 10^7 at scale)
@@ -432,10 +434,11 @@ class HFStorageWriter(StorageWriter):
         group, world, me = self._group(wp.world)
         sink = self._sink if self.is_coordinator and self._sink is not None else open_sink(self.store)
         index = PartIndex(wp.parts)
-        direct, through_parts = [], []
+        direct: list[ChunkWrite] = []
+        through_parts: list[ChunkWrite] = []
         for item in plan.items:
             n, base = self._where[item.index.fqn]
-            td, dtype = item.tensor_data, files[n].specs[item.index.fqn].dtype
+            td, dtype = tensor_data(item), files[n].specs[item.index.fqn].dtype
             grid = box_runs(tuple(td.size), tuple(td.chunk.offsets), tuple(td.chunk.sizes), itemsize(dtype))
             if grid.nbytes == 0:  # an empty tensor: its header entry is all there is
                 continue
@@ -494,7 +497,7 @@ class HFStorageWriter(StorageWriter):
 
         def write(piece) -> int:
             c: ChunkWrite = piece.tag
-            td = c.item.tensor_data
+            td = tensor_data(c.item)
             box = tuple(o + p for o, p in zip(td.chunk.offsets, piece.offsets))
             grid = box_runs(tuple(td.size), box, piece.sizes, itemsize(c.dtype))
             try:
@@ -537,14 +540,16 @@ class HFStorageWriter(StorageWriter):
             if world > 1:  # ranks on one host pass the bytes through shared memory
                 shared = open_shared(feed.most_sent(me), group, me, world, f"dcp-hf-save-{wp.save_id}")
             for r in range(n_rounds):
-                mine, outgoing = rounds.attempt(lambda: feed.pieces(r, me), ({}, {}))
+                nothing: tuple[dict[Part, list[Piece]], dict[int, list[Piece]]] = ({}, {})
+                mine, outgoing = rounds.attempt(lambda: feed.pieces(r, me), nothing)
                 received, remote = exchange(outgoing, group, world, shared) if group is not None else ([], 0)
                 self.bytes_from_other_hosts += remote
                 for piece in received:
                     mine.setdefault(index.of(piece.file, piece.offset), []).append(piece)
                 owned = [p for p in wp.parts if p.round == r and p.owner == me]
                 rounds.attempt(lambda: self._submit_parts(owned, mine, writer, progress), None)
-                mine = received = None  # the pieces' memory, before the next round's
+                mine.clear()  # the pieces' memory, before the next round's
+                received.clear()
                 end_round(group, shared)
             receipts = rounds.attempt(writer.receipts, [])
         finally:
@@ -564,6 +569,8 @@ class HFStorageWriter(StorageWriter):
         """The one commit sequence: every file complete, side files, the index last (an old
         index that would shadow a new single file goes first), then the sink publishes."""
         sink, files = self._sink, self._files
+        if sink is None:
+            raise StorageError(f"{self.path}: finish on a writer whose prepare_global_plan did not run")
         receipts: dict[int, list] = {}
         for rank_results in results:
             for r in rank_results:
