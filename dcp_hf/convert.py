@@ -7,9 +7,7 @@ an expert's matrices when splitting, one merged tensor when merging).
 from __future__ import annotations
 
 import dataclasses
-import os
 import secrets
-import shutil
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +20,7 @@ from dcp_hf.layouts import IDENTITY, Layout, MergedExperts, Prefix, detect_layou
 from dcp_hf.layouts.models import MINDSPEED_MODELS, TRANSFORMERS_MOE, mindspeed_model, read_config
 from dcp_hf.progress import file_system_writer
 from dcp_hf.storage import HFStorageReader, HFStorageWriter, commit
-from dcp_hf.storage.hf_files import read_side_files, side_files_of
+from dcp_hf.storage.hf_files import copy_side_files, read_side_files
 from dcp_hf.storage.stores import is_url, open_store
 from dcp_hf.streaming import dcp_specs, hf_specs, is_main, stream
 
@@ -48,22 +46,6 @@ def _check_converted(src: str, specs: dict, source_keys, prefixes, side: str) ->
                 f"{src}: --prefix {memory}={hf}: no key starts with {wanted!r} "
                 f"(keys: {', '.join(sorted(source_keys)[:3])}, ...)"
             )
-
-
-def copy_side_files(src: str, dst: str) -> list[str]:
-    """Copy what MindSpeed-MM's converters copy from an HF folder, subfolders included: every
-    file but ``*.safetensors`` (see ``is_side_file``), less the index and hidden names."""
-    inside = os.path.realpath(dst) + os.sep  # DST may lie in SRC: not copied into itself
-    copied = [
-        n
-        for n in side_files_of(src, other_weights=True, recursive=True)
-        if not os.path.realpath(os.path.join(src, n)).startswith(inside)
-    ]
-    for name in copied:
-        target = os.path.join(dst, name)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copy2(os.path.join(src, name), target)
-    return copied
 
 
 def experts_layout(src: str, source: dict[str, TensorSpec], direction: str, style: str | None) -> Layout:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import torch
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
@@ -128,6 +129,23 @@ def read_side_files(folder: str, *, other_weights: bool = False) -> dict[str, by
 
     store = open_store(folder)
     return {name: store.read(name) for name in side_files_of(folder, other_weights=other_weights)}
+
+
+def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copy what MindSpeed-MM's converters copy from a local HF folder, subfolders included:
+    every file but ``*.safetensors`` (``is_side_file(other_weights=True)``), less the index and
+    hidden names; returns the names copied."""
+    inside = os.path.realpath(dst) + os.sep  # DST may lie in SRC: not copied into itself
+    copied = [
+        n
+        for n in side_files_of(src, other_weights=True, recursive=True)
+        if not os.path.realpath(os.path.join(src, n)).startswith(inside)
+    ]
+    for name in copied:
+        target = os.path.join(dst, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(src, name), target)
+    return copied
 
 
 def read_file_map(source) -> dict[str, str]:
