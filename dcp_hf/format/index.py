@@ -40,6 +40,7 @@ def fresh_name(name: str, save_id: str) -> str:
     stem, dot, rest = name.partition(".safetensors")
     return f"{stem}-{save_id}{dot}{rest}"
 
+
 _UNITS = {
     "": 1,
     "B": 1,

@@ -229,7 +229,9 @@ class LocalSink:
         for f in self.files:
             if f.name != SINGLE_FILE_NAME:
                 commit.step(f"name {f.name}")
-                commit.place(os.path.join(self.folder, partial_name(f.name, self.save_id)), os.path.join(self.folder, f.name))
+                commit.place(
+                    os.path.join(self.folder, partial_name(f.name, self.save_id)), os.path.join(self.folder, f.name)
+                )
         fsync_dir(self.folder)
 
     def put(self, name: str, data: bytes) -> None:
