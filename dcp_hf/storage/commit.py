@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -159,24 +160,39 @@ class Committed:
 
 def committed(folder: str) -> Committed:
     """What readers load from ``folder`` (:func:`dcp_hf.storage.reader.in_effect`)."""
-    from dcp_hf.format import SAVE_ID_KEY, SINGLE_FILE_NAME, read_header
+    from dcp_hf.format import SINGLE_FILE_NAME
     from dcp_hf.storage.reader import in_effect
     from dcp_hf.storage.stores import LocalStore
 
-    store = LocalStore(folder)
-    found = in_effect(store)
+    found = in_effect(LocalStore(folder))
     if found is None:
         return Committed(None, frozenset())
     if found.indexes:
         names = {name for name, _ in found.indexes}
         names.update(f for _, index in found.indexes for f in index.weight_map.values())
         return Committed(found.indexes[0][1].save_id, frozenset(names))
-    fd = store.open(SINGLE_FILE_NAME)
+    return Committed(written_by(folder, SINGLE_FILE_NAME), frozenset([SINGLE_FILE_NAME]))
+
+
+def written_by(folder: str, name: str) -> str | None:
+    """The save id a checkpoint file of ``folder`` records (None: none, or not readable)."""
+    from dcp_hf.format import SAVE_ID_KEY, read_header
+    from dcp_hf.format.index import decode_index_record
+
+    path = os.path.join(folder, name)
     try:
-        header = read_header(lambda off, n: os.pread(fd, n, off), store.where(SINGLE_FILE_NAME), os.fstat(fd).st_size)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if name.endswith(".json"):
+            return decode_index_record(os.pread(fd, 64 << 20, 0), path).save_id
+        header = read_header(lambda off, n: os.pread(fd, n, off), path, os.fstat(fd).st_size)
+        return (header.metadata or {}).get(SAVE_ID_KEY)
+    except (DcpHfError, OSError):
+        return None
     finally:
         os.close(fd)
-    return Committed((header.metadata or {}).get(SAVE_ID_KEY), frozenset([SINGLE_FILE_NAME]))
 
 
 def begin_commit(folder: str, save_id: str, before: set[str]) -> None:
@@ -192,7 +208,8 @@ def finish_commit(folder: str) -> None:
     """Finish an interrupted (or just completed) commit into ``folder`` from its record: if
     readers load that save's checkpoint, remove the replaced checkpoint's files it does not
     name (roll forward); else remove the files the save made visible (roll back). Only
-    checkpoint files (``CHECKPOINT_FILE``) are ever removed, never one readers load now."""
+    checkpoint files (``CHECKPOINT_FILE``) are ever removed, never one readers load now, and
+    rolling back removes only files that record the save's id."""
     try:
         fd = os.open(os.path.join(folder, JOURNAL), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -208,7 +225,10 @@ def finish_commit(folder: str) -> None:
     if before is not None:
         now = committed(folder)
         present = {n for n in os.listdir(folder) if CHECKPOINT_FILE.match(n)}
-        doomed = (before if now.save_id == save_id else present - before) - now.names
+        if now.save_id == save_id:  # committed: the replaced checkpoint's files go
+            doomed = before - now.names
+        else:  # not committed: the files this save made visible go (only those: its id is in them)
+            doomed = {n for n in present - before - now.names if written_by(folder, n) == save_id}
         for name in sorted(doomed):
             remove_checkpoint_file(folder, name)
         fsync_dir(folder)
@@ -546,8 +566,14 @@ def check_destination(path: str) -> None:
 
 # -- the writer's lock -------------------------------------------------------------------------
 def lock_path(path: str) -> str:
+    """The lock beside the folder: ``.NAME.dcp-hf-lock``, or, where that name would be too
+    long for the file system with the temporary name it is written under (a folder name of
+    over 220 bytes), a digest of NAME in its place."""
     parent, name = _split(path)
-    return os.path.join(parent, f".{name}.dcp-hf-lock")
+    lock = f".{name}.dcp-hf-lock"
+    if len(os.fsencode(lock)) + len(".0123456789abcdef.tmp") > 255:
+        lock = f".{hashlib.sha256(os.fsencode(name)).hexdigest()[:32]}.dcp-hf-lock"
+    return os.path.join(parent, lock)
 
 
 # Save ids of the locks this process holds: a lock of this pid is live exactly when its save id
