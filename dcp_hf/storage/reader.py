@@ -159,11 +159,10 @@ class InEffect:
 def in_effect(store) -> InEffect | None:
     """The checkpoint files readers of ``store`` follow (None: neither a model index nor
     ``model.safetensors``). A save commits by changing exactly this (see :mod:`.commit`)."""
-    single = store.exists(SINGLE_FILE_NAME)
     if not store.exists(INDEX_NAME):
-        return InEffect([]) if single else None
+        return InEffect([]) if store.exists(SINGLE_FILE_NAME) else None
     model = decode_index_record(store.read(INDEX_NAME), store.where(INDEX_NAME))
-    if single and SINGLE_FILE_NAME not in model.weight_map.values():
+    if SINGLE_FILE_NAME not in model.weight_map.values() and store.exists(SINGLE_FILE_NAME):
         return InEffect([])  # a save to shards put its index; removing model.safetensors commits it
     indexes = [(INDEX_NAME, model)]
     state_name = model.training_state_index
