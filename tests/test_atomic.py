@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
 from dcp_hf.errors import DcpHfError
+from dcp_hf.format import INDEX_NAME
 from dcp_hf.storage import commit
 
 pytestmark = pytest.mark.slow  # every test here starts processes, a server or Megatron models
@@ -52,9 +53,42 @@ def save(path, state, max_shard_size, overwrite=True, planner=None):
     )
 
 
+# The user's own files beside the weights: a save never moves, changes or removes them.
+USER_FILES = {
+    "notes.txt": "the user's own file",
+    "tokenizer.json": '{"version": "1.0"}',
+    "eval_results/x.json": '{"accuracy": 0.5}',
+}
+DURING = "trainer_state.json"  # written by the user at every step of the commit
+
+
+def plant_user_files(path) -> int:
+    """The user's files in the folder; the folder's inode."""
+    for name, text in USER_FILES.items():
+        (path / name).parent.mkdir(exist_ok=True)
+        (path / name).write_text(text)
+    return os.stat(path).st_ino
+
+
+def check_user_files(path, inode, during=None) -> None:
+    assert os.stat(path).st_ino == inode  # the folder itself is the same folder
+    for name, text in USER_FILES.items():
+        assert (path / name).read_text() == text, name
+    if during is not None:
+        assert (path / DURING).read_text() == during
+
+
 def _child(path, max_shard_size, env):
     os.environ.update(env)
     commit.reset_steps()
+    step = commit.step
+
+    def user_writes_then_step(what):  # the user writes a file during each step of the commit
+        with open(os.path.join(path, DURING), "w") as f:
+            f.write(f"before step {commit._steps + 1}")
+        step(what)
+
+    commit.step = user_writes_then_step
     save(path, B, max_shard_size)
     os._exit(0)
 
@@ -92,65 +126,54 @@ def load_transformers(path) -> str:
     return which(model.state_dict())
 
 
-def count_steps(tmp_path, a_size, b_size) -> int:
+def count_steps(tmp_path, a_size, b_size, env=None) -> int:
     path, log = tmp_path / "count", tmp_path / "steps.log"
     save(path, A, a_size, overwrite=False)
-    (path / "notes.txt").write_text("the user's own file")
-    assert save_b_in_child(str(path), b_size, {"DCP_HF_STEP_LOG": str(log)}) == 0
+    plant_user_files(path)
+    assert save_b_in_child(str(path), b_size, {"DCP_HF_STEP_LOG": str(log), **(env or {})}) == 0
     steps = log.read_text().splitlines()
-    assert any("exchange" in s for s in steps)
+    assert any("remove" in s for s in steps) and any("rename" in s for s in steps), steps
     return len(steps)
 
 
 @pytest.mark.parametrize(
-    "a_size,b_size",
-    [(SHARDED, SHARDED), (SINGLE, SHARDED), (SHARDED, SINGLE)],
-    ids=["sharded-to-sharded", "single-to-sharded", "sharded-to-single"],
+    "a_size,b_size,env",
+    [
+        (SHARDED, SHARDED, {}),
+        (SINGLE, SHARDED, {}),
+        (SHARDED, SINGLE, {}),
+        (SHARDED, SHARDED, {"DCP_HF_NO_EXCHANGE": "1"}),
+    ],
+    ids=["sharded-to-sharded", "single-to-sharded", "sharded-to-single", "sharded-without-renameat2"],
 )
-def test_killed_at_every_commit_step_the_folder_is_old_or_new(tmp_path, a_size, b_size):
-    steps = count_steps(tmp_path, a_size, b_size)
+def test_killed_at_every_commit_step_the_folder_is_old_or_new(tmp_path, a_size, b_size, env):
+    """Killed at any step, the folder loads as exactly A or B with both readers, and every
+    file of the user's, one written during the commit included, is there and unchanged."""
+    steps = count_steps(tmp_path, a_size, b_size, env)
     seen = []
     for k in range(1, steps + 2):  # k = steps + 1: never killed
         path = tmp_path / f"k{k}"
         save(path, A, a_size, overwrite=False)
-        (path / "notes.txt").write_text("the user's own file")
-        code = save_b_in_child(str(path), b_size, {"DCP_HF_KILL_AT": str(k)})
+        inode = plant_user_files(path)
+        code = save_b_in_child(str(path), b_size, {"DCP_HF_KILL_AT": str(k), **env})
         assert code == (0 if k > steps else -9), (k, code)
         got = load_dcp_hf(path), load_transformers(path)
         assert got in (("A", "A"), ("B", "B")), (k, got)
-        assert (path / "notes.txt").read_text() == "the user's own file"
+        check_user_files(path, inode, f"before step {min(k, steps)}")
         seen.append(got[0])
-        # The next save cleans up what the killed one left, and commits.
+        # The next save finishes what the killed one left, and commits.
         save(path, B, b_size)
         assert load_dcp_hf(path) == "B"
+        check_user_files(path, inode, f"before step {min(k, steps)}")
         assert [e for e in os.listdir(tmp_path) if e.startswith(f".k{k}.")] == []
         assert not any(n.startswith(".") for n in os.listdir(path)), os.listdir(path)
+        names = {n for n in os.listdir(path) if n.endswith(".safetensors")}  # B's files alone
+        assert names == (
+            {"model.safetensors"}
+            if b_size == SINGLE
+            else set(json.loads((path / INDEX_NAME).read_text())["weight_map"].values())
+        )
     assert seen[0] == "A" and seen[-1] == "B"  # the kill points span the whole commit
-
-
-def test_without_exchange_the_folder_is_old_new_or_absent_and_the_next_save_restores(tmp_path):
-    env = {"DCP_HF_NO_EXCHANGE": "1"}
-    os.environ.update(env)
-    try:
-        steps = count_steps(tmp_path, SHARDED, SINGLE)
-    finally:
-        del os.environ["DCP_HF_NO_EXCHANGE"]
-    absent = 0
-    for k in range(1, steps + 1):
-        path = tmp_path / f"k{k}"
-        save(path, A, SHARDED, overwrite=False)
-        (path / "notes.txt").write_text("the user's own file")
-        assert save_b_in_child(str(path), SINGLE, dict(env, DCP_HF_KILL_AT=str(k))) == -9
-        if not path.exists():  # between the two renames: a clear error, then put back
-            absent += 1
-            with pytest.raises(
-                CheckpointException, match=f"interrupted save left the previous checkpoint at .*\\.k{k}\\.dcp-hf-old-"
-            ):
-                load_dcp_hf(path)
-            commit.clean_leftovers(str(path))
-        got = load_dcp_hf(path), load_transformers(path)
-        assert got in (("A", "A"), ("B", "B")), (k, got)
-    assert absent == 1
 
 
 def _hold_lock(path, ready):

@@ -20,12 +20,26 @@ INDEX_NAME = "model.safetensors.index.json"
 SAVE_ID_KEY = "dcp_hf_save_id"
 SINGLE_FILE_NAME = "model.safetensors"
 FILE_PATTERN = "model{suffix}.safetensors"
+# In a training checkpoint's model index: the name of its training state's index (committed with
+# the model's: one rename of the model index commits both).
+TRAINING_STATE_INDEX_KEY = "dcp_hf_training_state_index"
 # A checkpoint's own files in a folder, HF's or torch's FileSystemWriter's: a save replaces them
-# (with overwrite) and keeps every other file (config, tokenizer, the user's notes).
+# (with overwrite) and keeps every other file (config, tokenizer, the user's notes). A file whose
+# standard name the previous checkpoint still uses gets the save's id in its name (``fresh_name``).
 CHECKPOINT_FILE = re.compile(
-    r"^((model|training_state)(-\d{5}-of-\d{5})?\.safetensors|(model|training_state)\.safetensors\.index\.json"
+    r"^((model|training_state)(-\d{5}-of-\d{5})?(-[0-9a-f]{12})?\.safetensors"
+    r"|(model|training_state)(-[0-9a-f]{12})?\.safetensors\.index\.json"
     r"|__\d+_\d+\.distcp|\.metadata)$"
 )
+
+
+def fresh_name(name: str, save_id: str) -> str:
+    """``name`` with the save's id before its ``.safetensors``: a name no earlier save used, so
+    a save never rewrites a file the previous checkpoint's index names, while that index is in
+    place (``model-00001-of-00002.safetensors`` -> ``model-00001-of-00002-SAVEID.safetensors``)."""
+    stem, dot, rest = name.partition(".safetensors")
+    return f"{stem}-{save_id}{dot}{rest}"
+
 
 _UNITS = {
     "": 1,
@@ -70,10 +84,14 @@ def check_file_name(name: object, where: str) -> str:
     return name
 
 
-def encode_index(total_size: int, weight_map: dict[str, str], save_id: str | None = None) -> bytes:
+def encode_index(
+    total_size: int, weight_map: dict[str, str], save_id: str | None = None, training_state_index: str | None = None
+) -> bytes:
     metadata: dict[str, object] = {"total_size": total_size}
     if save_id is not None:
         metadata[SAVE_ID_KEY] = save_id
+    if training_state_index is not None:
+        metadata[TRAINING_STATE_INDEX_KEY] = training_state_index
     index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
     return (json.dumps(index, indent=2) + "\n").encode("utf-8")
 
@@ -86,6 +104,21 @@ def decode_index(data: bytes, where: str) -> dict[str, str]:
 def decode_index_and_id(data: bytes, where: str) -> tuple[dict[str, str], str | None]:
     """The weight map of an index json, validated (key -> file name), and the id of the save
     that wrote it (None for checkpoints written by other tools)."""
+    index = decode_index_record(data, where)
+    return index.weight_map, index.save_id
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """An index json: its weight map, the save that wrote it (None: another tool) and, in a
+    training checkpoint's model index, the name of the training state's index."""
+
+    weight_map: dict[str, str]
+    save_id: str | None
+    training_state_index: str | None
+
+
+def decode_index_record(data: bytes, where: str) -> IndexRecord:
     try:
         index = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -96,10 +129,13 @@ def decode_index_and_id(data: bytes, where: str) -> tuple[dict[str, str], str | 
     for key, file in weight_map.items():
         check_file_name(file, f"{where}: key {key!r}")
     metadata = index.get("metadata")
-    save_id = metadata.get(SAVE_ID_KEY) if isinstance(metadata, dict) else None
+    metadata = metadata if isinstance(metadata, dict) else {}
+    save_id, state_index = metadata.get(SAVE_ID_KEY), metadata.get(TRAINING_STATE_INDEX_KEY)
     if save_id is not None and not isinstance(save_id, str):
         raise CheckpointFormatError(f"{where}: metadata {SAVE_ID_KEY!r} must be a string")
-    return weight_map, save_id
+    if state_index is not None:
+        check_file_name(state_index, f"{where}: metadata {TRAINING_STATE_INDEX_KEY!r}")
+    return IndexRecord(weight_map, save_id, state_index)
 
 
 _DIGITS = re.compile(r"([0-9]+)")

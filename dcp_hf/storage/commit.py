@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -124,6 +125,148 @@ def write_new_file(folder: str, name: str, data: bytes) -> None:
         except OSError:
             pass
         raise StorageError(e.errno, f"writing {path}: {e.strerror}") from e
+
+
+# -- the in-folder commit of an HF checkpoint --------------------------------------------------
+JOURNAL = ".dcp-hf-commit"  # in the folder, while a save changes its visible files
+RENAME_NOREPLACE = 1
+
+
+def place(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``, never replacing a file at ``dst`` (``RENAME_NOREPLACE``;
+    where the file system lacks it, a check then a rename: the folder is locked)."""
+    try:
+        try:
+            _renameat2(src, dst, RENAME_NOREPLACE)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            if os.path.lexists(dst):
+                raise OSError(errno.EEXIST, os.strerror(errno.EEXIST)) from None
+            os.rename(src, dst)
+    except OSError as e:
+        why = "appeared during the save; not replacing it" if e.errno == errno.EEXIST else e.strerror
+        raise StorageError(e.errno, f"{dst}: {why}") from e
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The checkpoint readers of a folder load now: the save that wrote it (None: another tool,
+    or none) and the checkpoint files it consists of."""
+
+    save_id: str | None
+    names: frozenset[str]
+
+
+def committed(folder: str) -> Committed:
+    """What readers load from ``folder`` (:func:`dcp_hf.storage.reader.in_effect`)."""
+    from dcp_hf.format import SINGLE_FILE_NAME
+    from dcp_hf.storage.reader import in_effect
+    from dcp_hf.storage.stores import LocalStore
+
+    found = in_effect(LocalStore(folder))
+    if found is None:
+        return Committed(None, frozenset())
+    if found.indexes:
+        names = {name for name, _ in found.indexes}
+        names.update(f for _, index in found.indexes for f in index.weight_map.values())
+        return Committed(found.indexes[0][1].save_id, frozenset(names))
+    return Committed(written_by(folder, SINGLE_FILE_NAME), frozenset([SINGLE_FILE_NAME]))
+
+
+def written_by(folder: str, name: str) -> str | None:
+    """The save id a checkpoint file of ``folder`` records (None: none, or not readable)."""
+    from dcp_hf.format import SAVE_ID_KEY, read_header
+    from dcp_hf.format.index import decode_index_record
+
+    path = os.path.join(folder, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if name.endswith(".json"):
+            return decode_index_record(os.pread(fd, 64 << 20, 0), path).save_id
+        header = read_header(lambda off, n: os.pread(fd, n, off), path, os.fstat(fd).st_size)
+        return (header.metadata or {}).get(SAVE_ID_KEY)
+    except (DcpHfError, OSError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def begin_commit(folder: str, save_id: str, before: set[str]) -> None:
+    """Before a save changes any visible name in ``folder``: record which checkpoint files
+    were there (``before``), so that whoever finds the record (:func:`finish_commit`) knows
+    which files belong to the interrupted save and which to the checkpoint it replaced."""
+    record = {"save_id": save_id, "before": sorted(before)}
+    write_new_file(folder, JOURNAL, json.dumps(record).encode())
+    fsync_dir(folder)
+
+
+def finish_commit(folder: str) -> None:
+    """Finish an interrupted (or just completed) commit into ``folder`` from its record: if
+    readers load that save's checkpoint, remove the replaced checkpoint's files it does not
+    name (roll forward); else remove the files the save made visible (roll back). Only
+    checkpoint files (``CHECKPOINT_FILE``) are ever removed, never one readers load now, and
+    rolling back removes only files that record the save's id."""
+    try:
+        fd = os.open(os.path.join(folder, JOURNAL), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    try:
+        record = json.loads(os.read(fd, 16 << 20))
+        save_id, before = record["save_id"], set(record["before"])
+    except (ValueError, KeyError, TypeError, OSError):
+        logger.warning("%s: not a commit record dcp-hf writes; removing it", os.path.join(folder, JOURNAL))
+        save_id, before = None, None
+    finally:
+        os.close(fd)
+    if before is not None:
+        now = committed(folder)
+        present = {n for n in os.listdir(folder) if CHECKPOINT_FILE.match(n)}
+        if now.save_id == save_id:  # committed: the replaced checkpoint's files go
+            doomed = before - now.names
+        else:  # not committed: the files this save made visible go (only those: its id is in them)
+            doomed = {n for n in present - before - now.names if written_by(folder, n) == save_id}
+        for name in sorted(doomed):
+            remove_checkpoint_file(folder, name)
+        fsync_dir(folder)
+    step("remove commit record")
+    os.unlink(os.path.join(folder, JOURNAL))
+    fsync_dir(folder)
+
+
+def remove_checkpoint_file(folder: str, name: str) -> None:
+    """Remove a replaced checkpoint file (a file or link; anything else is left, with a warning)."""
+    path = os.path.join(folder, name)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        logger.warning("%s: not a file; not removing it", path)
+        return
+    step(f"remove {name}")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_own_hidden(folder: str) -> None:
+    """Remove the hidden files interrupted saves left in ``folder`` (partial weights files and
+    small-file temporaries, under names only dcp-hf makes)."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for name in names:
+        if _OWN_HIDDEN.match(name):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
 
 
 # -- the destination ---------------------------------------------------------------------------
@@ -423,8 +566,14 @@ def check_destination(path: str) -> None:
 
 # -- the writer's lock -------------------------------------------------------------------------
 def lock_path(path: str) -> str:
+    """The lock beside the folder: ``.NAME.dcp-hf-lock``, or, where that name would be too
+    long for the file system with the temporary name it is written under (a folder name of
+    over 220 bytes), a digest of NAME in its place."""
     parent, name = _split(path)
-    return os.path.join(parent, f".{name}.dcp-hf-lock")
+    lock = f".{name}.dcp-hf-lock"
+    if len(os.fsencode(lock)) + len(".0123456789abcdef.tmp") > 255:
+        lock = f".{hashlib.sha256(os.fsencode(name)).hexdigest()[:32]}.dcp-hf-lock"
+    return os.path.join(parent, lock)
 
 
 # Save ids of the locks this process holds: a lock of this pid is live exactly when its save id

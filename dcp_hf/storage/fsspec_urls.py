@@ -2,9 +2,8 @@
 upload, so each file is written in order through one open file by one rank, its owner (the
 rank that holds most of it; the others send it their bytes, as for S3). A file appears when
 its owner closes it; the index is still written last, and a failed save removes every file.
-A file whose name the folder already holds (an overwrite) is written under a hidden name and
-moved over the old one only once every file of the save is whole, so a failed save leaves the
-old checkpoint as it was."""
+Shards get names no file has (``stored_names``), so only ``model.safetensors`` can be
+replaced: it is written under a hidden name and moved over the old one last, as the commit."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import torch
 
 from dcp_hf.boxes import byte_view
 from dcp_hf.errors import StorageError
-from dcp_hf.format import FileLayout
+from dcp_hf.format import SINGLE_FILE_NAME, FileLayout
 from dcp_hf.storage import commit
 from dcp_hf.storage.exchange import Part
 from dcp_hf.storage.local import PARTIAL, partial_name
@@ -101,17 +100,22 @@ class FsspecSink:
 
     # -- coordinator: the commit ---------------------------------------------------------------
     def complete(self, receipts) -> None:
-        """Every file has its full size; then the staged ones replace the old files."""
+        """Every file has its full size; then the staged ones replace the old files, except
+        ``model.safetensors``, which commits a one-file checkpoint in ``publish``."""
         for n, f in enumerate(self.files):
             name = self._written_name(n)
             got = self._call(name, "size", self.store.fs.size, self.store.path_of(name))
             if got != f.size:
                 raise StorageError(f"{self.store.where(f.name)}: {got} bytes written, {f.size} expected")
         for n in sorted(self.staged):
-            name = self._written_name(n)
-            commit.step(f"move {self.files[n].name}")
-            self._call(name, "move", self.store.fs.mv, self.store.path_of(name), self.store.path_of(self.files[n].name))
-            self.moved.add(n)
+            if self.files[n].name != SINGLE_FILE_NAME:
+                self._move(n)
+
+    def _move(self, n: int) -> None:
+        name = self._written_name(n)
+        commit.step(f"move {self.files[n].name}")
+        self._call(name, "move", self.store.fs.mv, self.store.path_of(name), self.store.path_of(self.files[n].name))
+        self.moved.add(n)
 
     def put(self, name: str, data: bytes) -> None:
         commit.step(f"put {name}")
@@ -122,7 +126,11 @@ class FsspecSink:
         self._call(name, "delete", self.store.fs.rm_file, self.store.path_of(name))
 
     def publish(self, stale: set[str]) -> None:
-        for name in sorted(stale):
+        """``model.safetensors`` replaces the old one (or, switching to shards, goes first),
+        then the replaced checkpoint's files are removed."""
+        for n in sorted(self.staged - self.moved):
+            self._move(n)
+        for name in sorted(stale, key=lambda n: (n != SINGLE_FILE_NAME, n)):
             self.delete(name)
 
     def abort(self) -> None:

@@ -1,6 +1,8 @@
 """The local/shared file system sink: ranks write straight into the final files with
-positional writes, in a hidden staging folder beside the destination, and the coordinator
-commits it with one atomic exchange of the whole folder (see :mod:`.commit`)."""
+positional writes, under hidden names in the checkpoint folder itself; the coordinator gives
+them their names (names no file has: see ``HFStorageWriter``'s naming), then commits with one
+atomic rename of the index (or of ``model.safetensors``) and removes the replaced checkpoint's
+files. Nothing else in the folder, nor the folder itself, is touched (see :mod:`.commit`)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from dcp_hf.boxes import RunGrid, byte_view
 from dcp_hf.errors import StorageError
 from dcp_hf.format import FileLayout
-from dcp_hf.format.index import CHECKPOINT_FILE
+from dcp_hf.format.index import CHECKPOINT_FILE, SINGLE_FILE_NAME
 from dcp_hf.storage import commit
 from dcp_hf.storage.exchange import Part
 from dcp_hf.storage.commit import fsync_dir
@@ -82,7 +84,9 @@ class LocalSink:
         self.save_id = ""
         self.files: list[FileLayout] = []
         self.lock: str | None = None
-        self.dest: commit.Destination | None = None
+        self.folder = ""  # the checkpoint folder, symlinks resolved (the coordinator's, from ``begin``)
+        self.before: set[str] = set()  # the folder's checkpoint files when the save began
+        self.committing = False  # the commit record is written: visible names may have changed
         self.fds: dict[int, int] = {}
         self.work = ""
         self.written = 0  # bytes this rank wrote into interleaved spans
@@ -94,7 +98,10 @@ class LocalSink:
         self.save_id = save_id
         self.lock = commit.acquire_lock(self.path, save_id)
         try:
-            commit.clean_leftovers(self.path)
+            commit.clean_leftovers(self.path)  # the staging folders of earlier versions
+            if os.path.isdir(self.path):
+                commit.finish_commit(os.path.realpath(self.path))
+                commit.remove_own_hidden(os.path.realpath(self.path))
         except BaseException:
             self.abort()
             raise
@@ -104,20 +111,22 @@ class LocalSink:
             names = sorted(os.listdir(self.path))
         except (FileNotFoundError, NotADirectoryError):
             return []
-        for name in names:  # partial files of an interrupted in-place save
-            if PARTIAL.match(name):
-                os.unlink(os.path.join(self.path, name))
-        names = [n for n in names if not PARTIAL.match(n)]
         refuse_odd_checkpoint_entries(self.path, names)
+        self.before = {n for n in names if CHECKPOINT_FILE.match(n)}
         return names
 
     def begin(self, files: list[FileLayout]) -> Created:
-        """Make the staging folder and create every file in it (``O_EXCL|O_NOFOLLOW``)."""
+        """Create every file in the folder (made if missing) under a hidden name
+        (``O_EXCL|O_NOFOLLOW``)."""
         self.files = files
-        self.dest = commit.prepare(self.path, self.save_id)
+        self.folder = os.path.realpath(self.path)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            raise StorageError(e.errno, f"creating {self.folder}: {e.strerror}") from e
         ids = []
         for n, f in enumerate(files):
-            path = os.path.join(self.dest.work, partial_name(f.name, self.save_id))
+            path = os.path.join(self.folder, partial_name(f.name, self.save_id))
             try:
                 fd, ident = commit.create_file(path)
                 ids.append(ident)
@@ -129,8 +138,8 @@ class LocalSink:
             except OSError as e:
                 raise StorageError(e.errno, f"creating {path}: {e.strerror}") from e
         if len({i.dev for i in ids}) > 1:
-            raise StorageError(f"{self.dest.work}: its files are on different devices; not writing there")
-        return Created(self.dest.work, ids[0].dev if ids else 0, [i.ino for i in ids])
+            raise StorageError(f"{self.folder}: its files are on different devices; not writing there")
+        return Created(self.folder, ids[0].dev if ids else 0, [i.ino for i in ids])
 
     # -- every rank ----------------------------------------------------------------------------
     def open(self, opened: Created, files: list[FileLayout], save_id: str, numbers: set[int]) -> None:
@@ -202,57 +211,70 @@ class LocalSink:
 
     # -- coordinator: the commit ---------------------------------------------------------------
     def complete(self, receipts) -> None:
-        """Every file has its full size: name them (still invisible when staged)."""
-        work = self.dest.work
+        """Every file has its full size: record the commit, then give each file its name (a
+        name no file has, so nothing a reader may be reading changes), except
+        ``model.safetensors``, which commits a one-file checkpoint in ``publish``."""
         for f in self.files:
             try:
-                size = os.lstat(os.path.join(work, partial_name(f.name, self.save_id))).st_size
+                size = os.lstat(os.path.join(self.folder, partial_name(f.name, self.save_id))).st_size
             except FileNotFoundError:
                 size = None
             if size != f.size:
                 raise StorageError(
-                    f"{os.path.join(self.dest.path, f.name)}: expected {f.size} bytes after all "
+                    f"{os.path.join(self.folder, f.name)}: expected {f.size} bytes after all "
                     f"ranks wrote, found {size}; not committing the checkpoint"
                 )
+        commit.begin_commit(self.folder, self.save_id, self.before)
+        self.committing = True
         for f in self.files:
-            commit.step(f"rename {f.name}")
-            os.rename(os.path.join(work, partial_name(f.name, self.save_id)), os.path.join(work, f.name))
-        fsync_dir(work)
+            if f.name != SINGLE_FILE_NAME:
+                commit.step(f"name {f.name}")
+                commit.place(
+                    os.path.join(self.folder, partial_name(f.name, self.save_id)), os.path.join(self.folder, f.name)
+                )
+        fsync_dir(self.folder)
 
     def put(self, name: str, data: bytes) -> None:
-        commit.write_new_file(self.dest.work, name, data)
+        commit.write_new_file(self.folder, name, data)
 
     def delete(self, name: str) -> None:
-        if not self.dest.staged:  # a staged save replaces the whole folder: nothing to delete
-            commit.step(f"remove {name}")
-            os.unlink(os.path.join(self.dest.work, name))
+        commit.remove_checkpoint_file(self.folder, name)
 
     def publish(self, stale: set[str]) -> None:
-        """Make the folder the new checkpoint: one exchange of the staging folder, or (no
-        staging possible) remove the replaced files that the new save did not write again."""
-        if self.dest.staged:
-            commit.commit(self.dest, self.save_id)
-        else:
-            for name in sorted(stale):
-                self.delete(name)
-            fsync_dir(self.dest.work)
+        """The commit of a one-file checkpoint: its rename over ``model.safetensors``; of a
+        switch from one file to shards: removing ``model.safetensors``, which transformers
+        loads before an index (a sharded save's index, put last, commits it otherwise). Then
+        the replaced checkpoint's files (``stale``, the files the record lists that the new
+        one does not name) are removed, and the record."""
+        if any(f.name == SINGLE_FILE_NAME for f in self.files):
+            commit.step(f"rename {SINGLE_FILE_NAME}")
+            os.rename(
+                os.path.join(self.folder, partial_name(SINGLE_FILE_NAME, self.save_id)),
+                os.path.join(self.folder, SINGLE_FILE_NAME),
+            )
+        elif SINGLE_FILE_NAME in stale:
+            self.delete(SINGLE_FILE_NAME)
+        fsync_dir(self.folder)
+        commit.finish_commit(self.folder)  # removes the rest of ``stale``
+        self.committing = False
         self._release()
 
     def abort(self) -> None:
-        """A failed save: remove what it built (the staging folder, or this save's partial
-        files in place) and release the lock; the destination keeps its checkpoint. Best
-        effort: whatever is left, the next save into the folder removes first."""
+        """A failed save: undo what it changed (its visible files, from the commit record) and
+        remove its hidden files, then release the lock; the folder keeps its checkpoint. Best
+        effort: whatever is left, the next save into the folder finishes first."""
         try:
-            if self.dest is not None and self.dest.staged:
-                commit.clean_leftovers(self.path)
-            elif self.dest is not None:
+            if self.committing:
+                commit.finish_commit(self.folder)
+                self.committing = False
+            if self.folder:
                 for f in self.files:
                     try:
-                        os.unlink(os.path.join(self.dest.work, partial_name(f.name, self.save_id)))
+                        os.unlink(os.path.join(self.folder, partial_name(f.name, self.save_id)))
                     except FileNotFoundError:
                         pass
         except OSError:
-            logger.warning("could not remove what a failed save left beside %s", self.path, exc_info=True)
+            logger.warning("could not remove what a failed save left in %s", self.path, exc_info=True)
         finally:
             self._release()
 

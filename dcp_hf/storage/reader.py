@@ -50,9 +50,9 @@ from dcp_hf.format import (
     SINGLE_FILE_NAME,
     FileHeader,
     TensorEntry,
-    decode_index_and_id,
     read_header,
 )
+from dcp_hf.format.index import decode_index_record
 from dcp_hf import training_state
 from dcp_hf.format.dtypes import itemsize
 from dcp_hf.progress import Progress, log_throughput
@@ -133,6 +133,36 @@ class _FailedMetadata(Mapping):
 
     def __len__(self):
         raise self._error
+
+
+@dataclass(frozen=True)
+class InEffect:
+    """What readers load from a folder, in transformers' order: ``model.safetensors`` alone
+    (``indexes`` empty) when there is no model index or the index does not name it, else the
+    model index and the training-state index it names: ``[(name, IndexRecord), ...]``."""
+
+    indexes: list
+
+
+def in_effect(store) -> InEffect | None:
+    """The checkpoint files readers of ``store`` follow (None: neither a model index nor
+    ``model.safetensors``). A save commits by changing exactly this (see :mod:`.commit`)."""
+    if not store.exists(INDEX_NAME):
+        return InEffect([]) if store.exists(SINGLE_FILE_NAME) else None
+    model = decode_index_record(store.read(INDEX_NAME), store.where(INDEX_NAME))
+    if SINGLE_FILE_NAME not in model.weight_map.values() and store.exists(SINGLE_FILE_NAME):
+        return InEffect([])  # a save to shards put its index; removing model.safetensors commits it
+    indexes = [(INDEX_NAME, model)]
+    state_name = model.training_state_index
+    if state_name is None and store.exists(training_state.INDEX_NAME):  # an index that names none
+        state = decode_index_record(store.read(training_state.INDEX_NAME), store.where(training_state.INDEX_NAME))
+        if model.save_id is None or state.save_id == model.save_id:  # not a replaced save's leftover
+            indexes.append((training_state.INDEX_NAME, state))
+    elif state_name is not None:
+        if not store.exists(state_name):
+            raise CheckpointFormatError(f"{store.where(state_name)}: named by {INDEX_NAME} but missing")
+        indexes.append((state_name, decode_index_record(store.read(state_name), store.where(state_name))))
+    return InEffect(indexes)
 
 
 class HFStorageReader(StorageReader):
@@ -442,24 +472,28 @@ class HFStorageReader(StorageReader):
 
     # -- metadata -----------------------------------------------------------------------------
     def _read_weight_map(self) -> dict[str, str]:
-        if self.store.exists(INDEX_NAME):
-            weight_map, self.save_id = decode_index_and_id(self.store.read(INDEX_NAME), self.store.where(INDEX_NAME))
-            if self.store.exists(training_state.INDEX_NAME):  # a training checkpoint's other half
-                where = self.store.where(training_state.INDEX_NAME)
-                state_map, state_id = decode_index_and_id(self.store.read(training_state.INDEX_NAME), where)
-                if state_id != self.save_id:
+        found = in_effect(self.store)
+        if found is not None and found.indexes:
+            (_, model), *state = found.indexes
+            weight_map, self.save_id = model.weight_map, model.save_id
+            for name, index in state:  # a training checkpoint's other half
+                where = self.store.where(name)
+                if index.save_id != self.save_id:
                     raise MixedCheckpointError(
-                        f"{where}: of save {state_id}, but {INDEX_NAME} is of save {self.save_id}: the "
+                        f"{where}: of save {index.save_id}, but {INDEX_NAME} is of save {self.save_id}: the "
                         f"checkpoint was overwritten while being read, or a save into it was interrupted"
                     )
-                outside = [k for k in state_map if not training_state.is_training_state(k)]
+                outside = [k for k in index.weight_map if not training_state.is_training_state(k)]
                 if outside:
                     raise CheckpointFormatError(f"{where}: key {outside[0]!r} is not under {training_state.PREFIX!r}")
-                weight_map = {**weight_map, **state_map}
+                weight_map = {**weight_map, **index.weight_map}
             return weight_map
         if not self.store.is_folder():
             raise CheckpointNotFoundError(f"{self.path}: no such checkpoint folder{self.store.missing_hint()}")
-        files = [n for n in self.store.list() if n.endswith(".safetensors") and not n.startswith(".")]
+        if found is not None:  # model.safetensors, which transformers loads before any index
+            files = [SINGLE_FILE_NAME]
+        else:
+            files = [n for n in self.store.list() if n.endswith(".safetensors") and not n.startswith(".")]
         if not files:
             raise CheckpointNotFoundError(
                 f"{self.path}: no {INDEX_NAME} and no .safetensors file; not an HF checkpoint"

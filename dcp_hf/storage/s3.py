@@ -11,7 +11,7 @@ import logging
 import torch
 
 from dcp_hf.boxes import byte_view
-from dcp_hf.format import FileLayout
+from dcp_hf.format import SINGLE_FILE_NAME, FileLayout
 from dcp_hf.storage import commit
 from dcp_hf.storage.exchange import Part
 
@@ -33,6 +33,7 @@ class S3Sink:
         self.bucket = store.bucket
         self.files: list[FileLayout] = []
         self.uploads: dict[int, str] = {}  # file number -> upload id
+        self.receipts: dict[int, list[tuple[int, str | None]]] = {}
 
     def key(self, name: str) -> str:
         return self.store.key(name)
@@ -90,11 +91,19 @@ class S3Sink:
 
     # -- coordinator: the commit ---------------------------------------------------------------
     def complete(self, receipts: dict[int, list[tuple[int, str | None]]]) -> None:
+        """Every object but ``model.safetensors`` appears (under names no object had: see
+        ``stored_names``); that one commits a one-file checkpoint, in ``publish``."""
+        self.receipts = receipts
         for n, f in enumerate(self.files):
-            commit.step(f"complete {f.name}")
-            parts = [{"PartNumber": number, "ETag": etag} for number, etag in sorted(receipts.get(n, []))]
-            self.call("complete_multipart_upload", f.name, UploadId=self.uploads[n], MultipartUpload={"Parts": parts})
-            del self.uploads[n]
+            if f.name != SINGLE_FILE_NAME:
+                self._complete(n)
+
+    def _complete(self, n: int) -> None:
+        name = self.files[n].name
+        commit.step(f"complete {name}")
+        parts = [{"PartNumber": number, "ETag": etag} for number, etag in sorted(self.receipts.get(n, []))]
+        self.call("complete_multipart_upload", name, UploadId=self.uploads[n], MultipartUpload={"Parts": parts})
+        del self.uploads[n]
 
     def put(self, name: str, data: bytes) -> None:
         commit.step(f"put {name}")
@@ -105,7 +114,11 @@ class S3Sink:
         self.call("delete_object", name)
 
     def publish(self, stale: set[str]) -> None:
-        for name in sorted(stale):
+        """The commit as on a file system: ``model.safetensors`` appears (or, switching to
+        shards, goes first), then the replaced checkpoint's objects are removed."""
+        for n in list(self.uploads):
+            self._complete(n)
+        for name in sorted(stale, key=lambda n: (n != SINGLE_FILE_NAME, n)):
             self.delete(name)
 
     def abort(self) -> None:

@@ -44,7 +44,7 @@ from dcp_hf.errors import (
 from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, parse_size
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
 from dcp_hf import training_state
-from dcp_hf.format.index import CHECKPOINT_FILE, layout_files
+from dcp_hf.format.index import CHECKPOINT_FILE, FILE_PATTERN, SINGLE_FILE_NAME, fresh_name, layout_files
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.exchange import (
     Holding,
@@ -86,6 +86,7 @@ class WritePlan:
     parts: list[Part]  # every part of the save, with its owner and round (may be none)
     opened: Any  # what the sink's ``begin`` returned (created files, upload ids)
     world: int  # ranks in the save (1: no collectives, e.g. ``dcp.save(no_dist=True)``)
+    names: list[str]  # each file's name (see ``stored_names``)
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,7 @@ class HFStorageWriter(StorageWriter):
         self._save_id = ""
         self._start = 0.0
         self._old: set[str] = set()
+        self._taken: set[str] = set()  # the destination's names when the save began
         self._sink: Sink | None = None  # the coordinator's, from prepare_global_plan to finish
         self.bytes_from_other_hosts = 0  # bytes of parts this rank received over the process group
 
@@ -318,7 +320,9 @@ class HFStorageWriter(StorageWriter):
         sink = self._sink = open_sink(self.store)
         sink.prepare(save_id)
         try:
-            self._old = self._check_existing(sink.existing())
+            existing = sink.existing()
+            self._old, self._taken = self._check_existing(existing), set(existing)
+            files = self._lay_out(table, save_id, stored_names(files, self._taken, save_id))
             opened = sink.begin(files)
             parts = self._plan_parts(merged, files, len(plans), sink)
         except BaseException:
@@ -342,13 +346,15 @@ class HFStorageWriter(StorageWriter):
                     parts=parts,
                     opened=opened,
                     world=len(plans),
+                    names=[f.name for f in files],
                 ),
             )
             for rank, plan in enumerate(plans)
         ]
 
-    def _lay_out(self, table: dict, save_id: str) -> list[FileLayout]:
-        """The files of the checkpoint (what goes where), the same on every rank."""
+    def _lay_out(self, table: dict, save_id: str, names: list[str] | None = None) -> list[FileLayout]:
+        """The files of the checkpoint (what goes where), the same on every rank; ``names``:
+        the names they are stored under (the coordinator's choice, see ``stored_names``)."""
         if self._save_id != save_id:
             specs = decode_table(table)
             state = [s for s in specs if training_state.is_training_state(s.key)]
@@ -356,9 +362,13 @@ class HFStorageWriter(StorageWriter):
             self._files = self.hf_files.lay_out(model, self.max_shard_size, save_id)
             self._model_files = len(self._files)  # the training state's files follow the model's
             if state:
+                if self._files[0].name == SINGLE_FILE_NAME:  # a training checkpoint's model goes by its index
+                    self._files[0].name = FILE_PATTERN.format(suffix="-00001-of-00001")
                 self._files += layout_files(state, self.max_shard_size, save_id, training_state.FILE_PATTERN)
             self._where = {key: (n, offset) for n, f in enumerate(self._files) for key, offset in f.offsets.items()}
             self._save_id = save_id
+        for f, name in zip(self._files, names or []):
+            f.name = name
         return self._files
 
     def _plan_parts(self, merged: MergedPlan, files: list[FileLayout], world: int, sink: Sink) -> list[Part]:
@@ -429,7 +439,7 @@ class HFStorageWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         wp: WritePlan = plan.storage_data
-        files = self._lay_out(wp.table, wp.save_id)
+        files = self._lay_out(wp.table, wp.save_id, wp.names)
         plan = self.hf_files.drop_tied(plan, planner, self._where)
         group, world, me = self._group(wp.world)
         sink = self._sink if self.is_coordinator and self._sink is not None else open_sink(self.store)
@@ -566,8 +576,9 @@ class HFStorageWriter(StorageWriter):
             progress.update(p.hi - p.lo)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        """The one commit sequence: every file complete, side files, the index last (an old
-        index that would shadow a new single file goes first), then the sink publishes."""
+        """The one commit sequence: every file complete under a name no file had, side files,
+        the training state's index, then the model index (the commit, or ``model.safetensors``
+        alone), then the sink publishes: the replaced checkpoint's files are removed."""
         sink, files = self._sink, self._files
         if sink is None:
             raise StorageError(f"{self.path}: finish on a writer whose prepare_global_plan did not run")
@@ -580,23 +591,19 @@ class HFStorageWriter(StorageWriter):
         try:
             sink.complete(receipts)
             for name, data in self.side_files.items():
-                sink.put(name, data)
+                if not self._holds(name, data):  # unchanged: readers never see it change
+                    sink.put(name, data)
             model, state = files[: self._model_files], files[self._model_files :]
+            state_index = None
+            if state:  # named by the model index: its one rename commits the training state too
+                state_index = stored_names([training_state.INDEX_NAME], self._taken, self._save_id)[0]
+                sink.put(state_index, self._index(state))
             # A training checkpoint always has the model's index: readers that list the
             # folder's *.safetensors (vLLM) then keep to the files it names.
-            indexes = {INDEX_NAME: model} if len(model) > 1 or state else {}
-            if state:
-                indexes = {training_state.INDEX_NAME: state, **indexes}  # the model's index last
-            stale = self._old - {f.name for f in files} - set(indexes)
-            for name in (training_state.INDEX_NAME, INDEX_NAME):
-                if name in stale:
-                    sink.delete(name)
-                    stale.discard(name)
-            for name, group in indexes.items():
-                weight_map = {key: f.name for f in group for key in f.offsets}
-                total = sum(f.size - len(f.header) for f in group)
-                sink.put(name, encode_index(total, weight_map, self._save_id))
-            sink.publish(stale)
+            if len(model) > 1 or state:
+                sink.put(INDEX_NAME, self._index(model, state_index))
+            names = {f.name for f in files} | {INDEX_NAME if len(model) > 1 or state else None, state_index}
+            sink.publish(self._old - names)
         except BaseException:
             sink.abort()
             raise
@@ -606,6 +613,21 @@ class HFStorageWriter(StorageWriter):
         log_throughput("saved", nbytes, time.perf_counter() - self._start, self.path)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _holds(self, name: str, data: bytes) -> bool:
+        """Whether the destination holds ``name`` with exactly these bytes (a side file that an
+        earlier save wrote: not rewritten, so a save's side files change only when they differ)."""
+        if name not in self._taken:
+            return False
+        try:
+            return self.store.read(name) == data
+        except (OSError, DcpHfError):
+            return False
+
+    def _index(self, files: list[FileLayout], training_state_index: str | None = None) -> bytes:
+        weight_map = {key: f.name for f in files for key in f.offsets}
+        total = sum(f.size - len(f.header) for f in files)
+        return encode_index(total, weight_map, self._save_id, training_state_index)
+
     def _keys_in(self, part: Part) -> list[str]:
         """The tensors whose data overlaps the part (for error messages)."""
         f = self._files[part.file]
@@ -666,6 +688,18 @@ class _ChunkPieces:
             if self.last_round[id(c)] == round_no:
                 del self.held[id(c)]
         return mine, outgoing
+
+
+def stored_names(names, taken: set[str], save_id: str) -> list[str]:
+    """The names a save stores its files under: each standard name where the destination has
+    no file of that name, else the name with the save's id (``fresh_name``); so a save never
+    rewrites a file the checkpoint it replaces names, and every reader keeps loading that one
+    until the new index replaces the old. ``model.safetensors`` keeps its name: alone in a
+    checkpoint, its own rename commits it. ``names``: names, or ``FileLayout``s."""
+    out = []
+    for name in (getattr(n, "name", n) for n in names):
+        out.append(name if name not in taken or name == SINGLE_FILE_NAME else fresh_name(name, save_id))
+    return out
 
 
 def part_header(f: FileLayout, part: Part) -> bytes:
