@@ -85,6 +85,7 @@ class LocalSink:
         self.files: list[FileLayout] = []
         self.lock: str | None = None
         self.folder = ""  # the checkpoint folder, symlinks resolved (the coordinator's, from ``begin``)
+        self.made_folder = False  # ``begin`` created it
         self.before: set[str] = set()  # the folder's checkpoint files when the save began
         self.committing = False  # the commit record is written: visible names may have changed
         self.fds: dict[int, int] = {}
@@ -120,6 +121,7 @@ class LocalSink:
         (``O_EXCL|O_NOFOLLOW``)."""
         self.files = files
         self.folder = os.path.realpath(self.path)
+        self.made_folder = not os.path.isdir(self.folder)
         try:
             os.makedirs(self.folder, exist_ok=True)
         except OSError as e:
@@ -273,6 +275,8 @@ class LocalSink:
                         os.unlink(os.path.join(self.folder, partial_name(f.name, self.save_id)))
                     except FileNotFoundError:
                         pass
+                if self.made_folder and not os.listdir(self.folder):
+                    os.rmdir(self.folder)  # the failed first save leaves no folder it made
         except OSError:
             logger.warning("could not remove what a failed save left in %s", self.path, exc_info=True)
         finally:
