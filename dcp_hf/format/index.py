@@ -70,10 +70,17 @@ def check_file_name(name: object, where: str) -> str:
     return name
 
 
-def encode_index(total_size: int, weight_map: dict[str, str], save_id: str | None = None) -> bytes:
+def encode_index(
+    total_size: int, weight_map: dict[str, str], save_id: str | None = None, digests: dict | None = None
+) -> bytes:
+    """An index json; ``digests`` (file -> FileDigest) are the files' block digests."""
     metadata: dict[str, object] = {"total_size": total_size}
     if save_id is not None:
         metadata[SAVE_ID_KEY] = save_id
+    if digests:
+        from dcp_hf.format.digests import DIGESTS_KEY, encode_digests
+
+        metadata[DIGESTS_KEY] = encode_digests(digests)
     index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
     return (json.dumps(index, indent=2) + "\n").encode("utf-8")
 
@@ -86,6 +93,15 @@ def decode_index(data: bytes, where: str) -> dict[str, str]:
 def decode_index_and_id(data: bytes, where: str) -> tuple[dict[str, str], str | None]:
     """The weight map of an index json, validated (key -> file name), and the id of the save
     that wrote it (None for checkpoints written by other tools)."""
+    weight_map, save_id, _ = decode_index_full(data, where)
+    return weight_map, save_id
+
+
+def decode_index_full(data: bytes, where: str) -> tuple[dict[str, str], str | None, dict]:
+    """``decode_index_and_id`` and the files' recorded block digests (file -> FileDigest; none
+    for checkpoints of other tools and older versions)."""
+    from dcp_hf.format.digests import decode_digests
+
     try:
         index = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -99,7 +115,7 @@ def decode_index_and_id(data: bytes, where: str) -> tuple[dict[str, str], str | 
     save_id = metadata.get(SAVE_ID_KEY) if isinstance(metadata, dict) else None
     if save_id is not None and not isinstance(save_id, str):
         raise CheckpointFormatError(f"{where}: metadata {SAVE_ID_KEY!r} must be a string")
-    return weight_map, save_id
+    return weight_map, save_id, decode_digests(metadata, where)
 
 
 _DIGITS = re.compile(r"([0-9]+)")

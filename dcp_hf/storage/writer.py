@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from dcp_hf.boxes import RunGrid, box_runs
+from dcp_hf.boxes import RunGrid, box_runs, byte_view
 from dcp_hf.contract import COMPACT_PLANS, merged_plan
 from dcp_hf.errors import (
     CheckpointExistsError,
@@ -41,6 +41,7 @@ from dcp_hf.errors import (
     not_a_tensor,
 )
 from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, parse_size
+from dcp_hf.format.digests import BlockSums, combine
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
 from dcp_hf import training_state
 from dcp_hf.format.index import CHECKPOINT_FILE, layout_files
@@ -69,7 +70,17 @@ logger = logging.getLogger("dcp_hf")
 
 DtypePolicy = torch.dtype | Callable[[str, torch.dtype], torch.dtype] | None
 EXCHANGE_BELOW = 256 << 10  # runs shorter than this go through parts where short writes are costly
-RANK_RESULT = "__dcp_hf_rank__"  # each rank's one WriteResult: its bytes and part receipts
+RANK_RESULT = "__dcp_hf_rank__"  # each rank's one WriteResult: its bytes, part receipts, digest sums
+
+
+@dataclass
+class RankWrites:
+    """What a rank tells the coordinator's ``finish`` (its WriteResult's ``storage_data``): the
+    receipts of the parts it wrote, (file, part number, receipt), and its share of the files'
+    block digests (``BlockSums.sums``), hashed from the bytes as it wrote them."""
+
+    receipts: list
+    digest_sums: dict
 
 
 @dataclass
@@ -403,10 +414,10 @@ class HFStorageWriter(StorageWriter):
                 regions.append(Region(n, 0, f.size, width))
         return plan_parts(regions, holdings, self.round_bytes, whole_files=sink.sequential)
 
-    def _result(self, nbytes: int, receipts: list) -> Future[list[WriteResult]]:
+    def _result(self, nbytes: int, writes: RankWrites) -> Future[list[WriteResult]]:
         """A rank's one write result (one per item would grow with ranks x tensors)."""
         fut: Future[list[WriteResult]] = Future()
-        fut.set_result([WriteResult(index=MetadataIndex(RANK_RESULT), size_in_bytes=nbytes, storage_data=receipts)])
+        fut.set_result([WriteResult(index=MetadataIndex(RANK_RESULT), size_in_bytes=nbytes, storage_data=writes)])
         return fut
 
     def _group(self, world: int):
@@ -445,17 +456,19 @@ class HFStorageWriter(StorageWriter):
         )
         failure: BaseException | None = None
         receipts: list = []
+        sums = BlockSums([f.size for f in files])
         try:
             numbers = {c.file for c in direct} | {p.file for p in mine} | (wp.headers if sink.direct else set())
             sink.open(wp.opened, files, wp.save_id, numbers)
             if sink.direct:
                 for n in wp.headers:
                     sink.write_runs(n, 0, RunGrid(0, len(files[n].header)), memoryview(files[n].header))
-            self._write_direct(direct, planner, sink, progress)
+                    sums.add_bytes(n, 0, files[n].header)
+            self._write_direct(direct, planner, sink, progress, sums)
         except Exception as e:  # noqa: BLE001 - the other ranks learn of it below
             failure = e
         if wp.parts:
-            failure, receipts = self._write_parts(through_parts, planner, sink, wp, index, failure, progress)
+            failure, receipts = self._write_parts(through_parts, planner, sink, wp, index, failure, progress, sums)
         if failure is None:
             try:
                 sink.close()
@@ -469,7 +482,7 @@ class HFStorageWriter(StorageWriter):
             raise failure or PeerRankError(
                 "another rank failed while writing (see its error); nothing of this save was committed"
             )
-        return self._result(sum(c.grid.nbytes for c in direct + through_parts), receipts)
+        return self._result(sum(c.grid.nbytes for c in direct + through_parts), RankWrites(receipts, sums.sums))
 
     @staticmethod
     def _any_failed(failure: BaseException | None, group) -> bool:
@@ -480,10 +493,13 @@ class HFStorageWriter(StorageWriter):
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
         return bool(int(failed))
 
-    def _write_direct(self, chunks: list[ChunkWrite], planner: SavePlanner, sink: Sink, progress: Progress) -> None:
+    def _write_direct(
+        self, chunks: list[ChunkWrite], planner: SavePlanner, sink: Sink, progress: Progress, sums: BlockSums
+    ) -> None:
         """Write each chunk's runs, in pieces of at most ``io_chunk_bytes`` staged through the
         writer's ring of host buffers (a device-to-host copy or dtype conversion overlaps the
-        writes); the next chunks are resolved on threads meanwhile (``resolved_ahead``)."""
+        writes), hashing each piece into ``sums`` as it is written; the next chunks are
+        resolved on threads meanwhile (``resolved_ahead``)."""
 
         def slabs():
             for c, tensor in resolved_ahead(planner, chunks):
@@ -498,6 +514,7 @@ class HFStorageWriter(StorageWriter):
                 sink.write_runs(c.file, c.base, grid, piece.data)
             except OSError as e:  # the sink names the file; name the tensor too
                 raise StorageError(e.errno, f"{c.item.index.fqn!r}: {e.strerror or e}") from e
+            sums.add(c.file, c.base, grid, piece.data)
             return grid.nbytes
 
         with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-write") as pool:
@@ -513,6 +530,7 @@ class HFStorageWriter(StorageWriter):
         index: PartIndex,
         failure: BaseException | None,
         progress: Progress,
+        sums: BlockSums,
     ) -> tuple[BaseException | None, list]:
         """In rounds, send each part's bytes to its owner, which assembles and writes it (the
         writes go on while the next round is gathered). A rank that failed keeps taking part
@@ -526,9 +544,11 @@ class HFStorageWriter(StorageWriter):
 
         def write_part(part: Part, data: torch.Tensor):
             try:
-                return sink.write_part(part, data)
+                receipt = sink.write_part(part, data)
             except OSError as e:  # the sink names the file; name the tensors in the part too
                 raise StorageError(e.errno, f"{', '.join(map(repr, self._keys_in(part)))}: {e.strerror or e}") from e
+            sums.add_bytes(part.file, part.lo, byte_view(data))
+            return receipt
 
         writer = PartWriter(write_part, 1 if sink.sequential else self.thread_count, self.round_bytes)
         held: dict[int, torch.Tensor] = {}
@@ -595,12 +615,15 @@ class HFStorageWriter(StorageWriter):
         index that would shadow a new single file goes first), then the sink publishes."""
         sink, files = self._sink, self._files
         receipts: dict[int, list] = {}
+        digest_sums = []
         for rank_results in results:
             for r in rank_results:
                 if r.index.fqn == RANK_RESULT:
-                    for n, number, receipt in r.storage_data or []:
+                    for n, number, receipt in r.storage_data.receipts:
                         receipts.setdefault(n, []).append((number, receipt))
+                    digest_sums.append(r.storage_data.digest_sums)
         try:
+            digests = combine(digest_sums, [f.name for f in files], [f.size for f in files])
             sink.complete(receipts)
             for name, data in self.side_files.items():
                 sink.put(name, data)
@@ -618,7 +641,7 @@ class HFStorageWriter(StorageWriter):
             for name, group in indexes.items():
                 weight_map = {key: f.name for f in group for key in f.offsets}
                 total = sum(f.size - len(f.header) for f in group)
-                sink.put(name, encode_index(total, weight_map, self._save_id))
+                sink.put(name, encode_index(total, weight_map, self._save_id, {f.name: digests[f.name] for f in group}))
             sink.publish(stale)
         except BaseException:
             sink.abort()
