@@ -139,19 +139,36 @@ class FileDigest:
     digests: tuple[int, ...]
     algo: str = ALGO
 
-    def check(self, where: str, b: int, data, keys: str = "") -> None:
-        """Raise naming the file, byte range and keys unless block ``b`` reads as ``data``."""
+    def mismatch(self, b: int, data) -> int | None:
+        """None when block ``b`` reads as ``data``, else the digest ``data`` has."""
         got = crc(data)
-        if b >= len(self.digests) or got != self.digests[b]:
-            lo = b * self.block
-            recorded = f"{self.digests[b]:08x}" if b < len(self.digests) else "none (past the recorded size)"
-            raise ChecksumMismatchError(
-                f"{where}: bytes {lo}-{lo + len(data)} (block {b}{keys}) read with {self.algo} {got:08x}, "
-                f"but the save recorded {recorded}: the file was changed after it was written"
-            )
+        return None if b < len(self.digests) and got == self.digests[b] else got
+
+    def mismatch_message(self, where: str, b: int, nbytes: int, got: int, keys: list[str]) -> str:
+        lo = b * self.block
+        recorded = f"{self.digests[b]:08x}" if b < len(self.digests) else "none (past the recorded size)"
+        return (
+            f"{where}: bytes {lo}-{lo + nbytes} (block {b}{'; ' + named(keys) if keys else ''}) read with "
+            f"{self.algo} {got:08x}, but the save recorded {recorded}: the file was changed after it was written"
+        )
 
     def encode(self) -> dict:
         return {"algo": self.algo, "block": self.block, "digests": [f"{d:08x}" for d in self.digests]}
+
+
+def named(keys: list[str], most: int = 4) -> str:
+    """``key 'a'`` / ``keys 'a', 'b' and 3 more``."""
+    shown = ", ".join(repr(k) for k in keys[:most])
+    more = f" and {len(keys) - most} more" if len(keys) > most else ""
+    return f"key {shown}" if len(keys) == 1 else f"keys {shown}{more}"
+
+
+def keys_in(header, lo: int, hi: int) -> list[str]:
+    """The tensors of a file (its ``FileHeader``) whose data lies in bytes [lo, hi); the header
+    first if it does."""
+    data_start = min((t.start for t in header.tensors.values()), default=hi)
+    keys = [k for k, t in sorted(header.tensors.items(), key=lambda kv: kv[1].start) if t.start < hi and t.end > lo]
+    return (["the header"] if lo < data_start else []) + keys
 
 
 class ChecksumMismatchError(CheckpointFormatError):
