@@ -468,7 +468,9 @@ class HFStorageReader(StorageReader):
             )
             if self.store.exists(training_state.INDEX_NAME):  # a training checkpoint's other half
                 where = self.store.where(training_state.INDEX_NAME)
-                state_map, state_id, state_digests = decode_index_full(self.store.read(training_state.INDEX_NAME), where)
+                state_map, state_id, state_digests = decode_index_full(
+                    self.store.read(training_state.INDEX_NAME), where
+                )
                 digests = {**digests, **state_digests}
                 if state_id != self.save_id:
                     raise MixedCheckpointError(
@@ -512,7 +514,9 @@ class HFStorageReader(StorageReader):
         if not self.verify:
             return
         if not digests:
-            logger.warning("%s: no digests recorded (another tool's or an older checkpoint): loading unverified", self.path)
+            logger.warning(
+                "%s: no digests recorded (another tool's or an older checkpoint): loading unverified", self.path
+            )
             return
         self.store = VerifiedStore(
             self.store, digests, lambda file: self.headers.get(file), cached_blocks=2 * self.thread_count

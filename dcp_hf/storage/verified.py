@@ -114,4 +114,3 @@ class VerifiedStore:
             while len(self._cache) > self.cached_blocks:
                 self._cache.popitem(last=False)
         return data
-
