@@ -94,13 +94,16 @@ class BlockSums:
     of the bytes this rank wrote there (each shifted to the block's end) and their count.
     ``add`` is called from the writer's threads with the bytes as they are written."""
 
-    def __init__(self, sizes: list[int], block: int = BLOCK):
-        self.sizes, self.block = sizes, block
+    def __init__(self, sizes: list[int], block: int = BLOCK, on: bool = True):
+        self.sizes, self.block, self.on = sizes, block, on
         self.sums: dict[tuple[int, int], tuple[int, int]] = {}
         self._lock = threading.Lock()
 
     def add(self, file: int, base: int, grid: RunGrid, data) -> None:
-        """The grid's bytes ``data`` (in order), whose tensor data starts at byte ``base``."""
+        """The grid's bytes ``data`` (in order), whose tensor data starts at byte ``base``.
+        Nothing is hashed when off (a save without digests)."""
+        if not self.on:
+            return
         lo, hi = grid.span()
         data = memoryview(data).cast("B")
         for b in blocks_of(base + lo, base + hi, self.block):

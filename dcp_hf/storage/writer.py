@@ -207,6 +207,9 @@ class HFStorageWriter(StorageWriter):
         file_map_from: an index json, or a checkpoint folder: keep its key -> file grouping
             (keys it does not name go in files after its own); e.g. the release a fine-tune
             started from.
+        digests: record the CRC-32C of every 4 MiB block of every file in the index (each rank
+            hashes the bytes it writes, as it writes them), for ``HFStorageReader(verify=True)``
+            and ``dcp-hf verify``; a single-file save has no index, so no digests.
         fqn_to_index_mapping: torch's ``HuggingFaceStorageWriter`` form of the same: key -> file
             number (1..N). ``save_distributed``, ``enable_consolidation`` and
             ``thread_count_consolidation`` of torch's writer are accepted and have nothing to
@@ -232,6 +235,7 @@ class HFStorageWriter(StorageWriter):
         config=None,
         copy_from: str | os.PathLike | None = None,
         file_map_from: str | os.PathLike | None = None,
+        digests: bool = True,
         fqn_to_index_mapping: dict[str, int] | None = None,
         save_distributed: bool | None = None,
         enable_consolidation: bool | None = None,
@@ -252,6 +256,7 @@ class HFStorageWriter(StorageWriter):
         self.exchange_below = None if exchange_below is None else parse_size(exchange_below)
         self.max_shard_size = parse_size(max_shard_size)
         self.dtype = dtype
+        self.digests = digests
         self.overwrite = overwrite
         self.progress = progress
         self.thread_count = thread_count or (8 if self.store.remote else 2)
@@ -456,7 +461,7 @@ class HFStorageWriter(StorageWriter):
         )
         failure: BaseException | None = None
         receipts: list = []
-        sums = BlockSums([f.size for f in files])
+        sums = BlockSums([f.size for f in files], on=self.digests)
         try:
             numbers = {c.file for c in direct} | {p.file for p in mine} | (wp.headers if sink.direct else set())
             sink.open(wp.opened, files, wp.save_id, numbers)
@@ -623,7 +628,7 @@ class HFStorageWriter(StorageWriter):
                         receipts.setdefault(n, []).append((number, receipt))
                     digest_sums.append(r.storage_data.digest_sums)
         try:
-            digests = combine(digest_sums, [f.name for f in files], [f.size for f in files])
+            digests = combine(digest_sums, [f.name for f in files], [f.size for f in files]) if self.digests else {}
             sink.complete(receipts)
             for name, data in self.side_files.items():
                 sink.put(name, data)
@@ -641,7 +646,8 @@ class HFStorageWriter(StorageWriter):
             for name, group in indexes.items():
                 weight_map = {key: f.name for f in group for key in f.offsets}
                 total = sum(f.size - len(f.header) for f in group)
-                sink.put(name, encode_index(total, weight_map, self._save_id, {f.name: digests[f.name] for f in group}))
+                recorded = {f.name: digests[f.name] for f in group if f.name in digests}
+                sink.put(name, encode_index(total, weight_map, self._save_id, recorded))
             sink.publish(stale)
         except BaseException:
             sink.abort()
