@@ -31,12 +31,12 @@ def _shard_size(nbytes: int) -> int:
     return max(1 << 20, nbytes // 5)
 
 
-def _op(name: str, state, path: str, shard_size: int):
+def _op(mode: str, name: str, state, path: str, shard_size: int):
     import torch.distributed.checkpoint as dcp
 
     from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
 
-    if name in SAVE_OPS:
+    if mode == "save":
         writer = HFStorageWriter(path, max_shard_size=shard_size, overwrite=True, digests=name == "ours")
         return lambda: dcp.save(state, storage_writer=writer, planner=HFSavePlanner())
     reader = HFStorageReader(path, verify=name == "ours_verify")
@@ -55,9 +55,9 @@ def worker(rank: int, world: int, mode: str, shape, layout: str, root: str, repe
         for op in rotated(ops, r):
             if mode == "save":
                 out = os.path.join(root, op)
-                samples[op].append(measured_save(_op(op, state, out, shard_size), out, root, rank))
+                samples[op].append(measured_save(_op(mode, op, state, out, shard_size), out, root, rank))
             else:
-                fn = _op(op, state, os.path.join(root, "checkpoint"), shard_size)
+                fn = _op(mode, op, state, os.path.join(root, "checkpoint"), shard_size)
                 dist.barrier()
                 samples[op].append(measured(fn))
                 dist.barrier()
