@@ -1,4 +1,4 @@
-"""python -m benchmarks [all|core|limits|layouts|megatron|s3|quantized|training|planning|device] [--size-gb G] [--repeat N]
+"""python -m benchmarks [all|core|limits|layouts|megatron|s3|quantized|training|digests|planning|device] [--size-gb G] [--repeat N]
 
 Runs each case with ours and its baselines side by side in one run (same state, same
 processes, alternating), prints a table with ratios (baseline time / our time: > 1 means we
@@ -21,7 +21,19 @@ import time
 from benchmarks.measure import machine, write_results
 from benchmarks.report import case_table, planning_read_text, planning_table, write_report
 
-SUITES = ["core", "limits", "layouts", "megatron", "s3", "quantized", "training", "planning", "hosts", "device"]
+SUITES = [
+    "core",
+    "limits",
+    "layouts",
+    "megatron",
+    "s3",
+    "quantized",
+    "training",
+    "digests",
+    "planning",
+    "hosts",
+    "device",
+]
 
 
 def main() -> None:
@@ -48,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from benchmarks import core, device, hosts, layouts, limits, megatron, planning, quantized, s3, training
+    from benchmarks import core, device, digests, hosts, layouts, limits, megatron, planning, quantized, s3, training
 
     if args.suite == "device" and not torch.cuda.is_available():
         parser.exit(1, "python -m benchmarks device: no CUDA device here; see python -m benchmarks.device --cpu\n")
@@ -68,6 +80,7 @@ def main() -> None:
         "quantized": lambda: quantized.run(os.path.join(root, "quantized"), args.repeat, size_gb=args.size_gb / 2),
         "hosts": lambda: hosts.run(os.path.join(root, "hosts"), args.size_gb, args.repeat),
         "training": lambda: training.run(os.path.join(root, "training"), args.size_gb / 2, args.repeat),
+        "digests": lambda: digests.run(os.path.join(root, "digests"), args.size_gb, args.repeat),
         "device": lambda: device.run(os.path.join(root, "device"), max(args.size_gb, 4.0), args.repeat),
     }
     for name in wanted:

@@ -186,6 +186,21 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_verify(args) -> int:
+    from dcp_hf.verify import MISMATCH, verify_checkpoint
+
+    require(args.path, "PATH", "hf", hint="verify reads an HF checkpoint folder (local or an s3:// URL)")
+    reports = verify_checkpoint(args.path)
+    for report in reports:
+        print(report.line())
+    bad = [r for r in reports if r.status == MISMATCH]
+    print(
+        f"{len(reports)} files: {len(reports) - len(bad)} without a mismatch, {len(bad)} with"
+        + ("" if bad else "; the checkpoint reads as it was written")
+    )
+    return 1 if bad else 0
+
+
 def _init_distributed() -> None:
     """Join the process group when started by torchrun (WORLD_SIZE set), so the work is spread;
     without it, silence torch's warning that it will run in a single process (it does)."""
@@ -473,6 +488,22 @@ def _inspect_command(command) -> None:
     insp.set_defaults(func=_cmd_inspect)
 
 
+def _verify_command(command) -> None:
+    """``dcp-hf verify``."""
+    ver = command(
+        "verify",
+        "read every file of an HF checkpoint and check it against the block digests its save recorded "
+        "and, for a Hugging Face Hub download, the sha256 the hub recorded; exit code 1 on a mismatch",
+    )
+    ver.add_argument(
+        "path",
+        metavar="PATH",
+        help="HF checkpoint folder (a hub cache snapshot folder included) or its s3:// URL (credentials from "
+        "the standard AWS chain: AWS_ENDPOINT_URL, environment, profile; needs dcp-hf[s3])",
+    )
+    ver.set_defaults(func=_cmd_verify)
+
+
 def _experts_command(command) -> None:
     """``dcp-hf experts``."""
     exp = command(
@@ -636,7 +667,15 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=help, description=description or help, formatter_class=_Formatter, parents=[debug]
         )
 
-    for add in (_demo_command, _inspect_command, _experts_command, _convert_command, _export_command, _import_command):
+    for add in (
+        _demo_command,
+        _inspect_command,
+        _verify_command,
+        _experts_command,
+        _convert_command,
+        _export_command,
+        _import_command,
+    ):
         add(command)
     return parser
 

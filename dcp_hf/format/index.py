@@ -85,13 +85,22 @@ def check_file_name(name: object, where: str) -> str:
 
 
 def encode_index(
-    total_size: int, weight_map: dict[str, str], save_id: str | None = None, training_state_index: str | None = None
+    total_size: int,
+    weight_map: dict[str, str],
+    save_id: str | None = None,
+    training_state_index: str | None = None,
+    digests: dict | None = None,
 ) -> bytes:
+    """An index json; ``digests`` (file -> FileDigest) are the files' block digests."""
     metadata: dict[str, object] = {"total_size": total_size}
     if save_id is not None:
         metadata[SAVE_ID_KEY] = save_id
     if training_state_index is not None:
         metadata[TRAINING_STATE_INDEX_KEY] = training_state_index
+    if digests:
+        from dcp_hf.format.digests import DIGESTS_KEY, encode_digests
+
+        metadata[DIGESTS_KEY] = encode_digests(digests)
     index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
     return (json.dumps(index, indent=2) + "\n").encode("utf-8")
 
@@ -110,15 +119,19 @@ def decode_index_and_id(data: bytes, where: str) -> tuple[dict[str, str], str | 
 
 @dataclass(frozen=True)
 class IndexRecord:
-    """An index json: its weight map, the save that wrote it (None: another tool) and, in a
-    training checkpoint's model index, the name of the training state's index."""
+    """An index json: its weight map, the save that wrote it (None: another tool), in a
+    training checkpoint's model index the name of the training state's index, and the files'
+    recorded block digests (file -> FileDigest; none for other tools and older versions)."""
 
     weight_map: dict[str, str]
     save_id: str | None
     training_state_index: str | None
+    digests: dict
 
 
 def decode_index_record(data: bytes, where: str) -> IndexRecord:
+    from dcp_hf.format.digests import decode_digests
+
     try:
         index = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -135,7 +148,7 @@ def decode_index_record(data: bytes, where: str) -> IndexRecord:
         raise CheckpointFormatError(f"{where}: metadata {SAVE_ID_KEY!r} must be a string")
     if state_index is not None:
         check_file_name(state_index, f"{where}: metadata {TRAINING_STATE_INDEX_KEY!r}")
-    return IndexRecord(weight_map, save_id, state_index)
+    return IndexRecord(weight_map, save_id, state_index, decode_digests(metadata, where))
 
 
 _DIGITS = re.compile(r"([0-9]+)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import math
 import os
 import threading
@@ -60,6 +61,9 @@ from dcp_hf.storage.exchange import SharedMemory, exchange_bytes, open_shared
 from dcp_hf.storage.shared_reads import Band, BandPlan, Need, plan_bands, read_bands, segment_sizes
 from dcp_hf.storage.staging import SLOT_BYTES, Slab, Stager, pump
 from dcp_hf.storage.stores import open_store
+from dcp_hf.storage.verified import VerifiedStore
+
+logger = logging.getLogger("dcp_hf")
 
 # A box read in runs shorter than this, on a load of several ranks, is read in bands: each
 # byte once by one rank in long reads, then sent to the ranks that need it (shared_reads).
@@ -183,6 +187,11 @@ class HFStorageReader(StorageReader):
             lie in short runs (column shards, 2-D meshes) are read in bands of ``band_bytes``,
             each by one rank, and sent to the ranks that need them, in rounds of at most about
             ``round_bytes`` per rank; ``band_bytes=0`` makes every rank read its own boxes.
+        verify: check every byte read against the block digests the save recorded in the
+            index (CRC-32C per 4 MiB): reads then go by whole blocks, each checked before its
+            bytes are used, and a changed byte is a ``ChecksumMismatchError`` naming the file,
+            byte range and keys, on every rank. Checkpoints without recorded digests (other
+            tools', older ones, a single-file save) load unverified, with a warning.
     """
 
     def __init__(
@@ -197,8 +206,10 @@ class HFStorageReader(StorageReader):
         process_group=None,
         band_bytes: int = 16 << 20,
         round_bytes: int = 64 << 20,
+        verify: bool = False,
     ):
         super().__init__()
+        self.verify = verify
         self.progress = progress
         self.path = os.fspath(path)
         self.storage_options = storage_options
@@ -213,6 +224,7 @@ class HFStorageReader(StorageReader):
         self.weight_map: dict[str, str] = {}
         self.headers: dict[str, FileHeader] = {}
         self.save_id: str | None = None  # of the index (or the files, without one)
+        self.digests: dict = {}  # file -> FileDigest, as the index records them
         self.bytes_read = 0
         self.bytes_from_other_hosts = 0  # bytes of bands received over the process group
         self._lock = threading.Lock()
@@ -221,11 +233,13 @@ class HFStorageReader(StorageReader):
 
     # -- DCP protocol -------------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        self.close()
+        if isinstance(self.store, VerifiedStore):  # verified with the next index's digests
+            self.store = self.store.inner
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
             self.store = open_store(self.path, self.storage_options)
-        self.close()
-        self.weight_map, self.headers, self.bytes_read, self.save_id = {}, {}, 0, None
+        self.weight_map, self.headers, self.bytes_read, self.save_id, self.digests = {}, {}, 0, None, {}
         self._first_try_error = None
         self.bytes_from_other_hosts = 0
 
@@ -475,9 +489,10 @@ class HFStorageReader(StorageReader):
         found = in_effect(self.store)
         if found is not None and found.indexes:
             (_, model), *state = found.indexes
-            weight_map, self.save_id = model.weight_map, model.save_id
+            weight_map, self.save_id, digests = model.weight_map, model.save_id, dict(model.digests)
             for name, index in state:  # a training checkpoint's other half
                 where = self.store.where(name)
+                digests.update(index.digests)
                 if index.save_id != self.save_id:
                     raise MixedCheckpointError(
                         f"{where}: of save {index.save_id}, but {INDEX_NAME} is of save {self.save_id}: the "
@@ -487,6 +502,7 @@ class HFStorageReader(StorageReader):
                 if outside:
                     raise CheckpointFormatError(f"{where}: key {outside[0]!r} is not under {training_state.PREFIX!r}")
                 weight_map = {**weight_map, **index.weight_map}
+            self._verify_with(digests)
             return weight_map
         if not self.store.is_folder():
             raise CheckpointNotFoundError(f"{self.path}: no such checkpoint folder{self.store.missing_hint()}")
@@ -507,6 +523,7 @@ class HFStorageReader(StorageReader):
                 + "; the checkpoint was overwritten while being read, or a save into it was interrupted"
             )
         self.save_id = next(iter(ids.values()))
+        self._verify_with({})
         weight_map = {}
         for file in files:
             for key in self.headers[file].tensors:
@@ -514,6 +531,20 @@ class HFStorageReader(StorageReader):
                     raise CheckpointFormatError(f"{self.path}: key {key!r} is in both {weight_map[key]} and {file}")
                 weight_map[key] = file
         return weight_map
+
+    def _verify_with(self, digests: dict) -> None:
+        """With ``verify``, read through a store that checks every block against ``digests``."""
+        self.digests = digests
+        if not self.verify:
+            return
+        if not digests:
+            logger.warning(
+                "%s: no digests recorded (another tool's or an older checkpoint): loading unverified", self.path
+            )
+            return
+        self.store = VerifiedStore(
+            self.store, digests, lambda file: self.headers.get(file), cached_blocks=2 * self.thread_count
+        )
 
     def load_headers(self, files: Iterable[str]) -> None:
         missing = [f for f in set(files) if f not in self.headers]

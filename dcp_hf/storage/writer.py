@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from dcp_hf.boxes import RunGrid, box_runs
+from dcp_hf.boxes import RunGrid, box_runs, byte_view
 from dcp_hf.contract import COMPACT_PLANS, MergedPlan, decode_table, encode_table, merged_plan, tensor_data
 from dcp_hf.errors import (
     Fix,
@@ -42,6 +42,7 @@ from dcp_hf.errors import (
     not_a_tensor,
 )
 from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, parse_size
+from dcp_hf.format.digests import BlockSums, combine
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
 from dcp_hf import training_state
 from dcp_hf.format.index import CHECKPOINT_FILE, FILE_PATTERN, SINGLE_FILE_NAME, fresh_name, layout_files
@@ -71,7 +72,17 @@ logger = logging.getLogger("dcp_hf")
 
 DtypePolicy = torch.dtype | Callable[[str, torch.dtype], torch.dtype] | None
 EXCHANGE_BELOW = 256 << 10  # runs shorter than this go through parts where short writes are costly
-RANK_RESULT = "__dcp_hf_rank__"  # each rank's one WriteResult: its bytes and part receipts
+RANK_RESULT = "__dcp_hf_rank__"  # each rank's one WriteResult: its bytes, part receipts, digest sums
+
+
+@dataclass
+class RankWrites:
+    """What a rank tells the coordinator's ``finish`` (its WriteResult's ``storage_data``): the
+    receipts of the parts it wrote, (file, part number, receipt), and its share of the files'
+    block digests (``BlockSums.sums``), hashed from the bytes as it wrote them."""
+
+    receipts: list
+    digest_sums: dict
 
 
 @dataclass
@@ -199,6 +210,9 @@ class HFStorageWriter(StorageWriter):
         file_map_from: an index json, or a checkpoint folder: keep its key -> file grouping
             (keys it does not name go in files after its own); e.g. the release a fine-tune
             started from.
+        digests: record the CRC-32C of every 4 MiB block of every file in the index (each rank
+            hashes the bytes it writes, as it writes them), for ``HFStorageReader(verify=True)``
+            and ``dcp-hf verify``; a single-file save has no index, so no digests.
         fqn_to_index_mapping: torch's ``HuggingFaceStorageWriter`` form of the same: key -> file
             number (1..N). ``save_distributed``, ``enable_consolidation`` and
             ``thread_count_consolidation`` of torch's writer are accepted and have nothing to
@@ -224,6 +238,7 @@ class HFStorageWriter(StorageWriter):
         config=None,
         copy_from: str | os.PathLike | None = None,
         file_map_from: str | os.PathLike | None = None,
+        digests: bool = True,
         fqn_to_index_mapping: dict[str, int] | None = None,
         save_distributed: bool | None = None,
         enable_consolidation: bool | None = None,
@@ -244,6 +259,7 @@ class HFStorageWriter(StorageWriter):
         self.exchange_below = None if exchange_below is None else parse_size(exchange_below)
         self.max_shard_size = parse_size(max_shard_size)
         self.dtype = dtype
+        self.digests = digests
         self.overwrite = overwrite
         self.progress = progress
         self.thread_count = thread_count or (8 if self.store.remote else 2)
@@ -418,10 +434,10 @@ class HFStorageWriter(StorageWriter):
                 regions.append(Region(n, 0, f.size, width))
         return plan_parts(regions, holdings, self.round_bytes, whole_files=sink.sequential)
 
-    def _result(self, nbytes: int, receipts: list) -> Future[list[WriteResult]]:
+    def _result(self, nbytes: int, writes: RankWrites) -> Future[list[WriteResult]]:
         """A rank's one write result (one per item would grow with ranks x tensors)."""
         fut: Future[list[WriteResult]] = Future()
-        fut.set_result([WriteResult(index=MetadataIndex(RANK_RESULT), size_in_bytes=nbytes, storage_data=receipts)])
+        fut.set_result([WriteResult(index=MetadataIndex(RANK_RESULT), size_in_bytes=nbytes, storage_data=writes)])
         return fut
 
     def _group(self, world: int):
@@ -461,17 +477,19 @@ class HFStorageWriter(StorageWriter):
         )
         failure: BaseException | None = None
         receipts: list = []
+        sums = BlockSums([f.size for f in files], on=self.digests)
         try:
             numbers = {c.file for c in direct} | {p.file for p in mine} | (wp.headers if sink.direct else set())
             sink.open(wp.opened, files, wp.save_id, numbers)
             if sink.direct:
                 for n in wp.headers:
                     sink.write_runs(n, 0, RunGrid(0, len(files[n].header)), memoryview(files[n].header))
-            self._write_direct(direct, planner, sink, progress)
+                    sums.add_bytes(n, 0, files[n].header)
+            self._write_direct(direct, planner, sink, progress, sums)
         except Exception as e:  # noqa: BLE001 - the other ranks learn of it below
             failure = e
         if wp.parts:
-            failure, receipts = self._write_parts(through_parts, planner, sink, wp, index, failure, progress)
+            failure, receipts = self._write_parts(through_parts, planner, sink, wp, index, failure, progress, sums)
         if failure is None:
             try:
                 sink.close()
@@ -485,7 +503,7 @@ class HFStorageWriter(StorageWriter):
             raise failure or PeerRankError(
                 "another rank failed while writing (see its error); nothing of this save was committed"
             )
-        return self._result(sum(c.grid.nbytes for c in direct + through_parts), receipts)
+        return self._result(sum(c.grid.nbytes for c in direct + through_parts), RankWrites(receipts, sums.sums))
 
     @staticmethod
     def _any_failed(failure: BaseException | None, group) -> bool:
@@ -496,10 +514,13 @@ class HFStorageWriter(StorageWriter):
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
         return bool(int(failed))
 
-    def _write_direct(self, chunks: list[ChunkWrite], planner: SavePlanner, sink: Sink, progress: Progress) -> None:
+    def _write_direct(
+        self, chunks: list[ChunkWrite], planner: SavePlanner, sink: Sink, progress: Progress, sums: BlockSums
+    ) -> None:
         """Write each chunk's runs, in pieces of at most ``io_chunk_bytes`` staged through the
         writer's ring of host buffers (a device-to-host copy or dtype conversion overlaps the
-        writes); the next chunks are resolved on threads meanwhile (``resolved_ahead``)."""
+        writes), hashing each piece into ``sums`` as it is written; the next chunks are
+        resolved on threads meanwhile (``resolved_ahead``)."""
 
         def slabs():
             for c, tensor in resolved_ahead(planner, chunks):
@@ -514,6 +535,7 @@ class HFStorageWriter(StorageWriter):
                 sink.write_runs(c.file, c.base, grid, piece.data)
             except OSError as e:  # the sink names the file; name the tensor too
                 raise StorageError(e.errno, f"{c.item.index.fqn!r}: {e.strerror or e}") from e
+            sums.add(c.file, c.base, grid, piece.data)
             return grid.nbytes
 
         with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-write") as pool:
@@ -529,6 +551,7 @@ class HFStorageWriter(StorageWriter):
         index: PartIndex,
         failure: BaseException | None,
         progress: Progress,
+        sums: BlockSums,
     ) -> tuple[BaseException | None, list]:
         """In rounds, send each part's bytes to its owner, which assembles and writes it (the
         writes go on while the next round is gathered). A rank that failed keeps taking part
@@ -539,9 +562,11 @@ class HFStorageWriter(StorageWriter):
 
         def write_part(part: Part, data: torch.Tensor):
             try:
-                return sink.write_part(part, data)
+                receipt = sink.write_part(part, data)
             except OSError as e:  # the sink names the file; name the tensors in the part too
                 raise StorageError(e.errno, f"{', '.join(map(repr, self._keys_in(part)))}: {e.strerror or e}") from e
+            sums.add_bytes(part.file, part.lo, byte_view(data))
+            return receipt
 
         writer = PartWriter(write_part, 1 if sink.sequential else self.thread_count, self.round_bytes)
         receipts: list = []
@@ -583,12 +608,15 @@ class HFStorageWriter(StorageWriter):
         if sink is None:
             raise StorageError(f"{self.path}: finish on a writer whose prepare_global_plan did not run")
         receipts: dict[int, list] = {}
+        digest_sums = []
         for rank_results in results:
             for r in rank_results:
                 if r.index.fqn == RANK_RESULT:
-                    for n, number, receipt in r.storage_data or []:
+                    for n, number, receipt in r.storage_data.receipts:
                         receipts.setdefault(n, []).append((number, receipt))
+                    digest_sums.append(r.storage_data.digest_sums)
         try:
+            digests = combine(digest_sums, [f.name for f in files], [f.size for f in files]) if self.digests else {}
             sink.complete(receipts)
             for name, data in self.side_files.items():
                 if not self._holds(name, data):  # unchanged: readers never see it change
@@ -597,11 +625,11 @@ class HFStorageWriter(StorageWriter):
             state_index = None
             if state:  # named by the model index: its one rename commits the training state too
                 state_index = stored_names([training_state.INDEX_NAME], self._taken, self._save_id)[0]
-                sink.put(state_index, self._index(state))
+                sink.put(state_index, self._index(state, digests=digests))
             # A training checkpoint always has the model's index: readers that list the
             # folder's *.safetensors (vLLM) then keep to the files it names.
             if len(model) > 1 or state:
-                sink.put(INDEX_NAME, self._index(model, state_index))
+                sink.put(INDEX_NAME, self._index(model, state_index, digests))
             names = {f.name for f in files} | {INDEX_NAME if len(model) > 1 or state else None, state_index}
             sink.publish(self._old - names)
         except BaseException:
@@ -623,10 +651,12 @@ class HFStorageWriter(StorageWriter):
         except (OSError, DcpHfError):
             return False
 
-    def _index(self, files: list[FileLayout], training_state_index: str | None = None) -> bytes:
+    def _index(self, files: list[FileLayout], training_state_index: str | None = None, digests=None) -> bytes:
+        """The index json of ``files``, with their block digests (``digests``: file -> FileDigest)."""
         weight_map = {key: f.name for f in files for key in f.offsets}
         total = sum(f.size - len(f.header) for f in files)
-        return encode_index(total, weight_map, self._save_id, training_state_index)
+        recorded = {f.name: digests[f.name] for f in files if digests and f.name in digests}
+        return encode_index(total, weight_map, self._save_id, training_state_index, recorded)
 
     def _keys_in(self, part: Part) -> list[str]:
         """The tensors whose data overlaps the part (for error messages)."""
