@@ -93,7 +93,7 @@ def gather_export(chunks, out: str, hf: dict) -> None:
     from safetensors.torch import save_file
 
     from dcp_hf.format import natural_key
-    from tests.megatron_workers import naive_hf, plain_params
+    from tests.megatron_workers import Oracle, naive_hf, plain_params
 
     rank = dist.get_rank()
     params = plain_params(chunks)
@@ -101,6 +101,7 @@ def gather_export(chunks, out: str, hf: dict) -> None:
     if rank == 0:
         os.makedirs(out, exist_ok=True)
     pending, files, weight_map = {}, [], {}
+    oracle = Oracle.of(hf)
 
     def flush():
         name = f"part-{len(files):05d}.safetensors"
@@ -122,7 +123,7 @@ def gather_export(chunks, out: str, hf: dict) -> None:
                     parts.append(torch.empty(shape, dtype=dtype))
                     dist.recv(parts[-1], src)
             pending.update(
-                {k: v.contiguous() for k, v in naive_hf(name, parts, shards[0][4], *_shape_args(hf)).items()}
+                {k: v.contiguous() for k, v in naive_hf(name, parts, shards[0][4], oracle).items()}
             )
             if sum(t.nbytes for t in pending.values()) >= MAX_SHARD:
                 flush()
@@ -149,9 +150,10 @@ def megatron_shards(name: str, tp: int, dim: int | None, local_shape: tuple, get
     from the full HF tensors (``get(hf_name)``)."""
     import re
 
-    from tests.megatron_workers import HF_NAMES, LAYER_NAMES
+    from tests.megatron_workers import HF_NAMES, LAYER_NAMES, QK_NORM
 
     heads, groups, d, _ = _shape_args(hf)
+    names = {**LAYER_NAMES, **QK_NORM, "mlp.router.weight": "mlp.gate.weight"}  # Qwen3-MoE's
     if name in HF_NAMES:
         full = get(HF_NAMES[name])
         if "embed" in name or "output" in name:  # padded vocab rows: zeros
@@ -160,8 +162,8 @@ def megatron_shards(name: str, tp: int, dim: int | None, local_shape: tuple, get
     else:
         m = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
         base, rest = f"model.layers.{m.group(1)}.", m.group(2)
-        if rest in LAYER_NAMES:
-            full = get(base + LAYER_NAMES[rest])
+        if rest in names:
+            full = get(base + names[rest])
         elif rest.startswith("self_attention.linear_qkv."):
             kind, per = rest.rsplit(".", 1)[1], heads // groups
             q, k, v = (get(f"{base}self_attn.{p}_proj.{kind}") for p in "qkv")
