@@ -122,9 +122,7 @@ def gather_export(chunks, out: str, hf: dict) -> None:
                 else:
                     parts.append(torch.empty(shape, dtype=dtype))
                     dist.recv(parts[-1], src)
-            pending.update(
-                {k: v.contiguous() for k, v in naive_hf(name, parts, shards[0][4], oracle).items()}
-            )
+            pending.update({k: v.contiguous() for k, v in naive_hf(name, parts, shards[0][4], oracle).items()})
             if sum(t.nbytes for t in pending.values()) >= MAX_SHARD:
                 flush()
         else:

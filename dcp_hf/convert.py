@@ -10,6 +10,7 @@ and under ``torchrun`` the tensors are spread over the processes by size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -42,8 +43,9 @@ from dcp_hf.tensor_box import TensorBox
 class _Band:
     """Rows [lo, hi) of a local source chunk, read whole (long contiguous reads) and shared by
     the boxes that lie in it, e.g. the gate and up halves of an expert's rows of a merged
-    tensor. A band of at most ``band_bytes`` is read into a reused buffer (``pooled``), so its
-    boxes are copied out of it; a larger one is read into memory of its own."""
+    tensor. A band of several boxes, of at most ``band_bytes``, is read into a reused buffer
+    (``pooled``), so its boxes are copied out of it; a larger one, or one that is a single box,
+    is read into memory of its own (a single box is then written as it was read)."""
 
     source: MetadataIndex
     lo: int
@@ -219,7 +221,10 @@ class StreamingSavePlanner(HFSavePlanner):
                 row = math.prod(shape[1:])
                 if sum(math.prod(size) for *_, size in group) >= (hi - lo) * row:
                     nbytes = (hi - lo) * row * self.state_dict[source.fqn].dtype.itemsize
-                    band = _Band(source, lo, hi, nbytes, len(group), nbytes <= self.band_bytes)
+                    # a band that is one box is read into memory of its own and written as it
+                    # is; one shared by boxes goes into a reused buffer they are copied out of
+                    pooled = nbytes <= self.band_bytes and len(group) > 1
+                    band = _Band(source, lo, hi, nbytes, len(group), pooled)
                     bands.update((index, band) for index, *_ in group)
                 group.clear()
 
@@ -347,8 +352,11 @@ def stream(
     share = _my_share(specs)
     if objects and is_main():
         share.update(objects)
+    # an HFStorageReader keeps its files and threads across the reads of the bands
+    session = source.session() if hasattr(source, "session") else contextlib.nullcontext()
     try:
-        dcp.save(share, storage_writer=writer, planner=planner, no_dist=not dist.is_initialized())
+        with session:
+            dcp.save(share, storage_writer=writer, planner=planner, no_dist=not dist.is_initialized())
     finally:
         planner.close()
 
