@@ -93,7 +93,7 @@ def gather_export(chunks, out: str, hf: dict) -> None:
     from safetensors.torch import save_file
 
     from dcp_hf.format import natural_key
-    from testkit.megatron_oracle import naive_hf, plain_params
+    from testkit.megatron_oracle import Oracle, naive_hf, plain_params
 
     rank = dist.get_rank()
     params = plain_params(chunks)
@@ -101,6 +101,7 @@ def gather_export(chunks, out: str, hf: dict) -> None:
     if rank == 0:
         os.makedirs(out, exist_ok=True)
     pending, files, weight_map = {}, [], {}
+    oracle = Oracle.of(hf)
 
     def flush():
         name = f"part-{len(files):05d}.safetensors"
@@ -121,9 +122,7 @@ def gather_export(chunks, out: str, hf: dict) -> None:
                 else:
                     parts.append(torch.empty(shape, dtype=dtype))
                     dist.recv(parts[-1], src)
-            pending.update(
-                {k: v.contiguous() for k, v in naive_hf(name, parts, shards[0][4], *_shape_args(hf)).items()}
-            )
+            pending.update({k: v.contiguous() for k, v in naive_hf(name, parts, shards[0][4], oracle).items()})
             if sum(t.nbytes for t in pending.values()) >= MAX_SHARD:
                 flush()
         else:
@@ -149,9 +148,10 @@ def megatron_shards(name: str, tp: int, dim: int | None, local_shape: tuple, get
     from the full HF tensors (``get(hf_name)``)."""
     import re
 
-    from testkit.megatron_oracle import HF_NAMES, LAYER_NAMES
+    from testkit.megatron_oracle import HF_NAMES, LAYER_NAMES, QK_NORM
 
     heads, groups, d, _ = _shape_args(hf)
+    names = {**LAYER_NAMES, **QK_NORM, "mlp.router.weight": "mlp.gate.weight"}  # Qwen3-MoE's
     if name in HF_NAMES:
         full = get(HF_NAMES[name])
         if "embed" in name or "output" in name:  # padded vocab rows: zeros
@@ -160,8 +160,8 @@ def megatron_shards(name: str, tp: int, dim: int | None, local_shape: tuple, get
     else:
         m = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
         base, rest = f"model.layers.{m.group(1)}.", m.group(2)
-        if rest in LAYER_NAMES:
-            full = get(base + LAYER_NAMES[rest])
+        if rest in names:
+            full = get(base + names[rest])
         elif rest.startswith("self_attention.linear_qkv."):
             kind, per = rest.rsplit(".", 1)[1], heads // groups
             q, k, v = (get(f"{base}self_attn.{p}_proj.{kind}") for p in "qkv")
@@ -229,6 +229,7 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
     import warnings
 
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
     from benchmarks.layouts import check_same_tensors
     from benchmarks.measure import measured, measured_save, rotated
@@ -270,10 +271,14 @@ def _worker(rank, world, hf: dict, root: str, repeat: int, ops: list[str]):
             if rank == 0:
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()
+            if op == "ours":  # import_hf runs outside a Megatron job: the parallel state set aside, untimed
+                ps.destroy_model_parallel()
             dist.barrier()
             samples.setdefault(f"torch_dist {op}", []).append(
                 measured(lambda: to_torch_dist[op](os.path.join(root, "ours"), out))
             )
+            if op == "ours":
+                init_parallel(LAYOUT)
             dist.barrier()
             with torch.no_grad():  # the checkpoint holds the model: megatron-core's loader says so
                 for chunk in chunks:
@@ -289,24 +294,19 @@ TORCH_DIST_OPS = ["ours", "load_hf_then_save"]
 
 
 def _to_torch_dist(chunks):
-    """HF -> Megatron torch_dist. Ours: the offline ``import_hf`` (no model; Megatron's parallel
-    state is set aside meanwhile). Baseline, Megatron-style: the HF checkpoint loaded into the
+    """HF -> Megatron torch_dist. Ours: the offline ``import_hf`` (no model; the caller sets
+    Megatron's parallel state aside meanwhile). Baseline, Megatron-style: the HF checkpoint loaded into the
     model already built at LAYOUT (by ``load_hf``, the fastest loader at hand), then
     ``dist_checkpointing.save``."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
     from dcp_hf import megatron as dmeg
-    from dcp_hf.megatron.build import cuda_calls_on_cpu, init_parallel
+    from dcp_hf.megatron.build import cuda_calls_on_cpu
     from dcp_hf.megatron.import_hf import import_hf
 
     def ours(src, out):
-        ps.destroy_model_parallel()
-        try:
-            import_hf(src, out)
-        finally:
-            init_parallel(LAYOUT)
+        import_hf(src, out)
 
     def baseline(src, out):
         dmeg.load_hf(chunks, src)

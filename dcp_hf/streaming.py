@@ -8,6 +8,7 @@ the tensors are spread over the processes by size (``_my_share``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pickle
@@ -33,8 +34,9 @@ from dcp_hf.tensor_box import TensorBox
 class _Stripe:
     """Rows [lo, hi) of a local source chunk, read whole (long contiguous reads) and shared by
     the boxes that lie in it, e.g. the gate and up halves of an expert's rows of a merged
-    tensor. A stripe of at most ``stripe_bytes`` is read into a reused buffer (``pooled``), so its
-    boxes are copied out of it; a larger one is read into memory of its own."""
+    tensor. A stripe of several boxes, of at most ``stripe_bytes``, is read into a reused buffer
+    (``pooled``), so its boxes are copied out of it; a larger one, or one that is a single box,
+    is read into memory of its own (a single box is then written as it was read)."""
 
     source: MetadataIndex
     lo: int
@@ -215,7 +217,10 @@ class StreamingSavePlanner(HFSavePlanner):
                 row = math.prod(shape[1:])
                 if sum(math.prod(size) for *_, size in group) >= (hi - lo) * row:
                     nbytes = (hi - lo) * row * self.state_dict[source.fqn].dtype.itemsize
-                    stripe = _Stripe(source, lo, hi, nbytes, len(group), nbytes <= self.stripe_bytes)
+                    # a stripe that is one box is read into memory of its own and written as it
+                    # is; one shared by boxes goes into a reused buffer they are copied out of
+                    pooled = nbytes <= self.stripe_bytes and len(group) > 1
+                    stripe = _Stripe(source, lo, hi, nbytes, len(group), pooled)
                     stripes.update((index, stripe) for index, *_ in group)
                 group.clear()
 
@@ -343,8 +348,11 @@ def stream(
     share = _my_share(specs)
     if objects and is_main():
         share.update(objects)
+    # an HFStorageReader keeps its files and threads across the reads of the stripes
+    session = source.session() if hasattr(source, "session") else contextlib.nullcontext()
     try:
-        dcp.save(share, storage_writer=writer, planner=planner, no_dist=not dist.is_initialized())
+        with session:
+            dcp.save(share, storage_writer=writer, planner=planner, no_dist=not dist.is_initialized())
     finally:
         planner.close()
 

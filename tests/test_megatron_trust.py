@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 
 import pytest
@@ -174,7 +175,7 @@ REFUSED_FAMILIES = {  # HF configs of families dcp-hf does not map (megatron-cor
     "gemma2": lambda: tf.Gemma2Config(num_hidden_layers=2, head_dim=8, **COMMON),
     "gemma3": lambda: tf.Gemma3TextConfig(num_hidden_layers=2, head_dim=8, **COMMON),
     "llama4": lambda: tf.Llama4TextConfig(num_hidden_layers=2, head_dim=8, **COMMON),
-    "phi3": lambda: tf.Phi3Config(num_hidden_layers=2, **COMMON),
+    "phi3": lambda: tf.Phi3Config(num_hidden_layers=2, pad_token_id=0, **COMMON),  # its default pad id is past vocab 64
     "olmoe": lambda: tf.OlmoeConfig(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, **COMMON),
     "gpt_oss": lambda: tf.GptOssConfig(num_hidden_layers=2, head_dim=8, num_local_experts=4, **COMMON),
     "qwen3_next": lambda: tf.Qwen3NextConfig(num_hidden_layers=4, head_dim=8, num_experts=4, **COMMON),
@@ -253,6 +254,34 @@ def test_unmapped_families_refused(tmp_path):
         assert not written, name
 
 
+def _saved(folder, config) -> str:
+    """A real HF checkpoint of ``config``: transformers' model class of it, random weights."""
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return str(folder)
+
+
+def _assert_import_refused(src: str, root, want: str) -> None:
+    """``import_hf`` of SRC into ``root/out`` refused naming ``want``; nothing written in root
+    (nor the hidden folder an import builds in) but SRC."""
+    from dcp_hf.megatron.import_hf import import_hf
+
+    before = sorted(os.listdir(root))
+    with pytest.raises(ValueError, match="nothing written") as info:
+        import_hf(src, os.path.join(root, "out"))
+    assert want in str(info.value), str(info.value)
+    assert sorted(os.listdir(root)) == before
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_FAMILIES))
+def test_import_refuses_unmapped_families(tmp_path, name):
+    """``import_hf`` of a real checkpoint of a family dcp-hf does not map (Gemma-2/3, Llama-4,
+    Phi-3, OLMoE, GPT-OSS, Qwen3-Next): refused naming its model_type, nothing written."""
+    config = REFUSED_FAMILIES[name]()
+    src = _saved(tmp_path / "src", config)
+    _assert_import_refused(src, tmp_path, f"model_type {config.model_type!r} is not a family dcp-hf maps")
+
+
 @pytest.mark.parametrize(
     "config, want",
     [
@@ -273,14 +302,16 @@ def test_unmapped_families_refused(tmp_path):
         (lambda: tf.Gemma2Config(num_hidden_layers=2, head_dim=8, **COMMON), "is not a family dcp-hf maps"),
     ],
 )
-def test_hf_config_with_math_the_megatron_model_lacks_is_refused(config, want):
+def test_hf_config_with_math_the_megatron_model_lacks_is_refused(tmp_path, config, want):
     """The HF -> Megatron direction (export's layout, an import): an HF config whose Megatron
-    model would compute something else is refused, naming the setting."""
+    model would compute something else is refused, naming the setting; ``import_hf`` of a real
+    checkpoint of it writes nothing."""
     from dcp_hf.megatron.hf_config import checked_megatron_config
 
     with pytest.raises(ValueError) as info:
         checked_megatron_config(config().to_dict())
     assert want in str(info.value), str(info.value)
+    _assert_import_refused(_saved(tmp_path / "src", config()), tmp_path, want)
 
 
 def test_mistral_config_generated_without_a_window():

@@ -95,7 +95,10 @@ def build_gpt(
     size as Megatron's training scripts make. ``mtp``: build the config's
     ``num_nextn_predict_layers`` multi-token-prediction layers (on the last stage).
     ``overrides``: further TransformerConfig settings; ``gpt_overrides``: GPTModel arguments.
-    ``meta``: parameters on the meta device, uninitialized (only their keys and shapes are wanted)."""
+    ``meta``: parameters on the meta device, uninitialized (only their keys and shapes are wanted).
+    A 16-bit ``params_dtype`` gives the model Megatron-LM trains and checkpoints at that dtype:
+    cast whole as its Float16Module casts it (the local spec's norms too, which megatron-core
+    creates in fp32), the routers' expert bias kept fp32 as megatron-core keeps it."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -159,7 +162,19 @@ def build_gpt(
                     **gpt,
                 )
             )
+    if params_dtype in (torch.bfloat16, torch.float16):
+        for chunk in chunks:
+            _as_float16_module(chunk, params_dtype)
     return chunks
+
+
+def _as_float16_module(chunk, dtype: torch.dtype) -> None:
+    """Cast a chunk in place as Megatron-LM's Float16Module does (``module.bfloat16()``), then
+    the expert bias back to fp32, as megatron-core's router does before using or loading it."""
+    chunk.to(dtype)
+    for module in chunk.modules():
+        if hasattr(module, "_maintain_float32_expert_bias"):
+            module._maintain_float32_expert_bias()
 
 
 def _mla_core_attention():

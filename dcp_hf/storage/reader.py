@@ -10,6 +10,7 @@ all ranks check they read the coordinator's save.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -230,6 +231,7 @@ class HFStorageReader(StorageReader):
         self._lock = threading.Lock()
         self._handles: dict[str, object] = {}  # file -> open handle, from its header read on
         self._reads = 0  # read_data calls in progress (streaming conversions run several at once)
+        self._pool: ThreadPoolExecutor | None = None  # the reader threads of a ``session``
 
     # -- DCP protocol -------------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -242,6 +244,35 @@ class HFStorageReader(StorageReader):
         self.weight_map, self.headers, self.bytes_read, self.save_id, self.digests = {}, {}, 0, None, {}
         self._first_try_error = None
         self.bytes_from_other_hosts = 0
+
+    @contextlib.contextmanager
+    def session(self):
+        """For many ``read_data`` calls in a row (a streaming conversion makes one per band):
+        meanwhile the files stay open and the reads share one pool of reader threads, instead
+        of each opening the files and starting its own threads."""
+        pool = ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read")
+        with self._lock:
+            if self._pool is not None:
+                pool.shutdown()
+                raise RuntimeError(f"{self.path}: a read session is already open")
+            self._reads += 1  # keeps the files open until the session ends
+            self._pool = pool
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._pool = None
+            pool.shutdown()
+            self.close(finished_read=True)
+
+    @contextlib.contextmanager
+    def _threads(self):
+        """The session's reader threads, or a pool of this read's own."""
+        if self._pool is not None:
+            yield self._pool
+            return
+        with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
+            yield pool
 
     def close(self, finished_read: bool = False) -> None:
         """Close the files held open since their headers were read (``read_data`` does, when
@@ -387,7 +418,7 @@ class HFStorageReader(StorageReader):
 
     def _read_plan(self, work: list[_Work], planner: LoadPlanner) -> int:
         progress = self._progress(work)
-        with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
+        with self._threads() as pool:
             self._read_direct(work, pool, progress)
         progress.close()
         for w in work:
@@ -443,7 +474,7 @@ class HFStorageReader(StorageReader):
         memory = _shared_memory(bands, gathered, me, group)
 
         def read() -> None:
-            with ThreadPoolExecutor(self.thread_count, thread_name_prefix="dcp-hf-read") as pool:
+            with self._threads() as pool:
                 failure = None
                 try:
                     self._read_direct(direct, pool, progress)
