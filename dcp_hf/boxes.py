@@ -217,3 +217,29 @@ def check_exact_cover(
             f"{key!r}: the chunks saved by all ranks cover {covered} of {total} elements of shape "
             f"{list(shape)}; part of the tensor would be missing from the checkpoint"
         )
+
+
+def flat_range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The elements ``[start, stop)`` of a row-major tensor of ``shape`` (a flat range, as a
+    distributed optimizer holds of each parameter) as the fewest boxes (offsets, sizes), in
+    order: each is a contiguous run of the range, so box i is the next ``prod(sizes)`` elements.
+    At most 2 * (dims - 1) + 1 boxes: partial rows up to a whole row, whole rows, then the rest."""
+    if start >= stop:
+        return []
+    if len(shape) <= 1:
+        return [((start,), (stop - start,))] if shape else [((), ())]
+    inner = math.prod(shape[1:])
+    first, last = start // inner, (stop - 1) // inner  # the rows the range touches
+    rest = shape[1:]
+    if first == last:  # within one row
+        return [((first, *o), (1, *s)) for o, s in flat_range_boxes(rest, start - first * inner, stop - first * inner)]
+    out = []
+    if start % inner:  # the end of the first row
+        out += [((first, *o), (1, *s)) for o, s in flat_range_boxes(rest, start % inner, inner)]
+        first += 1
+    whole_end = last + 1 if stop % inner == 0 else last
+    if whole_end > first:
+        out.append(((first, *(0,) * len(rest)), (whole_end - first, *rest)))
+    if stop % inner:  # the start of the last row
+        out += [((last, *o), (1, *s)) for o, s in flat_range_boxes(rest, 0, stop % inner)]
+    return out

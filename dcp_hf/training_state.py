@@ -22,7 +22,9 @@ tensors under ``training_state/bytes/`` + the key. Names outside ``model.safeten
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import re
 import zlib
 
 import torch
@@ -42,14 +44,32 @@ def is_training_state(storage_key: str) -> bool:
     return storage_key.startswith(PREFIX)
 
 
+# A parameter's optimizer state: ``optimizer.state.<parameter's model key>.<name>`` (torch's
+# ``get_state_dict`` and torchtitan's optimizer state under ``"optimizer"``; dcp_hf.megatron's).
+PARAM_STATE = re.compile(r"optimizer\.state\.(?P<param>.+)\.(?P<name>[^.]+)")
+
+
 def pieces(layout: Layout, key: str, shape: tuple[int, ...], model_prefix: str | None) -> list[Piece]:
     """The stored pieces of in-memory tensor ``key``: a model key through the layout (without
-    ``model_prefix``), a training-state key whole under ``training_state/``."""
+    ``model_prefix``); a parameter's optimizer state (``optimizer.state.<param>.<name>``, shaped
+    like the parameter) through the layout as that parameter, each piece under
+    ``training_state/optimizer.state.<HF key>.<name>`` (a 0-dim state such as Adam's ``step``
+    takes the layout's renames only); any other training-state key whole under
+    ``training_state/``."""
     if model_prefix is None:
         return layout.pieces(key, shape)
     if key.startswith(model_prefix):
         return layout.pieces(key[len(model_prefix) :], shape)
-    return [Piece.whole(PREFIX + key, tuple(shape))]
+    state = PARAM_STATE.fullmatch(key)
+    if state is None:
+        return [Piece.whole(PREFIX + key, tuple(shape))]
+    param, name = state.group("param"), state.group("name")
+    if not shape:
+        return [Piece.whole(f"{PREFIX}optimizer.state.{layout.to_hf_key(param)}.{name}", ())]
+    return [
+        dataclasses.replace(p, hf_key=f"{PREFIX}optimizer.state.{p.hf_key}.{name}")
+        for p in layout.pieces(param, tuple(shape))
+    ]
 
 
 def object_bytes(items, resolve, process_group=None) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ import os
 import torch
 import torch.distributed.checkpoint as dcp
 
+from dcp_hf import training_state
 from dcp_hf.errors import on_every_rank
 from dcp_hf.extras import require
 from dcp_hf.layouts import Layout
@@ -31,6 +32,7 @@ from dcp_hf.layouts.quantized import quantization_for_config
 from dcp_hf.megatron.adapter import ShardedModel, model_chunks
 from dcp_hf.megatron.check import check_against_transformers
 from dcp_hf.megatron.hf_config import FAMILIES, Family, check_given, hf_config, resolve_family
+from dcp_hf.megatron import optimizer as megatron_optimizer
 from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.storage import HFStorageReader, HFStorageWriter
 from dcp_hf.storage.hf_files import config_dict, parse_config
@@ -41,6 +43,7 @@ require("megatron.core", "megatron", "dcp_hf.megatron", load=False)
 
 KEEP_FP32 = ("*.e_score_correction_bias",)  # DeepSeek's expert bias stays fp32 on export
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+MODEL = "model."  # with an optimizer: the model's keys in the state dict (HFSavePlanner's model_prefix)
 
 
 def layout_of(
@@ -133,6 +136,7 @@ def save_hf(
     process_group=None,
     progress: bool = False,
     write_config: bool = True,
+    optimizer=None,
 ) -> None:
     """Save a Megatron GPT model (any TP/PP/VPP/EP/ETP/DP layout) as an HF checkpoint.
 
@@ -156,7 +160,11 @@ def save_hf(
         vocab_size: the true vocab size; rows of the (padded) embedding and output layer beyond
             it are not saved. Default: ``config``'s, else the model's.
         dtype: export dtype for floating tensors (e.g. torch.bfloat16); DeepSeek's expert bias
-            stays fp32.
+            stays fp32. The optimizer's state keeps its own dtype.
+        optimizer: the model's megatron-core optimizer (distributed or not): its state is saved
+            beside the weights as training state (:mod:`dcp_hf.megatron.optimizer`), moments
+            under the parameters' HF names, committed with the weights; ``load_hf(...,
+            optimizer=)`` resumes it in any layout.
     """
     chunks = model_chunks(model)
     given = _given_config(config)
@@ -177,6 +185,9 @@ def save_hf(
     hf, layout, state, written = on_every_rank(prepare, process_group)
     written = all_written(written, process_group)
     on_every_rank(lambda: check_against_transformers(hf, written, f"save_hf to {path}"), process_group)
+    if optimizer is not None:  # a training checkpoint
+        opt = megatron_optimizer.state_dict(optimizer, chunks, main_replicas_only=True)
+        state = {**{MODEL + k: v for k, v in state.items()}, **opt}
     side = {"config.json": (json.dumps(hf, indent=2, sort_keys=True) + "\n").encode()} if write_config else {}
     writer = HFStorageWriter(
         path,
@@ -188,7 +199,8 @@ def save_hf(
         progress=progress,
         side_files=side,
     )
-    dcp.save(state, storage_writer=writer, planner=HFSavePlanner(layout), process_group=process_group)
+    planner = HFSavePlanner(layout, model_prefix=MODEL if optimizer is not None else None)
+    dcp.save(state, storage_writer=writer, planner=planner, process_group=process_group)
 
 
 def load_hf(
@@ -200,6 +212,7 @@ def load_hf(
     allow_unexpected=(),
     storage_options: dict | None = None,
     process_group=None,
+    optimizer=None,
 ) -> None:
     """Load an HF checkpoint into a Megatron GPT model's shards, each rank reading only its own.
 
@@ -216,6 +229,9 @@ def load_hf(
     ``allow_dtype_cast``: bf16 files into fp32 parameters and the like (default on). A quantized
     release (``quantization_config`` in its config.json: FP8 block-scaled, MXFP4) loads
     dequantized, each rank reading only its blocks and their scales.
+
+    ``optimizer``: also load the optimizer state that ``save_hf(..., optimizer=)`` saved (in
+    any other TP/PP/DP layout of the same model), through the optimizer's ``load_state_dict``.
     """
     chunks = model_chunks(model)
     reader = HFStorageReader(
@@ -260,12 +276,28 @@ def load_hf(
         return layout, sharded, state
 
     layout, sharded, state = on_every_rank(prepare, process_group)
+    if optimizer is not None:  # first the weights and the param groups (which make the optimizer's state tensors)
+        groups = megatron_optimizer.param_groups(optimizer)
+        state = {**{MODEL + k: v for k, v in state.items()}, megatron_optimizer.GROUPS: groups}
+        unexpected.append(training_state.PREFIX + megatron_optimizer.STATE + "*")
     if getattr(chunks[0], "share_embeddings_and_output_weights", False):
         unexpected.append("lm_head.weight")
     dcp.load(
         state,
         storage_reader=reader,
-        planner=HFLoadPlanner(layout, allow_unexpected=unexpected),
+        planner=HFLoadPlanner(
+            layout, allow_unexpected=unexpected, model_prefix=MODEL if optimizer is not None else None
+        ),
         process_group=process_group,
     )
     sharded.merge_loaded()
+    if optimizer is not None:  # then the optimizer's state, straight into its tensors
+        megatron_optimizer.load_param_groups(optimizer, state[megatron_optimizer.GROUPS])
+        opt = megatron_optimizer.state_dict(optimizer, chunks, main_replicas_only=False)
+        del opt[megatron_optimizer.GROUPS]
+        dcp.load(
+            opt,
+            storage_reader=reader,
+            planner=HFLoadPlanner(layout, allow_unexpected=True, model_prefix=MODEL),
+            process_group=process_group,
+        )

@@ -59,22 +59,30 @@ class ShardedModel:
         """``metadata``: megatron-core's sharded-state-dict metadata; default: one key per
         layer and expert (``singleton_local_shards``), {} for its default form (the form of
         ``torch_dist`` checkpoints: layers and experts stacked where they are alike)."""
+        return cls.collect(
+            [
+                chunk.sharded_state_dict(metadata=dict(SINGLETON if metadata is None else metadata))
+                for chunk in model_chunks(model)
+            ]
+        )
+
+    @classmethod
+    def collect(cls, sharded_state_dict) -> "ShardedModel":
+        """The sharded tensors, factories and objects of a (nested) Megatron sharded state dict:
+        a model's, or an optimizer's (its state in model space, keyed like the parameters)."""
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
         tensors, factories, objects = [], [], []
-        for chunk in model_chunks(model):
-            for value in nested_values(
-                chunk.sharded_state_dict(metadata=dict(SINGLETON if metadata is None else metadata))
-            ):
-                if isinstance(value, ShardedTensorFactory):
-                    built = value.build()
-                    factories.append(Factory(value, built))
-                    tensors += [v for v in nested_values(built) if isinstance(v, ShardedTensor)]
-                elif isinstance(value, ShardedTensor):
-                    tensors.append(value)
-                elif isinstance(value, ShardedObject):
-                    objects.append(value)
+        for value in nested_values(sharded_state_dict):
+            if isinstance(value, ShardedTensorFactory):
+                built = value.build()
+                factories.append(Factory(value, built))
+                tensors += [v for v in nested_values(built) if isinstance(v, ShardedTensor)]
+            elif isinstance(value, ShardedTensor):
+                tensors.append(value)
+            elif isinstance(value, ShardedObject):
+                objects.append(value)
         return cls(tensors, factories, objects)
 
     def state_dict(self, main_replicas_only: bool) -> dict[str, TensorBox]:

@@ -75,6 +75,44 @@ def cuda_calls_on_cpu():
         torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.synchronize = saved
 
 
+@contextlib.contextmanager
+def optimizer_on_cpu():
+    """For megatron-core's optimizers on a machine without CUDA (tests), never in training: they
+    accept only parameters whose ``Tensor.type()`` is ``torch.cuda.FloatTensor`` (or Half/BFloat16:
+    optimizer/distrib_optimizer.py and optimizer/optimizer.py check the string) and make a few
+    scalars with ``device='cuda'`` (optimizer.py's overflow buffer and unit loss scale). While
+    active, and only where torch has no CUDA, CPU tensors of those dtypes report the CUDA type
+    names and ``torch.tensor``/``zeros``/``empty`` make CPU tensors for ``device='cuda'``; the
+    optimizer's arithmetic is torch's own on the CPU tensors. Use with :func:`cuda_calls_on_cpu`."""
+    if torch.cuda.is_available():
+        yield
+        return
+    names = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor"}
+    names[torch.bfloat16] = "torch.cuda.BFloat16Tensor"
+    saved_type, saved = torch.Tensor.type, (torch.tensor, torch.zeros, torch.empty)
+
+    def cuda_type(self, *args, **kwargs):
+        if not args and not kwargs and self.device.type == "cpu" and self.dtype in names:
+            return names[self.dtype]
+        return saved_type(self, *args, **kwargs)
+
+    def on_cpu(make):
+        def made(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return make(*args, **kwargs)
+
+        return made
+
+    torch.Tensor.type = cuda_type
+    torch.tensor, torch.zeros, torch.empty = (on_cpu(make) for make in saved)
+    try:
+        yield
+    finally:
+        torch.Tensor.type = saved_type
+        torch.tensor, torch.zeros, torch.empty = saved
+
+
 def build_gpt(
     hf: dict,
     p: Parallel,

@@ -25,7 +25,7 @@ from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.layouts import IDENTITY, Layout, Piece, mem_view
 from dcp_hf.layouts.quantized import QuantizedTensor
 from dcp_hf.contract.keysets import decode_keys, encode_keys
-from dcp_hf.tensor_box import TensorBox, find_chunk
+from dcp_hf.tensor_box import BOXES, find_chunk
 
 
 def _object_item(key: str, stored_key: str) -> ReadItem:
@@ -150,7 +150,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
 
     def set_up_planner(self, state_dict, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
         # DCP's set-up replaces values it does not know with None: keep TensorBox values out.
-        boxes = {k: v for k, v in state_dict.items() if isinstance(v, TensorBox)}
+        boxes = {k: v for k, v in state_dict.items() if isinstance(v, BOXES)}
         for k in boxes:
             del state_dict[k]
         try:

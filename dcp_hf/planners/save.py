@@ -30,7 +30,7 @@ from dcp_hf.layouts import IDENTITY, Layout, mem_view
 from dcp_hf.layouts.quantized import FP8_MAX
 from dcp_hf.planners.checks import tensor_specs
 from dcp_hf.contract.plans import ChunkEntry, LocalSummary, MergedPlan, RankAssignment, summarize
-from dcp_hf.tensor_box import TensorBox, find_chunk
+from dcp_hf.tensor_box import TensorBox, TensorBoxes, find_chunk
 
 
 class LocalChunk(NamedTuple):
@@ -161,12 +161,11 @@ class HFSavePlanner(DefaultSavePlanner):
         """Every local chunk, and the write items of values that are not tensors."""
         chunks, others = [], []
         for fqn, value in self.state_dict.items():
-            if isinstance(value, TensorBox):
-                chunks.append(
-                    LocalChunk(
-                        fqn, tuple(value.global_shape), value.dtype, tuple(value.offsets), tuple(value.local.shape)
-                    )
-                )
+            if isinstance(value, (TensorBox, TensorBoxes)):
+                chunks += [
+                    LocalChunk(fqn, tuple(b.global_shape), b.dtype, tuple(b.offsets), tuple(b.local.shape))
+                    for b in (value.boxes if isinstance(value, TensorBoxes) else [value])
+                ]
             elif type(value) is torch.Tensor or type(value) is torch.nn.Parameter:
                 chunks.append(LocalChunk(fqn, tuple(value.shape), value.dtype, (0,) * value.dim(), tuple(value.shape)))
             elif isinstance(value, DTensor) and value.device_mesh.get_coordinate() is None:
