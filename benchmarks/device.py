@@ -143,8 +143,8 @@ def run(root: str, size_gb: float | None, repeat: int, kind: str = "cuda") -> li
     import math
 
     from benchmarks.measure import merge_ranks, summarize
-    from dcp_hf.models import LlamaShape
     from dcp_hf.local_ranks import run_ranks
+    from dcp_hf.models import LlamaShape
 
     shape = scaled_shape(size_gb) if size_gb else LlamaShape()
     nbytes = sum(math.prod(s) for s in shape.tensors().values()) * 2

@@ -9,7 +9,6 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
-
 from benchmarks.core import build_state, scaled_shape
 
 SAVE_OPS = ["ours", "boto3_upload_file", "s3torchconnector_writer"]

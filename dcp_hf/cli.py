@@ -228,9 +228,9 @@ def _style(args) -> str | None:
 
 def _check_something_to_merge(src: str, style: str | None) -> None:
     """``experts merge`` of a checkpoint with no per-expert tensors would copy it unchanged."""
-    from dcp_hf.streaming import hf_specs
     from dcp_hf.layouts import detect_layout
     from dcp_hf.storage import HFStorageReader
+    from dcp_hf.streaming import hf_specs
 
     source = hf_specs(HFStorageReader(src))
     rules = detect_layout(src, style).without_renames()

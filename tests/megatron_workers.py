@@ -11,14 +11,14 @@ import torch
 from testkit.megatron_oracle import (  # noqa: F401 (tests import the oracle from here too)
     HF_NAMES,
     LAYER_NAMES,
-    QK_NORM,
     MLA_NAMES,
     MTP_OWN,
+    QK_NORM,
     Oracle,
-    plain_params,
     naive_gather,
-    oracle_hf,
     naive_hf,
+    oracle_hf,
+    plain_params,
 )
 
 
@@ -284,10 +284,9 @@ def megatron_logits(chunks, ids: torch.Tensor) -> torch.Tensor:
     import contextlib
 
     from megatron.core.tensor_parallel import random
+    from megatron.core.transformer.moe import moe_utils
 
     from dcp_hf.megatron.build import cuda_calls_on_cpu
-
-    from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):  # 0.16's router names it only when TE imports
         moe_utils.te_general_gemm = None

@@ -13,9 +13,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
-from dcp_hf.boxes import box_runs
+from dcp_hf.boxes import box_runs, byte_view
 from dcp_hf.errors import CheckpointFormatError, DcpHfError
-from dcp_hf.boxes import byte_view
 from dcp_hf.storage.posix import read_runs
 
 pytestmark = pytest.mark.slow  # every test here starts processes, a server or Megatron models

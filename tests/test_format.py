@@ -7,9 +7,9 @@ import struct
 
 import pytest
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from huggingface_hub import split_torch_state_dict_into_shards
 
 from dcp_hf.boxes import RunGrid, box_runs, check_exact_cover
 from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError

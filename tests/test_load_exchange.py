@@ -20,9 +20,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from dcp_hf import HFLoadPlanner, HFStorageReader
+from dcp_hf.local_ranks import run_ranks
 from dcp_hf.storage.exchange import SharedMemory
 from dcp_hf.storage.shared_reads import Need, _plan_round, plan_bands
-from dcp_hf.local_ranks import run_ranks
 from tests.workers import bitwise_equal
 
 FILES = {

@@ -9,8 +9,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
-from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_hf import HFLoadPlanner, HFSavePlanner, HFStorageReader, HFStorageWriter
 from dcp_hf.format import INDEX_NAME

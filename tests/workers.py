@@ -101,9 +101,9 @@ def load_sharded(rank, world, path, kind):
 
 def sharded_tensor_two_chunks(rank: int, world: int, key: str, shape=(8, 6), zeros=False):
     """A ShardedTensor whose dim 0 is cut in 2*world chunks, two of them on each rank."""
+    from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard as STShard
     from torch.distributed._shard.sharded_tensor import init_from_local_shards
-    from torch.distributed._shard.metadata import ShardMetadata
 
     full = torch.arange(math.prod(shape), dtype=torch.float32).view(shape)
     rows = shape[0] // (2 * world)
@@ -123,6 +123,7 @@ def save_cases(rank, world, root):
     """Save one checkpoint per layout kind, plus a ShardedTensor with two chunks per rank and
     an async save; then check the failures every rank must see."""
     import os
+
     from torch.distributed.checkpoint.api import CheckpointException
 
     for kind in ("shard0", "shard1", "mixed", "replicate"):

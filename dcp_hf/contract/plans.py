@@ -19,9 +19,9 @@ from typing import Iterable, Iterator, NamedTuple
 import torch
 
 from dcp_hf.boxes import Box, check_exact_cover
+from dcp_hf.contract.keysets import KeyCode, decode_keys, encode_keys
 from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.format.index import TensorSpec, natural_key
-from dcp_hf.contract.keysets import KeyCode, decode_keys, encode_keys
 
 DROP = "drop"  # a block this rank does not write (another replica does)
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from dcp_hf.boxes import Box
-
 from dcp_hf.errors import CheckpointFormatError, StateDictMismatchError
 from dcp_hf.format import TensorSpec
 from dcp_hf.layouts.core import Piece
@@ -37,7 +36,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn: scale = amax / FP8_MAX
 
 
 @dataclass(frozen=True)
-class StoredPart:
+class StoredTensor:
     """One stored tensor of a quantized tensor (its data or its scales)."""
 
     key: str
@@ -51,12 +50,12 @@ class QuantizedTensor:
 
     key: str
     shape: tuple[int, ...]
-    data: StoredPart
-    scale: StoredPart
+    data: StoredTensor
+    scale: StoredTensor
     scheme: BlockFP8 | MXFP4
 
     @property
-    def parts(self) -> tuple[StoredPart, StoredPart]:
+    def stored(self) -> tuple[StoredTensor, StoredTensor]:
         return self.data, self.scale
 
     def boxes(self, offsets, sizes) -> tuple[Box, Box]:
@@ -72,12 +71,12 @@ class QuantizedTensor:
         self.scheme.dequantize(data, scale, tuple(offsets), tuple(sizes), out)
 
 
-def _part(stored, key: str) -> StoredPart:
+def _part(stored, key: str) -> StoredTensor:
     md = stored[key]
-    return StoredPart(key, md.properties.dtype, tuple(md.size))
+    return StoredTensor(key, md.properties.dtype, tuple(md.size))
 
 
-def _check_destination(where: str, key: str, data: StoredPart, dest_dtype: torch.dtype) -> None:
+def _check_destination(where: str, key: str, data: StoredTensor, dest_dtype: torch.dtype) -> None:
     if not dest_dtype.is_floating_point or dest_dtype.itemsize < 2:
         raise StateDictMismatchError(
             f"{where}: {key!r} is quantized ({data.key!r} is {data.dtype}); it loads dequantized into "

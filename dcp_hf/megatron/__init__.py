@@ -29,10 +29,10 @@ from dcp_hf.extras import require
 from dcp_hf.layouts import Layout
 from dcp_hf.layouts.megatron import MegatronGPT, megatron_layout
 from dcp_hf.layouts.quantized import quantization_for_config
+from dcp_hf.megatron import optimizer as megatron_optimizer
 from dcp_hf.megatron.adapter import ShardedModel, model_chunks
 from dcp_hf.megatron.check import check_against_transformers
 from dcp_hf.megatron.hf_config import FAMILIES, Family, check_given, hf_config, resolve_family
-from dcp_hf.megatron import optimizer as megatron_optimizer
 from dcp_hf.planners import HFLoadPlanner, HFSavePlanner
 from dcp_hf.storage import HFStorageReader, HFStorageWriter
 from dcp_hf.storage.hf_files import config_dict, parse_config

@@ -31,7 +31,6 @@ def expected_tensors(hf: dict) -> dict[str, Expected]:
     import transformers
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config = CONFIG_MAPPING[hf["model_type"]].from_dict(dict(hf))

@@ -14,7 +14,6 @@ import os
 import torch.distributed.checkpoint as dcp
 
 from dcp_hf.errors import CheckpointFormatError, Fix
-from dcp_hf.streaming import dcp_specs, stream
 from dcp_hf.layouts import IDENTITY
 from dcp_hf.megatron import export_dtype, hf_tensors, layout_of
 from dcp_hf.megatron.check import check_against_transformers
@@ -22,6 +21,7 @@ from dcp_hf.megatron.hf_config import check_given, checked_megatron_config
 from dcp_hf.megatron.training_args import checkpoint_args, imported_config, settings_of_args
 from dcp_hf.storage import HFStorageWriter
 from dcp_hf.storage.hf_files import config_dict
+from dcp_hf.streaming import dcp_specs, stream
 
 NOT_MODEL = ("optimizer.*", "rng_state*", "*._extra_state*")  # training state, not weights
 

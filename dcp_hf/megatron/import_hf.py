@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from dcp_hf.convert import _whole_or_absent
-from dcp_hf.streaming import hf_specs, is_main, stream
 from dcp_hf.errors import CheckpointFormatError, on_every_rank
 from dcp_hf.format import TensorSpec
 from dcp_hf.layouts import Layout, Piece
@@ -32,11 +31,12 @@ from dcp_hf.layouts.megatron import MegatronGPT
 from dcp_hf.layouts.quantized import quantization_for_config
 from dcp_hf.megatron import _checkpoint_config, layout_of
 from dcp_hf.megatron.check import check_against_transformers
-from dcp_hf.megatron.hf_config import checked_megatron_config
 from dcp_hf.megatron.export import with_family
+from dcp_hf.megatron.hf_config import checked_megatron_config
 from dcp_hf.megatron.training_args import IMPORTED_CONFIG
 from dcp_hf.progress import file_system_writer
 from dcp_hf.storage import HFStorageReader
+from dcp_hf.streaming import hf_specs, is_main, stream
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the latest iteration
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version

@@ -19,12 +19,12 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 
 from dcp_hf import training_state
-from dcp_hf.contract import LoadSource
 from dcp_hf.boxes import overlap
+from dcp_hf.contract import LoadSource
+from dcp_hf.contract.keysets import decode_keys, encode_keys
 from dcp_hf.errors import StateDictMismatchError
 from dcp_hf.layouts import IDENTITY, Layout, Piece, mem_view
 from dcp_hf.layouts.quantized import QuantizedTensor
-from dcp_hf.contract.keysets import decode_keys, encode_keys
 from dcp_hf.tensor_box import BOXES, find_chunk
 
 
@@ -51,7 +51,7 @@ class _KeyFilter:
         return self.everything or any(fnmatch.fnmatchcase(key, p) for p in self.patterns)
 
 
-def _same_memory(value) -> tuple | None:
+def _memory_identity(value) -> tuple | None:
     """What makes two state-dict values the very same memory: a plain CPU/GPU tensor's storage
     and view; a DTensor's mesh, placements and local view (the same on every rank, as its mesh
     is shared). None for anything else (meta tensors, TensorBox, empty tensors)."""
@@ -94,14 +94,14 @@ class DestView(NamedTuple):
 @dataclasses.dataclass
 class _Dequantization:
     """One box of a quantized HF tensor: its data and scale boxes are read into temporaries
-    (``parts``, filled as they arrive); then it is dequantized into the destination view."""
+    (``arrived``, filled as they arrive); then it is dequantized into the destination view."""
 
     tensor: QuantizedTensor
     hf_offsets: tuple[int, ...]
     hf_sizes: tuple[int, ...]
     dest_index: MetadataIndex
     view: DestView  # of the destination chunk
-    parts: list
+    arrived: list
 
 
 class HFLoadPlanner(DefaultLoadPlanner):
@@ -314,10 +314,10 @@ class HFLoadPlanner(DefaultLoadPlanner):
         loaded: dict[tuple, str] = {}
         for key, pieces in self._pieces.items():
             if key not in missing and all(p.hf_key in stored for p in pieces):
-                memory = _same_memory(self.state_dict[key])
+                memory = _memory_identity(self.state_dict[key])
                 if memory is not None:
                     loaded.setdefault(memory, key)
-        return {k for k in missing if (m := _same_memory(self.state_dict[k])) is not None and m in loaded}
+        return {k for k in missing if (m := _memory_identity(self.state_dict[k])) is not None and m in loaded}
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
         if not self.allow_unexpected.everything:
@@ -400,7 +400,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
             q, hf_off, hf_size, MetadataIndex(key, c_off), DestView(piece.mem_dims, local_lo, size), [None, None]
         )
         items = []
-        for slot, (part, (b_off, b_size)) in enumerate(zip(q.parts, q.boxes(hf_off, hf_size))):
+        for slot, (part, (b_off, b_size)) in enumerate(zip(q.stored, q.boxes(hf_off, hf_size))):
             item = ReadItem(
                 type=LoadItemType.TENSOR,
                 dest_index=job.dest_index,
@@ -416,7 +416,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         if read_item in self._dequant:  # a temporary in the stored dtype; see commit_tensor
             job, slot = self._dequant[read_item]
-            return torch.empty(tuple(read_item.lengths), dtype=job.tensor.parts[slot].dtype)
+            return torch.empty(tuple(read_item.lengths), dtype=job.tensor.stored[slot].dtype)
         view = self._views[read_item]
         return mem_view(self.lookup_tensor(read_item.dest_index), view.offsets, view.sizes, view.mem_dims)
 
@@ -424,13 +424,13 @@ class HFLoadPlanner(DefaultLoadPlanner):
         if read_item not in self._dequant:
             return super().commit_tensor(read_item, tensor)
         job, slot = self._dequant.pop(read_item)
-        job.parts[slot] = tensor
-        if all(p is not None for p in job.parts):  # data and scales are both here
+        job.arrived[slot] = tensor
+        if all(p is not None for p in job.arrived):  # data and scales are both here
             view = job.view
             out = mem_view(self.lookup_tensor(job.dest_index), view.offsets, view.sizes, view.mem_dims)
-            data, scale = job.parts
+            data, scale = job.arrived
             job.tensor.dequantize(data, scale, job.hf_offsets, job.hf_sizes, out)
-            job.parts = [None, None]
+            job.arrived = [None, None]
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         return find_chunk(self.state_dict, index)

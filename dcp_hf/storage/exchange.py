@@ -124,7 +124,7 @@ def plan_parts(
 
 
 @dataclass
-class Piece:
+class PartBytes:
     """Bytes for a part: the sub-grid ``grid`` of a tensor whose data starts at byte ``base``
     of file ``file``; ``data`` holds the grid's bytes in order, a view into ``keep`` (held so
     the memory outlives the view)."""
@@ -141,16 +141,18 @@ class Piece:
         return self.base + self.grid.start
 
 
-def pieces_in(file: int, base: int, grid: RunGrid, tensor: torch.Tensor, lo: int, hi: int) -> list[Piece]:
+def pieces_in(file: int, base: int, grid: RunGrid, tensor: torch.Tensor, lo: int, hi: int) -> list[PartBytes]:
     """The pieces of a chunk (its runs ``grid`` at file offset ``base``, bytes from the
     contiguous CPU ``tensor``) that fall inside file bytes [lo, hi)."""
     src = byte_view(tensor)
     return [
-        Piece(file, base, g, src[at : at + g.nbytes], tensor) for g, at in grid.clip(lo - base, hi - base) if g.nbytes
+        PartBytes(file, base, g, src[at : at + g.nbytes], tensor)
+        for g, at in grid.clip(lo - base, hi - base)
+        if g.nbytes
     ]
 
 
-def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -> tuple[list[Piece], int]:
+def exchange(outgoing: dict[int, list[PartBytes]], group, world: int, shared=None) -> tuple[list[PartBytes], int]:
     """Send each rank its pieces; return the pieces sent to this rank and how many of their
     bytes came over the process group (from other hosts). An all-to-all of the
     sizes, one of the pieces' descriptions, and the bytes: pieces for a rank of this host
@@ -208,7 +210,7 @@ def exchange(outgoing: dict[int, list[Piece]], group, world: int, shared=None) -
                 keep = data_in
                 data = byte_view(data_in)[taken : taken + grid.nbytes]
                 taken += grid.nbytes
-            received.append(Piece(file, base, grid, data, keep))
+            received.append(PartBytes(file, base, grid, data, keep))
             i += 6 + 2 * ndim
     return received, data_in.numel()
 
@@ -241,12 +243,12 @@ def end_round(group, shared) -> None:
         dist.barrier(group=group)
 
 
-def _describe(p: Piece, offset: int) -> list[int]:
+def _describe(p: PartBytes, offset: int) -> list[int]:
     g = p.grid
     return [offset, p.file, p.base, g.start, g.run_len, len(g.counts), *g.counts, *g.strides]
 
 
-def assemble(part: Part, header: bytes, pieces: list[Piece]) -> torch.Tensor:
+def assemble(part: Part, header: bytes, pieces: list[PartBytes]) -> torch.Tensor:
     """The part's bytes (a uint8 tensor) from the file's header and the pieces; every byte
     must be covered exactly once."""
     out = torch.empty(part.hi - part.lo, dtype=torch.uint8)

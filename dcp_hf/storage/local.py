@@ -23,8 +23,8 @@ from dcp_hf.errors import StorageError
 from dcp_hf.format import FileLayout
 from dcp_hf.format.index import CHECKPOINT_FILE, SINGLE_FILE_NAME
 from dcp_hf.storage import commit
-from dcp_hf.storage.exchange import Part
 from dcp_hf.storage.commit import fsync_dir
+from dcp_hf.storage.exchange import Part
 from dcp_hf.storage.posix import maps_short_runs, pwrite_all, start_writeback, write_runs
 
 logger = logging.getLogger("dcp_hf")

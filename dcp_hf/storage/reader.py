@@ -32,10 +32,11 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, LoadItemType, ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from dcp_hf import training_state
 from dcp_hf.boxes import RunGrid, box_runs
 from dcp_hf.contract import HFMetadata
 from dcp_hf.errors import (
@@ -54,9 +55,8 @@ from dcp_hf.format import (
     TensorEntry,
     read_header,
 )
-from dcp_hf.format.index import decode_index_record
-from dcp_hf import training_state
 from dcp_hf.format.dtypes import itemsize
+from dcp_hf.format.index import decode_index_record
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.exchange import SharedMemory, exchange_bytes, open_shared
 from dcp_hf.storage.shared_reads import Band, BandPlan, Need, plan_bands, read_bands, segment_sizes

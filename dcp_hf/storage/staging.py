@@ -99,7 +99,7 @@ def _wait(handle) -> None:
         handle.synchronize()
 
 
-class Piece:
+class StagedBox:
     """A box of a slab, as host bytes. ``host`` is a contiguous CPU tensor of the slab's
     ``dtype`` and the box's ``sizes``; ``data`` its bytes (save: to write; load: to fill).
     ``offsets``/``sizes`` place the box in the slab; ``tag`` is the slab's."""
@@ -133,7 +133,7 @@ class Piece:
             raise
         self._stager._release(self, handle)
 
-    def __enter__(self) -> "Piece":
+    def __enter__(self) -> "StagedBox":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -191,8 +191,8 @@ class Stager:
         run = self._begin()
         return Run(self, run, self._load(run, slabs))
 
-    def _save(self, run: int, slabs: Iterable[Slab]) -> Generator[Piece, None, None]:
-        pending: deque[Piece] = deque()  # copies issued, pieces not yet yielded (in order)
+    def _save(self, run: int, slabs: Iterable[Slab]) -> Generator[StagedBox, None, None]:
+        pending: deque[StagedBox] = deque()  # copies issued, pieces not yet yielded (in order)
         boxes = self._boxes(slabs)
         ok = False
         try:
@@ -213,18 +213,18 @@ class Stager:
             if not ok:  # an error or an abandoned run; a complete one ends with Run.flush
                 self._end(run)
 
-    def _load(self, run: int, slabs: Iterable[Slab]) -> Generator[Piece, None, None]:
+    def _load(self, run: int, slabs: Iterable[Slab]) -> Generator[StagedBox, None, None]:
         ok = False
         try:
             for slab, offsets, sizes in self._boxes(slabs):
                 dest = box_view(slab.tensor, offsets, sizes)
                 if not self._needs_copy(dest, slab.dtype):
                     host = dest if dest.numel() else torch.empty(sizes, dtype=slab.dtype)
-                    yield Piece(self, run, slab, offsets, sizes, host, None, load=True)
+                    yield StagedBox(self, run, slab, offsets, sizes, host, None, load=True)
                     continue
                 slot = self._take(run, block=True, pinned=dest.is_cuda)
                 assert slot is not None  # a blocking take waits for a slot
-                piece = Piece(self, run, slab, offsets, sizes, self._host(slot, slab.dtype, sizes), slot, load=True)
+                piece = StagedBox(self, run, slab, offsets, sizes, self._host(slot, slab.dtype, sizes), slot, load=True)
                 if dest.is_cuda:
                     piece._after = torch.cuda.current_stream(dest.device)  # the caller's stream, not a worker's
                 self._check(run)
@@ -258,15 +258,15 @@ class Stager:
             return False
         return self.force or view.device.type != "cpu" or view.dtype != dtype or not view.is_contiguous()
 
-    def _stage_out(self, run: int, slab: Slab, offsets, sizes, block: bool) -> Piece | None:
+    def _stage_out(self, run: int, slab: Slab, offsets, sizes, block: bool) -> StagedBox | None:
         src = box_view(slab.tensor, offsets, sizes)
         if not self._needs_copy(src, slab.dtype):
             host = src if src.numel() else torch.empty(sizes, dtype=slab.dtype)
-            return Piece(self, run, slab, offsets, sizes, host, None, load=False)
+            return StagedBox(self, run, slab, offsets, sizes, host, None, load=False)
         slot = self._take(run, block, pinned=src.is_cuda)
         if slot is None:
             return None
-        piece = Piece(self, run, slab, offsets, sizes, self._host(slot, slab.dtype, sizes), slot, load=False)
+        piece = StagedBox(self, run, slab, offsets, sizes, self._host(slot, slab.dtype, sizes), slot, load=False)
         after = torch.cuda.current_stream(src.device) if src.is_cuda else None
         try:
             piece._copy = self._copy(piece.host, src, after)
@@ -309,7 +309,7 @@ class Stager:
         assert buffer is not None  # allocated when the slot was taken
         return buffer[:nbytes].view(dtype).view(sizes)
 
-    def _release(self, piece: Piece, handle) -> None:
+    def _release(self, piece: StagedBox, handle) -> None:
         with self._cond:
             if piece._released:
                 return
@@ -407,14 +407,14 @@ class Run:
     every copy has completed (a load's destinations then hold their data) and raises a copy's
     error; on an exception ``close`` ends the run (its copies waited for, its slots freed)."""
 
-    def __init__(self, stager: Stager, number: int, pieces: Generator[Piece, None, None]):
+    def __init__(self, stager: Stager, number: int, pieces: Generator[StagedBox, None, None]):
         self._stager, self._number, self._pieces = stager, number, pieces
         self._ended = False
 
     def __iter__(self) -> "Run":
         return self
 
-    def __next__(self) -> Piece:
+    def __next__(self) -> StagedBox:
         return next(self._pieces)
 
     def flush(self) -> None:
@@ -441,14 +441,14 @@ class Run:
             self.close()
 
 
-def pump(pieces: Run, work: Callable[[Piece], T], pool: cf.Executor, limit: int = 8) -> Iterator[T]:
+def pump(pieces: Run, work: Callable[[StagedBox], T], pool: cf.Executor, limit: int = 8) -> Iterator[T]:
     """Run ``work(piece)`` on ``pool`` for each piece of a run, inside ``with piece`` (a load
     piece is copied to its destination when ``work`` succeeds); yield the results as they
     complete, with at most ``limit`` pieces queued, then flush the run. At the first error no
     further piece is taken, queued work is cancelled, running work is waited for, the run is
     closed and the error raised."""
 
-    def run(piece: Piece) -> T:
+    def run(piece: StagedBox) -> T:
         with piece:
             return work(piece)
 

@@ -4,7 +4,6 @@ memory://, ...). One small byte-range interface, so the reader is the same on bo
 from __future__ import annotations
 
 import builtins  # the stores have a list() method
-
 import os
 import random
 import socket
@@ -350,8 +349,12 @@ class S3Store(FsspecStore):
         the requests botocore retries. Returns the body (``b""`` when read into ``dst``)."""
         import http.client
 
-        from botocore.exceptions import ConnectionClosedError, IncompleteReadError, ReadTimeoutError
-        from botocore.exceptions import ResponseStreamingError
+        from botocore.exceptions import (
+            ConnectionClosedError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
         from urllib3.exceptions import HTTPError as Urllib3Error
 
         transient: tuple[type[BaseException], ...] = (OSError, http.client.HTTPException, Urllib3Error)

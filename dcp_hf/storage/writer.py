@@ -30,12 +30,13 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from dcp_hf import training_state
 from dcp_hf.boxes import RunGrid, box_runs, byte_view
 from dcp_hf.contract import COMPACT_PLANS, MergedPlan, decode_table, encode_table, merged_plan, tensor_data
 from dcp_hf.errors import (
-    Fix,
     CheckpointExistsError,
     DcpHfError,
+    Fix,
     PeerRankError,
     StateDictMismatchError,
     StorageError,
@@ -44,15 +45,14 @@ from dcp_hf.errors import (
 from dcp_hf.format import INDEX_NAME, FileLayout, TensorSpec, encode_index, parse_size
 from dcp_hf.format.digests import BlockSums, combine
 from dcp_hf.format.dtypes import itemsize, name_from_dtype
-from dcp_hf import training_state
 from dcp_hf.format.index import CHECKPOINT_FILE, FILE_PATTERN, SINGLE_FILE_NAME, fresh_name, layout_files
 from dcp_hf.progress import Progress, log_throughput
 from dcp_hf.storage.exchange import (
     Holding,
     Part,
+    PartBytes,
     PartIndex,
     PartWriter,
-    Piece,
     Region,
     Rounds,
     assemble,
@@ -575,7 +575,7 @@ class HFStorageWriter(StorageWriter):
             if world > 1:  # ranks on one host pass the bytes through shared memory
                 shared = open_shared(feed.most_sent(me), group, me, world, f"dcp-hf-save-{wp.save_id}")
             for r in range(n_rounds):
-                nothing: tuple[dict[Part, list[Piece]], dict[int, list[Piece]]] = ({}, {})
+                nothing: tuple[dict[Part, list[PartBytes]], dict[int, list[PartBytes]]] = ({}, {})
                 mine, outgoing = rounds.attempt(lambda: feed.pieces(r, me), nothing)
                 received, remote = exchange(outgoing, group, world, shared) if group is not None else ([], 0)
                 self.bytes_from_other_hosts += remote
@@ -681,29 +681,29 @@ class _ChunkPieces:
 
     def __init__(self, chunks: list[ChunkWrite], index: PartIndex, planner: SavePlanner):
         self.planner = planner
-        self.parts = {
+        self.parts_of = {
             id(c): index.overlapping(c.file, c.base + c.grid.span()[0], c.base + c.grid.span()[1]) for c in chunks
         }
         self.chunks = chunks
-        self.last_round = {id(c): max((p.round for p in self.parts[id(c)]), default=-1) for c in chunks}
+        self.last_round = {id(c): max((p.round for p in self.parts_of[id(c)]), default=-1) for c in chunks}
         self.held: dict[int, torch.Tensor] = {}
 
     def most_sent(self, me: int) -> int:
         """The most bytes rank ``me`` sends other ranks in one round."""
         sent: dict[int, int] = {}
         for c in self.chunks:
-            for p in self.parts[id(c)]:
+            for p in self.parts_of[id(c)]:
                 if p.owner != me:
                     n = sum(g.nbytes for g, _ in c.grid.clip(p.lo - c.base, p.hi - c.base))
                     sent[p.round] = sent.get(p.round, 0) + n
         return max(sent.values(), default=0)
 
-    def pieces(self, round_no: int, me: int) -> tuple[dict[Part, list[Piece]], dict[int, list[Piece]]]:
+    def pieces(self, round_no: int, me: int) -> tuple[dict[Part, list[PartBytes]], dict[int, list[PartBytes]]]:
         """This round's pieces of the parts ``me`` owns, and those to send, by owner."""
-        mine: dict[Part, list[Piece]] = {}
-        outgoing: dict[int, list[Piece]] = {}
+        mine: dict[Part, list[PartBytes]] = {}
+        outgoing: dict[int, list[PartBytes]] = {}
         for c in self.chunks:
-            parts = [p for p in self.parts[id(c)] if p.round == round_no]
+            parts = [p for p in self.parts_of[id(c)] if p.round == round_no]
             if not parts:
                 continue
             src = self.held.get(id(c))
