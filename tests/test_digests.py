@@ -330,6 +330,37 @@ def test_a_save_of_several_ranks_records_the_digests_of_the_bytes_on_disk(tmp_pa
     assert assert_digests_match_the_bytes(lambda n: (path / n).read_bytes()) >= 3
 
 
+def _load_verified(rank, world, path, placement):
+    mesh = init_device_mesh("cpu", (world,))
+    state = {
+        k: distribute_tensor(torch.zeros_like(v), mesh, [placement(v)], src_data_rank=None)
+        for k, v in big_state().items()
+    }
+    try:
+        dcp.load(state, storage_reader=HFStorageReader(path, verify=True), planner=HFLoadPlanner())
+    except BaseException as e:  # CheckpointException derives from BaseException
+        cause = root_cause(e)
+        return f"{type(cause).__name__}: {cause}"
+    return "loaded"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("placement", [_columns, _rows])
+def test_a_verified_load_of_several_ranks_fails_on_every_rank_naming_the_file(tmp_path, placement):
+    """Column boxes go through bands read by one rank and sent to the other; row boxes are read
+    by each rank. Either way every rank raises, naming the changed file."""
+    path = tmp_path / "ckpt"
+    _save_local(path, big_state(), max_shard_size="8MB")
+    key = "model.layers.0.mlp.up_proj.weight"
+    name, start = offset_of(lambda n: (path / n).read_bytes(), key)
+    (path / name).write_bytes(flip((path / name).read_bytes(), start + 6_000_000))
+    results = run_ranks(_load_verified, 2, str(path), placement)
+    for result in results:
+        assert f"{path / name}: bytes {BLOCK}-" in result and "the file was changed after it was written" in result, (
+            result
+        )
+
+
 # -- S3 --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_rewrite_on_s3_is_detected(s3, tmp_path):

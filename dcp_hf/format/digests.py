@@ -98,6 +98,7 @@ class BlockSums:
         self.sizes, self.block, self.on = sizes, block, on
         self.sums: dict[tuple[int, int], tuple[int, int]] = {}
         self._lock = threading.Lock()
+        self._zeros = threading.local()  # per writer thread: a zeroed buffer for interleaved runs
 
     def add(self, file: int, base: int, grid: RunGrid, data) -> None:
         """The grid's bytes ``data`` (in order), whose tensor data starts at byte ``base``.
@@ -113,15 +114,25 @@ class BlockSums:
             for g, at in grid.clip(b_lo - base, b_hi - base):
                 g_lo, g_hi = g.span()
                 if g.counts:  # runs with others' bytes between: those count as zeros
-                    span = np.zeros(g_hi - g_lo, dtype=np.uint8)
-                    dst = as_strided(span, g.counts + (g.run_len,), g.strides + (1,), writeable=True)
-                    dst[...] = np.frombuffer(data[at : at + g.nbytes], dtype=np.uint8).reshape(dst.shape)
-                    piece = span.data  # a memoryview of the array
+                    value ^= shift(self._scattered_crc(g, data[at : at + g.nbytes]), b_hi - (base + g_hi))
                 else:
-                    piece = data[at : at + g.nbytes]
-                value ^= shift(_linear_crc(piece), b_hi - (base + g_hi))
+                    value ^= shift(_linear_crc(data[at : at + g.nbytes]), b_hi - (base + g_hi))
                 count += g.nbytes
             self._merge(file, b, value, count)
+
+    def _scattered_crc(self, g: RunGrid, data) -> int:
+        """The linear CRC of the grid's span, its runs from ``data`` and zeros between, built in
+        this thread's zeroed buffer (zeroed again after: no fresh pages per block)."""
+        g_lo, g_hi = g.span()
+        span = getattr(self._zeros, "buffer", None)
+        if span is None or len(span) < g_hi - g_lo:
+            span = self._zeros.buffer = np.zeros(max(g_hi - g_lo, self.block), dtype=np.uint8)
+        dst = as_strided(span, g.counts + (g.run_len,), g.strides + (1,), writeable=True)
+        dst[...] = np.frombuffer(data, dtype=np.uint8).reshape(dst.shape)
+        try:
+            return _linear_crc(span[: g_hi - g_lo].data)  # the array's memory, no copy
+        finally:
+            dst[...] = 0
 
     def add_bytes(self, file: int, offset: int, data) -> None:
         """Contiguous bytes at ``offset`` (a header, a part)."""
