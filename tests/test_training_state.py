@@ -134,3 +134,58 @@ def test_one_process_round_trip_model_only_loads_and_a_plain_checkpoint(tmp_path
         state["model"], storage_writer=HFStorageWriter(path, overwrite=True), planner=HFSavePlanner(), no_dist=True
     )
     assert not [n for n in os.listdir(path) if n.startswith("training_state")], os.listdir(path)
+
+
+def test_optimizer_state_follows_the_layout(tmp_path):
+    """A parameter's optimizer state (``optimizer.state.<param>.<name>``) is stored as the
+    parameter is: through the layout's renames and splits. The oracle is transformers' fused
+    experts form, restated: ``gate_up_proj[e]`` is [gate_e; up_e] rows, ``down_proj[e]`` down_e."""
+    from dcp_hf import Layout, MergedExperts, Prefix
+
+    g = torch.Generator().manual_seed(3)
+    e, f, h = 2, 3, 4
+    params = {"layers.0.mlp.experts.gate_up_proj": (e, 2 * f, h), "layers.0.mlp.experts.down_proj": (e, h, f)}
+    params["norm.weight"] = (h,)
+    state = {
+        "model": {k: torch.randn(s, generator=g) for k, s in params.items()},
+        "optimizer": {
+            "state": {
+                k: {"exp_avg": torch.randn(s, generator=g), "step": torch.tensor(4.0)} for k, s in params.items()
+            },
+            "param_groups": [{"lr": 0.1, "params": sorted(params)}],
+        },
+    }
+    layout = Layout((MergedExperts("transformers"),), renames=(Prefix("", "thinker."),))
+    path = str(tmp_path / "ckpt")
+    dcp.save(
+        state, storage_writer=HFStorageWriter(path), planner=HFSavePlanner(layout, model_prefix="model."), no_dist=True
+    )
+    stored = {}
+    for name in os.listdir(path):
+        if name.startswith("training_state") and name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as sf:
+                stored.update({k: sf.get_tensor(k) for k in sf.keys() if "/bytes/" not in k})
+    moments = state["optimizer"]["state"]
+    fused, down = (
+        moments["layers.0.mlp.experts.gate_up_proj"]["exp_avg"],
+        moments["layers.0.mlp.experts.down_proj"]["exp_avg"],
+    )
+    want = {"training_state/optimizer.state.thinker.norm.weight.exp_avg": moments["norm.weight"]["exp_avg"]}
+    for x in range(e):
+        base = f"training_state/optimizer.state.thinker.layers.0.mlp.experts.{x}."
+        want[base + "gate_proj.weight.exp_avg"] = fused[x, :f]
+        want[base + "up_proj.weight.exp_avg"] = fused[x, f:]
+        want[base + "down_proj.weight.exp_avg"] = down[x]
+    for key in params:  # a 0-dim state takes the renames only
+        want[f"training_state/optimizer.state.thinker.{key}.step"] = torch.tensor(4.0)
+    assert sorted(stored) == sorted(want), sorted(set(stored) ^ set(want))
+    for key, value in want.items():
+        assert torch.equal(stored[key], value), key
+    target = _zeros(state)
+    dcp.load(
+        target, storage_reader=HFStorageReader(path), planner=HFLoadPlanner(layout, model_prefix="model."), no_dist=True
+    )
+    for key in params:
+        for name in ("exp_avg", "step"):
+            assert torch.equal(target["optimizer"]["state"][key][name], moments[key][name]), (key, name)
+        assert torch.equal(target["model"][key], state["model"][key]), key
