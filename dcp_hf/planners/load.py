@@ -216,7 +216,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
                 if not self._check_piece(key, value, piece, stored, source) and not self.allow_missing(key):
                     name = piece.hf_key if piece.hf_key == key else f"{piece.hf_key} (for {key})"
                     missing.append(_Missing(name, key))
-        self._refuse_missing(missing, stored)
+        self._refuse_missing(missing, stored, source.checkpoint)
         return objects
 
     def _check_piece(self, key: str, value, piece: Piece, stored, source: LoadSource) -> bool:
@@ -267,7 +267,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
             )
         return True
 
-    def _refuse_missing(self, missing: list[_Missing], stored) -> None:
+    def _refuse_missing(self, missing: list[_Missing], stored, where: str) -> None:
         """Raise for the missing keys, but those tied to a loaded key (loading it fills them)."""
         tied = self._tied_to_loaded([m.key for m in missing if m.key in self._pieces], stored)
         missing = [m for m in missing if m.key not in tied]
@@ -277,7 +277,7 @@ class HFLoadPlanner(DefaultLoadPlanner):
         state_missing = any(training_state.is_training_state(m.name) for m in missing)
         hint = f"holds no training state (no {training_state.INDEX_NAME}); " if plain and state_missing else ""
         raise StateDictMismatchError(
-            f"{LoadSource.of(self.metadata).checkpoint}: {hint}missing {len(missing)} key(s) the state "
+            f"{where}: {hint}missing {len(missing)} key(s) the state "
             f"dict needs: {', '.join(repr(m.name) for m in missing[:10])}{' ...' if len(missing) > 10 else ''} "
             f"(pass allow_missing={sorted({m.key for m in missing})[:10]!r} to HFLoadPlanner to leave "
             f"them as they are)"
